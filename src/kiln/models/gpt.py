@@ -1,0 +1,474 @@
+"""One plain single-device GPT: GPT-2/3 and Cerebras-GPT shapes, plus Llama-style variants.
+
+Parallelism is applied from outside (kiln.distributed), so this file stays readable and imports
+no torch.distributed. Parameter names are a contract other modules rely on (Hugging Face
+conversion, sparsity masks, tensor-parallel plans)::
+
+    tok_emb.weight                      [vocab, d_model]
+    pos_emb.weight                      [max_seq_len, d_model]          (position='learned')
+    blocks.{i}.attn_norm.{weight,bias}
+    blocks.{i}.attn.{wq,wk,wv,wo}.{weight,bias}
+    blocks.{i}.mlp_norm.{weight,bias}                                   (not parallel_block)
+    blocks.{i}.mlp.{w1,w2,w3}.{weight,bias}   w1 = up (gate for swiglu), w2 = down, w3 = swiglu up
+    norm.{weight,bias}
+    head.weight                         [vocab, d_model]                (not tie_embeddings)
+
+Build on the meta device, parallelize, then allocate and initialise::
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.errors import ConfigError, check_choice
+
+
+@dataclass(kw_only=True)
+class GPTConfig:
+    """A fully resolved model shape (sizes as data). Build one with kiln.models.presets."""
+
+    n_layers: int
+    """Number of transformer blocks."""
+    d_model: int
+    """Residual stream width."""
+    n_heads: int
+    """Number of query heads."""
+    n_kv_heads: int
+    """Number of key/value heads (< n_heads: grouped-query attention; 1: multi-query)."""
+    d_head: int
+    """Width of one attention head (need not equal d_model / n_heads)."""
+    d_ffn: int
+    """Hidden width of the MLP."""
+    vocab_size: int
+    """Rows of the token embedding and the output head."""
+    max_seq_len: int
+    """Longest context: size of the learned position table, the RoPE table and KV caches."""
+    position: str = "learned"
+    """'learned' (GPT-2/3) or 'rope' (Llama, rotate-half convention as in Hugging Face)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE frequency scaling: {'rope_type': 'linear', 'factor'} or {'rope_type': 'llama3',
+    'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'}."""
+    norm: str = "layernorm"
+    """'layernorm' or 'rmsnorm'."""
+    norm_eps: float = 1e-5
+    """Epsilon inside the norms."""
+    activation: str = "gelu"
+    """'gelu' (exact erf), 'gelu_tanh' (GPT-2's gelu_new) or 'swiglu' (Llama)."""
+    bias: bool = True
+    """Biases in every linear layer (except the head) and in layernorms."""
+    tie_embeddings: bool = True
+    """Logits use tok_emb.weight; no separate head parameter."""
+    parallel_block: bool = False
+    """x = x + attn(norm(x)) + mlp(norm(x)) with one norm (GPT-J/PaLM)."""
+    init_std: float = 0.02
+    """Std of linear weights; output projections use init_std / sqrt(2 * n_layers)."""
+    embed_init_std: float = 0.02
+    """Std of the token and position embeddings."""
+    embedding_multiplier: float = 1.0
+    """μP hook: the embedding output (token + position) is multiplied by this."""
+    output_multiplier: float = 1.0
+    """μP hook: logits are multiplied by this."""
+    attn_scale: float | None = None
+    """Softmax scale on q·k; None = 1/sqrt(d_head) (μP uses 1/d_head)."""
+    width_mult: float = 1.0
+    """μP width multiplier d_model / base width (informational; the multipliers carry it)."""
+
+    def validate(self) -> GPTConfig:
+        """Raise ConfigError (one sentence) for a shape that cannot be built; return self."""
+        for name in (
+            "n_layers",
+            "d_model",
+            "n_heads",
+            "n_kv_heads",
+            "d_head",
+            "d_ffn",
+            "vocab_size",
+            "max_seq_len",
+            "rope_theta",
+            "norm_eps",
+            "init_std",
+            "embed_init_std",
+        ):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"model.{name} is {value} but must be > 0.")
+        check_choice("model", "position", self.position, ["learned", "rope"])
+        check_choice("model", "norm", self.norm, ["layernorm", "rmsnorm"])
+        check_choice("model", "activation", self.activation, ["gelu", "gelu_tanh", "swiglu"])
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError(
+                f"model.n_kv_heads {self.n_kv_heads} does not divide model.n_heads "
+                f"{self.n_heads}; choose a divisor of {self.n_heads} (1 = multi-query)."
+            )
+        if self.position == "rope" and self.d_head % 2 != 0:
+            raise ConfigError(f"model.d_head is {self.d_head} but RoPE needs an even d_head.")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
+        return self
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count from the shape alone (equals the module's count).
+
+        "Embeddings" are the token and learned-position tables; an untied head counts as
+        non-embedding (it is a matmul in every forward, unlike a table lookup).
+        """
+        d, f, b = self.d_model, self.d_ffn, int(self.bias)
+        q_out, kv_out = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        attn = d * q_out + 2 * d * kv_out + q_out * d + b * (q_out + 2 * kv_out + d)
+        n_up = 2 if self.activation == "swiglu" else 1
+        mlp = n_up * (d * f + b * f) + f * d + b * d
+        block = attn + mlp + norm * (1 if self.parallel_block else 2)
+        body = self.n_layers * block + norm + (0 if self.tie_embeddings else self.vocab_size * d)
+        if not include_embeddings:
+            return body
+        pos = self.max_seq_len * d if self.position == "learned" else 0
+        return body + self.vocab_size * d + pos
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        """A copy with some fields changed (dataclasses.replace)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_rope_scaling(scaling: dict[str, Any]) -> None:
+    required = {
+        "linear": {"factor"},
+        "llama3": {
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        },
+    }
+    kind = scaling.get("rope_type", scaling.get("type"))
+    check_choice("model", "rope_scaling.rope_type", str(kind), list(required))
+    missing = sorted(required[kind] - set(scaling))
+    if missing:
+        raise ConfigError(f"model.rope_scaling of type {kind!r} is missing {', '.join(missing)}.")
+
+
+def rope_inv_freq(cfg: GPTConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d_head), i < d_head/2, with optional scaling (fp32).
+
+    llama3 scaling (Llama 3.1): wavelengths longer than original_len / low_freq_factor are
+    divided by ``factor``; shorter than original_len / high_freq_factor are kept; in between
+    the two are blended with s = (original_len / wavelength - low) / (high - low).
+    """
+    exponent = torch.arange(0, cfg.d_head, 2, dtype=torch.int64).float() / cfg.d_head
+    inv_freq = 1.0 / (cfg.rope_theta**exponent)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    factor = float(s["factor"])
+    if s.get("rope_type", s.get("type")) == "linear":
+        return inv_freq / factor
+    old_len = float(s["original_max_position_embeddings"])
+    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, blended)
+    return torch.where(wavelen < old_len / high, inv_freq, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, H, T, d_head] with cos/sin [T, d_head/2] (HF Llama layout)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LayerKV:
+    """One layer's preallocated keys and values [B, n_kv_heads, max_len, d_head]."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v for positions start_pos.. and return views of everything up to them."""
+        end = start_pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions but {end} are needed.")
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys/values of every layer for incremental decoding; ``length`` = positions filled."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        d_head: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch, n_kv_heads, max_len, d_head)
+        self.layers = [
+            LayerKV(
+                torch.empty(shape, dtype=dtype, device=device),
+                torch.empty(shape, dtype=dtype, device=device),
+            )
+            for _ in range(n_layers)
+        ]
+        self.max_len = max_len
+        self.length = 0
+
+    @classmethod
+    def for_model(
+        cls, model: GPT, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """A cache sized for ``model``; dtype defaults to the autocast dtype if active."""
+        cfg = model.config
+        param = next(model.parameters())
+        if dtype is None:
+            kind = param.device.type
+            on = torch.is_autocast_enabled(kind)
+            dtype = torch.get_autocast_dtype(kind) if on else param.dtype
+        return cls(
+            cfg.n_layers,
+            batch,
+            cfg.n_kv_heads,
+            max_len or cfg.max_seq_len,
+            cfg.d_head,
+            dtype=dtype,
+            device=param.device,
+        )
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query causal self-attention via scaled_dot_product_attention."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.d_head = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        self.scale = cfg.attn_scale
+        q_out, kv_out = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
+        self.wq = nn.Linear(cfg.d_model, q_out, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.d_model, kv_out, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.d_model, kv_out, bias=cfg.bias)
+        self.wo = nn.Linear(q_out, cfg.d_model, bias=cfg.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: LayerKV | None,
+        start_pos: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.d_head).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.d_head).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.d_head).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask, causal = None, T > 1
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
+            if start_pos > 0 and T > 1:  # chunked prefill: query i sees keys <= start_pos + i
+                rows = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]
+                mask = rows >= torch.arange(start_pos + T, device=x.device)[None, :]
+                causal = False
+            elif start_pos > 0:  # one new token sees every cached key
+                causal = False
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class GeluMLP(nn.Module):
+    """w2(gelu(w1 x)); 'tanh' approximation for GPT-2's gelu_new."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.d_ffn, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x), approximate=self.approximate))
+
+
+class SwiGLUMLP(nn.Module):
+    """w2(silu(w1 x) * w3 x) — HF Llama gate_proj = w1, up_proj = w3, down_proj = w2."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.d_ffn, cfg.d_model, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def make_mlp(cfg: GPTConfig) -> nn.Module:
+    return SwiGLUMLP(cfg) if cfg.activation == "swiglu" else GeluMLP(cfg)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x = x + attn(norm1(x)); x = x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+
+    def forward(self, x, rope, cache, start_pos):
+        x = x + self.attn(self.attn_norm(x), rope, cache, start_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ParallelBlock(nn.Module):
+    """GPT-J/PaLM block: h = norm(x); x = x + attn(h) + mlp(h)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp = make_mlp(cfg)
+
+    def forward(self, x, rope, cache, start_pos):
+        h = self.attn_norm(x)
+        return x + self.attn(h, rope, cache, start_pos) + self.mlp(h)
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer. A pipeline stage may set tok_emb (and pos_emb) to None — the
+    input is then hidden states — and/or norm and head to None — the output is then hidden
+    states. Blocks live in a ModuleDict keyed "0".."L-1" so names survive splitting."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.tok_emb: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb: nn.Embedding | None = None
+        if cfg.position == "learned":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        block_cls = ParallelBlock if cfg.parallel_block else Block
+        self.blocks = nn.ModuleDict({str(i): block_cls(cfg) for i in range(cfg.n_layers)})
+        self.norm: nn.Module | None = make_norm(cfg)
+        self.head: nn.Linear | None = None
+        if not cfg.tie_embeddings:
+            self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.position == "rope":
+            half = cfg.d_head // 2
+            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init: linears N(0, init_std), output projections (attn.wo, mlp.w2)
+        N(0, init_std / sqrt(2 n_layers)), embeddings N(0, embed_init_std), biases 0, norms 1.
+        Deterministic under torch.manual_seed; recomputes the RoPE tables."""
+        cfg = self.config
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith(("attn.wo", "mlp.w2"))
+                nn.init.normal_(module.weight, 0.0, out_std if is_out else cfg.init_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, cfg.embed_init_std)
+            elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
+                module.reset_parameters()
+        if cfg.position == "rope":
+            inv_freq = rope_inv_freq(cfg).to(self.rope_cos.device)
+            t = torch.arange(cfg.max_seq_len, device=inv_freq.device, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)
+            self.rope_cos.copy_(freqs.cos())
+            self.rope_sin.copy_(freqs.sin())
+
+    def embed(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Token (+ learned position) embeddings × embedding_multiplier."""
+        h = self.tok_emb(tokens)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb.weight[start_pos : start_pos + tokens.shape[1]]
+        if self.config.embedding_multiplier != 1.0:
+            h = h * self.config.embedding_multiplier
+        return h
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, then one matmul to logits (× output_multiplier)."""
+        h = self.norm(h)
+        weight = self.head.weight if self.head is not None else self.tok_emb.weight
+        logits = F.linear(h, weight)
+        if self.config.output_multiplier != 1.0:
+            logits = logits * self.config.output_multiplier
+        return logits
+
+    def forward(
+        self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """tokens [B, T] (or hidden states [B, T, d] when tok_emb is None) → logits
+        [B, T, vocab] in the compute dtype (hidden states when norm is None).
+
+        With ``kv_cache``, the tokens sit at positions start_pos .. start_pos+T-1 and attend to
+        the cached keys before them (prefill, chunked prefill and one-token decode alike)."""
+        T = tokens.shape[1]
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(
+                f"positions up to {start_pos + T} exceed max_seq_len {self.config.max_seq_len}."
+            )
+        h = self.embed(tokens, start_pos) if self.tok_emb is not None else tokens
+        rope = None
+        if self.config.position == "rope":
+            rope = (
+                self.rope_cos[start_pos : start_pos + T],
+                self.rope_sin[start_pos : start_pos + T],
+            )
+        for name, block in self.blocks.items():
+            cache = kv_cache.layers[int(name)] if kv_cache is not None else None
+            h = block(h, rope, cache, start_pos)
+        if kv_cache is not None:
+            kv_cache.length = start_pos + T
+        if self.norm is None:
+            return h
+        return self.output(h)
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean next-token cross entropy, computed in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=ignore_index,
+    )

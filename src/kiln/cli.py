@@ -1,0 +1,212 @@
+"""``kiln <verb>``: parse arguments, call one function per verb, map errors to exit codes.
+
+Exit codes: 0 success, 2 a user error (one sentence on stderr, no traceback), 1 anything else.
+Only this module knows about argv and exit codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from kiln.config import JobConfig
+from kiln.errors import ConfigError, KilnError, closest
+
+USAGE = """usage: kiln <command> [options]
+
+commands:
+  train      train a model (--config FILE.yaml, --SECTION.FIELD VALUE, --resume)
+  generate   sample text from a run directory or checkpoint
+  plan       print a compute-optimal training plan
+
+Run 'kiln <command> --help' for the options of one command."""
+
+
+# -- argument parsing helpers ----------------------------------------------------------------
+def _parser(prog: str):
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(prog=prog, exit_on_error=False, default_env=False)
+
+
+def _job_keys() -> dict[str, set[str]]:
+    return {
+        f.name: {g.name for g in dataclasses.fields(f.default_factory)}
+        for f in dataclasses.fields(JobConfig)
+    }
+
+
+def _check_flag_names(argv: list[str], extra: set[str]) -> None:
+    """Unknown ``--section.field`` flags get a suggestion before the parser sees them."""
+    keys = _job_keys()
+    valid = {f"{s}.{k}" for s, ks in keys.items() for k in ks} | extra
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0]
+        if name in valid or name in ("help", "h"):
+            continue
+        suggestion = closest(name, valid)
+        raise ConfigError(f"Unknown option --{name}{suggestion.replace(repr(''), '')}.")
+
+
+def _check_yaml(path: str) -> None:
+    """A config file must exist, parse, and use only known sections and keys."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise ConfigError(f"Config file {path} does not parse as YAML ({detail}).") from exc
+    if raw is None:
+        return
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file {path} must be a mapping of sections, not {type(raw).__name__}.")
+    keys = _job_keys()
+    for section, values in raw.items():
+        if section not in keys:
+            raise ConfigError(f"Unknown config section {section!r} in {path}{closest(section, keys)}.")
+        if not isinstance(values, dict):
+            raise ConfigError(f"Section {section!r} in {path} must be a mapping of fields.")
+        for key in values:
+            if key not in keys[section]:
+                raise ConfigError(
+                    f"Unknown config key {section}.{key} in {path}{closest(key, keys[section])}."
+                )
+
+
+def _argument_error(exc: Exception) -> ConfigError:
+    """Turn jsonargparse's multi-line messages into one sentence."""
+    text = str(exc)
+    m = re.search(r'Parser key "([^"]+)".*?Given value: (.*?)(?:\n|$)', text, re.S)
+    if m:
+        expected = re.findall(r"Expected a <class '(\w+)'>", text)
+        kinds = " or ".join(k for k in dict.fromkeys(expected) if k != "NoneType") or "another type"
+        return ConfigError(f"--{m.group(1)} must be {kinds}, got {m.group(2).strip()!r}.")
+    first = " ".join(text.split())[:200]
+    return ConfigError(f"{first[0].upper()}{first[1:]}." if first else "Invalid arguments.")
+
+
+def parse_job(argv: list[str]) -> tuple[JobConfig, bool, set[str]]:
+    """``kiln train`` arguments → (JobConfig, resume?, names of flags given explicitly)."""
+    from jsonargparse import ActionConfigFile
+
+    _check_flag_names(argv, {"config", "resume"})
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            _check_yaml(argv[i + 1])
+        elif arg.startswith("--config="):
+            _check_yaml(arg.split("=", 1)[1])
+    parser = _parser("kiln train")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of sections")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run.dir")
+    parser.add_class_arguments(JobConfig, nested_key=None, fail_untyped=True)
+    try:
+        ns = parser.parse_args(argv)
+        init = parser.instantiate(ns)
+    except KilnError:
+        raise
+    except Exception as exc:  # jsonargparse.ArgumentError and friends
+        raise _argument_error(exc) from exc
+    sections = {f.name: init[f.name] for f in dataclasses.fields(JobConfig)}
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    return JobConfig(**sections), bool(ns.resume), given
+
+
+# -- verbs ---------------------------------------------------------------------------------
+RESUME_FLAGS = {"run.dir", "train.max_steps", "run.device", "resume"}
+
+
+def cmd_train(argv: list[str]) -> int:
+    from kiln.train.run import run_training
+
+    job, resume, given = parse_job(argv)
+    if resume:
+        extra = sorted(n for n in given - RESUME_FLAGS if not n.startswith("log."))
+        if extra:
+            raise ConfigError(
+                f"--resume continues with the run's saved config, so --{extra[0]} cannot be "
+                "changed (only --train.max_steps may be extended)."
+            )
+    max_steps = job.train.max_steps if resume and "train.max_steps" in given else None
+    run_training(job, resume=resume, max_steps=max_steps)
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    parser = _parser("kiln generate")
+    parser.add_argument("path", help="run directory or checkpoint directory")
+    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    args = _parse(parser, argv)
+    from kiln.train.load import generate_text
+
+    for i, text in enumerate(
+        generate_text(
+            args.path, args.prompt, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            num_samples=args.num_samples, device=args.device,
+        )
+    ):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(text)
+    return 0
+
+
+def _parse(parser, argv: list[str]):
+    try:
+        return parser.parse_args(argv)
+    except KilnError:
+        raise
+    except Exception as exc:
+        raise _argument_error(exc) from exc
+
+
+VERBS: dict[str, Callable[[list[str]], int]] = {
+    "train": cmd_train,
+    "generate": cmd_generate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.filterwarnings("ignore", module="jsonargparse")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"error: unknown command {verb!r}{closest(verb, VERBS)}; see 'kiln --help'.",
+              file=sys.stderr)
+        return 2
+    try:
+        return VERBS[verb](rest)
+    except KilnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

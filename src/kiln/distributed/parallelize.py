@@ -1,0 +1,74 @@
+"""Apply parallelism to a plain GPT from outside, in order: activation checkpointing →
+compile → data parallel (FSDP2 or DDP). Each step is a short function that says what it did."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kiln.config import ParallelConfig
+from kiln.distributed.parallel_dims import ParallelDims
+
+
+def apply_activation_checkpointing(model: nn.Module, log: Callable[[str], None]) -> None:
+    """Recompute each block's activations in backward (memory ↓, compute ≈ +1 forward)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for key, block in list(model.blocks.items()):
+        model.blocks[key] = checkpoint_wrapper(block)
+    log(f"activation checkpointing: {len(model.blocks)} blocks")
+
+
+def apply_compile(model: nn.Module, log: Callable[[str], None]) -> None:
+    """Compile block by block (repeated structure compiles once and is re-used)."""
+    for key, block in list(model.blocks.items()):
+        model.blocks[key] = torch.compile(block)
+    log("torch.compile: each transformer block")
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None]) -> None:
+    """FSDP2 (ZeRO-3 style): shard each block, then the root (embeddings, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {}
+    if dims.device.type == "cpu":
+        # gloo has no reduce-scatter on device buffers; FSDP2 on CPU runs with CPU offload.
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
+    for block in model.blocks.values():
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    log(f"FSDP2: fully_shard over {dims.world_size} ranks")
+
+
+def apply_ddp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None]) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(
+        model, device_ids=[dims.device.index] if dims.device.type == "cuda" else None
+    )
+    log(f"DDP over {dims.world_size} ranks")
+    return ddp
+
+
+def parallelize(
+    model: nn.Module,
+    dims: ParallelDims,
+    cfg: ParallelConfig,
+    compile: bool,
+    log: Callable[[str], None] = print,
+) -> nn.Module:
+    """Return the module to train (the same object, or a DDP wrapper around it)."""
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model, log)
+    if compile:
+        apply_compile(model, log)
+    if not dims.distributed:
+        return model
+    if cfg.data == "ddp":
+        return apply_ddp(model, dims, log)
+    apply_fsdp(model, dims, log)
+    return model

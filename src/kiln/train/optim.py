@@ -1,0 +1,98 @@
+"""AdamW with decoupled weight decay on matrices only, and the warm-up + decay LR schedule.
+
+Cerebras-GPT recipe: AdamW β = (0.9, 0.95), weight decay 0.1 on weight matrices (not biases,
+norm gains or embedding tables), linear warm-up then cosine or linear decay to 10% of the peak.
+μP changes only the per-parameter LR multipliers (``lr_mult``), which arrive as data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kiln.config import TrainConfig
+
+EMBEDDING_NAMES = ("tok_emb", "pos_emb")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Weight decay applies to matrices that are not embedding tables."""
+    return param.ndim >= 2 and not any(part in EMBEDDING_NAMES for part in name.split("."))
+
+
+def build_optimizer(
+    model: nn.Module,
+    cfg: TrainConfig,
+    lr_mult: Callable[[str, torch.Tensor], float] | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters, grouped by (decay, LR multiplier).
+
+    Each group carries ``lr_mult``; :class:`LRSchedule` sets ``group["lr"] = lr(step) * lr_mult``.
+    """
+    groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
+    names: dict[tuple[bool, float], list[str]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = (decays(name, param), float(lr_mult(name, param)) if lr_mult else 1.0)
+        groups.setdefault(key, []).append(param)
+        names.setdefault(key, []).append(name)
+    param_groups = [
+        {
+            "params": params,
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr_mult": mult,
+            "lr": cfg.lr * mult,
+            "names": names[(decay, mult)],
+        }
+        for (decay, mult), params in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+class LRSchedule:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine or linear decay to
+    ``min_ratio × peak`` at ``total`` steps (and constant after).
+
+    lr(s) = peak · s / warmup                                  for s < warmup
+    lr(s) = peak · (r + (1 − r) · f(p)),  p = (s − warmup) / (total − warmup)
+            f(p) = ½(1 + cos πp)  (cosine)   or   1 − p  (linear)
+    The schedule is a pure function of the step; its state_dict records its shape so a resumed
+    run can check it continues the same schedule.
+    """
+
+    def __init__(self, peak: float, warmup: int, total: int, min_ratio: float, decay: str):
+        self.peak, self.warmup, self.total = peak, warmup, total
+        self.min_ratio, self.decay = min_ratio, decay
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        span = max(1, self.total - self.warmup)
+        p = min(1.0, (step - self.warmup) / span)
+        f = 0.5 * (1.0 + math.cos(math.pi * p)) if self.decay == "cosine" else 1.0 - p
+        return self.peak * (self.min_ratio + (1.0 - self.min_ratio) * f)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every group's LR for ``step``; return the base (multiplier 1) LR."""
+        lr = self(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        return lr
+
+    def state_dict(self) -> dict:
+        return {
+            "peak": self.peak,
+            "warmup": self.warmup,
+            "total": self.total,
+            "min_ratio": self.min_ratio,
+            "decay": self.decay,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        # The step lives in the trainer state; a resumed run may extend ``total`` on purpose.
+        self.peak, self.warmup = state["peak"], state["warmup"]
+        self.min_ratio, self.decay = state["min_ratio"], state["decay"]

@@ -1,0 +1,276 @@
+"""``kiln train``: config → plan → model → parallelize → train loop → checkpoint/metrics.
+
+This module assembles the parts (each built from its own config section) and hands them to
+:class:`kiln.train.trainer.Trainer`. It also owns the run directory: what may be created,
+resumed or replaced there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from kiln import __version__
+from kiln.config import JobConfig, job_config_from_dict
+from kiln.distributed.parallel_dims import ParallelDims, init_distributed, shutdown
+from kiln.distributed.parallelize import parallelize
+from kiln.errors import CheckpointError, ConfigError
+from kiln.models.gpt import GPT, GPTConfig
+from kiln.models.presets import resolve_model
+from kiln.train import checkpoint as ckpt
+from kiln.train.metrics import MetricsWriter, plot_loss, truncate_metrics
+from kiln.train.optim import LRSchedule, build_optimizer
+from kiln.train.plan import TrainingPlan, make_training_plan
+from kiln.train.trainer import Hooks, Trainer
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "tokenizer.json", "checkpoints",
+             "plots", "tb", "run.json")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_run_config(run_dir: Path) -> JobConfig:
+    """The resolved config a run directory was started with."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} holds no Kiln run (no config.yaml).")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} does not parse as YAML ({_one_line(exc)}).") from exc
+    return job_config_from_dict(raw)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:160]
+
+
+def prepare_run_dir(job: JobConfig, resume: bool, dims: ParallelDims) -> Path:
+    """Create, or check, the run directory. Refuses to mix two different runs in one place."""
+    run_dir = Path(job.run.dir)
+    holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_FILES)
+    if resume:
+        return run_dir
+    if holds_run and not job.run.overwrite:
+        raise ConfigError(
+            f"Run directory {run_dir} already holds a run; pass --resume to continue it or "
+            "--run.overwrite true to replace it."
+        )
+    if dims.is_main:
+        if holds_run:
+            for name in RUN_FILES:
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if dims.distributed:
+        torch.distributed.barrier()
+    return run_dir
+
+
+def build_model(shape: GPTConfig, device: torch.device, seed: int) -> GPT:
+    """Build on the meta device, then materialise and initialise deterministically."""
+    with torch.device("meta"):
+        model = GPT(shape)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model
+
+
+def _lr_multiplier(shape: GPTConfig, parametrization: str):
+    if parametrization != "mup":
+        return None
+    from kiln.models.mup import lr_multiplier
+
+    return lr_multiplier(shape)
+
+
+def run_training(job: JobConfig, resume: bool = False, max_steps: int | None = None) -> dict:
+    """Train ``job`` (or resume the run in ``job.run.dir``); return summary.json's content."""
+    dims = init_distributed(job.parallel, job.run.device)
+    try:
+        return _run(job, resume, max_steps, dims)
+    finally:
+        shutdown()
+
+
+def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims) -> dict:
+    from kiln.data import TokenLoader, prepare_data, val_batches
+
+    started = time.perf_counter()
+    log = print if dims.is_main else (lambda *_: None)
+    run_dir = Path(job.run.dir)
+    latest = None
+    if resume:
+        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        if latest is None:
+            raise CheckpointError(
+                f"--resume was given but {run_dir / 'checkpoints'} holds no complete checkpoint."
+            )
+        job = load_run_config(run_dir)
+        if max_steps is not None:
+            job.train.max_steps = max_steps
+    job.validate(dims.dp_size)
+    run_dir = prepare_run_dir(job, resume, dims)
+
+    data = prepare_data(job.data, log=log)
+    shape, notes = resolve_model(job.model, data.tokenizer.vocab_size)
+    if job.model.parametrization == "mup":
+        from kiln.models.mup import apply_mup
+
+        shape = apply_mup(shape, job.model.mup_base_width)
+    if job.data.seq_len > shape.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len {job.data.seq_len} exceeds the model's context "
+            f"(max_seq_len {shape.max_seq_len}); lower data.seq_len or raise model.max_seq_len."
+        )
+    plan = make_training_plan(shape, job, dims, data)
+    for note in notes:
+        log(f"note: {note}")
+    log(plan.describe())
+
+    if dims.is_main and not resume:
+        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
+        data.tokenizer.save(run_dir)
+        _write_atomic(run_dir / "run.json", json.dumps(_provenance(dims, shape), indent=2))
+
+    model = build_model(shape, dims.device, job.train.seed)
+    train_model = parallelize(model, dims, job.parallel, job.train.compile, log=log)
+    optimizer = build_optimizer(model, job.train, _lr_multiplier(shape, job.model.parametrization))
+    schedule = LRSchedule(
+        job.train.lr, plan.warmup_steps, plan.steps, job.train.min_lr_ratio, job.train.decay
+    )
+    loader = TokenLoader(
+        data.train, job.data.seq_len, job.train.batch_size, job.train.seed,
+        dp_rank=dims.rank, dp_size=dims.dp_size,
+    )
+    vals = val_batches(data.val, job.data.seq_len, job.train.batch_size, job.train.eval_batches)
+
+    trainer = Trainer(
+        train_model, optimizer, schedule, loader, vals, job.train,
+        device=dims.device, total_steps=plan.steps, micro_batch_size=plan.micro_batch_size,
+        seq_len=job.data.seq_len, global_batch=job.train.batch_size,
+        flops_per_token=plan.flops_per_token, peak_flops=plan.peak_flops,
+        world_size=dims.world_size, log_every=job.log.every,
+        checkpoint_every=job.checkpoint.every, progress=job.log.progress and dims.is_main,
+    )
+    shape_dict = dataclasses.asdict(shape)
+
+    def save() -> None:
+        meta = {
+            "tokens": trainer.state.tokens,
+            "config_hash": ckpt.config_hash({k: v for k, v in job.to_dict().items() if k != "run"}),
+            "model_shape": shape_dict,
+            "world_size": dims.world_size,
+            "trainer": trainer.state.state_dict(),
+            "loader": loader.state_dict(),
+            "schedule": schedule.state_dict(),
+        }
+        ckpt.save_checkpoint(
+            run_dir / "checkpoints", trainer.state.step, model, optimizer, meta,
+            extra={"rng_cpu": torch.get_rng_state()}, keep=job.checkpoint.keep,
+        )
+
+    if latest is not None:
+        _restore(latest, shape_dict, model, optimizer, trainer, loader, log)
+        if dims.is_main:
+            truncate_metrics(run_dir, trainer.state.step)
+    elif dims.is_main:
+        ckpt.clean_partial(run_dir / "checkpoints")
+
+    metrics = MetricsWriter(run_dir, enabled=dims.is_main, tensorboard=job.log.tensorboard)
+    trainer.hooks = Hooks(log=log, write_metrics=metrics.write, save_checkpoint=save)
+    try:
+        trainer.fit()
+    finally:
+        metrics.close()
+    summary = _summary(trainer, plan, data, started)
+    if dims.is_main:
+        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        plot_loss(run_dir)
+        _print_summary(summary, log)
+    return summary
+
+
+def _restore(latest, shape_dict, model, optimizer, trainer, loader, log) -> None:
+    meta = ckpt.read_meta(latest)
+    if meta.get("model_shape") != shape_dict:
+        raise CheckpointError(
+            f"Checkpoint {latest} was saved for a different model shape; resume it with the "
+            "config it was trained with."
+        )
+    extra = {"rng_cpu": torch.get_rng_state()}
+    ckpt.load_checkpoint(latest, model, optimizer, extra=extra)
+    torch.set_rng_state(extra["rng_cpu"])
+    trainer.state.load_state_dict(meta["trainer"])
+    loader.load_state_dict(meta["loader"])
+    log(f"resumed from {latest} (step {trainer.state.step}, {trainer.state.tokens:,} tokens)")
+
+
+def _provenance(dims: ParallelDims, shape: GPTConfig) -> dict[str, Any]:
+    import platform
+    import subprocess
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "kiln_version": __version__,
+        "kiln_commit": commit,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(dims.device),
+        "device_name": torch.cuda.get_device_name() if dims.device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "world_size": dims.world_size,
+        "model_shape": dataclasses.asdict(shape),
+    }
+
+
+def _summary(trainer: Trainer, plan: TrainingPlan, data, started: float) -> dict[str, Any]:
+    return {
+        "params": plan.params,
+        "non_embedding_params": plan.non_embedding_params,
+        "tokens": trainer.state.tokens,
+        "flops": trainer.state.tokens * plan.flops_per_token,
+        "steps": trainer.state.step,
+        "skipped_steps": trainer.state.skipped_steps,
+        "final_train_loss": trainer.final_train_loss,
+        "final_val_loss": trainer.last_val_loss,
+        "val_unigram_entropy": data.manifest.get("val_unigram_entropy"),
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _print_summary(summary: dict[str, Any], log) -> None:
+    val, uni = summary["final_val_loss"], summary["val_unigram_entropy"]
+    log(
+        f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f}s; "
+        f"final train loss {summary['final_train_loss']:.3f}, val loss "
+        f"{val if val is None else round(val, 3)}"
+    )
+    if val is not None and uni is not None and math.isfinite(val):
+        log(f"validation unigram entropy {uni:.3f} nats → model is {uni - val:.3f} nats below it")

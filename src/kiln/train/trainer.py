@@ -1,0 +1,267 @@
+"""The training loop: already-built parts in, optimizer steps out.
+
+The trainer receives a (possibly parallelized) model, optimizer, LR schedule, data loader and
+validation batches; it owns only the loop, its counters (``TrainState``) and the guards:
+non-finite loss or gradient norm skips the step, too many in a row stop the run, and
+SIGTERM/SIGINT end it after a final checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kiln.config import TrainConfig
+from kiln.errors import KilnError
+from kiln.models.gpt import cross_entropy
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint restores (plain ints: they live in kiln.json)."""
+
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+    consecutive_bad: int = 0
+    last_checkpoint_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class Hooks:
+    """What the trainer calls out to (kept as plain callables so tests can stub them)."""
+
+    log: Callable[[str], None] = print
+    write_metrics: Callable[[dict[str, Any]], None] = lambda record: None
+    save_checkpoint: Callable[[], None] = lambda: None
+    on_step_end: list[Callable[[int], None]] = field(default_factory=list)
+
+
+class TrainingStopped(KilnError):
+    """Too many consecutive non-finite steps."""
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast with fp32 master weights, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def _no_sync(model: nn.Module, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch (DDP and FSDP2)."""
+    if hasattr(model, "no_sync") and not last:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Runs optimizer steps until ``total_steps``, logging, validating and checkpointing."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule,
+        loader,
+        val_batches: list[tuple[torch.Tensor, torch.Tensor]],
+        cfg: TrainConfig,
+        *,
+        device: torch.device,
+        total_steps: int,
+        micro_batch_size: int,
+        seq_len: int,
+        global_batch: int,
+        flops_per_token: float,
+        peak_flops: float,
+        world_size: int = 1,
+        log_every: int = 10,
+        checkpoint_every: int = 0,
+        progress: bool = False,
+        hooks: Hooks | None = None,
+    ):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.loader, self.val_batches, self.cfg = loader, val_batches, cfg
+        self.device, self.total_steps = device, total_steps
+        self.micro, self.seq_len, self.global_batch = micro_batch_size, seq_len, global_batch
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.world_size, self.log_every, self.checkpoint_every = world_size, log_every, checkpoint_every
+        self.progress = progress
+        self.hooks = hooks or Hooks()
+        self.state = TrainState()
+        self.stop_requested: str | None = None
+        self.last_loss = math.nan
+        self.last_val_loss: float | None = None
+        self.recent_losses: list[float] = []
+
+    # -- one step --------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        """Forward/backward over the micro-batches of one global batch, then (maybe) step.
+
+        Returns (loss, grad_norm); a non-finite one means the step was skipped.
+        """
+        x, y = self.loader.next_batch()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        chunks = list(zip(x.split(self.micro), y.split(self.micro)))
+        total = torch.zeros((), device=self.device)
+        for i, (xb, yb) in enumerate(chunks):
+            with _no_sync(self.model, last=i == len(chunks) - 1):
+                with autocast(self.device, self.cfg.precision):
+                    loss = cross_entropy(self.model(xb), yb) / len(chunks)
+                loss.backward()
+            total += loss.detach()
+        loss_value = _all_reduce_mean(total).item()
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.state.consecutive_bad = 0
+        else:
+            self.state.skipped_steps += 1
+            self.state.consecutive_bad += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the fixed validation batches."""
+        was_training = self.model.training
+        self.model.eval()
+        losses = []
+        for x, y in self.val_batches:
+            x, y = x.to(self.device), y.to(self.device)
+            for xb, yb in zip(x.split(self.micro), y.split(self.micro)):
+                with autocast(self.device, self.cfg.precision):
+                    losses.append(cross_entropy(self.model(xb), yb).float())
+        self.model.train(was_training)
+        value = torch.stack(losses).mean() if losses else torch.tensor(math.nan)
+        return _all_reduce_mean(value).item()
+
+    # -- the loop --------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        previous = {}
+
+        def request_stop(signum, _frame):
+            self.stop_requested = signal.Signals(signum).name
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread (tests)
+                previous[sig] = signal.signal(sig, request_stop)
+        return previous
+
+    def _bar(self):
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+            desc="train",
+        )
+
+    def fit(self) -> TrainState:
+        """Train from ``state.step`` to ``total_steps`` (or until stopped)."""
+        previous = self._install_signal_handlers()
+        bar = self._bar()
+        tokens_per_step = self.global_batch * self.seq_len
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while self.state.step < self.total_steps and self.stop_requested is None:
+                step = self.state.step
+                lr = self.schedule.apply(self.optimizer, step)
+                loss, grad_norm = self.train_step()
+                self.state.step += 1
+                self.state.tokens += tokens_per_step
+                window_tokens += tokens_per_step
+                self.last_loss = loss
+                if math.isfinite(loss):
+                    self.recent_losses = (self.recent_losses + [loss])[-self.log_every :]
+                if self.state.consecutive_bad >= self.cfg.max_bad_steps:
+                    raise TrainingStopped(
+                        f"Stopped at step {self.state.step}: {self.state.consecutive_bad} "
+                        f"consecutive steps had a non-finite loss or gradient norm; the last good "
+                        f"checkpoint is step {self.state.last_checkpoint_step}."
+                    )
+                done = self.state.step == self.total_steps
+                evaluate = done or (
+                    self.cfg.eval_every and self.state.step % self.cfg.eval_every == 0
+                )
+                if self.state.step % self.log_every == 0 or evaluate:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    tps = window_tokens / elapsed
+                    record = {
+                        "step": self.state.step,
+                        "tokens": self.state.tokens,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tps,
+                        "mfu": tps * self.flops_per_token / (self.peak_flops * self.world_size),
+                        "skipped_steps": self.state.skipped_steps,
+                    }
+                    if evaluate:
+                        self.last_val_loss = self.evaluate()
+                        record["val_loss"] = self.last_val_loss
+                    self.hooks.write_metrics(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                    window_start, window_tokens = time.perf_counter(), 0
+                for hook in self.hooks.on_step_end:
+                    hook(self.state.step)
+                if self.checkpoint_every and self.state.step % self.checkpoint_every == 0:
+                    self._checkpoint()
+                if bar is not None:
+                    bar.update(1)
+            if self.stop_requested is not None:
+                self.hooks.log(
+                    f"Received {self.stop_requested} at step {self.state.step}: "
+                    "saving a final checkpoint."
+                )
+            if self.state.last_checkpoint_step != self.state.step:
+                self._checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self.state
+
+    def _checkpoint(self) -> None:
+        self.state.last_checkpoint_step = self.state.step
+        self.hooks.save_checkpoint()
+
+    @property
+    def final_train_loss(self) -> float:
+        """Mean of the last ``log_every`` finite step losses (less noisy than one step)."""
+        if not self.recent_losses:
+            return math.nan
+        return sum(self.recent_losses) / len(self.recent_losses)

@@ -70,11 +70,15 @@ def _check_yaml(path: str) -> None:
     if raw is None:
         return
     if not isinstance(raw, dict):
-        raise ConfigError(f"Config file {path} must be a mapping of sections, not {type(raw).__name__}.")
+        raise ConfigError(
+            f"Config file {path} must be a mapping of sections, not {type(raw).__name__}."
+        )
     keys = _job_keys()
     for section, values in raw.items():
         if section not in keys:
-            raise ConfigError(f"Unknown config section {section!r} in {path}{closest(section, keys)}.")
+            raise ConfigError(
+                f"Unknown config section {section!r} in {path}{closest(section, keys)}."
+            )
         if not isinstance(values, dict):
             raise ConfigError(f"Section {section!r} in {path} must be a mapping of fields.")
         for key in values:
@@ -158,9 +162,15 @@ def cmd_generate(argv: list[str]) -> int:
 
     for i, text in enumerate(
         generate_text(
-            args.path, args.prompt, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            num_samples=args.num_samples, device=args.device,
+            args.path,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            device=args.device,
         )
     ):
         if args.num_samples > 1:
@@ -192,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
-        print(f"error: unknown command {verb!r}{closest(verb, VERBS)}; see 'kiln --help'.",
-              file=sys.stderr)
+        print(
+            f"error: unknown command {verb!r}{closest(verb, VERBS)}; see 'kiln --help'.",
+            file=sys.stderr,
+        )
         return 2
     try:
         return VERBS[verb](rest)

@@ -56,9 +56,7 @@ def init_distributed(cfg: ParallelConfig, device_preference: str = "auto") -> Pa
     device = pick_device(device_preference, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s)
-        )
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
     return ParallelDims(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

@@ -11,11 +11,13 @@ own metadata.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,9 @@ def read_meta(path: Path) -> dict[str, Any]:
     try:
         return json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"Checkpoint metadata {meta_path} is not valid JSON ({exc}).") from exc
+        raise CheckpointError(
+            f"Checkpoint metadata {meta_path} is not valid JSON ({exc})."
+        ) from exc
 
 
 def _rank() -> int:
@@ -124,7 +128,8 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    dcp.save(tensor_state(model, optimizer, extra), checkpoint_id=str(tmp))
+    with _quiet_single_process():
+        dcp.save(tensor_state(model, optimizer, extra), checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
         meta = dict(meta, step=step, kiln_version=__version__, torch_version=torch.__version__)
@@ -162,7 +167,8 @@ def load_checkpoint(
     if extra:
         state["extra"] = extra
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
     except Exception as exc:  # DCP raises a CheckpointException listing per-rank failures
         raise CheckpointError(
             f"Checkpoint {path} does not fit this model/optimizer ({_first_line(exc)})."
@@ -174,6 +180,14 @@ def load_checkpoint(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
     return meta
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns when used without a process group; single-process use is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _first_line(exc: Exception) -> str:

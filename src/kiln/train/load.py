@@ -31,7 +31,9 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
         return path, path.parent.parent
     latest = ckpt.latest_checkpoint(path / "checkpoints")
     if latest is None:
-        raise CheckpointError(f"{path} holds no complete checkpoint (looked in {path}/checkpoints).")
+        raise CheckpointError(
+            f"{path} holds no complete checkpoint (looked in {path}/checkpoints)."
+        )
     return latest, path
 
 
@@ -67,8 +69,10 @@ def generate_text(
 ) -> list[str]:
     from kiln.models.generate import generate
 
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else (
-        "cpu" if device == "auto" else device
+    dev = (
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else ("cpu" if device == "auto" else device)
     )
     loaded = load_kiln(path, dev)
     tok = loaded.tokenizer
@@ -76,8 +80,13 @@ def generate_text(
     prompt_ids = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     generator = torch.Generator(device=dev).manual_seed(seed)
     out = generate(
-        loaded.model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, generator=generator,
+        loaded.model,
+        prompt_ids,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
     )
     start = 0 if prompt else 1
     return [tok.decode(row[start:].tolist()) for row in out]

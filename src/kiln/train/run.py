@@ -32,8 +32,16 @@ from kiln.train.optim import LRSchedule, build_optimizer
 from kiln.train.plan import TrainingPlan, make_training_plan
 from kiln.train.trainer import Hooks, Trainer
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "tokenizer.json", "checkpoints",
-             "plots", "tb", "run.json")
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "tokenizer.json",
+    "checkpoints",
+    "plots",
+    "tb",
+    "run.json",
+)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -160,18 +168,33 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         job.train.lr, plan.warmup_steps, plan.steps, job.train.min_lr_ratio, job.train.decay
     )
     loader = TokenLoader(
-        data.train, job.data.seq_len, job.train.batch_size, job.train.seed,
-        dp_rank=dims.rank, dp_size=dims.dp_size,
+        data.train,
+        job.data.seq_len,
+        job.train.batch_size,
+        job.train.seed,
+        dp_rank=dims.rank,
+        dp_size=dims.dp_size,
     )
     vals = val_batches(data.val, job.data.seq_len, job.train.batch_size, job.train.eval_batches)
 
     trainer = Trainer(
-        train_model, optimizer, schedule, loader, vals, job.train,
-        device=dims.device, total_steps=plan.steps, micro_batch_size=plan.micro_batch_size,
-        seq_len=job.data.seq_len, global_batch=job.train.batch_size,
-        flops_per_token=plan.flops_per_token, peak_flops=plan.peak_flops,
-        world_size=dims.world_size, log_every=job.log.every,
-        checkpoint_every=job.checkpoint.every, progress=job.log.progress and dims.is_main,
+        train_model,
+        optimizer,
+        schedule,
+        loader,
+        vals,
+        job.train,
+        device=dims.device,
+        total_steps=plan.steps,
+        micro_batch_size=plan.micro_batch_size,
+        seq_len=job.data.seq_len,
+        global_batch=job.train.batch_size,
+        flops_per_token=plan.flops_per_token,
+        peak_flops=plan.peak_flops,
+        world_size=dims.world_size,
+        log_every=job.log.every,
+        checkpoint_every=job.checkpoint.every,
+        progress=job.log.progress and dims.is_main,
     )
     shape_dict = dataclasses.asdict(shape)
 
@@ -186,8 +209,13 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
             "schedule": schedule.state_dict(),
         }
         ckpt.save_checkpoint(
-            run_dir / "checkpoints", trainer.state.step, model, optimizer, meta,
-            extra={"rng_cpu": torch.get_rng_state()}, keep=job.checkpoint.keep,
+            run_dir / "checkpoints",
+            trainer.state.step,
+            model,
+            optimizer,
+            meta,
+            extra={"rng_cpu": torch.get_rng_state()},
+            keep=job.checkpoint.keep,
         )
 
     if latest is not None:
@@ -232,7 +260,10 @@ def _provenance(dims: ParallelDims, shape: GPTConfig) -> dict[str, Any]:
 
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -243,7 +274,8 @@ def _provenance(dims: ParallelDims, shape: GPTConfig) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "device": str(dims.device),
-        "device_name": torch.cuda.get_device_name() if dims.device.type == "cuda"
+        "device_name": torch.cuda.get_device_name()
+        if dims.device.type == "cuda"
         else platform.processor() or platform.machine(),
         "world_size": dims.world_size,
         "model_shape": dataclasses.asdict(shape),
@@ -268,7 +300,8 @@ def _summary(trainer: Trainer, plan: TrainingPlan, data, started: float) -> dict
 def _print_summary(summary: dict[str, Any], log) -> None:
     val, uni = summary["final_val_loss"], summary["val_unigram_entropy"]
     log(
-        f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f}s; "
+        f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in "
+        f"{summary['wall_s']:.0f}s; "
         f"final train loss {summary['final_train_loss']:.3f}, val loss "
         f"{val if val is None else round(val, 3)}"
     )

@@ -111,7 +111,11 @@ class Trainer:
         self.device, self.total_steps = device, total_steps
         self.micro, self.seq_len, self.global_batch = micro_batch_size, seq_len, global_batch
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.world_size, self.log_every, self.checkpoint_every = world_size, log_every, checkpoint_every
+        self.world_size, self.log_every, self.checkpoint_every = (
+            world_size,
+            log_every,
+            checkpoint_every,
+        )
         self.progress = progress
         self.hooks = hooks or Hooks()
         self.state = TrainState()
@@ -184,7 +188,10 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(
-            total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+            total=self.total_steps,
+            initial=self.state.step,
+            unit="step",
+            dynamic_ncols=True,
             desc="train",
         )
 

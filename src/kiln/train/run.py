@@ -292,7 +292,7 @@ def _summary(trainer: Trainer, plan: TrainingPlan, data, started: float) -> dict
         "skipped_steps": trainer.state.skipped_steps,
         "final_train_loss": trainer.final_train_loss,
         "final_val_loss": trainer.last_val_loss,
-        "val_unigram_entropy": data.manifest.get("val_unigram_entropy"),
+        "val_unigram_entropy": data.manifest.get("val_unigram_entropy_nats"),
         "wall_s": time.perf_counter() - started,
     }
 

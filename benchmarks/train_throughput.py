@@ -1,0 +1,178 @@
+"""Training throughput and MFU: Kiln's GPT vs transformers' GPT2LMHeadModel, side by side.
+
+Both models get the identical shape, batch, sequence length and precision (bf16 autocast with
+fp32 master weights, AdamW), and are timed in alternation in one process so that machine noise
+hits both alike. MFU = achieved model FLOPs (6N + 12·L·S·d per token) / the measured bf16
+matmul peak of this CPU (kiln.planning.hardware), never a table value for another chip.
+
+    .venv/bin/python benchmarks/train_throughput.py            # writes BENCHMARKS.md
+    .venv/bin/python benchmarks/train_throughput.py --quick    # small shapes, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_section  # noqa: E402
+from kiln.models.gpt import GPT, GPTConfig, cross_entropy  # noqa: E402
+from kiln.models.presets import PRESETS  # noqa: E402
+from kiln.planning.flops import flops_per_token  # noqa: E402
+from kiln.planning.hardware import measure_cpu_peak  # noqa: E402
+
+
+def kiln_model(shape: GPTConfig, compile: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = GPT(shape)
+    model.init_weights()
+    if compile:
+        for key, block in list(model.blocks.items()):
+            model.blocks[key] = torch.compile(block)
+    return model
+
+
+def hf_model(shape: GPTConfig) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=shape.vocab_size,
+        n_positions=shape.max_seq_len,
+        n_embd=shape.d_model,
+        n_layer=shape.n_layers,
+        n_head=shape.n_heads,
+        n_inner=shape.d_ffn,
+        activation_function="gelu",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(cfg)
+
+
+def make_step(model: torch.nn.Module, is_hf: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x).logits if is_hf else model(x)
+            loss = cross_entropy(logits, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def measured_peak() -> tuple[float, str]:
+    """bf16 matmul peak measured now, in this run (not the cache), best of two sizes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        flops = max(
+            measure_cpu_peak("bf16", Path(tmp) / f"peak{n}.json", size=n, reps=8)
+            for n in (2048, 3072)
+        )
+    return flops, "bf16 matmul measured in this run, best of 2048² and 3072²"
+
+
+def bench_shape(name: str, shape: GPTConfig, batch: int, seq: int, reps: int, compile: bool):
+    x = torch.randint(0, shape.vocab_size, (batch, seq))
+    y = torch.randint(0, shape.vocab_size, (batch, seq))
+    contenders = {"transformers GPT2LMHeadModel": make_step(hf_model(shape), True)}
+    contenders["kiln GPT"] = make_step(kiln_model(shape, False), False)
+    if compile:
+        contenders["kiln GPT + torch.compile"] = make_step(kiln_model(shape, True), False)
+    for step in contenders.values():  # warm-up (and compile)
+        step(x, y)
+        step(x, y)
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(reps):  # alternate so that noise hits every contender alike
+        for label, step in contenders.items():
+            t0 = time.perf_counter()
+            step(x, y)
+            times[label].append(time.perf_counter() - t0)
+    peak, source = measured_peak()
+    per_token = flops_per_token(shape, seq)
+    rows = []
+    base = statistics.median(times["transformers GPT2LMHeadModel"])
+    for label, ts in times.items():
+        t = statistics.median(ts)
+        tps = batch * seq / t
+        rows.append((name, label, t, tps, tps * per_token / peak, base / t))
+    return rows, peak, source
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes; print, don't write")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    base = PRESETS["cerebras-gpt-111m"]
+    shapes = [
+        (
+            "4 layers, d_model 512",
+            base.replace(n_layers=4, d_model=512, n_heads=8, n_kv_heads=8, d_head=64, d_ffn=2048),
+            8,
+            512,
+        ),
+        ("cerebras-gpt-111m", base, 4, 512),
+    ]
+    if args.quick:
+        shapes = [
+            (
+                "2 layers, d_model 128",
+                base.replace(
+                    n_layers=2,
+                    d_model=128,
+                    n_heads=2,
+                    n_kv_heads=2,
+                    d_head=64,
+                    d_ffn=512,
+                    vocab_size=4096,
+                ),
+                4,
+                128,
+            )
+        ]
+    all_rows, peak, source = [], 0.0, ""
+    for name, shape, batch, seq in shapes:
+        rows, peak, source = bench_shape(name, shape, batch, seq, args.reps, not args.no_compile)
+        all_rows += [(*r, batch, seq) for r in rows]
+        for r in rows:
+            print(
+                f"{r[0]:24s} {r[1]:30s} {r[2] * 1e3:9.1f} ms/step {r[3]:9.0f} tok/s "
+                f"MFU {r[4]:6.1%}  ×{r[5]:.2f} vs transformers",
+                flush=True,
+            )
+    lines = [
+        "## Training throughput: Kiln vs transformers (CPU, bf16 autocast, AdamW)",
+        "",
+        f"Peak: {peak / 1e9:.0f} GFLOP/s ({source}). MFU = tokens/s × (6N + 12·L·S·d) / peak.",
+        "",
+        "| shape | batch × seq | implementation | ms/step | tokens/s | MFU | vs transformers |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for name, label, t, tps, mfu, ratio, batch, seq in all_rows:
+        lines.append(
+            f"| {name} | {batch} × {seq} | {label} | {t * 1e3:.0f} | {tps:,.0f} | {mfu:.1%} | "
+            f"{ratio:.2f}× |"
+        )
+    if not args.quick:
+        write_section("train_throughput", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""A training plan: size, data, compute, batch, LR and (given a device) wall-clock time.
+
+Exactly one of ``flops`` (a budget C: N = sqrt(C / (6·ratio))), ``params`` (N) or ``preset``
+(a Cerebras-GPT name) fixes the model; tokens = ``tokens_per_param`` × N of the chosen shape.
+Batch and peak LR follow the Cerebras-GPT table (log-log interpolation in N, clamped at its
+ends); warm-up is 5% of steps and decay linear to 10% of the peak, as Cerebras-GPT trained.
+Wall-clock = model FLOPs (6N + 12·L·S·d) / (peak × count × MFU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.errors import ConfigError, closest
+from kiln.planning.chinchilla import (
+    PRESET_SHAPES,
+    default_batch_size,
+    default_lr,
+    params_for_flops,
+    shape_for_params,
+)
+from kiln.planning.flops import (
+    Shape,
+    cerebras_flops_per_token,
+    flops_per_token,
+    param_count,
+)
+from kiln.planning.hardware import device_peak
+
+
+@dataclass
+class Plan:
+    """Everything ``kiln plan`` prints; ``to_dict()`` is what run metadata stores."""
+
+    shape: Shape
+    params: int
+    non_embedding_params: int
+    tokens: float
+    flops: float
+    """Model FLOPs, 6N + 12·L·S·d per token (the MFU convention)."""
+    flops_6nd: float
+    flops_cerebras: float
+    """The published Cerebras-GPT convention, 6N + 30·L·S·d per token."""
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    warmup_steps: int
+    schedule: str = "linear"
+    min_lr_ratio: float = 0.1
+    tokens_per_param: float = 20.0
+    flops_budget: float | None = None
+    preset: str | None = None
+    device: str | None = None
+    count: int = 1
+    mfu: float = 0.4
+    peak_flops: float | None = None
+    peak_source: str | None = None
+    wall_clock_s: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe dict (documented keys; see the field docstrings)."""
+        keys = ("params", "non_embedding_params", "tokens", "flops", "flops_6nd",
+                "flops_cerebras", "flops_budget", "steps", "batch_size", "seq_len", "lr",
+                "warmup_steps", "schedule", "min_lr_ratio", "tokens_per_param", "preset",
+                "device", "count", "mfu", "peak_flops", "peak_source", "wall_clock_s",
+                "notes")  # fmt: skip
+        d = {k: getattr(self, k) for k in keys}
+        d["batch_tokens"] = self.batch_size * self.seq_len
+        d["shape"] = self.shape.to_dict()
+        return d
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} is {value!r} but must be a positive number.")
+    if value <= 0:
+        raise ConfigError(f"{name} is {value} but must be > 0.")
+
+
+def _choose_shape(flops, params, preset, vocab, seq_len, ratio) -> tuple[Shape, str | None]:
+    given = [k for k, v in (("flops", flops), ("params", params), ("preset", preset)) if v]
+    if len(given) != 1:
+        raise ConfigError(
+            f"A plan needs exactly one of flops, params or preset but got "
+            f"{', '.join(given) if given else 'none'}."
+        )
+    if preset:
+        if preset not in PRESET_SHAPES:
+            hint = closest(preset, PRESET_SHAPES)
+            names = ", ".join(PRESET_SHAPES)
+            raise ConfigError(f"Preset {preset!r} is unknown; use one of {names}{hint}.")
+        s = PRESET_SHAPES[preset]
+        return Shape(**{**s.__dict__, "vocab_size": vocab, "max_seq_len": seq_len}), preset
+    n = params if params else params_for_flops(flops, ratio)
+    return shape_for_params(n, vocab=vocab, seq=seq_len), None
+
+
+def make_plan(
+    *,
+    flops: float | None = None,
+    params: float | None = None,
+    preset: str | None = None,
+    tokens_per_param: float = 20.0,
+    batch_tokens: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    count: int = 1,
+    mfu: float = 0.4,
+    vocab: int = 50257,
+    seq_len: int = 2048,
+    precision: str = "bf16",
+) -> Plan:
+    """Plan a compute-optimal run (see the module docstring for every rule used)."""
+    for name, v in (("flops", flops), ("params", params), ("tokens_per_param", tokens_per_param),
+                    ("batch_tokens", batch_tokens), ("batch_size", batch_size), ("count", count),
+                    ("mfu", mfu), ("vocab", vocab), ("seq_len", seq_len)):  # fmt: skip
+        _positive(name, v)
+    if mfu > 1:
+        raise ConfigError(f"mfu is {mfu} but must be a fraction in (0, 1].")
+    if batch_tokens and batch_size:
+        raise ConfigError("Give batch_tokens or batch_size, not both.")
+    shape, preset_name = _choose_shape(flops, params, preset, vocab, seq_len, tokens_per_param)
+    n = param_count(shape)
+    tokens = float(tokens_per_param) * n
+    if batch_tokens:
+        batch_size = max(1, round(batch_tokens / seq_len))
+    batch_size = batch_size or default_batch_size(n)
+    notes = []
+    if batch_size * seq_len > tokens:
+        batch_size = max(1, int(tokens // seq_len))
+        notes.append(f"batch reduced to {batch_size} sequences so that at least one step fits")
+    steps = max(1, round(tokens / (batch_size * seq_len)))
+    plan = Plan(
+        shape=shape, params=n, non_embedding_params=param_count(shape, include_embeddings=False),
+        tokens=tokens, flops=flops_per_token(shape, seq_len) * tokens, flops_6nd=6.0 * n * tokens,
+        flops_cerebras=cerebras_flops_per_token(shape, seq_len) * tokens, steps=steps,
+        batch_size=batch_size, seq_len=seq_len, lr=default_lr(n),
+        warmup_steps=max(1, round(0.05 * steps)), tokens_per_param=float(tokens_per_param),
+        flops_budget=float(flops) if flops else None, preset=preset_name, count=int(count),
+        mfu=float(mfu), notes=notes,
+    )  # fmt: skip
+    if device:
+        plan.device = device
+        plan.peak_flops, plan.peak_source = device_peak(device, precision)
+        plan.wall_clock_s = plan.flops / (plan.peak_flops * count * mfu)
+    return plan
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365 * 86400), ("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def _sci(x: float, digits: int = 3) -> str:
+    """1.11e8-style scientific notation (no '+', no leading exponent zeros)."""
+    mant, exp = f"{x:.{digits - 1}e}".split("e")
+    return f"{float(mant):g}e{int(exp)}"
+
+
+def format_plan(plan: Plan) -> str:
+    """Aligned, human-readable plan with units."""
+    s = plan.shape
+    rows = [
+        ("model", plan.preset or "interpolated GPT-3-style shape"),
+        ("shape", f"{s.n_layers} layers × d_model {s.d_model} ({s.n_heads} heads × "
+                  f"{s.to_dict()['d_head']}), d_ffn {s.d_ffn}, vocab {s.vocab_size}"),
+        ("params", f"{_sci(plan.params)} ({_sci(plan.non_embedding_params)} non-embedding)"),
+        ("tokens", f"{_sci(plan.tokens)} ({plan.tokens_per_param:g} per parameter)"),
+        ("compute", f"{_sci(plan.flops, 2)} FLOPs (6N+12LSd); 6ND {_sci(plan.flops_6nd, 2)}; "
+                    f"Cerebras-GPT convention {_sci(plan.flops_cerebras, 2)}"),
+        ("batch", f"{plan.batch_size} × {plan.seq_len} = {plan.batch_size * plan.seq_len:,} "
+                  "tokens/step"),
+        ("steps", f"{plan.steps:,} (warm-up {plan.warmup_steps:,})"),
+        ("lr", f"{plan.lr:.3g} peak, {plan.schedule} decay to {plan.min_lr_ratio:g}× peak"),
+    ]  # fmt: skip
+    if plan.flops_budget:
+        rows.insert(0, ("budget", f"{_sci(plan.flops_budget, 2)} FLOPs (C = 6·N·D)"))
+    if plan.wall_clock_s is not None:
+        rows.append(("time", f"{_duration(plan.wall_clock_s)} on {plan.count} × {plan.device} "
+                             f"at {plan.mfu:.0%} MFU"))  # fmt: skip
+        rows.append(("peak", f"{_sci(plan.peak_flops)} FLOP/s per device ({plan.peak_source})"))
+    rows += [("note", n) for n in plan.notes]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,182 @@
+"""Planning math: parameter/FLOP counts vs the published Cerebras-GPT table, plans, devices."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from kiln.errors import KilnError
+from kiln.planning import (
+    CEREBRAS_GPT,
+    Shape,
+    cerebras_flops,
+    flops_6nd_plus_attention,
+    flops_per_token,
+    format_plan,
+    hardware,
+    make_plan,
+    param_count,
+    params_for_flops,
+    peak_flops,
+    shape_for_params,
+    tokens_for,
+    training_flops,
+)
+
+RUNS = list(CEREBRAS_GPT.values())
+IDS = [r.name for r in RUNS]
+
+
+@pytest.mark.parametrize("run", RUNS, ids=IDS)
+def test_param_count_matches_released_checkpoints(run):
+    assert param_count(run.shape) == pytest.approx(run.params_exact, rel=0.01)
+    # the round names (1.3B, 2.7B) are themselves rounded by up to ~2%
+    assert param_count(run.shape) == pytest.approx(run.params, rel=0.025)
+
+
+@pytest.mark.parametrize("run", RUNS, ids=IDS)
+def test_token_column_is_20_tokens_per_param(run):
+    assert tokens_for(run.params) == pytest.approx(run.tokens, rel=0.05)
+    assert tokens_for(param_count(run.shape)) == pytest.approx(run.tokens, rel=0.05)
+
+
+@pytest.mark.parametrize("run", RUNS, ids=IDS)
+def test_published_flops_column_reproduced(run):
+    assert cerebras_flops(run.shape, run.tokens) == pytest.approx(run.flops, rel=0.05)
+    assert training_flops(run.shape, run.tokens, 2048, "cerebras") == cerebras_flops(
+        run.shape, run.tokens
+    )
+
+
+def test_111m_arithmetic_in_docstring():
+    s = CEREBRAS_GPT["cerebras-gpt-111m"].shape
+    n = param_count(s)
+    assert n == 111_050_496
+    assert 6 * n + 30 * 10 * 2048 * 768 == pytest.approx(1.138e9, rel=1e-3)
+    # plain 6ND is far from the published 2.6e18, so it cannot be the table's convention
+    assert 6 * n * 2.22e9 < 0.6 * 2.6e18
+
+
+def test_mfu_convention_is_6n_plus_12lsd():
+    s = CEREBRAS_GPT["cerebras-gpt-1.3b"].shape
+    n_mm = param_count(s, include_embeddings=False) + s.vocab_size * s.d_model
+    expected = 6 * n_mm + 12 * s.n_layers * 2048 * s.d_model
+    assert flops_per_token(s, 2048) == flops_6nd_plus_attention(s, 2048) == expected
+
+
+def test_param_count_variants():
+    base = Shape(n_layers=2, d_model=64, n_heads=4, d_ffn=256, vocab_size=100, max_seq_len=32)
+    llama = Shape(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ffn=256, vocab_size=100,
+                  max_seq_len=32, activation="swiglu", tie_embeddings=False, bias=False,
+                  position="rope", norm="rmsnorm")  # fmt: skip
+    emb = 100 * 64 + 32 * 64
+    layer = 4 * 64 * 64 + 4 * 64 + 2 * 64 * 256 + 256 + 64 + 2 * 2 * 64
+    assert param_count(base) == emb + 2 * layer + 2 * 64
+    assert param_count(base, include_embeddings=False) == 2 * layer + 2 * 64
+    kv = 2 * 16  # 2 kv heads × d_head 16
+    layer_l = 64 * 64 + 2 * 64 * kv + 64 * 64 + 3 * 64 * 256 + 2 * 64
+    assert param_count(llama) == 100 * 64 + 2 * layer_l + 64 + 100 * 64
+    assert param_count(llama, include_embeddings=False) == 2 * layer_l + 64 + 100 * 64
+
+
+def test_chinchilla_allocation():
+    n = params_for_flops(2.4e21)
+    assert 6 * n * tokens_for(n) == pytest.approx(2.4e21)
+    assert n == pytest.approx((2.4e21 / 120) ** 0.5)
+    for target in (1e8, 1e9, 1e10, 3e10):
+        assert param_count(shape_for_params(target)) == pytest.approx(target, rel=0.05)
+    s = shape_for_params(1.3e9)
+    assert s.d_model % 64 == 0 and s.d_ffn == 4 * s.d_model and s.d_model == s.n_heads * 128
+
+
+def test_plan_from_params_uses_20_tokens_per_param():
+    plan = make_plan(params=1e9)
+    assert plan.tokens == pytest.approx(20 * plan.params)
+    assert plan.params == pytest.approx(1e9, rel=0.05)
+    d = plan.to_dict()
+    documented = {"params", "non_embedding_params", "tokens", "flops", "flops_6nd", "steps",
+                  "batch_size", "seq_len", "lr", "warmup_steps", "schedule", "shape", "device",
+                  "count", "mfu", "wall_clock_s"}  # fmt: skip
+    assert documented <= d.keys()
+    json.dumps(d)
+    assert d["steps"] * d["batch_size"] * d["seq_len"] == pytest.approx(d["tokens"], rel=0.01)
+
+
+def test_plan_for_preset_matches_cerebras_111m():
+    plan = make_plan(preset="cerebras-gpt-111m", device="H100", count=16, mfu=0.4)
+    assert plan.tokens == pytest.approx(2.22e9, rel=0.01)
+    assert plan.batch_size == 120 and plan.steps == pytest.approx(9037, rel=0.01)
+    assert plan.lr == pytest.approx(6e-4)
+    assert plan.wall_clock_s == pytest.approx(plan.flops / (989e12 * 16 * 0.4))
+    text = format_plan(plan)
+    assert "1.11e8" in text and "2.22e9" in text and "16 × H100 at 40% MFU" in text
+
+
+def test_plan_from_flops_budget():
+    plan = make_plan(flops=1e20, tokens_per_param=20)
+    assert plan.flops_6nd == pytest.approx(1e20, rel=0.1)
+    assert plan.to_dict()["flops_budget"] == 1e20
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"params": 1e8, "flops": 1e20},
+        {"params": -5},
+        {"params": 0},
+        {"flops": float("nan")},
+        {"params": 1e8, "tokens_per_param": 0},
+        {"params": 1e8, "mfu": 1.5},
+        {"params": 1e8, "count": 0},
+        {"preset": "cerebras-gpt-111"},
+        {"params": 1e8, "device": "abacus"},
+    ],
+)
+def test_bad_plan_inputs_raise_one_sentence(kwargs):
+    with pytest.raises(KilnError) as e:
+        make_plan(**kwargs)
+    msg = str(e.value)
+    assert msg.endswith(".") and "\n" not in msg
+
+
+def test_peak_table_lookup():
+    assert peak_flops("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert peak_flops("NVIDIA H100 PCIe")[0] == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB")[0] == 312e12
+    assert peak_flops("NVIDIA A10G")[0] == 70e12
+    assert peak_flops("Tesla V100-SXM2-16GB", "bf16")[0] == 125e12
+    assert peak_flops("AMD Instinct MI300X")[0] == 1307e12
+    with pytest.raises(KilnError):
+        peak_flops("Quantum Abacus 9000")
+
+
+def test_measure_cpu_peak_is_cached(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(device, precision, size, reps):
+        calls.append((device, precision, size))
+        return 1.5e11
+
+    monkeypatch.setattr(hardware, "_measure_matmul", fake)
+    cache = tmp_path / "hw.json"
+    assert hardware.measure_cpu_peak("fp32", cache_path=cache, size=64) == 1.5e11
+    assert hardware.measure_cpu_peak("fp32", cache_path=cache, size=64) == 1.5e11
+    assert len(calls) == 1
+    (key,) = json.loads(cache.read_text())
+    assert hardware.cpu_model_name() in key and "fp32" in key and "threads=" in key
+
+
+def test_measure_cpu_peak_tiny_real_matmul(tmp_path):
+    flops = hardware.measure_cpu_peak("fp32", cache_path=tmp_path / "hw.json", size=64, reps=2)
+    assert flops > 1e6
+
+
+def test_planning_import_is_light():
+    import subprocess
+
+    code = "import sys, kiln.planning; print(sorted({'torch','numpy','scipy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,219 @@
+"""Side-by-side: dense bf16 MLP vs Kiln block-sparse MLP, forward + backward.
+
+The MLP of cerebras-gpt-111m (d_model 768, d_ffn 3072), ``y = W2 gelu(W1 x + b1) + b2`` on
+4 x 512 = 2048 tokens. FLOPs per fwd+bwd: ``3 * 2 * 2 * T * d_model * d_ffn`` = 58.0 GFLOP dense,
+times the density for sparse (both W1 and W2 sparse; biases and GELU dense).
+
+Dense baselines (the fastest is the reference for the speed-up): bf16 parameters with
+nn.Linear, fp32 parameters under bf16 autocast, and (``--compile``) torch.compile of the bf16
+one. Sparse: balanced b x b blocks along d_ffn (block-columns of W1 = [3072, 768], block-rows of
+W2 = [768, 3072]), bf16 parameters, BlockSparseLinearFn. Every variant is timed once per round,
+rounds interleaved, median reported, so machine noise hits all of them alike.
+
+    python benchmarks/sparse_mlp.py                 # writes its section of BENCHMARKS.md
+    python benchmarks/sparse_mlp.py --train-step    # full cerebras-gpt-111m step: not yet
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.sparsity.kernels import BlockLayout, block_sparse_linear, cpp_extension
+from kiln.sparsity.patterns import block_mask
+
+D_MODEL, D_FFN = 768, 3072
+START, END = "<!-- sparse_mlp:start -->", "<!-- sparse_mlp:end -->"
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.fc1 = nn.Linear(D_MODEL, D_FFN, dtype=dtype)
+        self.fc2 = nn.Linear(D_FFN, D_MODEL, dtype=dtype)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SparseMLP(DenseMLP):
+    def __init__(self, density, block, backend):
+        super().__init__(torch.bfloat16)
+        m1 = block_mask(torch.rand(D_FFN, D_MODEL), density, block, axis="cols")
+        m2 = block_mask(torch.rand(D_MODEL, D_FFN), density, block, axis="rows")
+        with torch.no_grad():
+            self.fc1.weight.mul_(m1)
+            self.fc2.weight.mul_(m2)
+        self.l1, self.l2 = BlockLayout.from_mask(m1, block), BlockLayout.from_mask(m2, block)
+        self.backend = backend
+
+    def forward(self, x):
+        h = block_sparse_linear(x, self.fc1.weight, self.fc1.bias, self.l1, self.backend)
+        return block_sparse_linear(F.gelu(h), self.fc2.weight, self.fc2.bias, self.l2, self.backend)
+
+
+def make_step(model, x, autocast=False):
+    grad = torch.randn(x.shape[:-1] + (D_MODEL,), dtype=torch.bfloat16)
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        xi = x.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(xi)
+        y.backward(grad.to(y.dtype))
+
+    return step
+
+
+def variants(args, x):
+    """(name, density, step) for every dense baseline and sparse configuration."""
+    out = [("dense bf16 nn.Linear", 1.0, make_step(DenseMLP(torch.bfloat16), x))]
+    out.append(
+        (
+            "dense fp32 params + bf16 autocast",
+            1.0,
+            make_step(DenseMLP(torch.float32), x.float(), autocast=True),
+        )
+    )
+    if args.compile:
+        out.append(
+            ("dense bf16 torch.compile", 1.0, make_step(torch.compile(DenseMLP(torch.bfloat16)), x))
+        )
+    backends = ["cpp", "torch"] if cpp_extension() is not None else ["torch"]
+    backends = [b for b in backends if b in args.backends]
+    for density in args.densities:
+        for block in args.block_sizes:
+            for backend in backends:
+                name = f"sparse {1 - density:.2%} block{block} {backend}"
+                out.append((name, density, make_step(SparseMLP(density, block, backend), x)))
+    return out
+
+
+def run(args):
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.batch, args.seq, D_MODEL, dtype=torch.bfloat16)
+    tokens = args.batch * args.seq
+    dense_flop = 3 * 2 * 2 * tokens * D_MODEL * D_FFN
+    runs = variants(args, x)
+    for _, _, step in runs:
+        for _ in range(args.warmup):
+            step()
+    times = {name: [] for name, _, _ in runs}
+    for _ in range(args.reps):
+        for name, _, step in runs:
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    dense_best = min((n for n, d, _ in runs if d == 1.0), key=med.get)
+    rows = []
+    for name, density, _ in runs:
+        ms = med[name] * 1e3
+        rows.append(
+            (name, density, ms, med[dense_best] / med[name], density * dense_flop / med[name])
+        )
+    return rows, dense_best, tokens, dense_flop
+
+
+def table(rows, dense_best):
+    lines = [
+        "| variant | density | ms / fwd+bwd (median) | speed-up vs fastest dense | GFLOP/s done |",
+        "|---|---|---|---|---|",
+    ]
+    for name, density, ms, speedup, flops in rows:
+        mark = " (fastest dense)" if name == dense_best else ""
+        lines.append(
+            f"| {name}{mark} | {density:g} | {ms:.1f} | {speedup:.2f}x | {flops / 1e9:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def machine(threads):
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {threads} threads of {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace (or append) this script's section of BENCHMARKS.md; other sections are kept."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{START}\n{text.rstrip()}\n{END}"
+    if START in old and END in old:
+        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    with open(tmp) as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def bench_train_step(args):
+    """Full cerebras-gpt-111m training step, dense vs sparse: needs the model integration."""
+    raise SystemExit(
+        "--train-step is not implemented yet: it needs sparse MLPs in models/gpt.py "
+        "(integration pending); no numbers are produced."
+    )
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25, 0.125, 0.0625])
+    ap.add_argument("--block-sizes", type=int, nargs="+", default=[64])
+    ap.add_argument("--backends", nargs="+", default=["cpp", "torch"])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile dense")
+    ap.add_argument("--train-step", action="store_true", help="full model step (pending)")
+    ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md")
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+    )
+    args = ap.parse_args(argv)
+    if args.train_step:
+        return bench_train_step(args)
+    rows, dense_best, tokens, dense_flop = run(args)
+    command = "python benchmarks/sparse_mlp.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = "\n".join(
+        [
+            "## Sparse MLP (cerebras-gpt-111m MLP, forward + backward)",
+            "",
+            f"Command: `{command.strip()}`  ",
+            f"Machine: {machine(args.threads)}  ",
+            f"Date: {datetime.date.today().isoformat()}  ",
+            f"Tokens: {args.batch} x {args.seq} = {tokens}; dense {dense_flop / 1e9:.1f} GFLOP; "
+            f"median of {args.reps} interleaved rounds after {args.warmup} warm-up rounds. Sparse: "
+            "balanced blocks along d_ffn, bf16 params, GELU and biases dense.",
+            "",
+            table(rows, dense_best),
+        ]
+    )
+    print(text)
+    if not args.no_write:
+        write_section(args.out, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Sparse training: masks and patterns (patterns.py) and sparse kernels (kernels.py)."""
+
+from kiln.sparsity.kernels import (
+    BlockLayout,
+    BlockSparseLinear,
+    BlockSparseLinearFn,
+    block_sparse_linear,
+    choose_kernel,
+    masked_linear,
+)
+from kiln.sparsity.patterns import (
+    Pattern,
+    block_mask,
+    mask_density,
+    nm_mask,
+    parse_pattern,
+    unstructured_mask,
+)
+
+__all__ = [
+    "BlockLayout",
+    "BlockSparseLinear",
+    "BlockSparseLinearFn",
+    "Pattern",
+    "block_mask",
+    "block_sparse_linear",
+    "choose_kernel",
+    "mask_density",
+    "masked_linear",
+    "nm_mask",
+    "parse_pattern",
+    "unstructured_mask",
+]

@@ -1,0 +1,110 @@
+"""Sparse kernels match dense-times-mask for outputs and all gradients (bf16 tolerance)."""
+
+import pytest
+import torch
+
+from kiln.errors import ConfigError
+from kiln.sparsity import kernels
+from kiln.sparsity.kernels import (
+    BlockLayout,
+    BlockSparseLinear,
+    block_sparse_linear,
+    choose_kernel,
+    masked_linear,
+)
+from kiln.sparsity.patterns import block_mask
+
+BACKENDS = ["torch"] + (["cpp"] if kernels.cpp_extension() is not None else [])
+CASES = [  # out, in, block, density, axis, input shape prefix
+    (64, 96, 32, 1 / 3, "rows", (5,)),
+    (96, 64, 32, 0.5, "rows", (2, 7)),
+    (96, 64, 32, 1 / 3, "cols", (2, 7)),
+    (128, 64, 32, 0.5, "rows", (3, 13)),
+    (128, 256, 64, 0.25, "rows", (2, 9)),
+    (256, 128, 128, 0.5, "cols", (33,)),
+    (64, 64, 32, 1.0, "rows", (4,)),
+]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f,b,density,axis,lead", CASES)
+def test_block_sparse_matches_masked(backend, wdtype, out_f, in_f, b, density, axis, lead):
+    gen = torch.Generator().manual_seed(0)
+    mask = block_mask(torch.rand(out_f, in_f, generator=gen), density, b, axis=axis)
+    layout = BlockLayout.from_mask(mask, b)
+    w = (torch.randn(out_f, in_f, generator=gen) * mask).to(wdtype).requires_grad_()
+    bias = torch.randn(out_f, generator=gen).to(wdtype).requires_grad_()
+    x = torch.randn(*lead, in_f, generator=gen).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(*lead, out_f, generator=gen).to(torch.bfloat16)
+
+    ref = masked_linear(x.float(), w.float(), bias.float(), mask)
+    ref.backward(g.float())
+    expected = [ref, x.grad, w.grad, bias.grad]
+    x.grad = w.grad = bias.grad = None
+
+    y = block_sparse_linear(x, w, bias, layout, backend)
+    y.backward(g)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert w.grad.dtype == wdtype and x.grad.shape == x.shape
+    for got, want in zip([y, x.grad, w.grad, bias.grad], expected):
+        assert rel_err(got, want) < 2e-2
+    assert (w.grad[~mask] == 0).all()
+
+
+def test_module_keeps_dense_masked_weight_and_reloads_layout():
+    mask = block_mask(torch.rand(64, 96), 1 / 3, 32)
+    layer = BlockSparseLinear(96, 64, mask, block_size=32)
+    assert (layer.weight[~mask] == 0).all()
+    y = layer(torch.randn(2, 3, 96, dtype=torch.bfloat16))
+    assert y.shape == (2, 3, 64)
+    other = BlockSparseLinear(96, 64, block_mask(torch.rand(64, 96), 1 / 3, 32), block_size=32)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.layout.kept, layer.layout.kept)
+
+
+def test_layout_rejects_non_block_mask():
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[0, 0] = True
+    with pytest.raises(ConfigError):
+        BlockLayout.from_mask(mask, 32)
+
+
+def test_choose_kernel_block_returns_valid_kernel():
+    name, fn = choose_kernel(64, 128, 32, "block", 0.5, reps=1)
+    assert name.startswith("block") or name == "masked-dense"
+    mask = block_mask(torch.rand(64, 128), 0.5, 32)
+    w = torch.randn(64, 128, dtype=torch.bfloat16) * mask
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    if name.startswith("block"):
+        b = int(name[5:].split("-")[0])
+        mask = block_mask(torch.rand(64, 128), 0.5, b)
+        w = torch.randn(64, 128, dtype=torch.bfloat16) * mask
+    y = fn(x, w, None, mask)
+    assert rel_err(y, masked_linear(x.float(), w.float(), None, mask)) < 2e-2
+    assert "ms vs masked-dense" in kernels.kernel_choice_reason(
+        64, 128, 32, "block", 0.5, torch.bfloat16, "cpu"
+    )
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_choose_kernel_falls_back_to_masked(pattern):
+    name, fn = choose_kernel(64, 128, 32, pattern, 0.5, reps=1)
+    assert name == "masked-dense" and fn is masked_linear
+    assert not kernels.semi_structured_available("cpu")
+
+
+def test_cpp_backend_falls_back(monkeypatch):
+    monkeypatch.setattr(kernels, "_EXT", None)
+    monkeypatch.setattr(kernels, "_EXT_TRIED", True)
+    mask = block_mask(torch.rand(64, 64), 0.5, 32)
+    layout = BlockLayout.from_mask(mask, 32)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y = block_sparse_linear(x, torch.randn(64, 64) * mask, None, layout)  # auto -> torch
+    assert y.shape == (3, 64)
+    with pytest.raises(ConfigError):
+        block_sparse_linear(x, torch.randn(64, 64) * mask, None, layout, "cpp")

@@ -178,8 +178,8 @@ def bench_train_step(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25, 0.125, 0.0625])
-    ap.add_argument("--block-sizes", type=int, nargs="+", default=[64])
-    ap.add_argument("--backends", nargs="+", default=["cpp", "torch"])
+    ap.add_argument("--block-sizes", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--backends", nargs="+", default=["cpp"], help="cpp and/or torch")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count())

@@ -51,8 +51,9 @@ def _check_flag_names(argv: list[str], extra: set[str]) -> None:
         name = arg[2:].split("=", 1)[0]
         if name in valid or name in ("help", "h"):
             continue
-        suggestion = closest(name, valid)
-        raise ConfigError(f"Unknown option --{name}{suggestion.replace(repr(''), '')}.")
+        match = closest(name, valid)
+        hint = f" (did you mean '--{match[len(' (did you mean ') + 1 : -3]}'?)" if match else ""
+        raise ConfigError(f"Unknown option --{name}{hint}.")
 
 
 def _check_yaml(path: str) -> None:
@@ -142,7 +143,13 @@ def cmd_train(argv: list[str]) -> int:
                 "changed (only --train.max_steps may be extended)."
             )
     max_steps = job.train.max_steps if resume and "train.max_steps" in given else None
-    run_training(job, resume=resume, max_steps=max_steps)
+    from kiln.distributed.parallel_dims import RankFailure
+
+    try:
+        run_training(job, resume=resume, max_steps=max_steps)
+    except RankFailure as exc:  # not a user error (exit 1), but no traceback either
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

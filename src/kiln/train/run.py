@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,20 @@ import yaml
 
 from kiln import __version__
 from kiln.config import JobConfig, job_config_from_dict
-from kiln.distributed.parallel_dims import ParallelDims, init_distributed, shutdown
+from kiln.distributed.parallel_dims import (
+    ParallelDims,
+    RankFailure,
+    failure_detail,
+    init_distributed,
+    looks_like_rank_failure,
+    shutdown,
+)
 from kiln.distributed.parallelize import parallelize
 from kiln.errors import CheckpointError, ConfigError
 from kiln.models.gpt import GPT, GPTConfig
 from kiln.models.presets import resolve_model
 from kiln.train import checkpoint as ckpt
+from kiln.train.callbacks import Callback, split_state
 from kiln.train.metrics import MetricsWriter, plot_loss, truncate_metrics
 from kiln.train.optim import LRSchedule, build_optimizer
 from kiln.train.plan import TrainingPlan, make_training_plan
@@ -113,12 +122,24 @@ def _lr_multiplier(shape: GPTConfig, parametrization: str):
 
 
 def run_training(job: JobConfig, resume: bool = False, max_steps: int | None = None) -> dict:
-    """Train ``job`` (or resume the run in ``job.run.dir``); return summary.json's content."""
+    """Train ``job`` (or resume the run in ``job.run.dir``); return summary.json's content.
+
+    Under torchrun a collective that fails (a rank died, or stayed silent past
+    ``parallel.timeout_s``) becomes a :class:`RankFailure` with one readable sentence.
+    """
     dims = init_distributed(job.parallel, job.run.device)
     try:
         return _run(job, resume, max_steps, dims)
+    except RuntimeError as exc:  # gloo raises RuntimeError, NCCL/c10d DistError (a subclass)
+        if dims.distributed and looks_like_rank_failure(exc):
+            raise RankFailure(
+                f"rank {dims.rank} of {dims.world_size} lost contact with the other ranks "
+                f"({failure_detail(exc)}); the job stops here — fix or replace the failed "
+                f"rank and continue with --resume from the newest checkpoint in {job.run.dir}."
+            ) from exc
+        raise
     finally:
-        shutdown()
+        shutdown(abort=sys.exc_info()[0] is not None)
 
 
 def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims) -> dict:
@@ -130,11 +151,14 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
     latest = None
     if resume:
         latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-        if latest is None:
+        if latest is None and not (run_dir / "config.yaml").is_file():
             raise CheckpointError(
-                f"--resume was given but {run_dir / 'checkpoints'} holds no complete checkpoint."
+                f"--resume was given but {run_dir} holds no run and "
+                f"{run_dir / 'checkpoints'} no complete checkpoint."
             )
         job = load_run_config(run_dir)
+        if latest is None:  # killed before its first checkpoint: start again, same config
+            log(f"{run_dir} has no complete checkpoint yet: restarting its run from step 0.")
         if max_steps is not None:
             job.train.max_steps = max_steps
     job.validate(dims.dp_size)
@@ -156,7 +180,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         log(f"note: {note}")
     log(plan.describe())
 
-    if dims.is_main and not resume:
+    if dims.is_main and latest is None:  # a new run, or a restart from step 0
         _write_atomic(run_dir / "config.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
         data.tokenizer.save(run_dir)
         _write_atomic(run_dir / "run.json", json.dumps(_provenance(dims, shape), indent=2))
@@ -177,6 +201,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
     )
     vals = val_batches(data.val, job.data.seq_len, job.train.batch_size, job.train.eval_batches)
 
+    callbacks = build_callbacks(job, model, optimizer, log)
     trainer = Trainer(
         train_model,
         optimizer,
@@ -195,6 +220,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         log_every=job.log.every,
         checkpoint_every=job.checkpoint.every,
         progress=job.log.progress and dims.is_main,
+        callbacks=callbacks,
     )
     shape_dict = dataclasses.asdict(shape)
 
@@ -207,23 +233,28 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
             "trainer": trainer.state.state_dict(),
             "loader": loader.state_dict(),
             "schedule": schedule.state_dict(),
+            "callbacks": {},
         }
+        extra = {"rng_cpu": torch.get_rng_state()}
+        for cb in callbacks:
+            extra[f"cb.{cb.name}"], meta["callbacks"][cb.name] = split_state(cb.state_dict())
         ckpt.save_checkpoint(
             run_dir / "checkpoints",
             trainer.state.step,
             model,
             optimizer,
             meta,
-            extra={"rng_cpu": torch.get_rng_state()},
+            extra=extra,
             keep=job.checkpoint.keep,
         )
 
     if latest is not None:
-        _restore(latest, shape_dict, model, optimizer, trainer, loader, log)
-        if dims.is_main:
+        _restore(latest, shape_dict, model, optimizer, trainer, loader, callbacks, log)
+    if dims.is_main:  # only after the checkpoint proved loadable: a bad one changes nothing
+        if resume:
             truncate_metrics(run_dir, trainer.state.step)
-    elif dims.is_main:
-        ckpt.clean_partial(run_dir / "checkpoints")
+        for name in ckpt.clean_partial(run_dir / "checkpoints"):
+            log(f"removed {name}, left by an interrupted checkpoint write")
 
     metrics = MetricsWriter(run_dir, enabled=dims.is_main, tensorboard=job.log.tensorboard)
     trainer.hooks = Hooks(log=log, write_metrics=metrics.write, save_checkpoint=save)
@@ -239,7 +270,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
     return summary
 
 
-def _restore(latest, shape_dict, model, optimizer, trainer, loader, log) -> None:
+def _restore(latest, shape_dict, model, optimizer, trainer, loader, callbacks, log) -> None:
     meta = ckpt.read_meta(latest)
     if meta.get("model_shape") != shape_dict:
         raise CheckpointError(
@@ -247,11 +278,20 @@ def _restore(latest, shape_dict, model, optimizer, trainer, loader, log) -> None
             "config it was trained with."
         )
     extra = {"rng_cpu": torch.get_rng_state()}
+    for cb in callbacks:  # current tensors are the templates DCP loads into
+        extra[f"cb.{cb.name}"] = split_state(cb.state_dict())[0]
     ckpt.load_checkpoint(latest, model, optimizer, extra=extra)
     torch.set_rng_state(extra["rng_cpu"])
+    for cb in callbacks:
+        cb.load_state_dict({**extra[f"cb.{cb.name}"], **meta["callbacks"][cb.name]})
     trainer.state.load_state_dict(meta["trainer"])
     loader.load_state_dict(meta["loader"])
     log(f"resumed from {latest} (step {trainer.state.step}, {trainer.state.tokens:,} tokens)")
+
+
+def build_callbacks(job: JobConfig, model, optimizer, log) -> list[Callback]:
+    """Optional components that join the training loop (see kiln.train.callbacks)."""
+    return []
 
 
 def _provenance(dims: ParallelDims, shape: GPTConfig) -> dict[str, Any]:

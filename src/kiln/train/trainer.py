@@ -3,7 +3,9 @@
 The trainer receives a (possibly parallelized) model, optimizer, LR schedule, data loader and
 validation batches; it owns only the loop, its counters (``TrainState``) and the guards:
 non-finite loss or gradient norm skips the step, too many in a row stop the run, and
-SIGTERM/SIGINT end it after a final checkpoint.
+SIGTERM/SIGINT end it after a final checkpoint. Under torch.distributed the stop request is
+all-reduced (MAX) every step, so a signal that reaches one rank stops all of them at the same
+step instead of leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -23,17 +25,22 @@ from torch import nn
 from kiln.config import TrainConfig
 from kiln.errors import KilnError
 from kiln.models.gpt import cross_entropy
+from kiln.train.callbacks import Callback
+from kiln.train.faults import crash_point
 
 
 @dataclass
 class TrainState:
-    """Counters that a checkpoint restores (plain ints: they live in kiln.json)."""
+    """Counters that a checkpoint restores (plain JSON values: they live in kiln.json)."""
 
     step: int = 0
     tokens: int = 0
     skipped_steps: int = 0
     consecutive_bad: int = 0
     last_checkpoint_step: int | None = None
+    recent_losses: list[float] = field(default_factory=list)
+    """The last ``log_every`` finite losses (final_train_loss is their mean)."""
+    last_val_loss: float | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,7 +57,6 @@ class Hooks:
     log: Callable[[str], None] = print
     write_metrics: Callable[[dict[str, Any]], None] = lambda record: None
     save_checkpoint: Callable[[], None] = lambda: None
-    on_step_end: list[Callable[[int], None]] = field(default_factory=list)
 
 
 class TrainingStopped(KilnError):
@@ -105,6 +111,7 @@ class Trainer:
         checkpoint_every: int = 0,
         progress: bool = False,
         hooks: Hooks | None = None,
+        callbacks: list[Callback] | None = None,
     ):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loader, self.val_batches, self.cfg = loader, val_batches, cfg
@@ -118,11 +125,13 @@ class Trainer:
         )
         self.progress = progress
         self.hooks = hooks or Hooks()
+        self.callbacks = list(callbacks or [])
         self.state = TrainState()
         self.stop_requested: str | None = None
+        """Set when all ranks have agreed to stop (the loop reads only this)."""
+        self._signalled: str | None = None
+        """Set asynchronously by the signal handler on this rank."""
         self.last_loss = math.nan
-        self.last_val_loss: float | None = None
-        self.recent_losses: list[float] = []
 
     # -- one step --------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
@@ -141,6 +150,8 @@ class Trainer:
                 loss.backward()
             total += loss.detach()
         loss_value = _all_reduce_mean(total).item()
+        for cb in self.callbacks:
+            cb.after_backward(self.state.step)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
@@ -149,6 +160,8 @@ class Trainer:
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.state.consecutive_bad = 0
+            for cb in self.callbacks:
+                cb.after_optimizer_step(self.state.step)
         else:
             self.state.skipped_steps += 1
             self.state.consecutive_bad += 1
@@ -175,7 +188,7 @@ class Trainer:
         previous = {}
 
         def request_stop(signum, _frame):
-            self.stop_requested = signal.Signals(signum).name
+            self._signalled = signal.Signals(signum).name
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread (tests)
@@ -211,12 +224,18 @@ class Trainer:
                 window_tokens += tokens_per_step
                 self.last_loss = loss
                 if math.isfinite(loss):
-                    self.recent_losses = (self.recent_losses + [loss])[-self.log_every :]
+                    recent = self.state.recent_losses + [loss]
+                    self.state.recent_losses = recent[-self.log_every :]
                 if self.state.consecutive_bad >= self.cfg.max_bad_steps:
+                    last = self.state.last_checkpoint_step
                     raise TrainingStopped(
                         f"Stopped at step {self.state.step}: {self.state.consecutive_bad} "
-                        f"consecutive steps had a non-finite loss or gradient norm; the last good "
-                        f"checkpoint is step {self.state.last_checkpoint_step}."
+                        "consecutive steps had a non-finite loss or gradient norm; "
+                        + (
+                            f"the last good checkpoint is step {last}."
+                            if last is not None
+                            else "no checkpoint had been saved yet."
+                        )
                     )
                 done = self.state.step == self.total_steps
                 evaluate = done or (
@@ -235,15 +254,17 @@ class Trainer:
                         "mfu": tps * self.flops_per_token / (self.peak_flops * self.world_size),
                         "skipped_steps": self.state.skipped_steps,
                     }
+                    for cb in self.callbacks:
+                        record.update(cb.metrics(self.state.step))
                     if evaluate:
-                        self.last_val_loss = self.evaluate()
-                        record["val_loss"] = self.last_val_loss
+                        self.state.last_val_loss = self.evaluate()
+                        record["val_loss"] = self.state.last_val_loss
                     self.hooks.write_metrics(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                     window_start, window_tokens = time.perf_counter(), 0
-                for hook in self.hooks.on_step_end:
-                    hook(self.state.step)
+                crash_point(f"step:{self.state.step}")  # test-only; no-op unless the env var is set
+                self._agree_to_stop()
                 if self.checkpoint_every and self.state.step % self.checkpoint_every == 0:
                     self._checkpoint()
                 if bar is not None:
@@ -262,6 +283,20 @@ class Trainer:
                 signal.signal(sig, handler)
         return self.state
 
+    def _agree_to_stop(self) -> None:
+        """All ranks stop at the same step if any of them received SIGTERM/SIGINT (the handler
+        may fire at any moment, so one snapshot of it is what this rank votes with)."""
+        signalled = self._signalled
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            self.stop_requested = signalled
+            return
+        flag = torch.tensor([0 if signalled is None else 1], dtype=torch.int32)
+        if dist.get_backend() == "nccl":
+            flag = flag.to(self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.stop_requested = signalled or "a stop request on another rank"
+
     def _checkpoint(self) -> None:
         self.state.last_checkpoint_step = self.state.step
         self.hooks.save_checkpoint()
@@ -269,6 +304,10 @@ class Trainer:
     @property
     def final_train_loss(self) -> float:
         """Mean of the last ``log_every`` finite step losses (less noisy than one step)."""
-        if not self.recent_losses:
+        if not self.state.recent_losses:
             return math.nan
-        return sum(self.recent_losses) / len(self.recent_losses)
+        return sum(self.state.recent_losses) / len(self.state.recent_losses)
+
+    @property
+    def last_val_loss(self) -> float | None:
+        return self.state.last_val_loss

@@ -51,4 +51,4 @@ def test_bad_yaml_and_existing_run_are_refused(tmp_path, corpus, kiln_env):
     empty = tmp_path / "empty"
     empty.mkdir()
     result = kiln(["train", "--run.dir", str(empty), "--resume"], kiln_env)
-    assert result.returncode == 2 and "holds no complete checkpoint" in result.stderr
+    assert result.returncode == 2 and "no complete checkpoint" in result.stderr

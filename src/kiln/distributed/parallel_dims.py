@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -60,6 +61,41 @@ def init_distributed(cfg: ParallelConfig, device_preference: str = "auto") -> Pa
     return ParallelDims(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+class RankFailure(Exception):
+    """Another rank died or went silent; the message is one sentence (not a user error)."""
+
+
+FAILURE_SIGNS = ("connection closed", "connection reset", "timed out", "timeout", "broken pipe",
+                 "nccl", "gloo", "socket", "peer")  # fmt: skip
+
+
+def failure_detail(exc: BaseException) -> str:
+    """The readable part of a collective's error: source-location prefixes dropped."""
+    import re
+
+    text = " ".join(str(exc).split())
+    return re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)[:160]
+
+
+def looks_like_rank_failure(exc: BaseException) -> bool:
+    """True for the errors a collective raises when a peer is gone (gloo: RuntimeError naming
+    the closed connection or the timeout; NCCL/c10d: DistError)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return any(sign in text for sign in FAILURE_SIGNS)
+
+
+def shutdown(abort: bool = False) -> None:
+    """Leave the process group. After a failure a collective shutdown could wait on the dead
+    rank, so the group is only destroyed locally (gloo) or aborted (NCCL)."""
+    if not dist.is_initialized():
+        return
+    if abort:
+        with contextlib.suppress(Exception):
+            if dist.get_backend() == "nccl":
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
+        return
+    dist.destroy_process_group()

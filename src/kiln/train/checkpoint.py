@@ -5,16 +5,28 @@ saved by every rank, resharded on load for any world size) and ``kiln.json`` —
 config hash, model shape, data-loader position, kiln/torch versions — written last. Each
 checkpoint is first written to ``.tmp-step-NNNNNNN`` and renamed into place only when complete,
 so a crash at any moment, mid-write included, leaves the newest *complete* checkpoint loadable.
-Plain counters live in the JSON file, tensors in DCP; nothing is unpickled on load beyond DCP's
-own metadata.
+DCP fsyncs every file it writes; kiln.json and both directories are fsynced before and after the
+rename. Old checkpoints are renamed to ``.trash-step-*`` (atomic) before they are deleted, so a
+crash while pruning never leaves a half-deleted directory that looks complete; leftovers of
+either kind are removed at the next start.
+
+Loading never unpickles arbitrary objects. On torch 2.13 DCP's ``FileSystemReader`` reads
+``.metadata`` with plain ``pickle.load`` and its ``DefaultLoadPlanner`` reads every non-tensor
+value (optimizer hyper-parameters) with ``torch.load(weights_only=False)``; tensors themselves
+use ``weights_only=True``. :class:`SafeReader` unpickles ``.metadata`` with an allow-list (DCP's
+metadata classes, ``torch.Size``, dtypes, paths) and :class:`SafePlanner` loads non-tensor values
+with ``weights_only=True``, so a tampered checkpoint fails with a CheckpointError instead of
+running code. Plain counters live in kiln.json, tensors in DCP.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -25,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -33,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from kiln import __version__
 from kiln.errors import CheckpointError
+from kiln.train.faults import crash_point
 
 META = "kiln.json"
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -97,6 +111,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _AllowListUnpickler(pickle.Unpickler):
+    """Unpickles DCP's metadata and nothing else: any other global is refused."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    GLOBALS = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+        *(("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath")),
+    }
+
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not (module in self.MODULES or (module, name) in self.GLOBALS or dtype):
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose ``.metadata`` is unpickled through an allow-list (the body
+    mirrors torch 2.13's ``read_metadata`` with ``pickle.load`` swapped for the allow-list)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _AllowListUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that decodes non-tensor values with ``weights_only=True``."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        obj = torch.load(value, weights_only=True)
+        fqn = read_item.dest_index.fqn
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
 def tensor_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -129,7 +191,8 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
     with _quiet_single_process():
-        dcp.save(tensor_state(model, optimizer, extra), checkpoint_id=str(tmp))
+        writer = FileSystemWriter(str(tmp), sync_files=True)
+        dcp.save(tensor_state(model, optimizer, extra), storage_writer=writer)
     _barrier()
     if _rank() == 0:
         meta = dict(meta, step=step, kiln_version=__version__, torch_version=torch.__version__)
@@ -140,12 +203,13 @@ def save_checkpoint(
             os.fsync(f.fileno())
         os.replace(meta_tmp, tmp / META)
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
-            shutil.rmtree(final)
+        crash_point(f"save:{step}")  # test-only: SIGKILL here leaves a complete .tmp dir
+        if final.exists():  # re-saving the same step: move the old copy aside first
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     _barrier()
     return final
 
@@ -168,7 +232,7 @@ def load_checkpoint(
         state["extra"] = extra
     try:
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
     except Exception as exc:  # DCP raises a CheckpointException listing per-rank failures
         raise CheckpointError(
             f"Checkpoint {path} does not fit this model/optimizer ({_first_line(exc)})."
@@ -180,6 +244,22 @@ def load_checkpoint(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
     return meta
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, keyed by DCP's flattened name ("model.blocks.0...",
+    "optim.state...", "extra.rng_cpu"), on CPU in one process (for tests and inspection)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = SafeReader(str(path)).read_metadata()
+    state = {
+        name: torch.empty(md.size, dtype=md.properties.dtype)
+        for name, md in metadata.state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata)
+    }
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=True)
+    return state
 
 
 @contextlib.contextmanager
@@ -195,10 +275,23 @@ def _first_line(exc: Exception) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def clean_partial(root: Path) -> None:
-    """Remove leftovers of a checkpoint write that crashed (rank 0, at start-up)."""
+def _discard(path: Path) -> None:
+    """Rename to ``.trash-*`` (atomic: it stops counting as a checkpoint), then delete."""
+    trash = path.with_name(f".trash-{path.name}")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_partial(root: Path) -> list[str]:
+    """Remove leftovers of a checkpoint write or prune that crashed (rank 0, at start-up);
+    return their names."""
     root = Path(root)
+    removed = []
     if _rank() == 0 and root.is_dir():
-        for child in root.iterdir():
-            if child.name.startswith(".tmp-step-"):
+        for child in sorted(root.iterdir()):
+            if child.name.startswith((".tmp-step-", ".trash-step-")):
                 shutil.rmtree(child, ignore_errors=True)
+                removed.append(child.name)
+    return removed

@@ -90,10 +90,13 @@ def variants(args, x):
         out.append(
             ("dense bf16 torch.compile", 1.0, make_step(torch.compile(DenseMLP(torch.bfloat16)), x))
         )
-    backends = ["cpp", "torch"] if cpp_extension() is not None else ["torch"]
-    backends = [b for b in backends if b in args.backends]
+    have_cpp = cpp_extension() is not None
+    backends = [b for b in args.backends if b == "torch" or have_cpp] or ["torch"]
     for density in args.densities:
         for block in args.block_sizes:
+            if (D_FFN // block * density) % 1:  # balanced k must be whole: skip, say so
+                print(f"skip block{block} at density {density}: not a whole blocks/line")
+                continue
             for backend in backends:
                 name = f"sparse {1 - density:.2%} block{block} {backend}"
                 out.append((name, density, make_step(SparseMLP(density, block, backend), x)))

@@ -23,6 +23,7 @@ commands:
   train      train a model (--config FILE.yaml, --SECTION.FIELD VALUE, --resume)
   generate   sample text from a run directory or checkpoint
   plan       print a compute-optimal training plan
+  estimate-memory  per-rank memory of a training config (same flags as train, --world-size N)
 
 Run 'kiln <command> --help' for the options of one command."""
 
@@ -153,6 +154,29 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def cmd_estimate_memory(argv: list[str]) -> int:
+    """``kiln estimate-memory [train flags] [--world-size N]``: print the per-rank table."""
+    argv = list(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for i, arg in enumerate(argv):
+        if arg == "--world-size" or arg.startswith("--world-size="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1 : i + 2] or [""])[0]
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--world-size must be a positive integer, got {value!r}.")
+            world = int(value)
+            del argv[i : i + (1 if "=" in arg else 2)]
+            break
+    job, resume, _ = parse_job(argv)
+    if resume:
+        raise ConfigError("estimate-memory takes a config, not --resume.")
+    from kiln.train.memory import estimate_for_job, format_table
+
+    text, estimates = estimate_for_job(job, world)
+    print(text)
+    print(format_table(estimates))
+    return 0
+
+
 def cmd_generate(argv: list[str]) -> int:
     parser = _parser("kiln generate")
     parser.add_argument("path", help="run directory or checkpoint directory")
@@ -198,6 +222,7 @@ def _parse(parser, argv: list[str]):
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "generate": cmd_generate,
+    "estimate-memory": cmd_estimate_memory,
 }
 
 

@@ -1,0 +1,172 @@
+"""Per-rank training memory from the shape alone: parameters, gradients, optimizer state,
+activations — for DDP or FSDP2, with or without activation checkpointing.
+
+A pure function of (model shape, micro-batch, sequence length, precision, world size, data
+parallel mode, activation checkpointing); nothing is allocated. Bytes, with N the parameter
+count, W the data-parallel size, b·T the tokens of one micro-batch:
+
+  parameters   fp32 master weights: 4N (DDP) or 4N/W + 4·N_block,max (FSDP2 gathers one block)
+  gradients    fp32 .grad tensors: 4N (one process, DDP) or 4N/W + 4·N_block,max (FSDP2: the
+               unsharded block being reduce-scattered); created during backward, since the
+               trainer frees them after every step (zero_grad(set_to_none=True))
+  grad buckets DDP's reducer keeps a second, persistent fp32 copy of the gradients: 4N
+  optimizer    AdamW moments exp_avg and exp_avg_sq: 8N (DDP) or 8N/W (FSDP2)
+  opt. temps   the foreach AdamW step builds one temporary copy of the local parameters
+               (sqrt of exp_avg_sq): 4N (DDP) or 4N/W (FSDP2)
+  activations  what autograd saves for backward, per layer per token (elements):
+                 2 norm inputs + 2 norm outputs (4d), q, k, v (q + 2kv), attention output and
+                 its reshaped copy (2q), MLP up-projection output(s) and activation
+                 (2f, or 3f for SwiGLU)
+               × bytes per element (4 fp32; 2 bf16, plus a 4-byte fp32 copy of the norm inputs
+               autocast keeps) × L layers × b·T; with activation checkpointing only each block's
+               input (d per token per layer) is kept, plus one block's full activations while it
+               is recomputed. The head adds the final norm (2d), the fp32 logits, their
+               log-softmax and their gradient (3V per token, fp32).
+
+The peak is the larger of the backward peak — parameters + grad buckets + optimizer state +
+activations: at the start of backward every activation is alive and no .grad exists yet; as
+backward runs, activations are freed about as fast as gradients appear — and the optimizer-step
+peak, parameters + grad buckets + gradients + optimizer state + temporaries.
+Process overhead (the CUDA context or the CPython/torch runtime) is not included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.models.gpt import GPTConfig
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per rank for one training configuration."""
+
+    params: int
+    grads: int
+    grad_buckets: int
+    optimizer: int
+    optimizer_temps: int
+    activations: int
+    world_size: int
+    data: str
+    activation_checkpointing: bool
+
+    @property
+    def peak(self) -> int:
+        """max(backward peak, optimizer-step peak) — see the module docstring."""
+        resident = self.params + self.grad_buckets + self.optimizer
+        return resident + max(self.activations, self.grads + self.optimizer_temps)
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [
+            ("parameters (fp32)", self.params),
+            ("gradients (fp32)", self.grads),
+            ("DDP gradient buckets", self.grad_buckets),
+            ("optimizer state (AdamW)", self.optimizer),
+            ("optimizer step temporaries", self.optimizer_temps),
+            ("activations", self.activations),
+            ("peak", self.peak),
+        ]
+
+
+def _block_params(shape: GPTConfig) -> int:
+    return (shape.num_params(include_embeddings=False) - _head_params(shape)) // shape.n_layers
+
+
+def _head_params(shape: GPTConfig) -> int:
+    norm = shape.d_model * (2 if shape.norm == "layernorm" and shape.bias else 1)
+    return norm + (0 if shape.tie_embeddings else shape.vocab_size * shape.d_model)
+
+
+def activation_bytes(
+    shape: GPTConfig, micro_batch: int, seq_len: int, precision: str, checkpointing: bool
+) -> int:
+    """Bytes autograd keeps for backward on one rank (see the module docstring)."""
+    d, f, L, V = shape.d_model, shape.d_ffn, shape.n_layers, shape.vocab_size
+    q, kv = shape.n_heads * shape.d_head, shape.n_kv_heads * shape.d_head
+    up = 3 * f if shape.activation == "swiglu" else 2 * f
+    per_token_layer = 4 * d + q + 2 * kv + 2 * q + up  # elements
+    size = 2 if precision == "bf16" else 4
+    layer_bytes = per_token_layer * size + (2 * d * 4 if precision == "bf16" else 0)
+    tokens = micro_batch * seq_len
+    embed = d * 4
+    head = 2 * d * 4 + 3 * V * 4
+    if checkpointing:
+        body = L * d * 4 + layer_bytes
+    else:
+        body = L * layer_bytes
+    return tokens * (embed + body + head)
+
+
+def estimate_memory(
+    shape: GPTConfig,
+    micro_batch: int,
+    seq_len: int,
+    precision: str = "fp32",
+    world_size: int = 1,
+    data: str = "fsdp",
+    activation_checkpointing: bool = False,
+) -> MemoryEstimate:
+    """Per-rank memory of training ``shape`` with AdamW (see the module docstring)."""
+    n = shape.num_params(include_embeddings=True)
+    sharded = data == "fsdp" and world_size > 1
+    local = -(-n // world_size) if sharded else n
+    gathered = 4 * _block_params(shape) if sharded else 0
+    return MemoryEstimate(
+        params=4 * local + gathered,
+        grads=4 * local + gathered,
+        grad_buckets=4 * n if data == "ddp" and world_size > 1 else 0,
+        optimizer=8 * local,
+        optimizer_temps=4 * local,
+        activations=activation_bytes(
+            shape, micro_batch, seq_len, precision, activation_checkpointing
+        ),
+        world_size=world_size,
+        data=data if world_size > 1 else "1 process",
+        activation_checkpointing=activation_checkpointing,
+    )
+
+
+def format_table(estimates: list[MemoryEstimate]) -> str:
+    """One column per estimate, one row per component, in MiB."""
+    heads = [
+        f"{e.data}×{e.world_size}{' +AC' if e.activation_checkpointing else ''}" for e in estimates
+    ]
+    width = max(12, *(len(h) + 2 for h in heads))
+    lines = ["per-rank memory (MiB)".ljust(28) + "".join(h.rjust(width) for h in heads)]
+    for i, (label, _) in enumerate(estimates[0].rows()):
+        cells = "".join(f"{e.rows()[i][1] / 2**20:,.1f}".rjust(width) for e in estimates)
+        lines.append(f"  {label}".ljust(28) + cells)
+    return "\n".join(lines)
+
+
+def estimate_for_job(job, world_size: int) -> tuple[str, list[MemoryEstimate]]:
+    """(description, estimates) for a JobConfig at ``world_size``: one process, or DDP and
+    FSDP2, each without and with activation checkpointing. The vocabulary is data.vocab_size
+    for a BPE tokenizer trained by Kiln (nothing is tokenised here), else the preset's."""
+    from kiln.models.presets import resolve_model
+
+    vocab = job.data.vocab_size if job.data.tokenizer == "bpe" else None
+    shape, _ = resolve_model(job.model, vocab)
+    if job.data.seq_len > shape.max_seq_len:
+        from kiln.errors import ConfigError
+
+        raise ConfigError(
+            f"data.seq_len {job.data.seq_len} exceeds the model's context "
+            f"(max_seq_len {shape.max_seq_len}); lower data.seq_len or raise model.max_seq_len."
+        )
+    job.validate(world_size)
+    micro = job.train.micro_batch_size or job.train.batch_size // world_size
+    modes = ["ddp", "fsdp"] if world_size > 1 else ["none"]
+    estimates = [
+        estimate_memory(shape, micro, job.data.seq_len, job.train.precision, world_size, m, ac)
+        for m in modes
+        for ac in (False, True)
+    ]
+    n = shape.num_params(include_embeddings=True)
+    text = (
+        f"model: {n:,} parameters ({shape.n_layers} layers, d_model {shape.d_model}, vocab "
+        f"{shape.vocab_size}); micro-batch {micro} × {job.data.seq_len} tokens, "
+        f"{job.train.precision}, {world_size} rank(s)"
+    )
+    return text, estimates

@@ -1,0 +1,74 @@
+"""`kiln estimate-memory` agrees with the peak memory of real training steps on this CPU.
+
+A fresh subprocess warms up torch's kernels on a small model (their one-off buffers go into the
+baseline), records ru_maxrss, then runs two AdamW steps of a ~35M-parameter model the way the
+trainer does (forward, backward, clip, step, zero_grad(set_to_none)). The increase of the peak
+resident set must be within 25% of the estimate's peak.
+"""
+
+import json
+import subprocess
+import sys
+
+from kiln.models.gpt import GPTConfig
+from kiln.train.memory import estimate_memory
+from tests.e2e.helpers import kiln
+
+SHAPE = dict(
+    n_layers=4, d_model=768, n_heads=12, n_kv_heads=12, d_head=64, d_ffn=3072,
+    vocab_size=8192, max_seq_len=128, position="learned", norm="layernorm",
+    activation="gelu", bias=True, tie_embeddings=True,
+)  # fmt: skip
+BATCH, SEQ = 4, 128
+
+MEASURE = """
+import json, resource, sys
+import torch
+from kiln.config import TrainConfig
+from kiln.models.gpt import GPTConfig, cross_entropy
+from kiln.train.optim import build_optimizer
+from kiln.train.run import build_model
+
+torch.set_num_threads(2)
+shape = GPTConfig(**json.loads(sys.argv[1]))
+b, T = int(sys.argv[2]), int(sys.argv[3])
+x, y = torch.randint(0, shape.vocab_size, (2, b, T))
+warm = build_model(shape.replace(n_layers=1, d_model=64, n_heads=1, n_kv_heads=1, d_ffn=64),
+                   torch.device("cpu"), 0)
+cross_entropy(warm(x), y).backward()
+del warm
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = rss()
+model = build_model(shape, torch.device("cpu"), 0)
+opt = build_optimizer(model, TrainConfig())
+for _ in range(2):
+    cross_entropy(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+print(json.dumps({"peak_delta": rss() - base}))
+"""
+
+
+def test_estimate_within_25_percent_of_measured_peak(kiln_env):
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(SHAPE), str(BATCH), str(SEQ)],
+        capture_output=True, text=True, env=kiln_env, timeout=300, check=True,
+    )  # fmt: skip
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["peak_delta"]
+    estimate = estimate_memory(GPTConfig(**SHAPE), BATCH, SEQ, precision="fp32").peak
+    assert 0.75 <= measured / estimate <= 1.25, (measured / 2**20, estimate / 2**20)
+
+
+def test_estimate_memory_prints_a_table(kiln_env):
+    result = kiln(
+        ["estimate-memory", "--model.preset", "cerebras-gpt-111m", "--data.tokenizer", "gpt2",
+         "--data.seq_len", "2048", "--train.batch_size", "32", "--world-size", "8"],
+        kiln_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "111,050,496 parameters" in result.stdout
+    for label in ("ddp×8", "fsdp×8 +AC", "optimizer state (AdamW)", "activations", "peak"):
+        assert label in result.stdout, label
+    bad = kiln(["estimate-memory", "--world-size", "3"], kiln_env)
+    assert bad.returncode == 2 and "divisible by data-parallel size 3" in bad.stderr

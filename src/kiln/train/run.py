@@ -291,7 +291,17 @@ def _restore(latest, shape_dict, model, optimizer, trainer, loader, callbacks, l
 
 def build_callbacks(job: JobConfig, model, optimizer, log) -> list[Callback]:
     """Optional components that join the training loop (see kiln.train.callbacks)."""
-    return []
+    callbacks: list[Callback] = []
+    if job.sparsity.enabled:
+        from kiln.sparsity.callback import Runtime, build_sparsity
+
+        dp = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        micro = job.train.micro_batch_size or max(1, job.train.batch_size // dp)
+        device = next(model.parameters()).device
+        tokens = micro * job.data.seq_len
+        runtime = Runtime(job.train.seed, job.train.max_steps, tokens, job.train.precision, device)
+        callbacks.append(build_sparsity(job.sparsity, model, optimizer, runtime, log))
+    return callbacks
 
 
 def _provenance(dims: ParallelDims, shape: GPTConfig) -> dict[str, Any]:

@@ -1,0 +1,132 @@
+"""Sparsity applied from outside the model: selected ``nn.Linear`` layers get a sparse forward.
+
+Each selected linear layer is replaced in its parent by a :class:`SparseLinear` that holds the
+*same* ``weight`` / ``bias`` Parameter objects, so parameter names (``blocks.0.mlp.w1.weight``),
+the optimizer's references and its state, checkpoints and exports are unchanged — only the
+forward differs. The mask is a plain attribute (not a buffer): it lives in the sparsity
+callback's checkpoint state, never in the model's state_dict, so a sparse model's weights load
+into any dense GPT (zeros stay zeros).
+
+Kernels (one per layer, chosen when its mask is built or changes density):
+
+* ``dense``: ``F.linear`` — when the mask keeps everything (before pruning starts, after SPDF's
+  dense switch) and, for one step, at RigL updates (the dense weight gradient ``dyᵀ·x`` is what
+  RigL grows by; the forward is identical because masked weights are exactly zero).
+* ``masked``: :func:`kiln.sparsity.kernels.masked_linear` (dense × mask), any pattern.
+* ``block-cpp`` / ``block-torch``: :func:`kiln.sparsity.kernels.block_sparse_linear`, cost ∝
+  kept blocks.
+* ``semi-2:4``: torch's 2:4 semi-structured matmul (CUDA, via choose_kernel).
+
+``kernel: auto`` asks :func:`kiln.sparsity.kernels.choose_kernel` (timed once per shape and
+density) and only when training in bf16: the block kernel computes in bf16, so an fp32 run gets
+``masked`` unless ``kernel: block`` is asked for explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.sparsity.kernels import (
+    BlockLayout,
+    block_sparse_linear,
+    choose_kernel,
+    cpp_extension,
+    kernel_choice_reason,
+    masked_linear,
+)
+
+KERNELS = ("dense", "masked", "block-cpp", "block-torch", "semi-2:4")
+
+
+class SparseLinear(nn.Module):
+    """A linear layer's forward through a sparse kernel, sharing the layer's Parameters."""
+
+    def __init__(self, linear: nn.Linear, block_size: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight  # the same Parameter objects: names and optimizer unchanged
+        self.bias = linear.bias
+        self.block_size = block_size
+        self.mask = torch.ones_like(linear.weight, dtype=torch.bool)
+        self.kernel = "dense"
+        self.dense_now = False
+        """Run dense for this step (RigL's dense-gradient steps)."""
+        self._layout: BlockLayout | None = None
+        self._fn: Callable | None = None
+
+    def set_mask(self, mask: torch.Tensor, kernel: str, fn: Callable | None = None) -> None:
+        """Use ``mask`` (bool ``[out, in]``) with ``kernel`` (one of KERNELS) from now on."""
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown sparse kernel {kernel!r}")
+        self.mask = mask.to(self.weight.device, torch.bool)
+        self.kernel, self._fn = kernel, fn
+        is_block = kernel.startswith("block")
+        self._layout = BlockLayout.from_mask(self.mask, self.block_size) if is_block else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_now or self.kernel == "dense":
+            return F.linear(x, self.weight, self.bias)
+        if self._layout is not None:
+            backend = self.kernel.split("-", 1)[1]
+            return block_sparse_linear(x, self.weight, self.bias, self._layout, backend)
+        if self._fn is not None:
+            return self._fn(x, self.weight, self.bias, self.mask)
+        return masked_linear(x, self.weight, self.bias, self.mask)
+
+    def extra_repr(self) -> str:
+        density = float(self.mask.float().mean())
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"kernel={self.kernel}, density={density:.4f}"
+        )
+
+
+def swap_in(model: nn.Module, path: str, block_size: int) -> SparseLinear:
+    """Replace the nn.Linear at module ``path`` by a SparseLinear sharing its Parameters."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    linear = getattr(parent, child)
+    if isinstance(linear, SparseLinear):
+        return linear
+    sparse = SparseLinear(linear, block_size)
+    setattr(parent, child, sparse)
+    return sparse
+
+
+def pick_kernel(
+    requested: str,
+    pattern: str,
+    block_size: int,
+    shape: tuple[int, int],
+    density: float,
+    tokens: int,
+    precision: str,
+    device: torch.device,
+) -> tuple[str, Callable | None, str]:
+    """(kernel, fn for semi-2:4 else None, reason) for one layer at ``density``."""
+    if density >= 1.0:
+        return "dense", None, "mask keeps every weight"
+    block_backend = "block-cpp" if cpp_extension() is not None else "block-torch"
+    if requested == "masked":
+        return "masked", None, "sparsity.kernel is 'masked'"
+    if requested == "block":
+        return block_backend, None, "sparsity.kernel is 'block'"
+    if precision != "bf16":
+        return "masked", None, "fp32 training (the block kernel computes in bf16)"
+    is_block = pattern == "block" and block_size % 32 == 0
+    if not (is_block or pattern == "2:4"):
+        return "masked", None, f"no sparse kernel for pattern {pattern!r}"
+    name_pattern = f"block{block_size}" if is_block else pattern
+    out_f, in_f = shape
+    args = (out_f, in_f, tokens, name_pattern, density, torch.bfloat16, device)
+    name, fn = choose_kernel(*args)
+    reason = kernel_choice_reason(*args) or name
+    if name.startswith("block"):
+        return "block-" + name.split("-", 1)[1], None, reason
+    if name.startswith("semi"):
+        return "semi-2:4", fn, reason
+    return "masked", None, reason

@@ -1,0 +1,357 @@
+"""The sparsity callback: masks in force across optimizer steps, schedules, metrics, state.
+
+Per step (see kiln.train.callbacks for the hook order):
+
+* ``after_backward(s)``: at a RigL update step the forward/backward ran dense (SparseLinear
+  ``dense_now``), so the full weight gradient is scored per unit for regrowth first; then every
+  sparse layer's gradient is multiplied by its mask (so clipping and AdamW see masked grads).
+* ``after_optimizer_step(s)``, with t = s + 1 completed steps: build the masks at
+  ``mask_step``; GMP prune; SET/RigL drop-and-grow; SPDF turn dense; then re-apply every mask
+  to the weight *and* AdamW's ``exp_avg`` / ``exp_avg_sq``, so masked weights and their moments
+  stay exactly zero and regrown weights start at zero with zero moments.
+
+State (checkpointed): each mask as a bool ``[out, in]`` tensor, the RNG of random masks and SET
+regrowth, and the kernel each layer uses (re-used on resume, so a resumed run computes exactly
+what the uninterrupted one did even with ``kernel: auto``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln.config import SparsityConfig
+from kiln.errors import ConfigError
+from kiln.sparsity import algorithms as alg
+from kiln.sparsity.apply import SparseLinear, pick_kernel, swap_in
+from kiln.sparsity.masks import (
+    UnitSpec,
+    distribute,
+    initial_mask,
+    linear_weights,
+    quantize,
+    select_params,
+    unit_spec,
+)
+from kiln.train.callbacks import Callback
+
+
+@dataclass
+class Layer:
+    """One sparse matrix: its Parameter, swapped-in module, unit layout and masks."""
+
+    name: str
+    param: nn.Parameter
+    module: SparseLinear
+    spec: UnitSpec
+    density: float
+    """Final target density (1 − level)."""
+    kept: torch.Tensor
+    """bool [groups, units] (CPU): the mask in unit form."""
+
+
+@dataclass
+class Runtime:
+    """What the callback needs from the job besides its own section."""
+
+    seed: int = 0
+    max_steps: int | None = None
+    tokens: int = 2048
+    """Tokens per forward (micro-batch × sequence length), for kernel timing."""
+    precision: str = "bf16"
+    device: torch.device = torch.device("cpu")
+
+
+class SparsityCallback(Callback):
+    name = "sparsity"
+
+    def __init__(
+        self,
+        cfg: SparsityConfig,
+        layers: list[Layer],
+        optimizer: torch.optim.Optimizer,
+        runtime: Runtime,
+        flops_dense_params: int,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.cfg, self.layers, self.optimizer, self.rt, self.log = (
+            cfg,
+            layers,
+            optimizer,
+            runtime,
+            log,
+        )
+        self.flops_dense_params = flops_dense_params
+        self.gen = torch.Generator().manual_seed(runtime.seed + 7919)
+        three_quarters = max(1, int(0.75 * (runtime.max_steps or 0)))
+        self.end_step = cfg.end_step if cfg.end_step is not None else three_quarters
+        self.stop_step = cfg.stop_step if cfg.stop_step is not None else three_quarters
+        self.dense_step = cfg.dense_step if cfg.dense_step is not None else three_quarters
+        self.masked = False
+        """Masks have been built (False before mask_step, and GMP before start_step)."""
+        self.dense = False
+        """SPDF has switched to dense fine-tuning."""
+        self.grow_scores: dict[str, torch.Tensor] = {}
+        self.changed = True
+        self._reasons: dict[tuple, str] = {}
+
+    # -- building and applying masks -------------------------------------------------------
+    def build_masks(self) -> None:
+        """Initial masks (random or magnitude) at the final density of each layer."""
+        for layer in self.layers:
+            mask = initial_mask(
+                self.cfg, layer.name, layer.spec, layer.density, layer.param, self.gen
+            )
+            self._set(layer, layer.spec.to_units(mask))
+        self.masked = True
+
+    def _set(self, layer: Layer, kept: torch.Tensor, kernel: str | None = None) -> None:
+        """Adopt ``kept`` for ``layer``: expand, choose (or reuse) a kernel, mask the weight."""
+        density_before = float(layer.kept.float().mean())
+        layer.kept = kept
+        mask = layer.spec.expand(kept)
+        density = float(kept.float().mean())
+        fn = None
+        if kernel is None and density == density_before and layer.module.kernel != "dense":
+            kernel, fn = layer.module.kernel, layer.module._fn
+        if kernel is None:
+            kernel, fn, reason = pick_kernel(
+                self.cfg.kernel,
+                self.cfg.pattern,
+                layer.spec.block,
+                tuple(layer.param.shape),
+                density,
+                self.rt.tokens,
+                self.rt.precision,
+                self.rt.device,
+            )
+            key = (tuple(layer.param.shape), round(density, 6), kernel)
+            if key not in self._reasons:
+                self._reasons[key] = reason
+                self.log(
+                    f"sparsity: {list(layer.param.shape)} at density {density:.4f} → "
+                    f"kernel {kernel} ({reason})"
+                )
+        layer.module.set_mask(mask, kernel, fn)
+        self.changed = True
+
+    @torch.no_grad()
+    def _enforce(self, grown: dict[str, torch.Tensor] | None = None) -> None:
+        """Zero masked (and newly grown) weights and their AdamW moments."""
+        if not self.masked:
+            return
+        for layer in self.layers:
+            keep = layer.module.mask
+            if grown and layer.name in grown:
+                keep = keep & ~layer.spec.expand(grown[layer.name]).to(keep.device)
+            layer.param.mul_(keep)
+            state = self.optimizer.state.get(layer.param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].mul_(keep)
+
+    # -- hooks -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def after_backward(self, step: int) -> None:
+        if self._rigl_due(step + 1):
+            for layer in self.layers:
+                if layer.param.grad is not None:
+                    self.grow_scores[layer.name] = layer.spec.scores(layer.param.grad).cpu()
+        if self.masked and not self.dense:
+            for layer in self.layers:
+                if layer.param.grad is not None:
+                    layer.param.grad.mul_(layer.module.mask)
+        self._set_dense_now(step + 1)
+
+    def after_optimizer_step(self, step: int) -> None:
+        t = step + 1
+        algo = self.cfg.algorithm
+        grown: dict[str, torch.Tensor] = {}
+        if not self.masked and algo != "gmp" and t >= self.cfg.mask_step:
+            self.build_masks()
+        if algo == "gmp" and alg.gmp_update_due(
+            t, self.cfg.start_step, self.end_step, self.cfg.update_every
+        ):
+            self._gmp(t)
+        if (
+            algo in ("set", "rigl")
+            and self.masked
+            and alg.dst_update_due(t, self.cfg.update_every, self.stop_step)
+        ):
+            grown = self._drop_and_grow(t)
+        if algo == "spdf" and self.masked and not self.dense and t >= self.dense_step:
+            self._go_dense(t)
+        if not self.dense:
+            self._enforce(grown)
+
+    def _gmp(self, t: int) -> None:
+        frac = alg.gmp_level(t, 1.0, self.cfg.start_step, self.end_step, self.cfg.update_every)
+        for layer in self.layers:
+            level = (1.0 - layer.density) * frac
+            units = layer.spec.units_per_group
+            keep = max(round(layer.density * units), round((1.0 - level) * units))
+            scores = layer.spec.scores(layer.param)
+            self._set(layer, alg.prune_to(layer.kept, scores, keep))
+        self.masked = True
+
+    def _drop_and_grow(self, t: int) -> dict[str, torch.Tensor]:
+        fraction = alg.update_fraction(t, self.cfg.update_fraction, self.stop_step)
+        grown_all = {}
+        for layer in self.layers:
+            drop = layer.spec.scores(layer.param)
+            if self.cfg.algorithm == "rigl":
+                grow = self.grow_scores.pop(layer.name, None)
+                if grow is None:  # no dense gradient (skipped step): regrow nothing new
+                    continue
+            else:
+                grow = torch.rand(layer.kept.shape, generator=self.gen)
+            kept, grown = alg.drop_and_grow(layer.kept, drop, grow, fraction)
+            self._set(layer, kept)
+            grown_all[layer.name] = grown
+        return grown_all
+
+    def _go_dense(self, t: int) -> None:
+        for layer in self.layers:
+            self._set(layer, torch.ones_like(layer.kept), kernel="dense")
+        self.dense = True
+        self.log(f"sparsity: SPDF switched to dense fine-tuning after step {t}")
+
+    def _rigl_due(self, t: int) -> bool:
+        return (
+            self.cfg.algorithm == "rigl"
+            and self.masked
+            and alg.dst_update_due(t, self.cfg.update_every, self.stop_step)
+        )
+
+    def _set_dense_now(self, next_step: int) -> None:
+        """Step index ``next_step`` runs dense when RigL updates after it."""
+        dense = self._rigl_due(next_step + 1)
+        for layer in self.layers:
+            layer.module.dense_now = dense
+
+    # -- metrics -------------------------------------------------------------------------------
+    def metrics(self, step: int) -> dict[str, Any]:
+        """Mask sparsity (actual, target), zero weights (≥ mask sparsity: regrown weights start
+        at zero), and matmul FLOPs per token, fwd+bwd = 6 × weights multiplied (attention
+        scores excluded); per-parameter mask sparsity whenever a mask changed."""
+        total = sum(layer.param.numel() for layer in self.layers)
+        zeros = {
+            layer.name: layer.param.numel() - int(layer.param.count_nonzero())
+            for layer in self.layers
+        }
+        masked_out = {layer.name: int((~layer.module.mask).sum()) for layer in self.layers}
+        nnz_masks = total - sum(masked_out.values())
+        out: dict[str, Any] = {
+            "sparsity": sum(masked_out.values()) / total,
+            "sparsity_target": self._target_level(step),
+            "sparsity_zero_weights": sum(zeros.values()) / total,
+            "flops_per_token_dense": 6 * self.flops_dense_params,
+            "flops_per_token_sparse": 6 * (self.flops_dense_params - total + nnz_masks),
+        }
+        if self.changed:
+            out["sparsity_per_param"] = {
+                layer.name: round(masked_out[layer.name] / layer.param.numel(), 6)
+                for layer in self.layers
+            }
+            self.changed = False
+        return out
+
+    def _target_level(self, t: int) -> float:
+        numel = {layer.name: layer.param.numel() for layer in self.layers}
+        total = sum(numel.values())
+        final = sum((1 - layer.density) * numel[layer.name] for layer in self.layers) / total
+        cfg = self.cfg
+        if cfg.algorithm == "gmp":
+            return final * alg.gmp_level(t, 1.0, cfg.start_step, self.end_step, cfg.update_every)
+        if self.dense or not self.masked:
+            return 0.0
+        return final
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            f"mask.{layer.name}": layer.module.mask.detach().cpu().clone() for layer in self.layers
+        }
+        state["rng"] = self.gen.get_state()
+        state["masked"] = self.masked
+        state["dense"] = self.dense
+        state["kernels"] = {layer.name: layer.module.kernel for layer in self.layers}
+        state["dense_now"] = bool(self.layers and self.layers[0].module.dense_now)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["rng"])
+        self.masked, self.dense = bool(state["masked"]), bool(state["dense"])
+        for layer in self.layers:
+            mask = state[f"mask.{layer.name}"].to(torch.bool)
+            self._set(layer, layer.spec.to_units(mask), kernel=state["kernels"][layer.name])
+            layer.module.dense_now = bool(state["dense_now"])
+        if not self.dense:
+            self._enforce()
+
+
+def build_sparsity(
+    cfg: SparsityConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    log: Callable[[str], None] = print,
+) -> SparsityCallback:
+    """Select the matrices, distribute the level, swap in SparseLinear, build initial masks."""
+    explicit = select_params(model, cfg)
+    linears = linear_weights(model)
+    _refuse_dtensor([linears[n][1].weight for n in explicit])
+    shapes = {n: tuple(linears[n][1].weight.shape) for n in explicit}
+    specs = {n: unit_spec(cfg, n, shapes[n]) for n in explicit}
+    densities = distribute(shapes, explicit, cfg.level, cfg.distribution)
+    if cfg.distribution == "erk" and cfg.pattern != "unstructured":
+        densities = {
+            n: d if not math.isnan(explicit[n]) else quantize(d, specs[n])
+            for n, d in densities.items()
+        }
+    layers = []
+    for name in explicit:
+        path, linear = linears[name]
+        module = swap_in(model, path, specs[name].block)
+        kept = torch.ones(specs[name].scores(linear.weight).shape, dtype=torch.bool)
+        layers.append(Layer(name, module.weight, module, specs[name], densities[name], kept))
+    flops_params = sum(m.weight.numel() for _, m in linear_weights(model).values())
+    flops_params += sum(m.weight.numel() for m in model.modules() if isinstance(m, SparseLinear))
+    if getattr(model, "head", 0) is None and hasattr(model, "tok_emb"):  # tied output head
+        flops_params += model.tok_emb.weight.numel()
+    callback = SparsityCallback(cfg, layers, optimizer, runtime, flops_params, log)
+    if cfg.algorithm != "gmp" and cfg.mask_step == 0:
+        callback.build_masks()  # raises (naming the parameter) if a level is not achievable
+        callback._enforce()
+    else:
+        _validate_final(cfg, layers)
+    kept = sum(layer.density * layer.param.numel() for layer in layers)
+    total = sum(layer.param.numel() for layer in layers)
+    block = f" (block {cfg.block_size}, balanced {cfg.balanced})" if cfg.pattern == "block" else ""
+    log(
+        f"sparsity: {len(layers)} matrices, {cfg.algorithm}, pattern {cfg.pattern}{block}, "
+        f"{cfg.distribution} → overall level {1 - kept / total:.4f}"
+    )
+    return callback
+
+
+def _validate_final(cfg: SparsityConfig, layers: list[Layer]) -> None:
+    """Every final mask must be buildable (patterns.py raises, naming the parameter)."""
+    gen = torch.Generator().manual_seed(0)
+    for layer in layers:
+        initial_mask(cfg, layer.name, layer.spec, layer.density, layer.param.detach(), gen)
+
+
+def _refuse_dtensor(params: list[nn.Parameter]) -> None:
+    """FSDP2 shards parameters as DTensors; masking local shards is not implemented yet."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in params):
+        raise ConfigError(
+            "sparsity with parallel.data fsdp is not supported yet; use --parallel.data ddp."
+        )

@@ -156,7 +156,11 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
                 f"--resume was given but {run_dir} holds no run and "
                 f"{run_dir / 'checkpoints'} no complete checkpoint."
             )
-        job = load_run_config(run_dir)
+        saved = load_run_config(run_dir)
+        # The run lives where it is now (it may have been moved or copied) and on the device
+        # this process already chose; everything else comes from the saved config.
+        saved.run = dataclasses.replace(saved.run, dir=job.run.dir, device=job.run.device)
+        job = saved
         if latest is None:  # killed before its first checkpoint: start again, same config
             log(f"{run_dir} has no complete checkpoint yet: restarting its run from step 0.")
         if max_steps is not None:
@@ -291,17 +295,7 @@ def _restore(latest, shape_dict, model, optimizer, trainer, loader, callbacks, l
 
 def build_callbacks(job: JobConfig, model, optimizer, log) -> list[Callback]:
     """Optional components that join the training loop (see kiln.train.callbacks)."""
-    callbacks: list[Callback] = []
-    if job.sparsity.enabled:
-        from kiln.sparsity.callback import Runtime, build_sparsity
-
-        dp = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        micro = job.train.micro_batch_size or max(1, job.train.batch_size // dp)
-        device = next(model.parameters()).device
-        tokens = micro * job.data.seq_len
-        runtime = Runtime(job.train.seed, job.train.max_steps, tokens, job.train.precision, device)
-        callbacks.append(build_sparsity(job.sparsity, model, optimizer, runtime, log))
-    return callbacks
+    return []
 
 
 def _provenance(dims: ParallelDims, shape: GPTConfig) -> dict[str, Any]:

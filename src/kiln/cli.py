@@ -22,7 +22,9 @@ USAGE = """usage: kiln <command> [options]
 commands:
   train      train a model (--config FILE.yaml, --SECTION.FIELD VALUE, --resume)
   generate   sample text from a run directory or checkpoint
-  plan       print a compute-optimal training plan
+  plan       print a compute-optimal training plan (--flops C | --params N | --preset NAME)
+  scale      train a compute-optimal family and fit L(C); --predict C --fit FIT; --lr-sweep
+  mup        μP checks (coord-check: activation size vs width, μP against SP)
   estimate-memory  per-rank memory of a training config (same flags as train, --world-size N)
   convert    convert between Hugging Face folders, GGUF files and Kiln runs
   eval       score a model on lm-eval-style tasks (hellaswag, piqa, lambada_openai, ...)
@@ -284,11 +286,137 @@ def cmd_sparsity(argv: list[str]) -> int:
     return 0
 
 
+def cmd_plan(argv: list[str]) -> int:
+    parser = _parser("kiln plan")
+    parser.add_argument("--flops", type=float, default=None, help="compute budget C (FLOPs)")
+    parser.add_argument("--params", type=float, default=None, help="model size N")
+    parser.add_argument("--preset", default=None, help="a Cerebras-GPT preset name")
+    parser.add_argument("--tokens-per-param", type=float, default=20.0)
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--device", default=None, help="accelerator name, e.g. h100, a100, cpu")
+    parser.add_argument("--count", type=int, default=1, help="number of devices")
+    parser.add_argument("--mfu", type=float, default=0.4)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = _parse(parser, argv)
+    from kiln.planning.plan import format_plan, make_plan
+
+    plan = make_plan(flops=args.flops, params=args.params, preset=args.preset,
+                     tokens_per_param=args.tokens_per_param, batch_size=args.batch_size,
+                     seq_len=args.seq_len, vocab=args.vocab, device=args.device,
+                     count=args.count, mfu=args.mfu)  # fmt: skip
+    if args.json:
+        import json
+
+        print(json.dumps(plan.to_dict()))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+def cmd_scale(argv: list[str]) -> int:
+    from kiln.experiments.scale import ScaleSettings
+
+    d = ScaleSettings()
+    parser = _parser("kiln scale")
+    parser.add_argument("--run.dir", default="runs/scale", help="the sweep's directory")
+    parser.add_argument("--predict", type=float, default=None, help="predict loss at C FLOPs")
+    parser.add_argument("--fit", default=None, help="fit.json or 'cerebras-gpt-pile'")
+    parser.add_argument("--json", action="store_true", help="--predict: print one JSON object")
+    parser.add_argument("--lr-sweep", action="store_true", help="LR transfer: μP vs SP")
+    parser.add_argument("--widths", default=",".join(map(str, d.widths)))
+    parser.add_argument("--tokens-per-param", default="20", help="one ratio, or several")
+    for name in ("n_layers", "n_heads", "vocab_size", "seq_len", "batch_size", "eval_batches",
+                 "mup_base_width", "seed", "checkpoint_every"):  # fmt: skip
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("corpus", "parametrization", "precision", "cache_dir"):
+        parser.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap every member's steps")
+    parser.add_argument("--stop-after", type=int, default=None, help="train only K members")
+    parser.add_argument("--jobs", type=int, default=2, help="members trained at once")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    args = _parse(parser, argv)
+    if args.predict is not None or args.fit is not None:
+        return _scale_predict(args)
+    s = ScaleSettings(
+        widths=_int_list("--widths", args.widths),
+        tokens_per_param=_float_list("--tokens-per-param", args.tokens_per_param),
+        lr=args.lr, max_steps=args.max_steps,
+        **{k: args[k] for k in ("n_layers", "n_heads", "vocab_size", "seq_len", "batch_size",
+                                "eval_batches", "mup_base_width", "seed", "checkpoint_every",
+                                "corpus", "parametrization", "precision", "cache_dir")},
+    )  # fmt: skip
+    command = "kiln scale " + " ".join(argv)
+    if args.lr_sweep:
+        from kiln.experiments.lr_sweep import run_lr_sweep
+
+        run_lr_sweep(s, args["run.dir"], command=command)
+        return 0
+    from kiln.experiments.scale import run_scale
+
+    run_scale(s, args["run.dir"], stop_after=args.stop_after, n_bootstrap=args.bootstrap,
+              jobs=args.jobs, command=command)  # fmt: skip
+    return 0
+
+
+def _scale_predict(args) -> int:
+    import json
+
+    from kiln.experiments.scale import predict
+
+    if args.predict is None or args.fit is None:
+        raise ConfigError("kiln scale --predict C needs --fit FIT.json (or cerebras-gpt-pile).")
+    out = predict(args.predict, args.fit)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        lo, hi = out["loss_5_95"]
+        print(f"C = {out['flops']:.3g} FLOPs → loss {out['loss']:.4f} (5–95%: {lo:.4f}–{hi:.4f}; "
+              f"fit {out['fit']})")  # fmt: skip
+    return 0
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} is {text!r} but must be comma-separated integers.") from None
+
+
+def _float_list(flag: str, text: str) -> list[float]:
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} is {text!r} but must be comma-separated numbers.") from None
+
+
+def cmd_mup(argv: list[str]) -> int:
+    parser = _parser("kiln mup")
+    parser.add_argument("action", help="coord-check")
+    parser.add_argument("--widths", default="64,128,256,512,1024")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default="docs/mup-coord-check.png")
+    parser.add_argument("--seed", type=int, default=0)
+    args = _parse(parser, argv)
+    if args.action != "coord-check":
+        raise ConfigError(f"kiln mup {args.action!r} is unknown; the only action is coord-check.")
+    from kiln.experiments.coord_check import run_coord_check
+
+    run_coord_check(_int_list("--widths", args.widths), steps=args.steps, out=args.out,
+                    seed=args.seed, command="kiln mup " + " ".join(argv))  # fmt: skip
+    return 0
+
+
 VERBS: dict[str, Callable[[list[str]], int]] = {
     "convert": cmd_convert,
     "eval": cmd_eval,
     "data": cmd_data,
     "train": cmd_train,
+    "plan": cmd_plan,
+    "scale": cmd_scale,
+    "mup": cmd_mup,
     "generate": cmd_generate,
     "sparsity": cmd_sparsity,
     "estimate-memory": cmd_estimate_memory,

@@ -1,9 +1,17 @@
-"""Bad input: exit code 2, one sentence on stderr, nothing on disk changed."""
+"""Bad input: exit code 2, one sentence on stderr, nothing on disk changed.
+
+Every case snapshots (sha256) every file under the test's root — the run directories and the
+token cache included — before and after. Most cases call ``kiln.cli.main`` in-process (the
+code path is the same; it saves a torch import per case); the YAML case runs the real
+``kiln`` process to check the exit status end to end.
+"""
 
 import hashlib
+import shutil
 
 import pytest
 
+from kiln.cli import main
 from tests.e2e.helpers import kiln, tiny_flags
 
 
@@ -15,40 +23,97 @@ def _snapshot(root):
     }
 
 
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["--train.max_stepz", "5"], "did you mean '--train.max_steps'"),
-        (["--train.max_steps", "abc"], "must be int"),
-        (["--train.batch_size", "0"], "train.batch_size is 0"),
-        (["--model.n_heads", "3"], "does not divide"),
-        (["--data.corpus", "/nonexistent/corpus"], "does not exist"),
-        (["--model.preset", "cerebras-gpt-111"], "did you mean"),
-        (["--data.seq_len", "128"], "exceeds the model's context"),
-    ],
-)
-def test_bad_flags_exit_2(tmp_path, corpus, kiln_env, args, needle):
-    result = kiln(["train", *tiny_flags(tmp_path / "run", corpus), *args], kiln_env)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, corpus, kiln_env):
+    """A root holding a token cache and a finished 4-step run with checkpoints at 2 and 4."""
+    root = tmp_path_factory.mktemp("errors")
+    env = dict(kiln_env, KILN_CACHE=str(root / "cache"))
+    run = root / "run"
+    args = ["train", *tiny_flags(run, corpus, steps=4), "--checkpoint.every", "2",
+            "--train.eval_every", "0", "--log.tensorboard", "false"]  # fmt: skip
+    result = kiln(args, env)
+    assert result.returncode == 0, result.stderr
+    (root / "empty-corpus").mkdir()
+    (root / "empty-corpus" / "blank.txt").write_text("  \n")
+    (root / "empty-run").mkdir()
+    (root / "bad.yaml").write_text("train: [unclosed\n")
+    # A copy whose newest checkpoint lost a shard, and one whose config names another shape.
+    for name in ("incomplete", "reshaped"):
+        shutil.copytree(run, root / name)
+    next((root / "incomplete/checkpoints/step-0000004").glob("*.distcp")).unlink()
+    cfg = root / "reshaped" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("d_model: 32", "d_model: 48"))
+    # A token cache whose train shard was truncated.
+    shutil.copytree(root / "cache", root / "bad-cache")
+    shard = next((root / "bad-cache").rglob("train-00000.bin"))
+    shard.write_bytes(shard.read_bytes()[:-64])
+    return root, corpus, env
+
+
+CASES = {
+    "unknown key": (["--train.max_stepz", "5"], "did you mean '--train.max_steps'"),
+    "wrong type": (["--train.max_steps", "abc"], "must be int"),
+    "zero size": (["--train.batch_size", "0"], "train.batch_size is 0"),
+    "negative size": (["--model.d_model", "-32"], "model.d_model is -32"),
+    "zero seq_len": (["--data.seq_len", "0"], "data.seq_len is 0"),
+    "heads do not divide d_model": (["--model.n_heads", "3"], "does not divide"),
+    "seq_len above context": (["--data.seq_len", "128"], "exceeds the model's context"),
+    "batch vs micro-batch": (["--train.micro_batch_size", "3"], "must be divisible"),
+    "unknown preset": (["--model.preset", "cerebras-gpt-111"], "did you mean"),
+    "missing corpus": (["--data.corpus", "/nonexistent/corpus"], "does not exist"),
+    "corpus without text": (["--data.corpus", "{root}/empty-corpus"], "holds no text"),
+    "truncated shard": (["--data.cache_dir", "{root}/bad-cache"], "corrupt or truncated"),
+    "run dir holds a run": (["--run.dir", "{root}/run"], "already holds a run"),
+}
+RESUME_CASES = {
+    "resume without a run": ("empty-run", "no complete checkpoint"),
+    "incomplete checkpoint": ("incomplete", "incomplete or from another shape"),
+    "checkpoint of another shape": ("reshaped", "different model shape"),
+}
+
+
+def _check(root, argv, needle, capsys):
+    before = _snapshot(root)
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
     assert needle in lines[0], lines[0]
+    assert _snapshot(root) == before
 
 
-def test_bad_yaml_and_existing_run_are_refused(tmp_path, corpus, kiln_env):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("train: [unclosed\n")
-    result = kiln(["train", "--config", str(bad)], kiln_env)
+@pytest.mark.parametrize("case", CASES)
+def test_bad_train_input(world, case, capsys, monkeypatch):
+    root, corpus, env = world
+    monkeypatch.setenv("KILN_CACHE", env["KILN_CACHE"])
+    extra, needle = CASES[case]
+    argv = ["train", *tiny_flags(root / "new-run", corpus), *(a.format(root=root) for a in extra)]
+    _check(root, argv, needle, capsys)
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_bad_resume(world, case, capsys, monkeypatch):
+    root, _, env = world
+    monkeypatch.setenv("KILN_CACHE", env["KILN_CACHE"])
+    name, needle = RESUME_CASES[case]
+    _check(root, ["train", "--run.dir", str(root / name), "--resume"], needle, capsys)
+
+
+def test_incomplete_checkpoint_for_generate(world, capsys):
+    root, _, _ = world
+    step = root / "incomplete/checkpoints/step-0000002"
+    (step / "kiln.json").rename(step.parent / "kiln.json.moved")
+    try:
+        _check(root, ["generate", str(step)], "is incomplete (no kiln.json)", capsys)
+    finally:
+        (step.parent / "kiln.json.moved").rename(step / "kiln.json")
+
+
+def test_bad_yaml_exits_2_from_the_real_process(world):
+    root, _, env = world
+    before = _snapshot(root)
+    result = kiln(["train", "--config", str(root / "bad.yaml")], env)
     assert result.returncode == 2 and "does not parse as YAML" in result.stderr
-
-    run = tmp_path / "run"
-    assert kiln(["train", *tiny_flags(run, corpus, steps=10)], kiln_env).returncode == 0
-    before = _snapshot(run)
-    again = kiln(["train", *tiny_flags(run, corpus, steps=12)], kiln_env)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
-    assert _snapshot(run) == before
-
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    result = kiln(["train", "--run.dir", str(empty), "--resume"], kiln_env)
-    assert result.returncode == 2 and "no complete checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert _snapshot(root) == before

@@ -37,7 +37,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import (
+    CheckpointException,
+    DefaultLoadPlanner,
+    FileSystemReader,
+    FileSystemWriter,
+)
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -233,9 +238,10 @@ def load_checkpoint(
     try:
         with _quiet_single_process():
             dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
-    except Exception as exc:  # DCP raises a CheckpointException listing per-rank failures
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
         raise CheckpointError(
-            f"Checkpoint {path} does not fit this model/optimizer ({_first_line(exc)})."
+            f"Checkpoint {path} cannot be loaded into this model and optimizer: it is "
+            f"incomplete or from another shape ({_first_line(exc)})."
         ) from exc
     if optimizer is None:
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})

@@ -32,9 +32,12 @@ per shape/pattern/density/dtype/device and keeps the fastest.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from functools import cached_property
@@ -138,12 +141,100 @@ def _cpu_has_avx512_bf16() -> bool:
         return False
 
 
-_EXT: object | None = None
+_EXT: _CppKernels | None = None
 _EXT_TRIED = False
+_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
+_FLAGS += ["-mavx512bf16"]
 
 
-def cpp_extension():
-    """The compiled block-sparse extension, or None (no avx512_bf16, disabled, or build failed)."""
+def _build_library() -> Path:
+    """Compile csrc/block_sparse.cpp (plain C ABI, no torch headers: a few seconds) once.
+
+    The shared object is cached under ``$KILN_EXTENSIONS_DIR`` (default
+    ``~/.cache/kiln/torch_extensions``), named by a hash of the source, compiler and flags, and
+    written to a temporary name first so concurrent first uses never see a half-written file.
+    """
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
+    digest = hashlib.sha1(_CSRC.read_bytes() + " ".join([cxx, *_FLAGS]).encode()).hexdigest()
+    root = Path(os.environ.get("KILN_EXTENSIONS_DIR", "~/.cache/kiln/torch_extensions"))
+    lib = root.expanduser() / f"kiln_block_sparse_{digest[:12]}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([cxx, *_FLAGS, str(_CSRC), "-o", str(tmp)], check=True, capture_output=True)
+        tmp.replace(lib)
+    return lib
+
+
+class _CppKernels:
+    """ctypes front of the compiled kernels: tensors in, tensors out (allocated here).
+
+    Loading after torch makes the library's ``libgomp.so.1`` resolve to torch's copy, so the
+    kernels' OpenMP regions share torch's intra-op thread pool.
+    """
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        sig = {
+            "bs_lines": [p, i64, i64, p, p, p, i64, i64, p, p, i64, i32],
+            "bs_pack_token_pairs": [p, i64, i64, i64, p, p, i32],
+            "bs_pack_weight": [p, i32, i64, p, p, i64, i64, i32, p, i32],
+            "bs_grad_weight": [p, p, i64, p, p, i64, i64, i64, i32, p, i32],
+        }
+        for name, args in sig.items():
+            getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+        self.lib = lib
+
+    def pack_weight(self, w: torch.Tensor, rows, cols, b: int, transpose: bool) -> torch.Tensor:
+        """Kept blocks (rows[j], cols[j]) of w [out, in] as VNNI bf16 panels [nnzb, b*b]."""
+        if w.dtype not in (torch.float32, torch.bfloat16):
+            w = w.float()
+        w = w.contiguous()
+        out = torch.empty(rows.numel(), b * b, dtype=torch.bfloat16)
+        is_f32 = int(w.dtype == torch.float32)
+        self.lib.bs_pack_weight(
+            w.data_ptr(), is_f32, w.shape[1], rows.data_ptr(), cols.data_ptr(), rows.numel(),
+            b, int(transpose), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def lines(self, act, packed, ptr, idx, bias, out_cols: int, b: int) -> torch.Tensor:
+        """out[t, line] = sum over the line's blocks of act[t, idx-block] @ packed (+ bias)."""
+        out = torch.empty(act.shape[0], out_cols, dtype=torch.bfloat16)
+        self.lib.bs_lines(
+            act.data_ptr(), act.shape[0], act.shape[1], packed.data_ptr(), ptr.data_ptr(),
+            idx.data_ptr(), out_cols // b, b, 0 if bias is None else bias.data_ptr(),
+            out.data_ptr(), out_cols, torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def token_pairs(self, src: torch.Tensor, b: int, colsum: torch.Tensor | None = None):
+        """[T, N] bf16 -> [N/b, ceil(T/2), b, 2]; optionally column sums into colsum (fp32)."""
+        T, N = src.shape
+        out = torch.empty(N // b, (T + 1) // 2, b, 2, dtype=torch.bfloat16)
+        self.lib.bs_pack_token_pairs(
+            src.data_ptr(), T, N, b, out.data_ptr(),
+            0 if colsum is None else colsum.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def grad_weight(self, dyp, xp, lay: BlockLayout, fp32: bool) -> torch.Tensor:
+        """Dense-shaped dW, kept blocks computed, zeros written elsewhere in the same pass."""
+        grad = torch.empty(lay.out_features, lay.in_features, dtype=_F32 if fp32 else _BF16)
+        self.lib.bs_grad_weight(
+            dyp.data_ptr(), xp.data_ptr(), dyp.shape[1], lay.crow.data_ptr(),
+            lay.cols.data_ptr(), lay.out_features, lay.in_features, lay.block_size, int(fp32),
+            grad.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return grad
+
+
+_F32, _BF16 = torch.float32, torch.bfloat16
+
+
+def cpp_extension() -> _CppKernels | None:
+    """The compiled block-sparse kernels, or None (no avx512_bf16, disabled, or build failed)."""
     global _EXT, _EXT_TRIED
     if _EXT_TRIED:
         return _EXT
@@ -151,47 +242,38 @@ def cpp_extension():
     if os.environ.get("KILN_SPARSE_CPP", "1") == "0" or not _cpu_has_avx512_bf16():
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        digest = hashlib.sha1(_CSRC.read_bytes() + torch.__version__.encode()).hexdigest()[:10]
-        name = f"kiln_block_sparse_{digest}"
-        root = os.environ.get("KILN_EXTENSIONS_DIR", "~/.cache/kiln/torch_extensions")
-        build = Path(root).expanduser() / name
-        build.mkdir(parents=True, exist_ok=True)
-        flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
-        _EXT = load(
-            name=name,
-            sources=[str(_CSRC)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            verbose=False,
+        _EXT = _CppKernels(_build_library())
+    except (OSError, subprocess.CalledProcessError) as err:  # no compiler / build failed
+        detail = getattr(err, "stderr", b"") or b""
+        log.warning(
+            "kiln block-sparse C++ kernel unavailable, using pure torch: %s %s",
+            err,
+            detail.decode(errors="replace")[-500:],
         )
-    except Exception as err:  # noqa: BLE001 - any build failure means "use the torch kernel"
-        log.warning("kiln block-sparse C++ kernel unavailable, using pure torch: %s", err)
         _EXT = None
     return _EXT
 
 
-def _cpp_forward(ext, x2, weight, bias, lay: BlockLayout):
-    wp = ext.pack_weight(weight.contiguous(), lay.rows, lay.cols, lay.block_size, False)
-    b32 = bias.float().contiguous() if bias is not None else x2.new_empty(0, dtype=torch.float32)
-    return ext.bsr_lines(x2, wp, lay.crow, lay.cols, b32, lay.out_features, lay.block_size)
+def _cpp_forward(ext: _CppKernels, x2, weight, bias, lay: BlockLayout):
+    wp = ext.pack_weight(weight, lay.rows, lay.cols, lay.block_size, False)
+    b32 = bias.float().contiguous() if bias is not None else None
+    return ext.lines(x2, wp, lay.crow, lay.cols, b32, lay.out_features, lay.block_size)
 
 
-def _cpp_backward(ext, dy2, x2, weight, lay: BlockLayout, need_x: bool, need_w: bool):
+def _cpp_backward(ext: _CppKernels, dy2, x2, weight, lay: BlockLayout, need_x, need_w, need_b):
+    """(dx, dw, db fp32); the bias gradient rides along with packing dY when dW is needed."""
     b = lay.block_size
-    dx = dw = None
+    dx = dw = db = None
     if need_x:
-        wt = ext.pack_weight(weight.contiguous(), lay.csc_rows, lay.csc_cols, b, True)
-        empty = dy2.new_empty(0, dtype=torch.float32)
-        dx = ext.bsr_lines(dy2, wt, lay.ccol, lay.csc_rows, empty, lay.in_features, b)
+        wt = ext.pack_weight(weight, lay.csc_rows, lay.csc_cols, b, True)
+        dx = ext.lines(dy2, wt, lay.ccol, lay.csc_rows, None, lay.in_features, b)
     if need_w:
-        dyp, xp = ext.pack_token_pairs(dy2, b), ext.pack_token_pairs(x2, b)
-        fp32 = weight.dtype == torch.float32
-        dw = ext.bsr_grad_weight(dyp, xp, lay.crow, lay.cols, *weight.shape, b, fp32)
-        dw = dw.to(weight.dtype)
-    return dx, dw
+        db = torch.empty(lay.out_features, dtype=torch.float32) if need_b else None
+        dyp, xp = ext.token_pairs(dy2, b, db), ext.token_pairs(x2, b)
+        dw = ext.grad_weight(dyp, xp, lay, weight.dtype == torch.float32).to(weight.dtype)
+    elif need_b:
+        db = dy2.sum(0, dtype=torch.float32)
+    return dx, dw, db
 
 
 # --------------------------------------------------------------------------- torch backend
@@ -299,11 +381,14 @@ class BlockSparseLinearFn(torch.autograd.Function):
         lay = ctx.layout
         dy2 = grad.reshape(-1, lay.out_features).to(torch.bfloat16).contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        impl = (lambda *a: _cpp_backward(ctx.ext, *a)) if ctx.ext is not None else _torch_backward
-        dx, dw = impl(dy2, x2, weight, lay, need_x, need_w)
+        if ctx.ext is not None:
+            dx, dw, db = _cpp_backward(ctx.ext, dy2, x2, weight, lay, need_x, need_w, need_b)
+        else:
+            dx, dw = _torch_backward(dy2, x2, weight, lay, need_x, need_w)
+            db = dy2.sum(0, dtype=torch.float32) if need_b else None
         if dx is not None:
             dx = dx.view(*grad.shape[:-1], lay.in_features).to(ctx.x_dtype)
-        db = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_b else None
+        db = db.to(ctx.bias_dtype) if need_b else None
         return dx, dw, db, None, None
 
 

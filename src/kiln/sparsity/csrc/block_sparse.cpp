@@ -1,48 +1,50 @@
 // Block-sparse linear kernels for CPUs with AVX512-BF16 (see kiln/sparsity/kernels.py).
 //
-// All three products of a linear layer are computed "output-stationary" with one register-blocked
-// micro-kernel (MR token rows x 64 output columns of fp32 accumulators, vdpbf16ps on bf16 pairs):
+// Plain C ABI on raw pointers, no torch headers: it builds in a few seconds with g++ and is
+// loaded with ctypes; tensors are allocated by the caller. Threads come from OpenMP; the shared
+// object asks for libgomp.so.1, which resolves to the copy torch already loaded, so these
+// parallel regions run on torch's own intra-op pool (no second pool spinning against it).
+//
+// All three products of a linear layer are computed output-stationary with one register-blocked
+// micro-kernel (6 rows x 64 columns of fp32 accumulators, vdpbf16ps on bf16 pairs):
 //   forward   Y[t, r-block] = sum_{kept (r, c)} X[t, c-block] @ W[r, c]^T      (block CSR)
 //   grad in   dX[t, c-block] = sum_{kept (r, c)} dY[t, r-block] @ W[r, c]      (block CSC)
 //   grad w    dW[r, c] = dY[:, r-block]^T @ X[:, c-block]  for kept blocks only (K = tokens)
-// so there are no gathers, scatter-adds or fp32 partial buffers: work is proportional to the
-// kept blocks. The "B" operand is packed into VNNI pairs (two consecutive K values side by side);
-// weights are packed per call (cheap: only kept blocks), activations for grad-w are packed along
-// tokens by pack_token_pairs.
-#include <torch/extension.h>
+// Work is proportional to the kept blocks. The B operand is packed into VNNI pairs (two
+// consecutive K values side by side) in 64-column panels, so the inner loop streams contiguous
+// memory; the A operand (activations, read in place) is prefetched one micro-tile ahead, which
+// doubled the forward / grad-in speed (its rows are a whole activation row apart).
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
-constexpr int kMR = 6;  // token rows per micro-tile (6 x 4 = 24 zmm accumulators)
+constexpr int kMR = 6;   // rows per micro-tile (6 x 4 = 24 zmm accumulators)
+constexpr int kCW = 64;  // columns per panel (4 zmm of fp32)
 
-// acc[MR][NR] = sum_s sum_p A_s[m, pair p] . B_s[pair p, n]
-// A pair address: A[s] + m * a_rs + p * a_ps (uint16 units); B vector: B[s] + p * b_ps + 16 v.
+// acc[MR][NR] (+)= sum_p A[m, pair p] . B[pair p, n];  A pair at a + m * a_rs + p * a_ps
+// (uint16 units), B vector v at b + p * b_ps + 32 v. acc is read from / written to out.
 template <int MR, int NR>
-inline void ukernel(int nseg, const uint16_t* const* A, int64_t a_rs, int64_t a_ps,
-                    const uint16_t* const* B, int64_t b_ps, int64_t kpairs, float* out,
-                    int64_t ldo) {
+inline void ukernel(int64_t kpairs, const uint16_t* a, int64_t a_rs, int64_t a_ps,
+                    const uint16_t* b, int64_t b_ps, float* out, int64_t ldo, bool load) {
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NR; ++v) acc[i][v] = _mm512_setzero_ps();
-  for (int s = 0; s < nseg; ++s) {
-    const uint16_t* a = A[s];
-    const uint16_t* b = B[s];
-    for (int64_t p = 0; p < kpairs; ++p) {
-      __m512bh bv[NR];
-      for (int v = 0; v < NR; ++v)
-        bv[v] = (__m512bh)_mm512_loadu_si512((const void*)(b + p * b_ps + 32 * v));
-      for (int i = 0; i < MR; ++i) {
-        int32_t pair;
-        std::memcpy(&pair, a + i * a_rs + p * a_ps, 4);
-        __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-        for (int v = 0; v < NR; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
-      }
+    for (int v = 0; v < NR; ++v)
+      acc[i][v] = load ? _mm512_loadu_ps(out + i * ldo + 16 * v) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < kpairs; ++p) {
+    __m512bh bv[NR];
+    for (int v = 0; v < NR; ++v)
+      bv[v] = (__m512bh)_mm512_loadu_si512((const void*)(b + p * b_ps + 32 * v));
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, a + i * a_rs + p * a_ps, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NR; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, bv[v]);
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -50,99 +52,105 @@ inline void ukernel(int nseg, const uint16_t* const* A, int64_t a_rs, int64_t a_
 }
 
 template <int NR>
-inline void ukernel_rows(int rows, int nseg, const uint16_t* const* A, int64_t a_rs,
-                         int64_t a_ps, const uint16_t* const* B, int64_t b_ps, int64_t kpairs,
-                         float* out, int64_t ldo) {
+inline void ukernel_rows(int rows, int64_t kpairs, const uint16_t* a, int64_t a_rs,
+                         int64_t a_ps, const uint16_t* b, int64_t b_ps, float* out, int64_t ldo,
+                         bool load) {
   switch (rows) {
-    case 6: ukernel<6, NR>(nseg, A, a_rs, a_ps, B, b_ps, kpairs, out, ldo); break;
-    case 5: ukernel<5, NR>(nseg, A, a_rs, a_ps, B, b_ps, kpairs, out, ldo); break;
-    case 4: ukernel<4, NR>(nseg, A, a_rs, a_ps, B, b_ps, kpairs, out, ldo); break;
-    case 3: ukernel<3, NR>(nseg, A, a_rs, a_ps, B, b_ps, kpairs, out, ldo); break;
-    case 2: ukernel<2, NR>(nseg, A, a_rs, a_ps, B, b_ps, kpairs, out, ldo); break;
-    default: ukernel<1, NR>(nseg, A, a_rs, a_ps, B, b_ps, kpairs, out, ldo); break;
+    case 6: ukernel<6, NR>(kpairs, a, a_rs, a_ps, b, b_ps, out, ldo, load); break;
+    case 5: ukernel<5, NR>(kpairs, a, a_rs, a_ps, b, b_ps, out, ldo, load); break;
+    case 4: ukernel<4, NR>(kpairs, a, a_rs, a_ps, b, b_ps, out, ldo, load); break;
+    case 3: ukernel<3, NR>(kpairs, a, a_rs, a_ps, b, b_ps, out, ldo, load); break;
+    case 2: ukernel<2, NR>(kpairs, a, a_rs, a_ps, b, b_ps, out, ldo, load); break;
+    default: ukernel<1, NR>(kpairs, a, a_rs, a_ps, b, b_ps, out, ldo, load); break;
   }
+}
+
+inline void mkernel(int nr, int rows, int64_t kpairs, const uint16_t* a, int64_t a_rs,
+                    int64_t a_ps, const uint16_t* b, int64_t b_ps, float* out, int64_t ldo,
+                    bool load) {
+  if (nr == 4)
+    ukernel_rows<4>(rows, kpairs, a, a_rs, a_ps, b, b_ps, out, ldo, load);
+  else
+    ukernel_rows<2>(rows, kpairs, a, a_rs, a_ps, b, b_ps, out, ldo, load);
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return (uint16_t)(u >> 16);
 }
 
 inline void store_bf16(uint16_t* dst, const float* src, const float* bias, int n) {
   for (int v = 0; v < n; v += 16) {
     __m512 x = _mm512_loadu_ps(src + v);
     if (bias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + v));
-    __m256bh h = _mm512_cvtneps_pbh(x);
-    _mm256_storeu_si256((__m256i*)(dst + v), (__m256i)h);
+    _mm256_storeu_si256((__m256i*)(dst + v), (__m256i)_mm512_cvtneps_pbh(x));
   }
 }
 
-inline const uint16_t* u16(const torch::Tensor& t) {
-  return reinterpret_cast<const uint16_t*>(t.data_ptr());
-}
+}  // namespace
 
-// Output-stationary sparse product over a compressed block list (CSR or CSC of kept blocks):
-// out[t, line-block] = sum_{j in ptr[line]..ptr[line+1]} act[t, idx[j]-block] @ packed[j]
-// act: [T, act_cols] bf16, packed: [nnzb, b/2, b, 2] bf16, out: [T, lines * b] bf16.
-torch::Tensor bsr_lines(const torch::Tensor& act, const torch::Tensor& packed,
-                        const torch::Tensor& ptr, const torch::Tensor& idx,
-                        const torch::Tensor& bias, int64_t out_cols, int64_t b) {
-  TORCH_CHECK(act.scalar_type() == at::kBFloat16 && act.is_contiguous() && act.dim() == 2);
-  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.is_contiguous());
-  TORCH_CHECK(b % 32 == 0, "block size must be a multiple of 32");
-  const int64_t T = act.size(0), lda = act.size(1), lines = out_cols / b;
-  auto out = torch::empty({T, out_cols}, act.options());
-  const uint16_t* x = u16(act);
-  const uint16_t* w = u16(packed);
-  uint16_t* y = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t* pp = ptr.data_ptr<int64_t>();
-  const int64_t* ii = idx.data_ptr<int64_t>();
-  const float* bb = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  const int64_t MT = 96;  // tokens per task
+extern "C" {
+
+// Output-stationary product over a compressed block list (CSR or CSC of kept blocks):
+// out[t, line-block] = sum_{j in ptr[line]..ptr[line+1]} act[t, idx[j]-block] @ packed[j] (+ bias)
+// act: [T, lda] bf16; packed: [nnzb, b/cw, b/2, cw, 2] bf16 (cw = min(b, 64)); out: [T, ldo].
+void bs_lines(const uint16_t* act, int64_t T, int64_t lda, const uint16_t* packed,
+              const int64_t* ptr, const int64_t* idx, int64_t lines, int64_t b,
+              const float* bias, uint16_t* out, int64_t ldo, int nthreads) {
+  const int64_t MT = 48;  // tokens per task (8 micro-tiles)
   const int64_t ntiles = (T + MT - 1) / MT, ntasks = lines * ntiles;
-  const int nb_chunk = b == 32 ? 32 : 64;
-#pragma omp parallel num_threads(at::get_num_threads())
+  const int64_t cw = std::min<int64_t>(b, kCW), nr = cw / 16, bp = b / 2;
+#pragma omp parallel num_threads(nthreads)
   {
-    std::vector<const uint16_t*> A, B;
-    alignas(64) float tile[kMR * 64];
+    std::vector<float> tile(MT * b);  // fp32 accumulators of one task
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntasks; ++task) {
       const int64_t line = task / ntiles, t0 = (task % ntiles) * MT, t1 = std::min(T, t0 + MT);
-      const int64_t j0 = pp[line], nseg = pp[line + 1] - j0;
-      A.resize(std::max<int64_t>(nseg, 1));  // nseg == 0: zeros (+ bias)
-      B.resize(std::max<int64_t>(nseg, 1));
-      for (int64_t n0 = 0; n0 < b; n0 += nb_chunk) {
-        for (int64_t m = t0; m < t1; m += kMR) {
-          const int rows = (int)std::min<int64_t>(kMR, t1 - m);
-          uint16_t* dst = y + m * out_cols + line * b + n0;
-          for (int64_t s = 0; s < nseg; ++s) {
-            A[s] = x + m * lda + ii[j0 + s] * b;
-            B[s] = w + (j0 + s) * b * b + n0 * 2;
+      const int64_t j0 = ptr[line], nseg = ptr[line + 1] - j0;
+      const float* bb = bias ? bias + line * b : nullptr;
+      if (nseg == 0) {
+        std::fill(tile.begin(), tile.end(), 0.f);
+      } else {
+        for (int64_t n0 = 0; n0 < b; n0 += cw)
+          for (int64_t m = t0; m < t1; m += kMR) {
+            const int rows = (int)std::min<int64_t>(kMR, t1 - m);
+            float* o = tile.data() + (m - t0) * b + n0;
+            if (m + kMR < t1)  // prefetch the next micro-tile's A rows
+              for (int64_t s = 0; s < nseg; ++s)
+                for (int i = 0; i < kMR; ++i)
+                  for (int64_t c = 0; c < cw; c += 32)
+                    _mm_prefetch((const char*)(act + (m + kMR + i) * lda + idx[j0 + s] * b + n0 + c),
+                                 _MM_HINT_T0);
+            for (int64_t s = 0; s < nseg; ++s) {
+              const uint16_t* bpan = packed + (j0 + s) * b * b + (n0 / cw) * bp * cw * 2;
+              mkernel((int)nr, rows, bp, act + m * lda + idx[j0 + s] * b, lda, 2, bpan, 2 * cw,
+                      o, b, s > 0);
+            }
           }
-          if (nb_chunk == 64)
-            ukernel_rows<4>(rows, (int)nseg, A.data(), lda, 2, B.data(), 2 * b, b / 2, tile, 64);
-          else
-            ukernel_rows<2>(rows, (int)nseg, A.data(), lda, 2, B.data(), 2 * b, b / 2, tile, 64);
-          for (int i = 0; i < rows; ++i)
-            store_bf16(dst + i * out_cols, tile + i * 64, bb ? bb + line * b + n0 : nullptr,
-                       nb_chunk);
-        }
       }
+      for (int64_t m = t0; m < t1; ++m)
+        store_bf16(out + m * ldo + line * b, tile.data() + (m - t0) * b, bb, (int)b);
     }
   }
-  return out;
 }
 
 // src [T, N] bf16 -> [N/b, ceil(T/2), b, 2]: consecutive tokens side by side (zero-padded).
-torch::Tensor pack_token_pairs(const torch::Tensor& src, int64_t b) {
-  TORCH_CHECK(src.scalar_type() == at::kBFloat16 && src.is_contiguous() && src.dim() == 2);
-  const int64_t T = src.size(0), N = src.size(1), Tp = (T + 1) / 2, nb = N / b;
-  auto out = torch::empty({nb, Tp, b, 2}, src.options());
-  const uint16_t* s = u16(src);
-  uint16_t* d = reinterpret_cast<uint16_t*>(out.data_ptr());
+// colsum (optional, fp32 [N]) receives the column sums of src (the bias gradient).
+void bs_pack_token_pairs(const uint16_t* s, int64_t T, int64_t N, int64_t b, uint16_t* d,
+                         float* colsum, int nthreads) {
+  const int64_t Tp = (T + 1) / 2, nb = N / b;
   const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40,
                                       8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
   const int64_t PT = 64;  // token pairs per task
   const int64_t nchunks = (Tp + PT - 1) / PT;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  std::vector<float> partial(colsum ? nchunks * N : 0, 0.f);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t task = 0; task < nchunks; ++task) {
     const int64_t p1 = std::min(Tp, (task + 1) * PT);
+    float* cs = colsum ? partial.data() + task * N : nullptr;
     for (int64_t p = task * PT; p < p1; ++p) {
       const uint16_t* r0 = s + (2 * p) * N;
       const bool has1 = 2 * p + 1 < T;
@@ -154,114 +162,104 @@ torch::Tensor pack_token_pairs(const torch::Tensor& src, int64_t b) {
         uint16_t* o = d + ((cb * Tp + p) * b + ci) * 2;
         _mm512_storeu_si512((void*)o, _mm512_permutex2var_epi16(a, lo, z));
         _mm512_storeu_si512((void*)(o + 32), _mm512_permutex2var_epi16(a, hi, z));
+        if (cs) {  // bf16 -> fp32 is a 16-bit shift
+          const __m512i al = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(a));
+          const __m512i ah = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(a, 1));
+          const __m512i zl = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(z));
+          const __m512i zh = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(z, 1));
+          __m512 lo32 = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(al, 16)),
+                                      _mm512_castsi512_ps(_mm512_slli_epi32(zl, 16)));
+          __m512 hi32 = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(ah, 16)),
+                                      _mm512_castsi512_ps(_mm512_slli_epi32(zh, 16)));
+          _mm512_storeu_ps(cs + c, _mm512_add_ps(_mm512_loadu_ps(cs + c), lo32));
+          _mm512_storeu_ps(cs + c + 16, _mm512_add_ps(_mm512_loadu_ps(cs + c + 16), hi32));
+        }
       }
     }
   }
-  return out;
+  if (colsum) {
+    for (int64_t c = 0; c < N; ++c) colsum[c] = 0.f;
+    for (int64_t k = 0; k < nchunks; ++k)
+      for (int64_t c = 0; c < N; ++c) colsum[c] += partial[k * N + c];
+  }
 }
 
-// Pack kept blocks of the dense weight W [out, in] (fp32 or bf16) into VNNI bf16 blocks.
-// transpose=false (forward, CSR order): packed[j][p][o][e] = W[r b + o, c b + 2p + e]
-// transpose=true (grad-in, CSC order): packed[j][p][i][e] = W[r b + 2p + e, c b + i]
-template <typename T>
-void pack_weight_impl(const T* W, int64_t in_f, const int64_t* rows, const int64_t* cols,
-                      int64_t nnzb, int64_t b, bool transpose, uint16_t* out) {
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+// Pack kept blocks of the dense weight W [out, in] (fp32: is_f32, else bf16) into VNNI bf16
+// 64-column panels, layout [nnzb, b/cw, b/2, cw, 2]:
+// transpose=0 (forward, CSR order): B[p][n] pair = W[r b + n, c b + 2p .. 2p+1]
+// transpose=1 (grad-in, CSC order): B[p][n] pair = W[r b + 2p .. 2p+1, c b + n]
+void bs_pack_weight(const void* W, int is_f32, int64_t in_f, const int64_t* rows,
+                    const int64_t* cols, int64_t nnzb, int64_t b, int transpose, uint16_t* out,
+                    int nthreads) {
+  const int64_t cw = std::min<int64_t>(b, kCW);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t j = 0; j < nnzb; ++j) {
-    const T* blk = W + rows[j] * b * in_f + cols[j] * b;
+    const int64_t base = rows[j] * b * in_f + cols[j] * b;
     uint16_t* o = out + j * b * b;
     for (int64_t p = 0; p < b / 2; ++p)
       for (int64_t n = 0; n < b; ++n)
         for (int e = 0; e < 2; ++e) {
-          const T v = transpose ? blk[(2 * p + e) * in_f + n] : blk[n * in_f + 2 * p + e];
-          o[(p * b + n) * 2 + e] = c10::BFloat16(static_cast<float>(v)).x;
+          const int64_t at = base + (transpose ? (2 * p + e) * in_f + n : n * in_f + 2 * p + e);
+          const uint16_t v = is_f32 ? to_bf16(static_cast<const float*>(W)[at])
+                                    : static_cast<const uint16_t*>(W)[at];
+          o[(((n / cw) * (b / 2) + p) * cw + n % cw) * 2 + e] = v;
         }
   }
 }
 
-torch::Tensor pack_weight(const torch::Tensor& W, const torch::Tensor& rows,
-                          const torch::Tensor& cols, int64_t b, bool transpose) {
-  TORCH_CHECK(W.is_contiguous() && W.dim() == 2);
-  const int64_t nnzb = rows.numel();
-  auto out = torch::empty({nnzb, b / 2, b, 2}, W.options().dtype(at::kBFloat16));
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr());
-  if (W.scalar_type() == at::kFloat)
-    pack_weight_impl(W.data_ptr<float>(), W.size(1), rows.data_ptr<int64_t>(),
-                     cols.data_ptr<int64_t>(), nnzb, b, transpose, o);
-  else if (W.scalar_type() == at::kBFloat16)
-    pack_weight_impl(W.data_ptr<at::BFloat16>(), W.size(1), rows.data_ptr<int64_t>(),
-                     cols.data_ptr<int64_t>(), nnzb, b, transpose, o);
-  else
-    TORCH_CHECK(false, "weight must be float32 or bfloat16");
-  return out;
-}
-
 // Dense-shaped weight gradient: dW[r, c] = dY_r^T X_c for kept blocks, zeros elsewhere.
-// dyp: pack_token_pairs(dY) [out/b, Tp, b, 2], xp: pack_token_pairs(X) [in/b, Tp, b, 2].
-torch::Tensor bsr_grad_weight(const torch::Tensor& dyp, const torch::Tensor& xp,
-                              const torch::Tensor& crow, const torch::Tensor& col,
-                              int64_t out_f, int64_t in_f, int64_t b, bool fp32_out) {
-  const int64_t Tp = dyp.size(1), nbr = out_f / b, nbc = in_f / b;
-  auto grad = torch::empty({out_f, in_f}, dyp.options().dtype(fp32_out ? at::kFloat
-                                                                       : at::kBFloat16));
-  const uint16_t* a = u16(dyp);
-  const uint16_t* x = u16(xp);
-  const int64_t* pp = crow.data_ptr<int64_t>();
-  const int64_t* cc = col.data_ptr<int64_t>();
-  const int64_t esz = fp32_out ? 4 : 2;
-  char* g = reinterpret_cast<char*>(grad.data_ptr());
-  // Tasks: (kept block, 64-col chunk) for the products, then one zero-fill task per block-row.
-  const int64_t nnzb = col.numel();
-  const int nb_chunk = b == 32 ? 32 : 64, nchunk = (int)(b / nb_chunk);
+// dyp: token pairs of dY [out/b, Tp, b, 2]; xp: token pairs of X [in/b, Tp, b, 2].
+// grad: [out, in], fp32 if fp32_out else bf16.
+void bs_grad_weight(const uint16_t* dyp, const uint16_t* xp, int64_t Tp, const int64_t* crow,
+                    const int64_t* col, int64_t out_f, int64_t in_f, int64_t b, int fp32_out,
+                    void* grad, int nthreads) {
+  const int64_t nbr = out_f / b, nbc = in_f / b, nnzb = crow[nbr];
+  const int64_t cw = std::min<int64_t>(b, kCW), nr = cw / 16, esz = fp32_out ? 4 : 2;
+  const int64_t KC = 256;  // K (token-pair) chunk: keeps the B panel (KC x cw pairs) in L1
+  char* g = static_cast<char*>(grad);
   std::vector<int64_t> row_of(nnzb);
   for (int64_t r = 0; r < nbr; ++r)
-    for (int64_t j = pp[r]; j < pp[r + 1]; ++j) row_of[j] = r;
-  const int64_t ntasks = nnzb * nchunk + nbr;
-#pragma omp parallel num_threads(at::get_num_threads())
+    for (int64_t j = crow[r]; j < crow[r + 1]; ++j) row_of[j] = r;
+  const int64_t nchunk = b / cw, ntasks = nnzb * nchunk + nbr;
+#pragma omp parallel num_threads(nthreads)
   {
-    alignas(64) float tile[kMR * 64];
+    std::vector<float> tile(b * cw);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntasks; ++task) {
       if (task >= nnzb * nchunk) {  // zero the unkept blocks of one block-row
         const int64_t r = task - nnzb * nchunk;
-        int64_t j = pp[r];
+        int64_t j = crow[r];
         for (int64_t c = 0; c < nbc; ++c) {
-          if (j < pp[r + 1] && cc[j] == c) { ++j; continue; }
+          if (j < crow[r + 1] && col[j] == c) {
+            ++j;
+            continue;
+          }
           for (int64_t o = 0; o < b; ++o)
             std::memset(g + ((r * b + o) * in_f + c * b) * esz, 0, b * esz);
         }
         continue;
       }
-      const int64_t j = task / nchunk, n0 = (task % nchunk) * nb_chunk;
-      const int64_t r = row_of[j], c = cc[j];
-      const uint16_t* A0 = a + r * Tp * b * 2;
-      const uint16_t* B0 = x + c * Tp * b * 2 + n0 * 2;
-      for (int64_t m = 0; m < b; m += kMR) {
-        const int rows = (int)std::min<int64_t>(kMR, b - m);
-        const uint16_t* A[1] = {A0 + m * 2};
-        const uint16_t* B[1] = {B0};
-        if (nb_chunk == 64)
-          ukernel_rows<4>(rows, 1, A, 2, 2 * b, B, 2 * b, Tp, tile, 64);
-        else
-          ukernel_rows<2>(rows, 1, A, 2, 2 * b, B, 2 * b, Tp, tile, 64);
-        for (int i = 0; i < rows; ++i) {
-          char* dst = g + ((r * b + m + i) * in_f + c * b + n0) * esz;
-          if (fp32_out)
-            std::memcpy(dst, tile + i * 64, nb_chunk * 4);
-          else
-            store_bf16(reinterpret_cast<uint16_t*>(dst), tile + i * 64, nullptr, nb_chunk);
+      const int64_t j = task / nchunk, n0 = (task % nchunk) * cw;
+      const int64_t r = row_of[j], c = col[j];
+      const uint16_t* A0 = dyp + r * Tp * b * 2;
+      const uint16_t* B0 = xp + c * Tp * b * 2 + n0 * 2;
+      for (int64_t k0 = 0; k0 < Tp; k0 += KC) {
+        const int64_t kp = std::min(KC, Tp - k0);
+        for (int64_t m = 0; m < b; m += kMR) {
+          const int rows = (int)std::min<int64_t>(kMR, b - m);
+          mkernel((int)nr, rows, kp, A0 + (k0 * b + m) * 2, 2, 2 * b, B0 + k0 * b * 2, 2 * b,
+                  tile.data() + m * cw, cw, k0 > 0);
         }
+      }
+      for (int64_t m = 0; m < b; ++m) {
+        char* dst = g + ((r * b + m) * in_f + c * b + n0) * esz;
+        if (fp32_out)
+          std::memcpy(dst, tile.data() + m * cw, cw * 4);
+        else
+          store_bf16(reinterpret_cast<uint16_t*>(dst), tile.data() + m * cw, nullptr, (int)cw);
       }
     }
   }
-  return grad;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bsr_lines", &bsr_lines, "output-stationary block-sparse product (forward / grad-in)");
-  m.def("pack_token_pairs", &pack_token_pairs, "pack [T, N] bf16 into token-pair VNNI blocks");
-  m.def("pack_weight", &pack_weight, "pack kept weight blocks into VNNI bf16");
-  m.def("bsr_grad_weight", &bsr_grad_weight, "dense-shaped weight grad, kept blocks only");
-}
+}  // extern "C"

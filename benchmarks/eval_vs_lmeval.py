@@ -101,7 +101,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch/OMP threads for both sides")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     tasks = args.tasks.split(",")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kiln-evalbench-"))
     gguf = Path(args.gguf) if args.gguf else smollm2_gguf(work)

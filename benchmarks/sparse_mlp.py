@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.sparsity.kernels import BlockLayout, block_sparse_linear, cpp_extension
+from kiln.sparsity.kernels import BlockLayout, block_sparse_linear, block_sparse_mlp, cpp_extension
 from kiln.sparsity.patterns import block_mask
 
 D_MODEL, D_FFN = 768, 3072
@@ -58,8 +58,13 @@ class SparseMLP(DenseMLP):
         self.backend = backend
 
     def forward(self, x):
-        h = block_sparse_linear(x, self.fc1.weight, self.fc1.bias, self.l1, self.backend)
-        return block_sparse_linear(F.gelu(h), self.fc2.weight, self.fc2.bias, self.l2, self.backend)
+        if self.backend == "cpp-unfused":  # two sparse linears around F.gelu
+            h = block_sparse_linear(x, self.fc1.weight, self.fc1.bias, self.l1, "cpp")
+            return block_sparse_linear(F.gelu(h), self.fc2.weight, self.fc2.bias, self.l2, "cpp")
+        fc1, fc2 = self.fc1, self.fc2
+        return block_sparse_mlp(
+            x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.l1, self.l2, self.backend
+        )
 
 
 def make_step(model, x, autocast=False):

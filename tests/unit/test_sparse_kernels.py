@@ -9,6 +9,7 @@ from kiln.sparsity.kernels import (
     BlockLayout,
     BlockSparseLinear,
     block_sparse_linear,
+    block_sparse_mlp,
     choose_kernel,
     masked_linear,
 )
@@ -54,6 +55,41 @@ def test_block_sparse_matches_masked(backend, wdtype, out_f, in_f, b, density, a
     for got, want in zip([y, x.grad, w.grad, bias.grad], expected):
         assert rel_err(got, want) < 2e-2
     assert (w.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize(
+    "d,f,b1,b2,density,lead", [(64, 128, 32, 32, 0.5, (3, 11)), (128, 256, 64, 32, 0.25, (37,))]
+)
+def test_block_sparse_mlp_matches_masked(backend, with_bias, d, f, b1, b2, density, lead):
+    """Fused GELU MLP == masked fc2(gelu(fc1 x)) in fp32, outputs and all five gradients."""
+    gen = torch.Generator().manual_seed(1)
+    m1 = block_mask(torch.rand(f, d, generator=gen), density, b1, axis="cols")
+    m2 = block_mask(torch.rand(d, f, generator=gen), density, b2, axis="rows")
+    w1 = (torch.randn(f, d, generator=gen) * m1).bfloat16().requires_grad_()
+    w2 = (torch.randn(d, f, generator=gen) * m2 / 4).bfloat16().requires_grad_()
+    bias = [torch.randn(n, generator=gen).bfloat16().requires_grad_() for n in (f, d)]
+    c1, c2 = bias if with_bias else (None, None)
+    x = torch.randn(*lead, d, generator=gen).bfloat16().requires_grad_()
+    g = torch.randn(*lead, d, generator=gen).bfloat16()
+    params = [x, w1, w2] + ([c1, c2] if with_bias else [])
+
+    def fp32(t):
+        return None if t is None else t.float()
+
+    h = masked_linear(x.float(), w1.float(), fp32(c1), m1)
+    ref = masked_linear(torch.nn.functional.gelu(h), w2.float(), fp32(c2), m2)
+    ref.backward(g.float())
+    expected = [ref] + [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    lay1, lay2 = BlockLayout.from_mask(m1, b1), BlockLayout.from_mask(m2, b2)
+    y = block_sparse_mlp(x, w1, c1, w2, c2, lay1, lay2, backend)
+    y.backward(g)
+    for got, want in zip([y] + [p.grad for p in params], expected):
+        assert got.dtype == torch.bfloat16 and rel_err(got, want) < 3e-2
+    assert (w1.grad[~m1] == 0).all() and (w2.grad[~m2] == 0).all()
 
 
 def test_module_keeps_dense_masked_weight_and_reloads_layout():

@@ -56,7 +56,9 @@ __all__ = [
     "BlockLayout",
     "BlockSparseLinear",
     "BlockSparseLinearFn",
+    "BlockSparseMLPFn",
     "block_sparse_linear",
+    "block_sparse_mlp",
     "choose_kernel",
     "cpp_extension",
     "masked_linear",
@@ -177,7 +179,7 @@ class _CppKernels:
         lib = ctypes.CDLL(str(path))
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         sig = {
-            "bs_lines": [p, i64, i64, p, p, p, i64, i64, p, p, i64, i32],
+            "bs_lines": [p, i64, i64, p, p, p, i64, i64, p, p, i64, i32, p, i32],
             "bs_pack_token_pairs": [p, i64, i64, i64, p, p, i32],
             "bs_pack_weight": [p, i32, i64, p, p, i64, i64, i32, p, i32],
             "bs_grad_weight": [p, p, i64, p, p, i64, i64, i64, i32, p, i32],
@@ -199,13 +201,18 @@ class _CppKernels:
         )  # fmt: skip
         return out
 
-    def lines(self, act, packed, ptr, idx, bias, out_cols: int, b: int) -> torch.Tensor:
-        """out[t, line] = sum over the line's blocks of act[t, idx-block] @ packed (+ bias)."""
+    def lines(self, act, packed, ptr, idx, bias, out_cols: int, b: int, mode=0, aux=None):
+        """out[t, line] = sum over the line's blocks of act[t, idx-block] @ packed (+ bias).
+
+        mode 1: aux receives the pre-activation and out its GELU; mode 2: out is multiplied
+        by GELU'(aux) (the GELU backward fused into grad-input).
+        """
         out = torch.empty(act.shape[0], out_cols, dtype=torch.bfloat16)
         self.lib.bs_lines(
             act.data_ptr(), act.shape[0], act.shape[1], packed.data_ptr(), ptr.data_ptr(),
             idx.data_ptr(), out_cols // b, b, 0 if bias is None else bias.data_ptr(),
-            out.data_ptr(), out_cols, torch.get_num_threads(),
+            out.data_ptr(), out_cols, mode, 0 if aux is None else aux.data_ptr(),
+            torch.get_num_threads(),
         )  # fmt: skip
         return out
 
@@ -390,6 +397,64 @@ class BlockSparseLinearFn(torch.autograd.Function):
             dx = dx.view(*grad.shape[:-1], lay.in_features).to(ctx.x_dtype)
         db = db.to(ctx.bias_dtype) if need_b else None
         return dx, dw, db, None, None
+
+
+class BlockSparseMLPFn(torch.autograd.Function):
+    """``W2 gelu(W1 x + b1) + b2`` over kept blocks with the GELU fused into the C++ kernels.
+
+    Forward writes the pre-activation h (saved) and gelu(h) from fc1's epilogue; backward
+    multiplies fc2's grad-input by gelu'(h) in its epilogue, so the GELU costs no extra pass
+    over the ``[T, hidden]`` activations (2 x 12 MB per step for the 111M MLP at 2048 tokens).
+    Biases are optional; their gradients come out of packing dY / dH for the weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, lay1: BlockLayout, lay2: BlockLayout):
+        ext = cpp_extension()
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        h = torch.empty(x2.shape[0], lay1.out_features, dtype=torch.bfloat16)
+        w1p = ext.pack_weight(w1, lay1.rows, lay1.cols, lay1.block_size, False)
+        b32 = None if b1 is None else b1.float().contiguous()
+        g = ext.lines(x2, w1p, lay1.crow, lay1.cols, b32, h.shape[1], lay1.block_size, 1, h)
+        y = _cpp_forward(ext, g, w2, b2, lay2)
+        ctx.save_for_backward(x2, h, g, w1, w2)
+        ctx.layouts, ctx.x_dtype = (lay1, lay2), x.dtype
+        ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
+        return y.view(*x.shape[:-1], lay2.out_features).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, h, g, w1, w2 = ctx.saved_tensors
+        (lay1, lay2), ext = ctx.layouts, cpp_extension()
+        nx, nw1, nb1, nw2, nb2 = ctx.needs_input_grad[:5]
+        dy2 = grad.reshape(-1, lay2.out_features).to(torch.bfloat16).contiguous()
+        _, dw2, db2 = _cpp_backward(ext, dy2, g, w2, lay2, False, nw2, nb2)
+        dx = dw1 = db1 = None
+        if nx or nw1 or nb1:
+            b = lay2.block_size
+            w2t = ext.pack_weight(w2, lay2.csc_rows, lay2.csc_cols, b, True)
+            dh = ext.lines(dy2, w2t, lay2.ccol, lay2.csc_rows, None, lay2.in_features, b, 2, h)
+            dx, dw1, db1 = _cpp_backward(ext, dh, x2, w1, lay1, nx, nw1, nb1)
+        if dx is not None:
+            dx = dx.view(*grad.shape[:-1], lay1.in_features).to(ctx.x_dtype)
+        db1 = None if db1 is None else db1.to(ctx.bias_dtypes[0])
+        db2 = None if db2 is None else db2.to(ctx.bias_dtypes[1])
+        return dx, dw1, db1, dw2, db2, None, None
+
+
+def block_sparse_mlp(x, w1, b1, w2, b2, layout1, layout2, backend: str = "auto"):
+    """``W2 gelu(W1 x + b1) + b2`` (exact erf GELU) with both weights block-sparse.
+
+    With the C++ kernels the GELU is fused (:class:`BlockSparseMLPFn`); otherwise (backend
+    'torch', or no extension) it is two :func:`block_sparse_linear` calls around ``F.gelu``.
+    """
+    ext = cpp_extension() if backend in ("auto", "cpp") else None
+    if backend == "cpp" and ext is None:
+        raise ConfigError("block-sparse backend 'cpp' is unavailable on this machine.")
+    if ext is None:
+        h = block_sparse_linear(x, w1, b1, layout1, "torch")
+        return block_sparse_linear(F.gelu(h), w2, b2, layout2, "torch")
+    return BlockSparseMLPFn.apply(x, w1, b1, w2, b2, layout1, layout2)
 
 
 def block_sparse_linear(x, weight, bias, layout: BlockLayout, backend: str = "auto"):

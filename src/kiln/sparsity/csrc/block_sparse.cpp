@@ -89,6 +89,105 @@ inline void store_bf16(uint16_t* dst, const float* src, const float* bias, int n
   }
 }
 
+// exp(x) for x <= 0 (x >= -87): 2^n * p(r), r = x - n ln2, |r| <= ln2 / 2, degree-6 Taylor.
+inline __m512 exp_neg(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Exact (erf) GELU pieces: cdf = Phi(x) = 0.5 (1 + erf(x / sqrt2)), pdf = phi(x).
+// erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7, far below bf16 resolution).
+inline void gelu_parts(__m512 x, __m512& cdf, __m512& pdf) {
+  const __m512 e = exp_neg(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f)));
+  const __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678f)));
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f),
+                                 _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 q = _mm512_set1_ps(1.061405429f);
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-1.453152027f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.421413741f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-0.284496736f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(0.254829592f));
+  const __m512 tail = _mm512_mul_ps(_mm512_mul_ps(q, t), e);  // 1 - erf(|x| / sqrt2)
+  const __m512 half_tail = _mm512_mul_ps(tail, _mm512_set1_ps(0.5f));
+  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  cdf = _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(1.f), half_tail), half_tail);
+  pdf = _mm512_mul_ps(e, _mm512_set1_ps(0.39894228f));
+}
+
+inline __m512 bf16_load(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256((const __m256i*)p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline void bf16_store(uint16_t* p, __m512 x) {
+  _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+// Epilogues of bs_lines, on one output row of n values (n % 16 == 0):
+// 0: out = acc + bias;  1: aux = acc + bias (pre-activation), out = gelu(aux);
+// 2: out = acc * gelu'(aux)  (the GELU backward fused into grad-in).
+inline void epilogue(int mode, uint16_t* dst, const float* src, const float* bias,
+                     uint16_t* aux, int n) {
+  if (mode == 0) return store_bf16(dst, src, bias, n);
+  for (int v = 0; v < n; v += 16) {
+    __m512 x = _mm512_loadu_ps(src + v), cdf, pdf;
+    if (mode == 1) {
+      if (bias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + v));
+      bf16_store(aux + v, x);
+      x = bf16_load(aux + v);  // GELU of the stored (rounded) pre-activation, like torch
+      gelu_parts(x, cdf, pdf);
+      bf16_store(dst + v, _mm512_mul_ps(x, cdf));
+    } else {
+      const __m512 h = bf16_load(aux + v);
+      gelu_parts(h, cdf, pdf);
+      bf16_store(dst + v, _mm512_mul_ps(x, _mm512_fmadd_ps(h, pdf, cdf)));
+    }
+  }
+}
+
+template <typename T>
+inline uint16_t bits(T v) {
+  if constexpr (sizeof(T) == 4) return to_bf16(v);
+  else return v;
+}
+
+template <typename T>
+void pack_weight_impl(const T* W, int64_t in_f, const int64_t* rows, const int64_t* cols,
+                      int64_t nnzb, int64_t b, int transpose, uint16_t* out, int nthreads) {
+  const int64_t cw = std::min<int64_t>(b, kCW), bp = b / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t j = 0; j < nnzb; ++j) {
+    const T* blk = W + rows[j] * b * in_f + cols[j] * b;
+    uint32_t* o = reinterpret_cast<uint32_t*>(out + j * b * b);  // [b/cw][b/2][cw] pairs
+    if (transpose) {  // pair (W[2p, n], W[2p + 1, n]): two rows interleaved, rows contiguous
+      for (int64_t p = 0; p < bp; ++p) {
+        const T* r0 = blk + 2 * p * in_f;
+        const T* r1 = r0 + in_f;
+        for (int64_t n = 0; n < b; ++n)
+          o[((n / cw) * bp + p) * cw + n % cw] = bits(r0[n]) | (uint32_t)bits(r1[n]) << 16;
+      }
+    } else {  // pair (W[n, 2p], W[n, 2p + 1]): consecutive elements of row n
+      for (int64_t n = 0; n < b; ++n) {
+        const T* r = blk + n * in_f;
+        uint32_t* on = o + (n / cw) * bp * cw + n % cw;
+        for (int64_t p = 0; p < bp; ++p)
+          on[p * cw] = bits(r[2 * p]) | (uint32_t)bits(r[2 * p + 1]) << 16;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -96,9 +195,11 @@ extern "C" {
 // Output-stationary product over a compressed block list (CSR or CSC of kept blocks):
 // out[t, line-block] = sum_{j in ptr[line]..ptr[line+1]} act[t, idx[j]-block] @ packed[j] (+ bias)
 // act: [T, lda] bf16; packed: [nnzb, b/cw, b/2, cw, 2] bf16 (cw = min(b, 64)); out: [T, ldo].
+// mode / aux: see epilogue() (aux is [T, ldo] bf16: pre-activation written or read).
 void bs_lines(const uint16_t* act, int64_t T, int64_t lda, const uint16_t* packed,
               const int64_t* ptr, const int64_t* idx, int64_t lines, int64_t b,
-              const float* bias, uint16_t* out, int64_t ldo, int nthreads) {
+              const float* bias, uint16_t* out, int64_t ldo, int mode, uint16_t* aux,
+              int nthreads) {
   const int64_t MT = 48;  // tokens per task (8 micro-tiles)
   const int64_t ntiles = (T + MT - 1) / MT, ntasks = lines * ntiles;
   const int64_t cw = std::min<int64_t>(b, kCW), nr = cw / 16, bp = b / 2;
@@ -110,6 +211,11 @@ void bs_lines(const uint16_t* act, int64_t T, int64_t lda, const uint16_t* packe
       const int64_t line = task / ntiles, t0 = (task % ntiles) * MT, t1 = std::min(T, t0 + MT);
       const int64_t j0 = ptr[line], nseg = ptr[line + 1] - j0;
       const float* bb = bias ? bias + line * b : nullptr;
+      for (int64_t m = t0; m < t1; ++m)  // the epilogue's rows are a whole row apart too
+        for (int64_t c = 0; c < b; c += 32) {
+          _mm_prefetch((const char*)(out + m * ldo + line * b + c), _MM_HINT_T1);
+          if (aux) _mm_prefetch((const char*)(aux + m * ldo + line * b + c), _MM_HINT_T1);
+        }
       if (nseg == 0) {
         std::fill(tile.begin(), tile.end(), 0.f);
       } else {
@@ -131,7 +237,8 @@ void bs_lines(const uint16_t* act, int64_t T, int64_t lda, const uint16_t* packe
           }
       }
       for (int64_t m = t0; m < t1; ++m)
-        store_bf16(out + m * ldo + line * b, tile.data() + (m - t0) * b, bb, (int)b);
+        epilogue(mode, out + m * ldo + line * b, tile.data() + (m - t0) * b, bb,
+                 aux ? aux + m * ldo + line * b : nullptr, (int)b);
     }
   }
 }
@@ -191,20 +298,12 @@ void bs_pack_token_pairs(const uint16_t* s, int64_t T, int64_t N, int64_t b, uin
 void bs_pack_weight(const void* W, int is_f32, int64_t in_f, const int64_t* rows,
                     const int64_t* cols, int64_t nnzb, int64_t b, int transpose, uint16_t* out,
                     int nthreads) {
-  const int64_t cw = std::min<int64_t>(b, kCW);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t j = 0; j < nnzb; ++j) {
-    const int64_t base = rows[j] * b * in_f + cols[j] * b;
-    uint16_t* o = out + j * b * b;
-    for (int64_t p = 0; p < b / 2; ++p)
-      for (int64_t n = 0; n < b; ++n)
-        for (int e = 0; e < 2; ++e) {
-          const int64_t at = base + (transpose ? (2 * p + e) * in_f + n : n * in_f + 2 * p + e);
-          const uint16_t v = is_f32 ? to_bf16(static_cast<const float*>(W)[at])
-                                    : static_cast<const uint16_t*>(W)[at];
-          o[(((n / cw) * (b / 2) + p) * cw + n % cw) * 2 + e] = v;
-        }
-  }
+  if (is_f32)
+    pack_weight_impl(static_cast<const float*>(W), in_f, rows, cols, nnzb, b, transpose, out,
+                     nthreads);
+  else
+    pack_weight_impl(static_cast<const uint16_t*>(W), in_f, rows, cols, nnzb, b, transpose, out,
+                     nthreads);
 }
 
 // Dense-shaped weight gradient: dW[r, c] = dY_r^T X_c for kept blocks, zeros elsewhere.

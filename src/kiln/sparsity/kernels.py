@@ -183,6 +183,10 @@ class _CppKernels:
             "bs_pack_token_pairs": [p, i64, i64, i64, p, p, i32],
             "bs_pack_weight": [p, i32, i64, p, p, i64, i64, i32, p, i32],
             "bs_grad_weight": [p, p, i64, p, p, i64, i64, i64, i32, p, i32],
+            "bs_pack_weights4": [p, i32, i64, p, p, p, p, i64, i64, p, p] * 2 + [i32],
+            "bs_grad_weight2": [p, p, p, p, i64, i64, i64, i32, p] * 2 + [i64, i32],
+            "bs_mlp_forward": [p, i64, i64, i64] + [p, p, p, i64, p] * 2 + [p, p, p, i32],
+            "bs_mlp_backward": [p, p, p, i64, i64, i64] + [p, p, p, i64] * 2 + [p] * 6 + [i32],
         }
         for name, args in sig.items():
             getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
@@ -236,8 +240,71 @@ class _CppKernels:
         )  # fmt: skip
         return grad
 
+    def pack_mlp(self, w1, lay1: BlockLayout, w2, lay2: BlockLayout) -> list[torch.Tensor]:
+        """[W1, W1 for grad-in, W2, W2 for grad-in] packed in one parallel region."""
+        args, outs = [], []
+        for w, lay in ((w1, lay1), (w2, lay2)):
+            w = (w if w.dtype in (_F32, _BF16) else w.float()).contiguous()
+            nnzb, b = lay.rows.numel(), lay.block_size
+            pair = [torch.empty(nnzb, b * b, dtype=_BF16) for _ in range(2)]
+            args += [w.data_ptr(), int(w.dtype == _F32), w.shape[1], lay.rows.data_ptr()]
+            args += [lay.cols.data_ptr(), lay.csc_rows.data_ptr(), lay.csc_cols.data_ptr()]
+            args += [nnzb, b, pair[0].data_ptr(), pair[1].data_ptr()]
+            outs += pair
+        self.lib.bs_pack_weights4(*args, torch.get_num_threads())
+        return outs
+
+    def mlp_forward(self, x2, w1p, lay1, b1, w2p, lay2, b2):
+        """(y, h, gp): one parallel region over token tiles, GELU fused, g kept in L2."""
+        T, (d, f) = x2.shape[0], (lay1.in_features, lay1.out_features)
+        h, y = torch.empty(T, f, dtype=_BF16), torch.empty(T, d, dtype=_BF16)
+        gp = torch.empty(f // lay2.block_size, (T + 1) // 2, lay2.block_size, 2, dtype=_BF16)
+        args = [x2.data_ptr(), T, d, f]
+        for wp, lay, bias in ((w1p, lay1, b1), (w2p, lay2, b2)):
+            args += [wp.data_ptr(), lay.crow.data_ptr(), lay.cols.data_ptr(), lay.block_size]
+            args += [0 if bias is None else bias.data_ptr()]
+        self.lib.bs_mlp_forward(*args, h.data_ptr(), gp.data_ptr(), y.data_ptr(), _threads())
+        return y, h, gp
+
+    def mlp_backward(self, dy2, x2, h, w1t, lay1, w2t, lay2, need_b1, need_b2):
+        """(dx, dyp, dhp, xp, db1, db2) over token tiles; dW comes from grad_weight2."""
+        T, (d, f), (b1, b2) = x2.shape[0], (lay1.in_features, lay1.out_features), _bs(lay1, lay2)
+        Tp = (T + 1) // 2
+        dx = torch.empty(T, d, dtype=_BF16)
+        dyp = torch.empty(d // b2, Tp, b2, 2, dtype=_BF16)
+        dhp = torch.empty(f // b1, Tp, b1, 2, dtype=_BF16)
+        xp = torch.empty(d // b1, Tp, b1, 2, dtype=_BF16)
+        db1 = torch.empty(f, dtype=_F32) if need_b1 else None
+        db2 = torch.empty(d, dtype=_F32) if need_b2 else None
+        args = [dy2.data_ptr(), x2.data_ptr(), h.data_ptr(), T, d, f]
+        for wt, lay in ((w2t, lay2), (w1t, lay1)):
+            args += [wt.data_ptr(), lay.ccol.data_ptr(), lay.csc_rows.data_ptr(), lay.block_size]
+        args += [t.data_ptr() for t in (dx, dyp, dhp, xp)]
+        args += [0 if t is None else t.data_ptr() for t in (db1, db2)]
+        self.lib.bs_mlp_backward(*args, _threads())
+        return dx, dyp, dhp, xp, db1, db2
+
+    def grad_weight2(self, dyp1, xp1, lay1, f32_1, dyp2, xp2, lay2, f32_2):
+        """Both MLP weight gradients (dense-shaped, zeros outside kept blocks), one region."""
+        args, grads = [], []
+        for dyp, xp, lay, fp32 in ((dyp1, xp1, lay1, f32_1), (dyp2, xp2, lay2, f32_2)):
+            g = torch.empty(lay.out_features, lay.in_features, dtype=_F32 if fp32 else _BF16)
+            args += [dyp.data_ptr(), xp.data_ptr(), lay.crow.data_ptr(), lay.cols.data_ptr()]
+            args += [lay.out_features, lay.in_features, lay.block_size, int(fp32), g.data_ptr()]
+            grads.append(g)
+        self.lib.bs_grad_weight2(*args, dyp1.shape[1], _threads())
+        return grads
+
 
 _F32, _BF16 = torch.float32, torch.bfloat16
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _bs(*layouts: BlockLayout) -> tuple[int, ...]:
+    return tuple(lay.block_size for lay in layouts)
 
 
 def cpp_extension() -> _CppKernels | None:
@@ -400,43 +467,41 @@ class BlockSparseLinearFn(torch.autograd.Function):
 
 
 class BlockSparseMLPFn(torch.autograd.Function):
-    """``W2 gelu(W1 x + b1) + b2`` over kept blocks with the GELU fused into the C++ kernels.
+    """``W2 gelu(W1 x + b1) + b2`` over kept blocks, fused in the C++ kernels.
 
-    Forward writes the pre-activation h (saved) and gelu(h) from fc1's epilogue; backward
-    multiplies fc2's grad-input by gelu'(h) in its epilogue, so the GELU costs no extra pass
-    over the ``[T, hidden]`` activations (2 x 12 MB per step for the 111M MLP at 2048 tokens).
-    Biases are optional; their gradients come out of packing dY / dH for the weight gradients.
+    Four parallel regions per step instead of ~14: pack all weights; forward over token tiles
+    (fc1 with bias and exact GELU in its epilogue, g kept in L2 and consumed by fc2 at once);
+    backward over token tiles (fc2 grad-in times gelu'(h), fc1 grad-in, token-pair packing and
+    bias gradients on the way); both weight gradients. Saved: x, h (pre-activation) and g as
+    token pairs, as the dense autograd graph saves x, h and g. Each region costs a wake-up of
+    the worker threads, which on a loaded machine can be longer than the region's work.
     """
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, lay1: BlockLayout, lay2: BlockLayout):
         ext = cpp_extension()
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-        h = torch.empty(x2.shape[0], lay1.out_features, dtype=torch.bfloat16)
-        w1p = ext.pack_weight(w1, lay1.rows, lay1.cols, lay1.block_size, False)
-        b32 = None if b1 is None else b1.float().contiguous()
-        g = ext.lines(x2, w1p, lay1.crow, lay1.cols, b32, h.shape[1], lay1.block_size, 1, h)
-        y = _cpp_forward(ext, g, w2, b2, lay2)
-        ctx.save_for_backward(x2, h, g, w1, w2)
-        ctx.layouts, ctx.x_dtype = (lay1, lay2), x.dtype
+        w1p, w1t, w2p, w2t = ext.pack_mlp(w1, lay1, w2, lay2)
+        c1, c2 = (None if c is None else c.float().contiguous() for c in (b1, b2))
+        y, h, gp = ext.mlp_forward(x2, w1p, lay1, c1, w2p, lay2, c2)
+        ctx.save_for_backward(x2, h, gp, w1t, w2t)
+        ctx.layouts, ctx.x_dtype, ctx.w_dtypes = (lay1, lay2), x.dtype, (w1.dtype, w2.dtype)
         ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
         return y.view(*x.shape[:-1], lay2.out_features).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x2, h, g, w1, w2 = ctx.saved_tensors
-        (lay1, lay2), ext = ctx.layouts, cpp_extension()
+        x2, h, gp, w1t, w2t = ctx.saved_tensors
+        (lay1, lay2), ext, (dt1, dt2) = ctx.layouts, cpp_extension(), ctx.w_dtypes
         nx, nw1, nb1, nw2, nb2 = ctx.needs_input_grad[:5]
         dy2 = grad.reshape(-1, lay2.out_features).to(torch.bfloat16).contiguous()
-        _, dw2, db2 = _cpp_backward(ext, dy2, g, w2, lay2, False, nw2, nb2)
-        dx = dw1 = db1 = None
-        if nx or nw1 or nb1:
-            b = lay2.block_size
-            w2t = ext.pack_weight(w2, lay2.csc_rows, lay2.csc_cols, b, True)
-            dh = ext.lines(dy2, w2t, lay2.ccol, lay2.csc_rows, None, lay2.in_features, b, 2, h)
-            dx, dw1, db1 = _cpp_backward(ext, dh, x2, w1, lay1, nx, nw1, nb1)
-        if dx is not None:
-            dx = dx.view(*grad.shape[:-1], lay1.in_features).to(ctx.x_dtype)
+        dx, dyp, dhp, xp, db1, db2 = ext.mlp_backward(dy2, x2, h, w1t, lay1, w2t, lay2, nb1, nb2)
+        dw1 = dw2 = None
+        if nw1 or nw2:
+            f32 = (dt1 == torch.float32, dt2 == torch.float32)
+            dw1, dw2 = ext.grad_weight2(dhp, xp, lay1, f32[0], dyp, gp, lay2, f32[1])
+            dw1, dw2 = (dw1.to(dt1) if nw1 else None), (dw2.to(dt2) if nw2 else None)
+        dx = dx.view(*grad.shape[:-1], lay1.in_features).to(ctx.x_dtype) if nx else None
         db1 = None if db1 is None else db1.to(ctx.bias_dtypes[0])
         db2 = None if db2 is None else db2.to(ctx.bias_dtypes[1])
         return dx, dw1, db1, dw2, db2, None, None

@@ -13,7 +13,8 @@
 // Work is proportional to the kept blocks. The B operand is packed into VNNI pairs (two
 // consecutive K values side by side) in 64-column panels, so the inner loop streams contiguous
 // memory; the A operand (activations, read in place) is prefetched one micro-tile ahead, which
-// doubled the forward / grad-in speed (its rows are a whole activation row apart).
+// doubled the forward / grad-in speed (its rows are a whole activation row apart). Loops run
+// segment-outer so one B panel (64 pairs x 64 columns, 16 KB) stays in L1 for a whole task.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -162,29 +163,215 @@ inline uint16_t bits(T v) {
   else return v;
 }
 
+// One kept block of W into [b/cw][b/2][cw] bf16 pairs (see bs_pack_weight for the layout).
 template <typename T>
-void pack_weight_impl(const T* W, int64_t in_f, const int64_t* rows, const int64_t* cols,
-                      int64_t nnzb, int64_t b, int transpose, uint16_t* out, int nthreads) {
+void pack_block(const T* W, int64_t in_f, int64_t row, int64_t col, int64_t b, int transpose,
+                uint16_t* out) {
   const int64_t cw = std::min<int64_t>(b, kCW), bp = b / 2;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t j = 0; j < nnzb; ++j) {
-    const T* blk = W + rows[j] * b * in_f + cols[j] * b;
-    uint32_t* o = reinterpret_cast<uint32_t*>(out + j * b * b);  // [b/cw][b/2][cw] pairs
-    if (transpose) {  // pair (W[2p, n], W[2p + 1, n]): two rows interleaved, rows contiguous
-      for (int64_t p = 0; p < bp; ++p) {
-        const T* r0 = blk + 2 * p * in_f;
-        const T* r1 = r0 + in_f;
-        for (int64_t n = 0; n < b; ++n)
-          o[((n / cw) * bp + p) * cw + n % cw] = bits(r0[n]) | (uint32_t)bits(r1[n]) << 16;
-      }
-    } else {  // pair (W[n, 2p], W[n, 2p + 1]): consecutive elements of row n
-      for (int64_t n = 0; n < b; ++n) {
-        const T* r = blk + n * in_f;
-        uint32_t* on = o + (n / cw) * bp * cw + n % cw;
-        for (int64_t p = 0; p < bp; ++p)
-          on[p * cw] = bits(r[2 * p]) | (uint32_t)bits(r[2 * p + 1]) << 16;
+  const T* blk = W + row * b * in_f + col * b;
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  if (transpose) {  // pair (W[2p, n], W[2p + 1, n]): two rows interleaved, rows contiguous
+    for (int64_t p = 0; p < bp; ++p) {
+      const T* r0 = blk + 2 * p * in_f;
+      const T* r1 = r0 + in_f;
+      for (int64_t n = 0; n < b; ++n)
+        o[((n / cw) * bp + p) * cw + n % cw] = bits(r0[n]) | (uint32_t)bits(r1[n]) << 16;
+    }
+  } else {  // pair (W[n, 2p], W[n, 2p + 1]): consecutive elements of row n
+    for (int64_t n = 0; n < b; ++n) {
+      const T* r = blk + n * in_f;
+      uint32_t* on = o + (n / cw) * bp * cw + n % cw;
+      for (int64_t p = 0; p < bp; ++p)
+        on[p * cw] = bits(r[2 * p]) | (uint32_t)bits(r[2 * p + 1]) << 16;
+    }
+  }
+}
+
+constexpr int64_t kMT = 48;  // tokens per task of the token-tiled kernels (8 micro-tiles)
+
+// One (line, token tile) of the output-stationary product:
+// out[t, line-block] = epilogue(sum_{j in ptr[line]..} act[t, idx[j]-block] @ packed[j]),
+// act / out / aux point at the tile's first row; rows < kMT.
+void line_task(const uint16_t* act, int64_t lda, const uint16_t* packed, const int64_t* ptr,
+               const int64_t* idx, int64_t line, int64_t b, int64_t rows_n, float* tile,
+               int mode, const float* bias, uint16_t* out, int64_t ldo, uint16_t* aux) {
+  const int64_t j0 = ptr[line], nseg = ptr[line + 1] - j0;
+  const int64_t cw = std::min<int64_t>(b, kCW), nr = cw / 16, bp = b / 2;
+  const float* bb = bias ? bias + line * b : nullptr;
+  out += line * b;
+  if (aux) aux += line * b;
+  for (int64_t m = 0; m < rows_n; ++m)  // the epilogue's rows are a whole row apart too
+    for (int64_t c = 0; c < b; c += 32) {
+      _mm_prefetch((const char*)(out + m * ldo + c), _MM_HINT_T1);
+      if (aux) _mm_prefetch((const char*)(aux + m * ldo + c), _MM_HINT_T1);
+    }
+  if (nseg == 0) std::fill(tile, tile + rows_n * b, 0.f);
+  for (int64_t s = 0; s < nseg; ++s) {  // segment-outer: one B panel stays in L1
+    const uint16_t* a0 = act + idx[j0 + s] * b;
+    for (int64_t n0 = 0; n0 < b; n0 += cw) {
+      const uint16_t* bpan = packed + (j0 + s) * b * b + (n0 / cw) * bp * cw * 2;
+      for (int64_t m = 0; m < rows_n; m += kMR) {
+        const int rows = (int)std::min<int64_t>(kMR, rows_n - m);
+        if (n0 == 0 && m + kMR < rows_n)  // prefetch the next micro-tile's A rows
+          for (int i = 0; i < kMR; ++i)
+            for (int64_t c = 0; c < b; c += 32)
+              _mm_prefetch((const char*)(a0 + (m + kMR + i) * lda + c), _MM_HINT_T0);
+        mkernel((int)nr, rows, bp, a0 + m * lda, lda, 2, bpan, 2 * cw, tile + m * b + n0, b,
+                s > 0);
       }
     }
+  }
+  for (int64_t m = 0; m < rows_n; ++m)
+    epilogue(mode, out + m * ldo, tile + m * b, bb, aux ? aux + m * ldo : nullptr, (int)b);
+}
+
+// Token pairs of rows [t0, t1) (t0 even) of a row-major [*, N] bf16 matrix whose row t0 is at
+// src (row stride lds), into dst [N/b, Tp, b, 2]; row T (odd T) is zero. colsum += column sums.
+void pack_pairs_rows(const uint16_t* src, int64_t lds, int64_t N, int64_t b, int64_t t0,
+                     int64_t t1, int64_t T, uint16_t* dst, float* colsum) {
+  const int64_t Tp = (T + 1) / 2;
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40,
+                                      8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t t = t0; t < t1; t += 2) {
+    const uint16_t* r0 = src + (t - t0) * lds;
+    const bool has1 = t + 1 < T;
+    const uint16_t* r1 = r0 + lds;
+    const int64_t p = t / 2;
+    for (int64_t c = 0; c < N; c += 32) {
+      const __m512i a = _mm512_loadu_si512((const void*)(r0 + c));
+      const __m512i z = has1 ? _mm512_loadu_si512((const void*)(r1 + c)) : _mm512_setzero_si512();
+      uint16_t* o = dst + (((c / b) * Tp + p) * b + c % b) * 2;
+      _mm512_storeu_si512((void*)o, _mm512_permutex2var_epi16(a, lo, z));
+      _mm512_storeu_si512((void*)(o + 32), _mm512_permutex2var_epi16(a, hi, z));
+      if (colsum) {  // bf16 -> fp32 is a 16-bit shift
+        for (int half = 0; half < 2; ++half) {
+          const __m256i ah = half ? _mm512_extracti64x4_epi64(a, 1) : _mm512_castsi512_si256(a);
+          const __m256i zh = half ? _mm512_extracti64x4_epi64(z, 1) : _mm512_castsi512_si256(z);
+          const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(ah), 16));
+          const __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(zh), 16));
+          float* cs = colsum + c + 16 * half;
+          _mm512_storeu_ps(cs, _mm512_add_ps(_mm512_loadu_ps(cs), _mm512_add_ps(x, y)));
+        }
+      }
+    }
+  }
+}
+
+void reduce_partials(const std::vector<float>& partial, int64_t n, int64_t N, float* out) {
+  for (int64_t c = 0; c < N; ++c) out[c] = 0.f;
+  for (int64_t k = 0; k < n; ++k)
+    for (int64_t c = 0; c < N; ++c) out[c] += partial[k * N + c];
+}
+
+// Weight-gradient job: dW[r, c] = dY_r^T X_c for kept blocks (block CSR crow/col), zeros
+// elsewhere; dyp / xp are token pairs [out/b, Tp, b, 2] / [in/b, Tp, b, 2].
+struct GradJob {
+  const uint16_t* dyp;
+  const uint16_t* xp;
+  int64_t Tp;
+  const int64_t* crow;
+  const int64_t* col;
+  int64_t out_f, in_f, b;
+  int fp32_out;
+  char* grad;
+  std::vector<int64_t> row_of;
+  int64_t nnzb = 0, nchunk = 0, nbr = 0;
+
+  void init() {
+    nbr = out_f / b;
+    nnzb = crow[nbr];
+    nchunk = b / std::min<int64_t>(b, kCW);
+    row_of.resize(nnzb);
+    for (int64_t r = 0; r < nbr; ++r)
+      for (int64_t j = crow[r]; j < crow[r + 1]; ++j) row_of[j] = r;
+  }
+  int64_t ntasks() const { return nnzb * nchunk + nbr; }
+
+  void run(int64_t task, float* tile) const {
+    const int64_t cw = std::min<int64_t>(b, kCW), nr = cw / 16, esz = fp32_out ? 4 : 2;
+    const int64_t KC = 256;  // token pairs per K chunk: the B panel (KC x cw pairs) stays in L1
+    if (task >= nnzb * nchunk) {  // zero the unkept blocks of one block-row
+      const int64_t r = task - nnzb * nchunk;
+      int64_t j = crow[r];
+      for (int64_t c = 0; c < in_f / b; ++c) {
+        if (j < crow[r + 1] && col[j] == c) {
+          ++j;
+          continue;
+        }
+        for (int64_t o = 0; o < b; ++o)
+          std::memset(grad + ((r * b + o) * in_f + c * b) * esz, 0, b * esz);
+      }
+      return;
+    }
+    const int64_t j = task / nchunk, n0 = (task % nchunk) * cw;
+    const int64_t r = row_of[j], c = col[j];
+    const uint16_t* A0 = dyp + r * Tp * b * 2;
+    const uint16_t* B0 = xp + c * Tp * b * 2 + n0 * 2;
+    for (int64_t k0 = 0; k0 < Tp; k0 += KC) {
+      const int64_t kp = std::min(KC, Tp - k0);
+      for (int64_t m = 0; m < b; m += kMR) {
+        const int rows = (int)std::min<int64_t>(kMR, b - m);
+        mkernel((int)nr, rows, kp, A0 + (k0 * b + m) * 2, 2, 2 * b, B0 + k0 * b * 2, 2 * b,
+                tile + m * cw, cw, k0 > 0);
+      }
+    }
+    for (int64_t m = 0; m < b; ++m) {
+      char* dst = grad + ((r * b + m) * in_f + c * b + n0) * esz;
+      if (fp32_out)
+        std::memcpy(dst, tile + m * cw, cw * 4);
+      else
+        store_bf16(reinterpret_cast<uint16_t*>(dst), tile + m * cw, nullptr, (int)cw);
+    }
+  }
+};
+
+void run_grad_jobs(GradJob* jobs, int n, int nthreads) {
+  int64_t total = 0, bmax = 0;
+  for (int k = 0; k < n; ++k) {
+    jobs[k].init();
+    total += jobs[k].ntasks();
+    bmax = std::max(bmax, jobs[k].b);
+  }
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> tile(bmax * kCW);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < total; ++task) {
+      int64_t t = task;
+      int k = 0;
+      while (t >= jobs[k].ntasks()) t -= jobs[k++].ntasks();
+      jobs[k].run(t, tile.data());
+    }
+  }
+}
+
+struct PackJob {
+  const void* W;
+  int is_f32;
+  int64_t in_f;
+  const int64_t* rows;
+  const int64_t* cols;
+  int64_t nnzb, b;
+  int transpose;
+  uint16_t* out;
+};
+
+void run_pack_jobs(const PackJob* jobs, int n, int nthreads) {
+  int64_t total = 0;
+  for (int k = 0; k < n; ++k) total += jobs[k].nnzb;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+  for (int64_t task = 0; task < total; ++task) {
+    int64_t j = task;
+    int k = 0;
+    while (j >= jobs[k].nnzb) j -= jobs[k++].nnzb;
+    const PackJob& q = jobs[k];
+    if (q.is_f32)
+      pack_block(static_cast<const float*>(q.W), q.in_f, q.rows[j], q.cols[j], q.b, q.transpose,
+                 q.out + j * q.b * q.b);
+    else
+      pack_block(static_cast<const uint16_t*>(q.W), q.in_f, q.rows[j], q.cols[j], q.b,
+                 q.transpose, q.out + j * q.b * q.b);
   }
 }
 
@@ -200,45 +387,15 @@ void bs_lines(const uint16_t* act, int64_t T, int64_t lda, const uint16_t* packe
               const int64_t* ptr, const int64_t* idx, int64_t lines, int64_t b,
               const float* bias, uint16_t* out, int64_t ldo, int mode, uint16_t* aux,
               int nthreads) {
-  const int64_t MT = 48;  // tokens per task (8 micro-tiles)
-  const int64_t ntiles = (T + MT - 1) / MT, ntasks = lines * ntiles;
-  const int64_t cw = std::min<int64_t>(b, kCW), nr = cw / 16, bp = b / 2;
+  const int64_t ntiles = (T + kMT - 1) / kMT, ntasks = lines * ntiles;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> tile(MT * b);  // fp32 accumulators of one task
+    std::vector<float> tile(kMT * b);  // fp32 accumulators of one task
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntasks; ++task) {
-      const int64_t line = task / ntiles, t0 = (task % ntiles) * MT, t1 = std::min(T, t0 + MT);
-      const int64_t j0 = ptr[line], nseg = ptr[line + 1] - j0;
-      const float* bb = bias ? bias + line * b : nullptr;
-      for (int64_t m = t0; m < t1; ++m)  // the epilogue's rows are a whole row apart too
-        for (int64_t c = 0; c < b; c += 32) {
-          _mm_prefetch((const char*)(out + m * ldo + line * b + c), _MM_HINT_T1);
-          if (aux) _mm_prefetch((const char*)(aux + m * ldo + line * b + c), _MM_HINT_T1);
-        }
-      if (nseg == 0) {
-        std::fill(tile.begin(), tile.end(), 0.f);
-      } else {
-        for (int64_t n0 = 0; n0 < b; n0 += cw)
-          for (int64_t m = t0; m < t1; m += kMR) {
-            const int rows = (int)std::min<int64_t>(kMR, t1 - m);
-            float* o = tile.data() + (m - t0) * b + n0;
-            if (m + kMR < t1)  // prefetch the next micro-tile's A rows
-              for (int64_t s = 0; s < nseg; ++s)
-                for (int i = 0; i < kMR; ++i)
-                  for (int64_t c = 0; c < cw; c += 32)
-                    _mm_prefetch((const char*)(act + (m + kMR + i) * lda + idx[j0 + s] * b + n0 + c),
-                                 _MM_HINT_T0);
-            for (int64_t s = 0; s < nseg; ++s) {
-              const uint16_t* bpan = packed + (j0 + s) * b * b + (n0 / cw) * bp * cw * 2;
-              mkernel((int)nr, rows, bp, act + m * lda + idx[j0 + s] * b, lda, 2, bpan, 2 * cw,
-                      o, b, s > 0);
-            }
-          }
-      }
-      for (int64_t m = t0; m < t1; ++m)
-        epilogue(mode, out + m * ldo + line * b, tile.data() + (m - t0) * b, bb,
-                 aux ? aux + m * ldo + line * b : nullptr, (int)b);
+      const int64_t line = task / ntiles, t0 = (task % ntiles) * kMT;
+      line_task(act + t0 * lda, lda, packed, ptr, idx, line, b, std::min(kMT, T - t0),
+                tile.data(), mode, bias, out + t0 * ldo, ldo, aux ? aux + t0 * ldo : nullptr);
     }
   }
 }
@@ -247,48 +404,13 @@ void bs_lines(const uint16_t* act, int64_t T, int64_t lda, const uint16_t* packe
 // colsum (optional, fp32 [N]) receives the column sums of src (the bias gradient).
 void bs_pack_token_pairs(const uint16_t* s, int64_t T, int64_t N, int64_t b, uint16_t* d,
                          float* colsum, int nthreads) {
-  const int64_t Tp = (T + 1) / 2, nb = N / b;
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40,
-                                      8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-  const int64_t PT = 64;  // token pairs per task
-  const int64_t nchunks = (Tp + PT - 1) / PT;
-  std::vector<float> partial(colsum ? nchunks * N : 0, 0.f);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t task = 0; task < nchunks; ++task) {
-    const int64_t p1 = std::min(Tp, (task + 1) * PT);
-    float* cs = colsum ? partial.data() + task * N : nullptr;
-    for (int64_t p = task * PT; p < p1; ++p) {
-      const uint16_t* r0 = s + (2 * p) * N;
-      const bool has1 = 2 * p + 1 < T;
-      const uint16_t* r1 = s + (2 * p + 1) * N;
-      for (int64_t c = 0; c < N; c += 32) {
-        __m512i a = _mm512_loadu_si512((const void*)(r0 + c));
-        __m512i z = has1 ? _mm512_loadu_si512((const void*)(r1 + c)) : _mm512_setzero_si512();
-        const int64_t cb = c / b, ci = c % b;
-        uint16_t* o = d + ((cb * Tp + p) * b + ci) * 2;
-        _mm512_storeu_si512((void*)o, _mm512_permutex2var_epi16(a, lo, z));
-        _mm512_storeu_si512((void*)(o + 32), _mm512_permutex2var_epi16(a, hi, z));
-        if (cs) {  // bf16 -> fp32 is a 16-bit shift
-          const __m512i al = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(a));
-          const __m512i ah = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(a, 1));
-          const __m512i zl = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(z));
-          const __m512i zh = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(z, 1));
-          __m512 lo32 = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(al, 16)),
-                                      _mm512_castsi512_ps(_mm512_slli_epi32(zl, 16)));
-          __m512 hi32 = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(ah, 16)),
-                                      _mm512_castsi512_ps(_mm512_slli_epi32(zh, 16)));
-          _mm512_storeu_ps(cs + c, _mm512_add_ps(_mm512_loadu_ps(cs + c), lo32));
-          _mm512_storeu_ps(cs + c + 16, _mm512_add_ps(_mm512_loadu_ps(cs + c + 16), hi32));
-        }
-      }
-    }
-  }
-  if (colsum) {
-    for (int64_t c = 0; c < N; ++c) colsum[c] = 0.f;
-    for (int64_t k = 0; k < nchunks; ++k)
-      for (int64_t c = 0; c < N; ++c) colsum[c] += partial[k * N + c];
-  }
+  const int64_t ntiles = (T + 127) / 128;  // 128 tokens per task
+  std::vector<float> partial(colsum ? ntiles * N : 0, 0.f);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t k = 0; k < ntiles; ++k)
+    pack_pairs_rows(s + k * 128 * N, N, N, b, k * 128, std::min(T, (k + 1) * 128), T, d,
+                    colsum ? partial.data() + k * N : nullptr);
+  if (colsum) reduce_partials(partial, ntiles, N, colsum);
 }
 
 // Pack kept blocks of the dense weight W [out, in] (fp32: is_f32, else bf16) into VNNI bf16
@@ -298,12 +420,22 @@ void bs_pack_token_pairs(const uint16_t* s, int64_t T, int64_t N, int64_t b, uin
 void bs_pack_weight(const void* W, int is_f32, int64_t in_f, const int64_t* rows,
                     const int64_t* cols, int64_t nnzb, int64_t b, int transpose, uint16_t* out,
                     int nthreads) {
-  if (is_f32)
-    pack_weight_impl(static_cast<const float*>(W), in_f, rows, cols, nnzb, b, transpose, out,
-                     nthreads);
-  else
-    pack_weight_impl(static_cast<const uint16_t*>(W), in_f, rows, cols, nnzb, b, transpose, out,
-                     nthreads);
+  const PackJob job{W, is_f32, in_f, rows, cols, nnzb, b, transpose, out};
+  run_pack_jobs(&job, 1, nthreads);
+}
+
+// The four packings of an MLP (W1, W1 for grad-in, W2, W2 for grad-in) in one parallel region.
+void bs_pack_weights4(const void* w1, int f32_1, int64_t in1, const int64_t* rows1,
+                      const int64_t* cols1, const int64_t* crows1, const int64_t* ccols1,
+                      int64_t nnz1, int64_t b1, uint16_t* o1, uint16_t* o1t, const void* w2,
+                      int f32_2, int64_t in2, const int64_t* rows2, const int64_t* cols2,
+                      const int64_t* crows2, const int64_t* ccols2, int64_t nnz2, int64_t b2,
+                      uint16_t* o2, uint16_t* o2t, int nthreads) {
+  const PackJob jobs[4] = {{w1, f32_1, in1, rows1, cols1, nnz1, b1, 0, o1},
+                           {w1, f32_1, in1, crows1, ccols1, nnz1, b1, 1, o1t},
+                           {w2, f32_2, in2, rows2, cols2, nnz2, b2, 0, o2},
+                           {w2, f32_2, in2, crows2, ccols2, nnz2, b2, 1, o2t}};
+  run_pack_jobs(jobs, 4, nthreads);
 }
 
 // Dense-shaped weight gradient: dW[r, c] = dY_r^T X_c for kept blocks, zeros elsewhere.
@@ -312,53 +444,82 @@ void bs_pack_weight(const void* W, int is_f32, int64_t in_f, const int64_t* rows
 void bs_grad_weight(const uint16_t* dyp, const uint16_t* xp, int64_t Tp, const int64_t* crow,
                     const int64_t* col, int64_t out_f, int64_t in_f, int64_t b, int fp32_out,
                     void* grad, int nthreads) {
-  const int64_t nbr = out_f / b, nbc = in_f / b, nnzb = crow[nbr];
-  const int64_t cw = std::min<int64_t>(b, kCW), nr = cw / 16, esz = fp32_out ? 4 : 2;
-  const int64_t KC = 256;  // K (token-pair) chunk: keeps the B panel (KC x cw pairs) in L1
-  char* g = static_cast<char*>(grad);
-  std::vector<int64_t> row_of(nnzb);
-  for (int64_t r = 0; r < nbr; ++r)
-    for (int64_t j = crow[r]; j < crow[r + 1]; ++j) row_of[j] = r;
-  const int64_t nchunk = b / cw, ntasks = nnzb * nchunk + nbr;
+  GradJob job{dyp, xp, Tp, crow, col, out_f, in_f, b, fp32_out, static_cast<char*>(grad), {}};
+  run_grad_jobs(&job, 1, nthreads);
+}
+
+// Both weight gradients of an MLP in one parallel region (see bs_grad_weight).
+void bs_grad_weight2(const uint16_t* dyp1, const uint16_t* xp1, const int64_t* crow1,
+                     const int64_t* col1, int64_t out1, int64_t in1, int64_t b1, int f32_1,
+                     void* g1, const uint16_t* dyp2, const uint16_t* xp2, const int64_t* crow2,
+                     const int64_t* col2, int64_t out2, int64_t in2, int64_t b2, int f32_2,
+                     void* g2, int64_t Tp, int nthreads) {
+  GradJob jobs[2] = {
+      {dyp1, xp1, Tp, crow1, col1, out1, in1, b1, f32_1, static_cast<char*>(g1), {}},
+      {dyp2, xp2, Tp, crow2, col2, out2, in2, b2, f32_2, static_cast<char*>(g2), {}}};
+  run_grad_jobs(jobs, 2, nthreads);
+}
+
+// Fused sparse MLP forward, one parallel region over token tiles (no cross-tile dependency):
+// h = x W1^T + b1 (saved), g = gelu(h) (tile kept in L2, saved as token pairs gp with block b2
+// for dW2), y = g W2^T + b2. x [T, d]; w1p / w2p packed CSR of W1 [f, d] / W2 [d, f].
+void bs_mlp_forward(const uint16_t* x, int64_t T, int64_t d, int64_t f, const uint16_t* w1p,
+                    const int64_t* crow1, const int64_t* col1, int64_t b1, const float* bias1,
+                    const uint16_t* w2p, const int64_t* crow2, const int64_t* col2, int64_t b2,
+                    const float* bias2, uint16_t* h, uint16_t* gp, uint16_t* y, int nthreads) {
+  const int64_t ntiles = (T + kMT - 1) / kMT;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> tile(b * cw);
+    std::vector<float> tile(kMT * std::max(b1, b2));
+    std::vector<uint16_t> g(kMT * f);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < ntasks; ++task) {
-      if (task >= nnzb * nchunk) {  // zero the unkept blocks of one block-row
-        const int64_t r = task - nnzb * nchunk;
-        int64_t j = crow[r];
-        for (int64_t c = 0; c < nbc; ++c) {
-          if (j < crow[r + 1] && col[j] == c) {
-            ++j;
-            continue;
-          }
-          for (int64_t o = 0; o < b; ++o)
-            std::memset(g + ((r * b + o) * in_f + c * b) * esz, 0, b * esz);
-        }
-        continue;
-      }
-      const int64_t j = task / nchunk, n0 = (task % nchunk) * cw;
-      const int64_t r = row_of[j], c = col[j];
-      const uint16_t* A0 = dyp + r * Tp * b * 2;
-      const uint16_t* B0 = xp + c * Tp * b * 2 + n0 * 2;
-      for (int64_t k0 = 0; k0 < Tp; k0 += KC) {
-        const int64_t kp = std::min(KC, Tp - k0);
-        for (int64_t m = 0; m < b; m += kMR) {
-          const int rows = (int)std::min<int64_t>(kMR, b - m);
-          mkernel((int)nr, rows, kp, A0 + (k0 * b + m) * 2, 2, 2 * b, B0 + k0 * b * 2, 2 * b,
-                  tile.data() + m * cw, cw, k0 > 0);
-        }
-      }
-      for (int64_t m = 0; m < b; ++m) {
-        char* dst = g + ((r * b + m) * in_f + c * b + n0) * esz;
-        if (fp32_out)
-          std::memcpy(dst, tile.data() + m * cw, cw * 4);
-        else
-          store_bf16(reinterpret_cast<uint16_t*>(dst), tile.data() + m * cw, nullptr, (int)cw);
-      }
+    for (int64_t k = 0; k < ntiles; ++k) {
+      const int64_t t0 = k * kMT, n = std::min(kMT, T - t0);
+      for (int64_t line = 0; line < f / b1; ++line)
+        line_task(x + t0 * d, d, w1p, crow1, col1, line, b1, n, tile.data(), 1, bias1,
+                  g.data(), f, h + t0 * f);
+      pack_pairs_rows(g.data(), f, f, b2, t0, t0 + n, T, gp, nullptr);
+      for (int64_t line = 0; line < d / b2; ++line)
+        line_task(g.data(), f, w2p, crow2, col2, line, b2, n, tile.data(), 0, bias2, y + t0 * d,
+                  d, nullptr);
     }
   }
+}
+
+// Fused sparse MLP backward over token tiles (everything but the weight gradients):
+// dyp = pairs(dy) (block b2) and db2 = colsum(dy); dh = (dy W2) * gelu'(h) (tile in L2);
+// dhp = pairs(dh) (block b1) and db1 = colsum(dh); dx = dh W1; xp = pairs(x) (block b1).
+// w2t / w1t: packed CSC (transposed) of W2 / W1; db1 / db2 may be null.
+void bs_mlp_backward(const uint16_t* dy, const uint16_t* x, const uint16_t* h, int64_t T,
+                     int64_t d, int64_t f, const uint16_t* w2t, const int64_t* ccol2,
+                     const int64_t* crow2t, int64_t b2, const uint16_t* w1t,
+                     const int64_t* ccol1, const int64_t* crow1t, int64_t b1, uint16_t* dx,
+                     uint16_t* dyp, uint16_t* dhp, uint16_t* xp, float* db1, float* db2,
+                     int nthreads) {
+  const int64_t ntiles = (T + kMT - 1) / kMT;
+  std::vector<float> p1(db1 ? ntiles * f : 0, 0.f), p2(db2 ? ntiles * d : 0, 0.f);
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> tile(kMT * std::max(b1, b2));
+    std::vector<uint16_t> dh(kMT * f);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < ntiles; ++k) {
+      const int64_t t0 = k * kMT, n = std::min(kMT, T - t0);
+      pack_pairs_rows(dy + t0 * d, d, d, b2, t0, t0 + n, T, dyp,
+                      db2 ? p2.data() + k * d : nullptr);
+      for (int64_t line = 0; line < f / b2; ++line)
+        line_task(dy + t0 * d, d, w2t, ccol2, crow2t, line, b2, n, tile.data(), 2, nullptr,
+                  dh.data(), f, const_cast<uint16_t*>(h + t0 * f));
+      pack_pairs_rows(dh.data(), f, f, b1, t0, t0 + n, T, dhp,
+                      db1 ? p1.data() + k * f : nullptr);
+      for (int64_t line = 0; line < d / b1; ++line)
+        line_task(dh.data(), f, w1t, ccol1, crow1t, line, b1, n, tile.data(), 0, nullptr,
+                  dx + t0 * d, d, nullptr);
+      pack_pairs_rows(x + t0 * d, d, d, b1, t0, t0 + n, T, xp, nullptr);
+    }
+  }
+  if (db1) reduce_partials(p1, ntiles, f, db1);
+  if (db2) reduce_partials(p2, ntiles, d, db2);
 }
 
 }  // extern "C"

@@ -190,7 +190,13 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         _write_atomic(run_dir / "run.json", json.dumps(_provenance(dims, shape), indent=2))
 
     model = build_model(shape, dims.device, job.train.seed)
-    train_model = parallelize(model, dims, job.parallel, job.train.compile, log=log)
+    # One process: compile model + loss as one graph (the trainer does it). Under torchrun:
+    # compile block by block before FSDP/DDP wrap them, as torchtitan does.
+    compile_whole = job.train.compile and not dims.distributed
+    compile_blocks = job.train.compile and dims.distributed
+    train_model = parallelize(model, dims, job.parallel, compile_blocks, log=log)
+    if compile_whole:
+        log("torch.compile: model and loss as one graph")
     optimizer = build_optimizer(model, job.train, _lr_multiplier(shape, job.model.parametrization))
     schedule = LRSchedule(
         job.train.lr, plan.warmup_steps, plan.steps, job.train.min_lr_ratio, job.train.decay
@@ -225,6 +231,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         checkpoint_every=job.checkpoint.every,
         progress=job.log.progress and dims.is_main,
         callbacks=callbacks,
+        compile_loss=compile_whole,
     )
     shape_dict = dataclasses.asdict(shape)
 
@@ -253,7 +260,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         )
 
     if latest is not None:
-        _restore(latest, shape_dict, model, optimizer, trainer, loader, callbacks, log)
+        _restore(latest, shape_dict, model, trainer, log)
     if dims.is_main:  # only after the checkpoint proved loadable: a bad one changes nothing
         if resume:
             truncate_metrics(run_dir, trainer.state.step)
@@ -274,7 +281,9 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
     return summary
 
 
-def _restore(latest, shape_dict, model, optimizer, trainer, loader, callbacks, log) -> None:
+def _restore(latest, shape_dict, model, trainer: Trainer, log) -> None:
+    """Load model, optimizer, counters, loader position, LR schedule, RNG and callback state."""
+    optimizer, callbacks = trainer.optimizer, trainer.callbacks
     meta = ckpt.read_meta(latest)
     if meta.get("model_shape") != shape_dict:
         raise CheckpointError(
@@ -289,13 +298,25 @@ def _restore(latest, shape_dict, model, optimizer, trainer, loader, callbacks, l
     for cb in callbacks:
         cb.load_state_dict({**extra[f"cb.{cb.name}"], **meta["callbacks"][cb.name]})
     trainer.state.load_state_dict(meta["trainer"])
-    loader.load_state_dict(meta["loader"])
+    trainer.loader.load_state_dict(meta["loader"])
+    # warm-up, peak and floor as saved; the total follows the (possibly extended) plan
+    trainer.schedule.load_state_dict(meta["schedule"])
     log(f"resumed from {latest} (step {trainer.state.step}, {trainer.state.tokens:,} tokens)")
 
 
 def build_callbacks(job: JobConfig, model, optimizer, log) -> list[Callback]:
     """Optional components that join the training loop (see kiln.train.callbacks)."""
-    return []
+    callbacks: list[Callback] = []
+    if job.sparsity.enabled:
+        from kiln.sparsity.callback import Runtime, build_sparsity
+
+        dp = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        micro = job.train.micro_batch_size or max(1, job.train.batch_size // dp)
+        device = next(model.parameters()).device
+        tokens = micro * job.data.seq_len
+        runtime = Runtime(job.train.seed, job.train.max_steps, tokens, job.train.precision, device)
+        callbacks.append(build_sparsity(job.sparsity, model, optimizer, runtime, log))
+    return callbacks
 
 
 def _provenance(dims: ParallelDims, shape: GPTConfig) -> dict[str, Any]:
@@ -350,4 +371,9 @@ def _print_summary(summary: dict[str, Any], log) -> None:
         f"{val if val is None else round(val, 3)}"
     )
     if val is not None and uni is not None and math.isfinite(val):
-        log(f"validation unigram entropy {uni:.3f} nats → model is {uni - val:.3f} nats below it")
+        gap = uni - val
+        where = "below" if gap >= 0 else "above"
+        log(
+            f"validation unigram entropy {uni:.3f} nats; "
+            f"the validation loss is {abs(gap):.3f} nats {where} it"
+        )

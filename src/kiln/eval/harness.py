@@ -192,6 +192,8 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+NOTES = "<!-- notes -->"
+"""In a --markdown file, everything from this line on survives regeneration."""
 CEREBRAS_COLUMNS = [("hellaswag", "hellaswag", "acc"), ("piqa", "piqa", "acc"),
                     ("winogrande", "winogrande", "acc"), ("lambada acc", "lambada_openai", "acc"),
                     ("arc-e", "arc_easy", "acc"), ("arc-c", "arc_challenge", "acc"),
@@ -254,8 +256,11 @@ def run_eval_command(args, command: str) -> list[dict[str, Any]]:
             continue
         if out == args.json:
             text = json.dumps(reports[0] if len(reports) == 1 else reports, indent=2)
-        else:
+        else:  # keep a hand-written tail after the <!-- notes --> marker
             text = markdown_report(reports, command)
+            old = Path(out).read_text() if Path(out).is_file() else ""
+            if NOTES in old:
+                text += "\n" + old[old.index(NOTES) :].rstrip("\n")
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(f"{out}.tmp")
         tmp.write_text(text + "\n")

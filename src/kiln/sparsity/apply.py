@@ -110,16 +110,17 @@ def pick_kernel(
     """(kernel, fn for semi-2:4 else None, reason) for one layer at ``density``."""
     if density >= 1.0:
         return "dense", None, "mask keeps every weight"
-    block_backend = "block-cpp" if cpp_extension() is not None else "block-torch"
     if requested == "masked":
         return "masked", None, "sparsity.kernel is 'masked'"
     if requested == "block":
-        return block_backend, None, "sparsity.kernel is 'block'"
+        backend = "block-cpp" if cpp_extension() is not None else "block-torch"
+        return backend, None, "sparsity.kernel is 'block'"
     if precision != "bf16":
         return "masked", None, "fp32 training (the block kernel computes in bf16)"
     is_block = pattern == "block" and block_size % 32 == 0
     if not (is_block or pattern == "2:4"):
-        return "masked", None, f"no sparse kernel for pattern {pattern!r}"
+        detail = f"block size {block_size}" if pattern == "block" else f"pattern {pattern!r}"
+        return "masked", None, f"no sparse kernel for {detail}"
     name_pattern = f"block{block_size}" if is_block else pattern
     out_f, in_f = shape
     args = (out_f, in_f, tokens, name_pattern, density, torch.bfloat16, device)

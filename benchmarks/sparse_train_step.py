@@ -1,0 +1,133 @@
+"""Side by side: one full training step of cerebras-gpt-111m, dense vs 87.5% block-sparse.
+
+A step is what ``kiln train`` does: zero grads, forward under bf16 autocast (fp32 master
+weights), cross-entropy, backward, the sparsity callback's ``after_backward`` (mask the
+gradients), AdamW, ``after_optimizer_step`` (re-apply masks to weights and Adam moments). The
+sparse twin is the same model with every transformer-block matrix (attn wq/wk/wv/wo, mlp w1/w2)
+at 87.5% sparsity in balanced 32×32 blocks, applied from outside by kiln.sparsity
+(build_sparsity: SparseLinear sharing the Parameters, kernel chosen by choose_kernel).
+Embeddings, norms, biases and the tied 50257-way head stay dense, so the ideal speed-up is
+FLOPs_dense / FLOPs_sparse with FLOPs/token = 6 × (weights multiplied) + 12·L·S·d (attention).
+Variants are timed alternately, median of the rounds, so machine noise hits both alike.
+
+    .venv/bin/python benchmarks/sparse_train_step.py            # writes its BENCHMARKS.md section
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_section  # noqa: E402
+from kiln.config import SparsityConfig, TrainConfig  # noqa: E402
+from kiln.models.gpt import GPT, cross_entropy  # noqa: E402
+from kiln.models.presets import PRESETS  # noqa: E402
+from kiln.sparsity.callback import Runtime, build_sparsity  # noqa: E402
+from kiln.train.optim import build_optimizer  # noqa: E402
+
+
+def make(seed: int, sparse: SparsityConfig | None, tokens: int, log):
+    torch.manual_seed(seed)
+    model = GPT(PRESETS["cerebras-gpt-111m"])
+    model.init_weights()
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
+    callback = None
+    if sparse is not None:
+        runtime = Runtime(seed=seed, max_steps=1000, tokens=tokens, precision="bf16")
+        callback = build_sparsity(sparse, model, optimizer, runtime, log)
+    return model, optimizer, callback
+
+
+def step_fn(model, optimizer, callback, x, y):
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = cross_entropy(model(x), y)
+        loss.backward()
+        if callback is not None:
+            callback.after_backward(0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if callback is not None:
+            callback.after_optimizer_step(0)
+        return time.perf_counter() - start
+
+    return step
+
+
+def flops_per_token(callback, model, seq: int, sparse: bool) -> float:
+    cfg = model.config
+    attention = 12 * cfg.n_layers * seq * cfg.n_heads * cfg.d_head
+    m = callback.metrics(0)
+    return (m["flops_per_token_sparse"] if sparse else m["flops_per_token_dense"]) + attention
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--level", type=float, default=0.875)
+    parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--kernel", default="auto", help="auto, block or masked")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    tokens = args.batch * args.seq
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50257, (args.batch, args.seq), generator=gen)
+    y = torch.randint(0, 50257, (args.batch, args.seq), generator=gen)
+    choices: list[str] = []
+    sparse_cfg = SparsityConfig(
+        level=args.level, pattern="block", block_size=args.block, kernel=args.kernel
+    )
+    dense = make(0, None, tokens, print)
+    sparse = make(0, sparse_cfg, tokens, lambda m: (print(m), choices.append(m)))
+    steps = {"dense": step_fn(*dense, x, y), "sparse": step_fn(*sparse, x, y)}
+    for fn in steps.values():  # warm-up: first-call allocations, layouts, AdamW state
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name, fn in steps.items():
+            times[name].append(fn())
+        print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    cb = sparse[2]
+    f_dense = flops_per_token(cb, sparse[0], args.seq, sparse=False)
+    f_sparse = flops_per_token(cb, sparse[0], args.seq, sparse=True)
+    kernels = sorted({line.split("→ kernel ", 1)[1] for line in choices if "→ kernel" in line})
+    rows = [
+        "| variant | step (s, median) | tokens/s | speed-up | FLOPs/token (fwd+bwd) |",
+        "|---|---|---|---|---|",
+        f"| dense (bf16 autocast) | {med['dense']:.2f} | {tokens / med['dense']:,.0f} | 1.00× | "
+        f"{f_dense / 1e9:.3f} G |",
+        f"| {args.level:.1%} block-sparse, b={args.block} | {med['sparse']:.2f} | "
+        f"{tokens / med['sparse']:,.0f} | **{med['dense'] / med['sparse']:.2f}×** | "
+        f"{f_sparse / 1e9:.3f} G |",
+    ]
+    body = (
+        f"Full training step (fwd + bwd + AdamW, bf16 autocast, masks re-applied) of "
+        f"cerebras-gpt-111m, batch {args.batch} × seq {args.seq} = {tokens} tokens; all "
+        f"transformer-block matrices at {args.level:.1%} balanced {args.block}×{args.block} "
+        f"block sparsity vs its dense twin. Ideal (FLOP-ratio) speed-up "
+        f"{f_dense / f_sparse:.2f}× (the dense tied 50257-way head and attention remain). "
+        f"Median of {args.rounds} alternating rounds; per-round: "
+        + "; ".join(f"{n} " + ", ".join(f"{t:.2f}" for t in ts) for n, ts in times.items())
+        + ".\n\nKernels chosen: "
+        + "; ".join(kernels)
+        + "\n\n"
+        + "\n".join(rows)
+    )
+    print(body)
+    if not args.no_write:
+        write_section("sparse_train_step", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -347,9 +347,7 @@ def _parse_nm(pattern: str) -> tuple[int, int] | None:
         return None
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n <= m:
-        raise ConfigError(
-            f"sparsity.pattern is {pattern!r} but N:M needs 0 < N <= M (e.g. '2:4')."
-        )
+        raise ConfigError(f"sparsity.pattern is {pattern!r} but N:M needs 0 < N <= M (e.g. '2:4').")
     return n, m
 
 

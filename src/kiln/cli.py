@@ -348,7 +348,7 @@ def cmd_scale(argv: list[str]) -> int:
                                 "eval_batches", "mup_base_width", "seed", "checkpoint_every",
                                 "corpus", "parametrization", "precision", "cache_dir")},
     )  # fmt: skip
-    command = "kiln scale " + " ".join(argv)
+    command = " ".join(["kiln scale", *argv])
     if args.lr_sweep:
         from kiln.experiments.lr_sweep import run_lr_sweep
 
@@ -373,8 +373,8 @@ def _scale_predict(args) -> int:
         print(json.dumps(out))
     else:
         lo, hi = out["loss_5_95"]
-        print(f"C = {out['flops']:.3g} FLOPs → loss {out['loss']:.4f} (5–95%: {lo:.4f}–{hi:.4f}; "
-              f"fit {out['fit']})")  # fmt: skip
+        band = f"5–95%: {lo:.4f}–{hi:.4f}; " if hi > lo else ""
+        print(f"C = {out['flops']:.3g} FLOPs → loss {out['loss']:.4f} ({band}fit {out['fit']})")
     return 0
 
 
@@ -405,7 +405,7 @@ def cmd_mup(argv: list[str]) -> int:
     from kiln.experiments.coord_check import run_coord_check
 
     run_coord_check(_int_list("--widths", args.widths), steps=args.steps, out=args.out,
-                    seed=args.seed, command="kiln mup " + " ".join(argv))  # fmt: skip
+                    seed=args.seed, command=" ".join(["kiln mup", *argv]))  # fmt: skip
     return 0
 
 

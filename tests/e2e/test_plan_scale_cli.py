@@ -105,3 +105,24 @@ def test_scale_sweep_resumes_then_fits(kiln_env, corpus, tmp_path):
     assert pred.returncode == 0 and json.loads(pred.stdout)["loss"] > 0
     changed = kiln([*args, "--lr", "0.5"], kiln_env)
     assert_user_error(changed, "different lr")
+
+
+def test_fit_family_recovers_a_synthetic_law_and_fits_chinchilla_when_d_varies():
+    from kiln.experiments.scale import ScaleSettings, fit_family
+
+    s = ScaleSettings(widths=[16, 24, 32, 48, 64], tokens_per_param=[20.0, 5.0])
+    rows = []
+    for r in (20.0, 5.0):
+        for w in s.widths:
+            n = 24 * w * w
+            d = r * n
+            loss = 2.0 + 400 / n**0.5 + 300 / d**0.4
+            rows.append({"name": f"d{w}-r{r:g}", "width": w, "tokens_per_param": r,
+                         "params": n, "non_embedding_params": n, "tokens": d,
+                         "flops": 6.0 * n * d, "steps": 1, "final_val_loss": loss,
+                         "wall_s": 0.0})  # fmt: skip
+    out = fit_family(rows, s, n_bootstrap=20)
+    assert out["holdout"]["name"] == "d64-r20" and abs(out["holdout"]["error"]) < 0.02
+    ch = out["chinchilla"]
+    assert ch is not None and abs(ch["e"] - 2.0) < 0.3
+    assert abs(ch["holdout_predicted"] / out["holdout"]["loss"] - 1) < 0.01

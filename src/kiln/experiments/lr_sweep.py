@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_WIDTHS = (8, 32, 128)
-DEFAULT_LRS = tuple(2.0**k for k in range(-10, -3))
+DEFAULT_LRS = {
+    "sp": tuple(2.0**k for k in range(-10, -3)),
+    "mup": tuple(2.0**k for k in range(-7, 0)),
+}
+"""Powers of 2 around each parametrization's optimum (μP's constants move its optimum up)."""
 
 
 def _init_worker(corpus: str, vocab: int, seq_len: int, cache_dir: str) -> None:
@@ -70,7 +74,7 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
 
 def lr_sweep(
     widths=DEFAULT_WIDTHS, lrs=DEFAULT_LRS, *, corpus="builtin:all", vocab=1024, seq_len=64,
-    batch_size=8, steps=100, n_layers=2, heads=2, eval_batches=32, seed=0, cache_dir="",
+    batch_size=16, steps=200, n_layers=2, heads=2, eval_batches=32, seed=0, cache_dir="",
     workers=2, log=print,
 ) -> dict[str, Any]:  # fmt: skip
     """All runs; returns {'runs': [...], 'best': {param: {width: lr}}, 'shift_steps': ...}."""
@@ -80,7 +84,7 @@ def lr_sweep(
                   heads=heads, eval_batches=eval_batches, seed=seed,
                   base_width=min(widths))  # fmt: skip
     jobs = [dict(common, param=p, width=w, lr=lr) for w in sorted(widths, reverse=True)
-            for p in ("sp", "mup") for lr in lrs]  # fmt: skip
+            for p in ("sp", "mup") for lr in lrs[p]]  # fmt: skip
     ctx = mp.get_context("spawn")
     runs = []
     with ctx.Pool(workers, _init_worker, (corpus, vocab, seq_len, cache_dir)) as pool:
@@ -88,10 +92,10 @@ def lr_sweep(
             log(f"{r['param']:>3} width {r['width']:>4} lr 2^{math.log2(r['lr']):+.0f}: "
                 f"val loss {r['val_loss']:.4f}")  # fmt: skip
             runs.append(r)
-    return summarise(runs, sorted(widths), list(lrs))
+    return summarise(runs, sorted(widths), {p: list(v) for p, v in lrs.items()})
 
 
-def summarise(runs: list[dict], widths: list[int], lrs: list[float]) -> dict[str, Any]:
+def summarise(runs: list[dict], widths: list[int], lrs: dict[str, list[float]]) -> dict:
     best: dict[str, dict[int, float]] = {}
     for p in ("sp", "mup"):
         best[p] = {}

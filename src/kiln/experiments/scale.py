@@ -230,12 +230,14 @@ def fit_family(rows: list[dict[str, Any]], s: ScaleSettings, n_bootstrap: int = 
                                       "final_val_loss", "wall_s")} for r in rows],
         "compute_span": rows[-1]["flops"] / rows[0]["flops"],
         "chinchilla": None,
+        "chinchilla_note": "not fitted: every member has the same tokens/param, so N and D are "
+        "collinear; give several --tokens-per-param values to fit L(N, D)",
     }  # fmt: skip
     if len({r["tokens_per_param"] for r in fitted}) > 1 and len(fitted) >= 6:
         ch = fit_chinchilla([r["non_embedding_params"] for r in fitted],
                             [r["tokens"] for r in fitted],
                             [r["final_val_loss"] for r in fitted])  # fmt: skip
-        result["chinchilla"] = ch.to_dict()
+        result["chinchilla"], result["chinchilla_note"] = ch.to_dict(), "fitted on N_non-embedding"
         result["chinchilla"]["holdout_predicted"] = float(
             ch.predict(held["non_embedding_params"], held["tokens"])
         )
@@ -251,8 +253,7 @@ def _save(root: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> Non
     plot_fit(
         ([p["flops"] for p in pts], [p["final_val_loss"] for p in pts]), fit,
         root / "scaling.png", holdout=(h["flops"], h["loss"]),
-        title=f"kiln scale: {len(rows)} members, held out {h['name']} "
-              f"(prediction error {h['error']:+.2%})",
+        title=f"kiln scale: {len(rows)} members; held-out error {h['error']:+.2%}",
     )  # fmt: skip
     _atomic_write_json(root / "fit.json", result)
 

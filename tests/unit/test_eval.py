@@ -212,3 +212,16 @@ def test_markdown_report_is_cerebras_style():
         "| Model | Params | hellaswag | piqa | winogrande | lambada acc | arc-e | arc-c |" in text
     )
     assert "| m1 | 1.5M | 0.500 |" in text and "kiln eval /x/m1 --tasks ..." in text
+
+
+def test_rolling_task_reports_word_byte_token_perplexity(tok, tmp_path):
+    (tmp_path / "a.txt").write_text("the cat sat on the mat.")
+    (tmp_path / "b.txt").write_text("a dog ran in the park and the cat ran too.")
+    task = tasks.resolve(f"ppl:{tmp_path}")
+    s = Scorer(_model(tok, max_seq_len=8), tok)
+    res = harness.score_rolling(s, task, None)
+    texts = ["the cat sat on the mat.", "a dog ran in the park and the cat ran too."]
+    ll = sum(s.loglikelihood_rolling(texts)[i][0] for i in range(2))
+    assert res["word_perplexity"] == pytest.approx(math.exp(-ll / 17))  # 6 + 11 words
+    assert res["byte_perplexity"] == pytest.approx(math.exp(-ll / sum(map(len, texts))))
+    assert res["bits_per_byte"] == pytest.approx(-ll / sum(map(len, texts)) / math.log(2))

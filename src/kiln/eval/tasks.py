@@ -12,7 +12,7 @@ Every task turns a raw document (one JSON line of the cached Hugging Face split)
 * cloze (lambada_openai): context = text without its last word, continuation = " " + last word;
   ``acc`` = the greedy continuation equals it, ``perplexity`` = exp(-mean log-likelihood).
 * rolling perplexity (``ppl:FILE``): word / byte / token perplexity of documents in a .txt,
-  .jsonl (field "text") or a folder of .txt files.
+  .jsonl (field "text"), a folder of .txt files, or a Kiln corpus (``ppl:builtin:sotu``).
 * a user task: ``path/to/task.yaml`` (or .json) describing a JSONL file (see :func:`user_task`).
 
 Few-shot examples are rendered as lm-eval does: ``text + delimiter + gold`` joined by "\\n\\n".
@@ -187,7 +187,9 @@ def resolve(name: str) -> Task:
     """A Task for a built-in name, ``ppl:PATH`` or a task description file."""
     if name.startswith("ppl:"):
         path = Path(name[4:]).expanduser()
-        if not path.exists():
+        if name.startswith("ppl:builtin:"):  # a Kiln corpus (kiln.data.corpus), e.g. sotu
+            path = Path(name[4:])
+        elif not path.exists():
             raise KilnError(f"perplexity source {path} does not exist.")
         return Task(name, "rolling", None, ("word_perplexity", "byte_perplexity",
                     "bits_per_byte", "token_perplexity"), source=path)  # fmt: skip
@@ -275,7 +277,12 @@ def load_docs(task: Task, split: str) -> list[dict]:
 
 
 def rolling_documents(path: Path) -> list[str]:
-    """Texts for rolling perplexity: a .txt file (one document), .jsonl ("text"), or a folder."""
+    """Texts for rolling perplexity: a .txt file (one document), .jsonl ("text"), a folder of
+    .txt files, or a built-in Kiln corpus (``builtin:NAME``)."""
+    if str(path).startswith("builtin:"):
+        from kiln.data.corpus import load_documents
+
+        return [d.text for d in load_documents(str(path))]
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:

@@ -1,0 +1,215 @@
+"""ctypes front of ``csrc/block_sparse.cpp``: build once (seconds), call with tensors.
+
+The C++ file has a plain C ABI and includes no torch headers, so it compiles with ``g++`` in a
+few seconds (a torch extension with pybind took ~47 s) and does not depend on the torch ABI.
+Tensors are allocated here and passed as pointers. Loaded after torch, the library's
+``libgomp.so.1`` resolves to the copy torch already loaded, so its OpenMP regions share torch's
+intra-op thread pool. :func:`kiln.sparsity.kernels.cpp_extension` decides whether to use it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from kiln.sparsity.kernels import BlockLayout
+
+__all__ = ["CSRC", "CppKernels", "build_library"]
+
+CSRC = Path(__file__).parent / "csrc" / "block_sparse.cpp"
+_FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
+_FLAGS += ["-mavx512bf16"]
+
+
+def build_library() -> Path:
+    """Compile csrc/block_sparse.cpp (plain C ABI, no torch headers: a few seconds) once.
+
+    The shared object is cached under ``$KILN_EXTENSIONS_DIR`` (default
+    ``~/.cache/kiln/torch_extensions``), named by a hash of the source, compiler and flags, and
+    written to a temporary name first so concurrent first uses never see a half-written file.
+    """
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
+    digest = hashlib.sha1(CSRC.read_bytes() + " ".join([cxx, *_FLAGS]).encode()).hexdigest()
+    root = Path(os.environ.get("KILN_EXTENSIONS_DIR", "~/.cache/kiln/torch_extensions"))
+    lib = root.expanduser() / f"kiln_block_sparse_{digest[:12]}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([cxx, *_FLAGS, str(CSRC), "-o", str(tmp)], check=True, capture_output=True)
+        tmp.replace(lib)
+    return lib
+
+
+class CppKernels:
+    """ctypes front of the compiled kernels: tensors in, tensors out (allocated here).
+
+    Loading after torch makes the library's ``libgomp.so.1`` resolve to torch's copy, so the
+    kernels' OpenMP regions share torch's intra-op thread pool.
+    """
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        sig = {
+            "bs_lines": [p, i64, i64, p, p, p, i64, i64, p, p, i64, i32, p, i32],
+            "bs_pack_token_pairs": [p, i64, i64, i64, p, p, i32],
+            "bs_pack_weight": [p, i32, i64, p, p, i64, i64, i32, p, i32],
+            "bs_grad_weight": [p, p, i64, p, p, i64, i64, i64, i32, p, i32],
+            "bs_pack_weight2": [p, i32, i64, p, p, p, p, i64, i64, p, p, i32],
+            "bs_linear_backward": [p, p, i64, i64, i64, p, p, p, i64, p, p, p, p, i32],
+            "bs_pack_weights4": [p, i32, i64, p, p, p, p, i64, i64, p, p] * 2 + [i32],
+            "bs_grad_weight2": [p, p, p, p, i64, i64, i64, i32, p] * 2 + [i64, i32],
+            "bs_mlp_forward": [p, i64, i64, i64] + [p, p, p, i64, p] * 2 + [p, p, p, i32],
+            "bs_mlp_backward": [p, p, p, i64, i64, i64] + [p, p, p, i64] * 2 + [p] * 6 + [i32],
+        }
+        for name, args in sig.items():
+            getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+        self.lib = lib
+
+    def pack_weight(self, w: torch.Tensor, rows, cols, b: int, transpose: bool) -> torch.Tensor:
+        """Kept blocks (rows[j], cols[j]) of w [out, in] as VNNI bf16 panels [nnzb, b*b]."""
+        if w.dtype not in (torch.float32, torch.bfloat16):
+            w = w.float()
+        w = w.contiguous()
+        out = torch.empty(rows.numel(), b * b, dtype=torch.bfloat16)
+        is_f32 = int(w.dtype == torch.float32)
+        self.lib.bs_pack_weight(
+            w.data_ptr(), is_f32, w.shape[1], rows.data_ptr(), cols.data_ptr(), rows.numel(),
+            b, int(transpose), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def lines(self, act, packed, ptr, idx, bias, out_cols: int, b: int, mode=0, aux=None):
+        """out[t, line] = sum over the line's blocks of act[t, idx-block] @ packed (+ bias).
+
+        mode 1: aux receives the pre-activation and out its GELU; mode 2: out is multiplied
+        by GELU'(aux) (the GELU backward fused into grad-input).
+        """
+        out = torch.empty(act.shape[0], out_cols, dtype=torch.bfloat16)
+        self.lib.bs_lines(
+            act.data_ptr(), act.shape[0], act.shape[1], packed.data_ptr(), ptr.data_ptr(),
+            idx.data_ptr(), out_cols // b, b, 0 if bias is None else bias.data_ptr(),
+            out.data_ptr(), out_cols, mode, 0 if aux is None else aux.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def token_pairs(self, src: torch.Tensor, b: int, colsum: torch.Tensor | None = None):
+        """[T, N] bf16 -> [N/b, ceil(T/2), b, 2]; optionally column sums into colsum (fp32)."""
+        T, N = src.shape
+        out = torch.empty(N // b, (T + 1) // 2, b, 2, dtype=torch.bfloat16)
+        self.lib.bs_pack_token_pairs(
+            src.data_ptr(), T, N, b, out.data_ptr(),
+            0 if colsum is None else colsum.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def grad_weight(self, dyp, xp, lay: BlockLayout, fp32: bool) -> torch.Tensor:
+        """Dense-shaped dW, kept blocks computed, zeros written elsewhere in the same pass."""
+        grad = torch.empty(lay.out_features, lay.in_features, dtype=_F32 if fp32 else _BF16)
+        self.lib.bs_grad_weight(
+            dyp.data_ptr(), xp.data_ptr(), dyp.shape[1], lay.crow.data_ptr(),
+            lay.cols.data_ptr(), lay.out_features, lay.in_features, lay.block_size, int(fp32),
+            grad.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return grad
+
+    def pack_both(self, w, lay: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W packed for the forward, W packed for grad-input) in one parallel region."""
+        w = (w if w.dtype in (_F32, _BF16) else w.float()).contiguous()
+        nnzb, b = lay.rows.numel(), lay.block_size
+        out, out_t = (torch.empty(nnzb, b * b, dtype=_BF16) for _ in range(2))
+        self.lib.bs_pack_weight2(
+            w.data_ptr(), int(w.dtype == _F32), w.shape[1], lay.rows.data_ptr(),
+            lay.cols.data_ptr(), lay.csc_rows.data_ptr(), lay.csc_cols.data_ptr(), nnzb, b,
+            out.data_ptr(), out_t.data_ptr(), _threads(),
+        )  # fmt: skip
+        return out, out_t
+
+    def linear_backward(self, dy2, x2, wt, lay: BlockLayout, need_x, need_w, need_b):
+        """(dx, dyp, xp, db) over token tiles in one region; db only with need_w."""
+        T, b, Tp = dy2.shape[0], lay.block_size, (dy2.shape[0] + 1) // 2
+        dx = torch.empty(T, lay.in_features, dtype=_BF16) if need_x else None
+        dyp = torch.empty(lay.out_features // b, Tp, b, 2, dtype=_BF16) if need_w else None
+        xp = torch.empty(lay.in_features // b, Tp, b, 2, dtype=_BF16) if need_w else None
+        db = torch.empty(lay.out_features, dtype=_F32) if need_w and need_b else None
+        ptrs = [0 if t is None else t.data_ptr() for t in (dx, dyp, xp, db)]
+        self.lib.bs_linear_backward(
+            dy2.data_ptr(), x2.data_ptr(), T, lay.in_features, lay.out_features, wt.data_ptr(),
+            lay.ccol.data_ptr(), lay.csc_rows.data_ptr(), b, *ptrs, _threads(),
+        )  # fmt: skip
+        return dx, dyp, xp, db
+
+    def pack_mlp(self, w1, lay1: BlockLayout, w2, lay2: BlockLayout) -> list[torch.Tensor]:
+        """[W1, W1 for grad-in, W2, W2 for grad-in] packed in one parallel region."""
+        args, outs = [], []
+        for w, lay in ((w1, lay1), (w2, lay2)):
+            w = (w if w.dtype in (_F32, _BF16) else w.float()).contiguous()
+            nnzb, b = lay.rows.numel(), lay.block_size
+            pair = [torch.empty(nnzb, b * b, dtype=_BF16) for _ in range(2)]
+            args += [w.data_ptr(), int(w.dtype == _F32), w.shape[1], lay.rows.data_ptr()]
+            args += [lay.cols.data_ptr(), lay.csc_rows.data_ptr(), lay.csc_cols.data_ptr()]
+            args += [nnzb, b, pair[0].data_ptr(), pair[1].data_ptr()]
+            outs += pair
+        self.lib.bs_pack_weights4(*args, torch.get_num_threads())
+        return outs
+
+    def mlp_forward(self, x2, w1p, lay1, b1, w2p, lay2, b2):
+        """(y, h, gp): one parallel region over token tiles, GELU fused, g kept in L2."""
+        T, (d, f) = x2.shape[0], (lay1.in_features, lay1.out_features)
+        h, y = torch.empty(T, f, dtype=_BF16), torch.empty(T, d, dtype=_BF16)
+        gp = torch.empty(f // lay2.block_size, (T + 1) // 2, lay2.block_size, 2, dtype=_BF16)
+        args = [x2.data_ptr(), T, d, f]
+        for wp, lay, bias in ((w1p, lay1, b1), (w2p, lay2, b2)):
+            args += [wp.data_ptr(), lay.crow.data_ptr(), lay.cols.data_ptr(), lay.block_size]
+            args += [0 if bias is None else bias.data_ptr()]
+        self.lib.bs_mlp_forward(*args, h.data_ptr(), gp.data_ptr(), y.data_ptr(), _threads())
+        return y, h, gp
+
+    def mlp_backward(self, dy2, x2, h, w1t, lay1, w2t, lay2, need_b1, need_b2):
+        """(dx, dyp, dhp, xp, db1, db2) over token tiles; dW comes from grad_weight2."""
+        T, (d, f), (b1, b2) = x2.shape[0], (lay1.in_features, lay1.out_features), _bs(lay1, lay2)
+        Tp = (T + 1) // 2
+        dx = torch.empty(T, d, dtype=_BF16)
+        dyp = torch.empty(d // b2, Tp, b2, 2, dtype=_BF16)
+        dhp = torch.empty(f // b1, Tp, b1, 2, dtype=_BF16)
+        xp = torch.empty(d // b1, Tp, b1, 2, dtype=_BF16)
+        db1 = torch.empty(f, dtype=_F32) if need_b1 else None
+        db2 = torch.empty(d, dtype=_F32) if need_b2 else None
+        args = [dy2.data_ptr(), x2.data_ptr(), h.data_ptr(), T, d, f]
+        for wt, lay in ((w2t, lay2), (w1t, lay1)):
+            args += [wt.data_ptr(), lay.ccol.data_ptr(), lay.csc_rows.data_ptr(), lay.block_size]
+        args += [t.data_ptr() for t in (dx, dyp, dhp, xp)]
+        args += [0 if t is None else t.data_ptr() for t in (db1, db2)]
+        self.lib.bs_mlp_backward(*args, _threads())
+        return dx, dyp, dhp, xp, db1, db2
+
+    def grad_weight2(self, dyp1, xp1, lay1, f32_1, dyp2, xp2, lay2, f32_2):
+        """Both MLP weight gradients (dense-shaped, zeros outside kept blocks), one region."""
+        args, grads = [], []
+        for dyp, xp, lay, fp32 in ((dyp1, xp1, lay1, f32_1), (dyp2, xp2, lay2, f32_2)):
+            g = torch.empty(lay.out_features, lay.in_features, dtype=_F32 if fp32 else _BF16)
+            args += [dyp.data_ptr(), xp.data_ptr(), lay.crow.data_ptr(), lay.cols.data_ptr()]
+            args += [lay.out_features, lay.in_features, lay.block_size, int(fp32), g.data_ptr()]
+            grads.append(g)
+        self.lib.bs_grad_weight2(*args, dyp1.shape[1], _threads())
+        return grads
+
+
+_F32, _BF16 = torch.float32, torch.bfloat16
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _bs(*layouts: BlockLayout) -> tuple[int, ...]:
+    return tuple(lay.block_size for lay in layouts)

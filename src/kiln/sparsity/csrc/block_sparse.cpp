@@ -195,19 +195,21 @@ void pack_block(const T* W, int64_t in_f, int64_t row, int64_t col, int64_t b, i
   const int64_t cw = std::min<int64_t>(b, kCW), bp = b / 2;
   const T* blk = W + row * b * in_f + col * b;
   uint32_t* o = reinterpret_cast<uint32_t*>(out);
-  if (transpose) {  // pair (W[2p, n], W[2p + 1, n]): two rows interleaved, rows contiguous
-    for (int64_t p = 0; p < bp; ++p) {
-      const T* r0 = blk + 2 * p * in_f;
-      const T* r1 = r0 + in_f;
-      for (int64_t n = 0; n < b; ++n)
-        o[((n / cw) * bp + p) * cw + n % cw] = bits(r0[n]) | (uint32_t)bits(r1[n]) << 16;
-    }
-  } else {  // pair (W[n, 2p], W[n, 2p + 1]): consecutive elements of row n
-    for (int64_t n = 0; n < b; ++n) {
-      const T* r = blk + n * in_f;
-      uint32_t* on = o + (n / cw) * bp * cw + n % cw;
-      for (int64_t p = 0; p < bp; ++p)
-        on[p * cw] = bits(r[2 * p]) | (uint32_t)bits(r[2 * p + 1]) << 16;
+  for (int64_t n0 = 0; n0 < b; n0 += cw) {  // one 64-column panel at a time (no divisions)
+    uint32_t* panel = o + (n0 / cw) * bp * cw;
+    if (transpose) {  // pair (W[2p, n], W[2p + 1, n]): two rows interleaved, rows contiguous
+      for (int64_t p = 0; p < bp; ++p) {
+        const T* r0 = blk + 2 * p * in_f + n0;
+        const T* r1 = r0 + in_f;
+        uint32_t* op = panel + p * cw;
+        for (int64_t n = 0; n < cw; ++n) op[n] = bits(r0[n]) | (uint32_t)bits(r1[n]) << 16;
+      }
+    } else {  // pair (W[n, 2p], W[n, 2p + 1]): consecutive elements of row n
+      for (int64_t n = 0; n < cw; ++n) {
+        const T* r = blk + (n0 + n) * in_f;
+        for (int64_t p = 0; p < bp; ++p)
+          panel[p * cw + n] = bits(r[2 * p]) | (uint32_t)bits(r[2 * p + 1]) << 16;
+      }
     }
   }
 }
@@ -266,7 +268,8 @@ void pack_pairs_rows(const uint16_t* src, int64_t lds, int64_t N, int64_t b, int
     for (int64_t c = 0; c < N; c += 32) {
       const __m512i a = _mm512_loadu_si512((const void*)(r0 + c));
       const __m512i z = has1 ? _mm512_loadu_si512((const void*)(r1 + c)) : _mm512_setzero_si512();
-      uint16_t* o = dst + (((c / b) * Tp + p) * b + c % b) * 2;
+      const int64_t cb = b == 64 ? c >> 6 : b == 128 ? c >> 7 : c / b;  // no idiv for 64, 128
+      uint16_t* o = dst + ((cb * Tp + p) * b + (c - cb * b)) * 2;
       _mm512_storeu_si512((void*)o, _mm512_permutex2var_epi16(a, lo, z));
       _mm512_storeu_si512((void*)(o + 32), _mm512_permutex2var_epi16(a, hi, z));
       if (colsum) {  // bf16 -> fp32 is a 16-bit shift

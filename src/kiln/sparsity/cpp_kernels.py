@@ -65,10 +65,13 @@ class CppKernels:
             "bs_grad_weight": [p, p, i64, p, p, i64, i64, i64, i32, p, i32],
             "bs_pack_weight2": [p, i32, i64, p, p, p, p, i64, i64, p, p, i32],
             "bs_linear_backward": [p, p, i64, i64, i64, p, p, p, i64, p, p, p, p, i32],
-            "bs_pack_weights4": [p, i32, i64, p, p, p, p, i64, i64, p, p] * 2 + [i32],
-            "bs_grad_weight2": [p, p, p, p, i64, i64, i64, i32, p] * 2 + [i64, i32],
-            "bs_mlp_forward": [p, i64, i64, i64] + [p, p, p, i64, p] * 2 + [p, p, p, i32],
-            "bs_mlp_backward": [p, p, p, i64, i64, i64] + [p, p, p, i64] * 2 + [p] * 6 + [i32],
+            "bs_mlp_forward": [p, i64, i64, i64]
+            + [p, i32, p, p, p, p, p, i64, p, p, p] * 2
+            + [p, p, p, i32],
+            "bs_mlp_backward": [p, p, p, p, i64, i64, i64]
+            + [p, p, p, p, p, i64, i32, p] * 2
+            + [p] * 6
+            + [i32],
         }
         for name, args in sig.items():
             getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
@@ -148,60 +151,47 @@ class CppKernels:
         )  # fmt: skip
         return dx, dyp, xp, db
 
-    def pack_mlp(self, w1, lay1: BlockLayout, w2, lay2: BlockLayout) -> list[torch.Tensor]:
-        """[W1, W1 for grad-in, W2, W2 for grad-in] packed in one parallel region."""
-        args, outs = [], []
-        for w, lay in ((w1, lay1), (w2, lay2)):
-            w = (w if w.dtype in (_F32, _BF16) else w.float()).contiguous()
-            nnzb, b = lay.rows.numel(), lay.block_size
-            pair = [torch.empty(nnzb, b * b, dtype=_BF16) for _ in range(2)]
-            args += [w.data_ptr(), int(w.dtype == _F32), w.shape[1], lay.rows.data_ptr()]
-            args += [lay.cols.data_ptr(), lay.csc_rows.data_ptr(), lay.csc_cols.data_ptr()]
-            args += [nnzb, b, pair[0].data_ptr(), pair[1].data_ptr()]
-            outs += pair
-        self.lib.bs_pack_weights4(*args, torch.get_num_threads())
-        return outs
-
-    def mlp_forward(self, x2, w1p, lay1, b1, w2p, lay2, b2):
-        """(y, h, gp): one parallel region over token tiles, GELU fused, g kept in L2."""
+    def mlp_forward(self, x2, w1, lay1: BlockLayout, b1, w2, lay2: BlockLayout, b2):
+        """(y, h, gp, w1t, w2t) in one parallel region: pack W1, W2 (both orientations), then
+        token tiles with the GELU fused and g kept in L2 (gp: g as token pairs, for dW2)."""
         T, (d, f) = x2.shape[0], (lay1.in_features, lay1.out_features)
         h, y = torch.empty(T, f, dtype=_BF16), torch.empty(T, d, dtype=_BF16)
         gp = torch.empty(f // lay2.block_size, (T + 1) // 2, lay2.block_size, 2, dtype=_BF16)
-        args = [x2.data_ptr(), T, d, f]
-        for wp, lay, bias in ((w1p, lay1, b1), (w2p, lay2, b2)):
-            args += [wp.data_ptr(), lay.crow.data_ptr(), lay.cols.data_ptr(), lay.block_size]
-            args += [0 if bias is None else bias.data_ptr()]
+        args, alive = [x2.data_ptr(), T, d, f], []  # alive: every tensor passed by pointer
+        for w, lay, bias in ((w1, lay1, b1), (w2, lay2, b2)):
+            w = (w if w.dtype in (_F32, _BF16) else w.float()).contiguous()
+            wp, wt = (torch.empty(lay.rows.numel(), lay.block_size**2, dtype=_BF16) for _ in "pt")
+            args += [w.data_ptr(), int(w.dtype == _F32)]
+            args += [t.data_ptr() for t in (lay.crow, lay.rows, lay.cols, lay.csc_rows)]
+            args += [lay.csc_cols.data_ptr(), lay.block_size]
+            args += [0 if bias is None else bias.data_ptr(), wp.data_ptr(), wt.data_ptr()]
+            alive += [w, wp, wt]
         self.lib.bs_mlp_forward(*args, h.data_ptr(), gp.data_ptr(), y.data_ptr(), _threads())
-        return y, h, gp
+        return y, h, gp, alive[2], alive[5]
 
-    def mlp_backward(self, dy2, x2, h, w1t, lay1, w2t, lay2, need_b1, need_b2):
-        """(dx, dyp, dhp, xp, db1, db2) over token tiles; dW comes from grad_weight2."""
+    def mlp_backward(self, dy2, x2, h, gp, w1t, lay1, w2t, lay2, need_w, f32s, need_b):
+        """(dx, dw1, dw2, db1, db2) in one parallel region: token tiles, then both dW."""
         T, (d, f), (b1, b2) = x2.shape[0], (lay1.in_features, lay1.out_features), _bs(lay1, lay2)
         Tp = (T + 1) // 2
         dx = torch.empty(T, d, dtype=_BF16)
         dyp = torch.empty(d // b2, Tp, b2, 2, dtype=_BF16)
         dhp = torch.empty(f // b1, Tp, b1, 2, dtype=_BF16)
         xp = torch.empty(d // b1, Tp, b1, 2, dtype=_BF16)
-        db1 = torch.empty(f, dtype=_F32) if need_b1 else None
-        db2 = torch.empty(d, dtype=_F32) if need_b2 else None
-        args = [dy2.data_ptr(), x2.data_ptr(), h.data_ptr(), T, d, f]
-        for wt, lay in ((w2t, lay2), (w1t, lay1)):
-            args += [wt.data_ptr(), lay.ccol.data_ptr(), lay.csc_rows.data_ptr(), lay.block_size]
+        dw1, dw2 = (
+            torch.empty(lay.out_features, lay.in_features, dtype=_F32 if fp32 else _BF16)
+            if need_w
+            else None
+            for lay, fp32 in zip((lay1, lay2), f32s)
+        )
+        db1, db2 = (torch.empty(n, dtype=_F32) if nb else None for n, nb in zip((f, d), need_b))
+        args = [dy2.data_ptr(), x2.data_ptr(), h.data_ptr(), gp.data_ptr(), T, d, f]
+        for wt, lay, fp32, dw in ((w2t, lay2, f32s[1], dw2), (w1t, lay1, f32s[0], dw1)):
+            args += [t.data_ptr() for t in (wt, lay.ccol, lay.csc_rows, lay.crow, lay.cols)]
+            args += [lay.block_size, int(fp32), 0 if dw is None else dw.data_ptr()]
         args += [t.data_ptr() for t in (dx, dyp, dhp, xp)]
         args += [0 if t is None else t.data_ptr() for t in (db1, db2)]
         self.lib.bs_mlp_backward(*args, _threads())
-        return dx, dyp, dhp, xp, db1, db2
-
-    def grad_weight2(self, dyp1, xp1, lay1, f32_1, dyp2, xp2, lay2, f32_2):
-        """Both MLP weight gradients (dense-shaped, zeros outside kept blocks), one region."""
-        args, grads = [], []
-        for dyp, xp, lay, fp32 in ((dyp1, xp1, lay1, f32_1), (dyp2, xp2, lay2, f32_2)):
-            g = torch.empty(lay.out_features, lay.in_features, dtype=_F32 if fp32 else _BF16)
-            args += [dyp.data_ptr(), xp.data_ptr(), lay.crow.data_ptr(), lay.cols.data_ptr()]
-            args += [lay.out_features, lay.in_features, lay.block_size, int(fp32), g.data_ptr()]
-            grads.append(g)
-        self.lib.bs_grad_weight2(*args, dyp1.shape[1], _threads())
-        return grads
+        return dx, dw1, dw2, db1, db2
 
 
 _F32, _BF16 = torch.float32, torch.bfloat16

@@ -29,7 +29,7 @@ Backends (same layout, same numbers up to bf16 rounding):
 
 :func:`block_sparse_mlp` (``W2 gelu(W1 x + b1) + b2``, both weights block-sparse) fuses the
 exact GELU into the C++ kernels' epilogues and runs fc1 -> fc2 per token tile with the hidden
-activations in L2: 4 parallel regions per fwd+bwd (see :class:`BlockSparseMLPFn`).
+activations in L2: 2 parallel regions per fwd+bwd (see :class:`BlockSparseMLPFn`).
 
 Also here: :func:`masked_linear` (dense times mask, the always-valid fallback), 2:4
 semi-structured on CUDA (guarded), and :func:`choose_kernel`, which times the candidates once
@@ -311,21 +311,21 @@ class BlockSparseLinearFn(torch.autograd.Function):
 class BlockSparseMLPFn(torch.autograd.Function):
     """``W2 gelu(W1 x + b1) + b2`` over kept blocks, fused in the C++ kernels.
 
-    Four parallel regions per step instead of ~14: pack all weights; forward over token tiles
-    (fc1 with bias and exact GELU in its epilogue, g kept in L2 and consumed by fc2 at once);
-    backward over token tiles (fc2 grad-in times gelu'(h), fc1 grad-in, token-pair packing and
-    bias gradients on the way); both weight gradients. Saved: x, h (pre-activation) and g as
-    token pairs, as the dense autograd graph saves x, h and g. Each region costs a wake-up of
-    the worker threads, which on a loaded machine can be longer than the region's work.
+    Two parallel regions per step instead of ~14. Forward: pack both weights (for forward and
+    grad-input), then token tiles (fc1 with bias and exact GELU in its epilogue, g kept in L2
+    and consumed by fc2 at once). Backward: token tiles (fc2 grad-in times gelu'(h), fc1
+    grad-in, token-pair packing and bias gradients on the way), then both weight gradients.
+    Saved: x, h (pre-activation) and g as token pairs, as the dense autograd graph saves x, h
+    and g. Each region costs a wake-up of the worker threads, which on a loaded machine can be
+    longer than the region's work.
     """
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, lay1: BlockLayout, lay2: BlockLayout):
         ext = cpp_extension()
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-        w1p, w1t, w2p, w2t = ext.pack_mlp(w1, lay1, w2, lay2)
         c1, c2 = (None if c is None else c.float().contiguous() for c in (b1, b2))
-        y, h, gp = ext.mlp_forward(x2, w1p, lay1, c1, w2p, lay2, c2)
+        y, h, gp, w1t, w2t = ext.mlp_forward(x2, w1, lay1, c1, w2, lay2, c2)
         ctx.save_for_backward(x2, h, gp, w1t, w2t)
         ctx.layouts, ctx.x_dtype, ctx.w_dtypes = (lay1, lay2), x.dtype, (w1.dtype, w2.dtype)
         ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
@@ -337,12 +337,12 @@ class BlockSparseMLPFn(torch.autograd.Function):
         (lay1, lay2), ext, (dt1, dt2) = ctx.layouts, cpp_extension(), ctx.w_dtypes
         nx, nw1, nb1, nw2, nb2 = ctx.needs_input_grad[:5]
         dy2 = grad.reshape(-1, lay2.out_features).to(torch.bfloat16).contiguous()
-        dx, dyp, dhp, xp, db1, db2 = ext.mlp_backward(dy2, x2, h, w1t, lay1, w2t, lay2, nb1, nb2)
-        dw1 = dw2 = None
-        if nw1 or nw2:
-            f32 = (dt1 == torch.float32, dt2 == torch.float32)
-            dw1, dw2 = ext.grad_weight2(dhp, xp, lay1, f32[0], dyp, gp, lay2, f32[1])
-            dw1, dw2 = (dw1.to(dt1) if nw1 else None), (dw2.to(dt2) if nw2 else None)
+        f32s = (dt1 == torch.float32, dt2 == torch.float32)
+        dx, dw1, dw2, db1, db2 = ext.mlp_backward(
+            dy2, x2, h, gp, w1t, lay1, w2t, lay2, nw1 or nw2, f32s, (nb1, nb2)
+        )
+        dw1 = dw1.to(dt1) if nw1 else None
+        dw2 = dw2.to(dt2) if nw2 else None
         dx = dx.view(*grad.shape[:-1], lay1.in_features).to(ctx.x_dtype) if nx else None
         db1 = None if db1 is None else db1.to(ctx.bias_dtypes[0])
         db2 = None if db2 is None else db2.to(ctx.bias_dtypes[1])

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -354,23 +355,34 @@ struct GradJob {
   }
 };
 
-void run_grad_jobs(GradJob* jobs, int n, int nthreads) {
+// Set up jobs; returns (total tasks, largest block) for grad_jobs_for.
+std::pair<int64_t, int64_t> grad_jobs_init(GradJob* jobs, int n) {
   int64_t total = 0, bmax = 0;
   for (int k = 0; k < n; ++k) {
     jobs[k].init();
     total += jobs[k].ntasks();
     bmax = std::max(bmax, jobs[k].b);
   }
+  return {total, bmax};
+}
+
+// Work-sharing loop over all jobs' tasks; call inside a parallel region (tile: bmax * kCW).
+void grad_jobs_for(const GradJob* jobs, int64_t total, float* tile) {
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t task = 0; task < total; ++task) {
+    int64_t t = task;
+    int k = 0;
+    while (t >= jobs[k].ntasks()) t -= jobs[k++].ntasks();
+    jobs[k].run(t, tile);
+  }
+}
+
+void run_grad_jobs(GradJob* jobs, int n, int nthreads) {
+  const auto [total, bmax] = grad_jobs_init(jobs, n);
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<float> tile(bmax * kCW);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < total; ++task) {
-      int64_t t = task;
-      int k = 0;
-      while (t >= jobs[k].ntasks()) t -= jobs[k++].ntasks();
-      jobs[k].run(t, tile.data());
-    }
+    grad_jobs_for(jobs, total, tile.data());
   }
 }
 
@@ -385,10 +397,11 @@ struct PackJob {
   uint16_t* out;
 };
 
-void run_pack_jobs(const PackJob* jobs, int n, int nthreads) {
+// Work-sharing loop packing every job's blocks; call inside a parallel region.
+void pack_jobs_for(const PackJob* jobs, int n) {
   int64_t total = 0;
   for (int k = 0; k < n; ++k) total += jobs[k].nnzb;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+#pragma omp for schedule(dynamic, 4)
   for (int64_t task = 0; task < total; ++task) {
     int64_t j = task;
     int k = 0;
@@ -401,6 +414,11 @@ void run_pack_jobs(const PackJob* jobs, int n, int nthreads) {
       pack_block(static_cast<const uint16_t*>(q.W), q.in_f, q.rows[j], q.cols[j], q.b,
                  q.transpose, q.out + j * q.b * q.b);
   }
+}
+
+void run_pack_jobs(const PackJob* jobs, int n, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+  pack_jobs_for(jobs, n);
 }
 
 }  // namespace
@@ -488,20 +506,6 @@ void bs_linear_backward(const uint16_t* dy, const uint16_t* x, int64_t T, int64_
   if (db) reduce_partials(part, ntiles, out_f, db);
 }
 
-// The four packings of an MLP (W1, W1 for grad-in, W2, W2 for grad-in) in one parallel region.
-void bs_pack_weights4(const void* w1, int f32_1, int64_t in1, const int64_t* rows1,
-                      const int64_t* cols1, const int64_t* crows1, const int64_t* ccols1,
-                      int64_t nnz1, int64_t b1, uint16_t* o1, uint16_t* o1t, const void* w2,
-                      int f32_2, int64_t in2, const int64_t* rows2, const int64_t* cols2,
-                      const int64_t* crows2, const int64_t* ccols2, int64_t nnz2, int64_t b2,
-                      uint16_t* o2, uint16_t* o2t, int nthreads) {
-  const PackJob jobs[4] = {{w1, f32_1, in1, rows1, cols1, nnz1, b1, 0, o1},
-                           {w1, f32_1, in1, crows1, ccols1, nnz1, b1, 1, o1t},
-                           {w2, f32_2, in2, rows2, cols2, nnz2, b2, 0, o2},
-                           {w2, f32_2, in2, crows2, ccols2, nnz2, b2, 1, o2t}};
-  run_pack_jobs(jobs, 4, nthreads);
-}
-
 // Dense-shaped weight gradient: dW[r, c] = dY_r^T X_c for kept blocks, zeros elsewhere.
 // dyp: token pairs of dY [out/b, Tp, b, 2]; xp: token pairs of X [in/b, Tp, b, 2].
 // grad: [out, in], fp32 if fp32_out else bf16.
@@ -512,59 +516,68 @@ void bs_grad_weight(const uint16_t* dyp, const uint16_t* xp, int64_t Tp, const i
   run_grad_jobs(&job, 1, nthreads);
 }
 
-// Both weight gradients of an MLP in one parallel region (see bs_grad_weight).
-void bs_grad_weight2(const uint16_t* dyp1, const uint16_t* xp1, const int64_t* crow1,
-                     const int64_t* col1, int64_t out1, int64_t in1, int64_t b1, int f32_1,
-                     void* g1, const uint16_t* dyp2, const uint16_t* xp2, const int64_t* crow2,
-                     const int64_t* col2, int64_t out2, int64_t in2, int64_t b2, int f32_2,
-                     void* g2, int64_t Tp, int nthreads) {
-  GradJob jobs[2] = {
-      {dyp1, xp1, Tp, crow1, col1, out1, in1, b1, f32_1, static_cast<char*>(g1), {}},
-      {dyp2, xp2, Tp, crow2, col2, out2, in2, b2, f32_2, static_cast<char*>(g2), {}}};
-  run_grad_jobs(jobs, 2, nthreads);
-}
-
-// Fused sparse MLP forward, one parallel region over token tiles (no cross-tile dependency):
-// h = x W1^T + b1 (saved), g = gelu(h) (tile kept in L2, saved as token pairs gp with block b2
-// for dW2), y = g W2^T + b2. x [T, d]; w1p / w2p packed CSR of W1 [f, d] / W2 [d, f].
-void bs_mlp_forward(const uint16_t* x, int64_t T, int64_t d, int64_t f, const uint16_t* w1p,
-                    const int64_t* crow1, const int64_t* col1, int64_t b1, const float* bias1,
-                    const uint16_t* w2p, const int64_t* crow2, const int64_t* col2, int64_t b2,
-                    const float* bias2, uint16_t* h, uint16_t* gp, uint16_t* y, int nthreads) {
+// Fused sparse MLP forward in ONE parallel region (each region costs a wake-up of the worker
+// threads, which on a loaded machine can exceed the work): pack W1, W2 for the forward (w1p,
+// w2p, CSR order rows/cols) and for grad-in (w1t, w2t, CSC order crows/ccols); barrier; then
+// token tiles, which do not depend on each other: h = x W1^T + b1 (saved), g = gelu(h) (tile
+// kept in L2, saved as token pairs gp with block b2 for dW2), y = g W2^T + b2.
+// x [T, d]; W1 [f, d], W2 [d, f] (fp32 if f32_*, else bf16); ptr*: block-CSR row pointers.
+void bs_mlp_forward(const uint16_t* x, int64_t T, int64_t d, int64_t f, const void* w1,
+                    int f32_1, const int64_t* ptr1, const int64_t* rows1, const int64_t* cols1,
+                    const int64_t* crows1, const int64_t* ccols1, int64_t b1, const float* bias1,
+                    uint16_t* w1p, uint16_t* w1t, const void* w2, int f32_2, const int64_t* ptr2,
+                    const int64_t* rows2, const int64_t* cols2, const int64_t* crows2,
+                    const int64_t* ccols2, int64_t b2, const float* bias2, uint16_t* w2p,
+                    uint16_t* w2t, uint16_t* h, uint16_t* gp, uint16_t* y, int nthreads) {
+  const int64_t nnz1 = ptr1[f / b1], nnz2 = ptr2[d / b2];
+  const PackJob jobs[4] = {{w1, f32_1, d, rows1, cols1, nnz1, b1, 0, w1p},
+                           {w1, f32_1, d, crows1, ccols1, nnz1, b1, 1, w1t},
+                           {w2, f32_2, f, rows2, cols2, nnz2, b2, 0, w2p},
+                           {w2, f32_2, f, crows2, ccols2, nnz2, b2, 1, w2t}};
   const int64_t ntiles = (T + kMT - 1) / kMT;
 #pragma omp parallel num_threads(nthreads)
   {
+    pack_jobs_for(jobs, 4);  // ends with a barrier
     std::vector<float> tile(kMT * std::max(b1, b2));
     std::vector<uint16_t> g(kMT * f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t k = 0; k < ntiles; ++k) {
       const int64_t t0 = k * kMT, n = std::min(kMT, T - t0);
       for (int64_t line = 0; line < f / b1; ++line)
-        line_task(x + t0 * d, d, w1p, crow1, col1, line, b1, n, tile.data(), 1, bias1,
+        line_task(x + t0 * d, d, w1p, ptr1, cols1, line, b1, n, tile.data(), 1, bias1,
                   g.data(), f, h + t0 * f);
       pack_pairs_rows(g.data(), f, f, b2, t0, t0 + n, T, gp, nullptr);
       for (int64_t line = 0; line < d / b2; ++line)
-        line_task(g.data(), f, w2p, crow2, col2, line, b2, n, tile.data(), 0, bias2, y + t0 * d,
+        line_task(g.data(), f, w2p, ptr2, cols2, line, b2, n, tile.data(), 0, bias2, y + t0 * d,
                   d, nullptr);
     }
   }
 }
 
-// Fused sparse MLP backward over token tiles (everything but the weight gradients):
+// Fused sparse MLP backward in ONE parallel region. Token tiles first:
 // dyp = pairs(dy) (block b2) and db2 = colsum(dy); dh = (dy W2) * gelu'(h) (tile in L2);
 // dhp = pairs(dh) (block b1) and db1 = colsum(dh); dx = dh W1; xp = pairs(x) (block b1).
-// w2t / w1t: packed CSC (transposed) of W2 / W1; db1 / db2 may be null.
-void bs_mlp_backward(const uint16_t* dy, const uint16_t* x, const uint16_t* h, int64_t T,
-                     int64_t d, int64_t f, const uint16_t* w2t, const int64_t* ccol2,
-                     const int64_t* crow2t, int64_t b2, const uint16_t* w1t,
-                     const int64_t* ccol1, const int64_t* crow1t, int64_t b1, uint16_t* dx,
+// Barrier, then both weight gradients (if g1 / g2 are not null): dW1 from (dhp, xp), dW2 from
+// (dyp, gp), dense-shaped with zeros outside kept blocks. w2t / w1t: packed CSC of W2 / W1
+// (ccol* / crow*t: CSC pointers / row indices); ptr* / col*: block-CSR; db1 / db2 may be null.
+void bs_mlp_backward(const uint16_t* dy, const uint16_t* x, const uint16_t* h,
+                     const uint16_t* gp, int64_t T, int64_t d, int64_t f, const uint16_t* w2t,
+                     const int64_t* ccol2, const int64_t* crow2t, const int64_t* ptr2,
+                     const int64_t* col2, int64_t b2, int f32_2, void* g2, const uint16_t* w1t,
+                     const int64_t* ccol1, const int64_t* crow1t, const int64_t* ptr1,
+                     const int64_t* col1, int64_t b1, int f32_1, void* g1, uint16_t* dx,
                      uint16_t* dyp, uint16_t* dhp, uint16_t* xp, float* db1, float* db2,
                      int nthreads) {
-  const int64_t ntiles = (T + kMT - 1) / kMT;
+  const int64_t ntiles = (T + kMT - 1) / kMT, Tp = (T + 1) / 2;
   std::vector<float> p1(db1 ? ntiles * f : 0, 0.f), p2(db2 ? ntiles * d : 0, 0.f);
+  GradJob jobs[2] = {
+      {dhp, xp, Tp, ptr1, col1, f, d, b1, f32_1, static_cast<char*>(g1), {}},
+      {dyp, gp, Tp, ptr2, col2, d, f, b2, f32_2, static_cast<char*>(g2), {}}};
+  const int njobs = g1 ? 2 : 0;
+  const auto [gtotal, bmax] = grad_jobs_init(jobs, njobs);
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> tile(kMT * std::max(b1, b2));
+    std::vector<float> tile(std::max(kMT * std::max(b1, b2), bmax * kCW));
     std::vector<uint16_t> dh(kMT * f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t k = 0; k < ntiles; ++k) {
@@ -580,7 +593,8 @@ void bs_mlp_backward(const uint16_t* dy, const uint16_t* x, const uint16_t* h, i
         line_task(dh.data(), f, w1t, ccol1, crow1t, line, b1, n, tile.data(), 0, nullptr,
                   dx + t0 * d, d, nullptr);
       pack_pairs_rows(x + t0 * d, d, d, b1, t0, t0 + n, T, xp, nullptr);
-    }
+    }  // implicit barrier: all token pairs are written
+    grad_jobs_for(jobs, gtotal, tile.data());
   }
   if (db1) reduce_partials(p1, ntiles, f, db1);
   if (db2) reduce_partials(p2, ntiles, d, db2);

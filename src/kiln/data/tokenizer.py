@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from kiln.config import DataConfig
 from kiln.data.corpus import Document
 from kiln.errors import DataError
+from kiln.fsio import atomic_write
 
 EOS = "<|endoftext|>"
 TOKENIZER_FORMAT = 1
@@ -66,7 +66,7 @@ class Tokenizer:
     def save(self, directory: str | Path) -> Path:
         """Write ``directory/tokenizer.json`` atomically and return its path."""
         path = Path(directory) / "tokenizer.json"
-        _atomic_write(path, self.to_json())
+        atomic_write(path, self.to_json())
         return path
 
     @classmethod
@@ -154,20 +154,5 @@ def build_tokenizer(cfg: DataConfig, documents: Sequence[Document], log=print) -
         return Tokenizer.load(path)
     log(f"data: training byte-level BPE, vocab {cfg.vocab_size}, on {len(documents)} documents")
     tok = train_bpe(documents, cfg.vocab_size)
-    _atomic_write(path, tok.to_json())
+    atomic_write(path, tok.to_json())
     return tok
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temp file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

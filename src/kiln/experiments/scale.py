@@ -1,10 +1,10 @@
 """``kiln scale``: train a family of compute-optimal models, fit L(C), check the extrapolation.
 
 Each member is its own ordinary ``kiln train`` run directory ``DIR/member-XX-d<width>-L<layers>``
-trained in a subprocess (``python -m kiln.cli train``), so no state leaks between members and a
-killed sweep resumes where it stopped: a member with ``summary.json`` is skipped, one with a
-``config.yaml`` continues with ``--resume`` (from its newest checkpoint, or from step 0 if it died
-before the first one). Then::
+trained in a subprocess (``python -m kiln.cli train``; ``$KILN_SCALE_THREADS`` threads, default
+1), so no state leaks between members and a killed sweep resumes where it stopped: a member
+with ``summary.json`` is skipped, one with a ``config.yaml`` continues with ``--resume`` (from its
+newest checkpoint, or from step 0 if it died before the first one). Then::
 
     L(C) = (C / C0)^(-alpha) + L_inf        (kiln.planning.scaling.fit_power_law)
 
@@ -128,18 +128,20 @@ def train_flags(s: ScaleSettings, m: Member, run_dir: Path) -> list[str]:
 
 
 def _check_settings(root: Path, s: ScaleSettings) -> None:
+    """A sweep directory holds one family: refuse to mix members made with other settings."""
+    from kiln.fsio import atomic_write_json
+
     path = root / "scale.json"
     mine = asdict(s)
     if path.is_file():
         saved = json.loads(path.read_text())
-        diff = sorted(k for k in mine if k != "max_steps" and saved.get(k) != mine[k])
+        diff = sorted(k for k in mine if saved.get(k) != mine[k])
         if diff:
             raise ScaleError(
                 f"{root} holds a sweep made with a different {diff[0]} ({saved.get(diff[0])!r}, "
                 f"not {mine[diff[0]]!r}); use another --run.dir or the same settings."
             )
-    root.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(mine, indent=2))
+    atomic_write_json(path, mine)
 
 
 def train_member(s: ScaleSettings, m: Member, run_dir: Path, log=print) -> dict[str, Any]:
@@ -236,7 +238,8 @@ def fit_family(rows: list[dict[str, Any]], s: ScaleSettings, n_bootstrap: int = 
     if len({r["tokens_per_param"] for r in fitted}) > 1 and len(fitted) >= 6:
         ch = fit_chinchilla([r["non_embedding_params"] for r in fitted],
                             [r["tokens"] for r in fitted],
-                            [r["final_val_loss"] for r in fitted])  # fmt: skip
+                            [r["final_val_loss"] for r in fitted],
+                            n_bootstrap=min(200, n_bootstrap))  # fmt: skip
         result["chinchilla"], result["chinchilla_note"] = ch.to_dict(), "fitted on N_non-embedding"
         result["chinchilla"]["holdout_predicted"] = float(
             ch.predict(held["non_embedding_params"], held["tokens"])
@@ -245,7 +248,8 @@ def fit_family(rows: list[dict[str, Any]], s: ScaleSettings, n_bootstrap: int = 
 
 
 def _save(root: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    from kiln.planning.scaling import PowerLawFit, _atomic_write_json, plot_fit
+    from kiln.fsio import atomic_write_json
+    from kiln.planning.scaling import PowerLawFit, plot_fit
 
     fit = PowerLawFit.from_dict(result)
     pts = [p for p in result["points"] if p["name"] != result["holdout"]["name"]]
@@ -255,7 +259,7 @@ def _save(root: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> Non
         root / "scaling.png", holdout=(h["flops"], h["loss"]),
         title=f"kiln scale: {len(rows)} members; held-out error {h['error']:+.2%}",
     )  # fmt: skip
-    _atomic_write_json(root / "fit.json", result)
+    atomic_write_json(root / "fit.json", result)
 
 
 def describe(r: dict[str, Any]) -> str:

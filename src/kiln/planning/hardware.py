@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from kiln.errors import ConfigError
+from kiln.fsio import atomic_write_json
 
 # name -> {precision: dense peak FLOP/s}. 'bf16' on V100/T4 (no bf16 units) holds the fp16
 # tensor-core peak, with the substitution stated in the source string.
@@ -142,18 +143,8 @@ def measure_cpu_peak(
         return float(cache[key]["flops"])
     flops = _measure_matmul("cpu", precision, size, reps)
     cache[key] = {"flops": flops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_json(path, cache)
+    atomic_write_json(path, cache)
     return flops
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def device_peak(device: str, precision: str = "bf16") -> tuple[float, str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.fsio import atomic_write_json
 
 
 class FitError(KilnError):
@@ -96,7 +97,7 @@ class PowerLawFit:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON (temp file, fsync, rename)."""
-        _atomic_write_json(Path(path), self.to_dict())
+        atomic_write_json(Path(path), self.to_dict())
 
 
 @dataclass
@@ -138,23 +139,6 @@ class ChinchillaFit:
 # Dey et al. (2023), Cerebras-GPT, Pile test loss against training FLOPs (their convention).
 CEREBRAS_GPT_PILE = PowerLawFit(alpha=0.0737, c0=5.984e22, l_inf=0.5066, name="cerebras-gpt-pile")
 BUILTIN_FITS: dict[str, PowerLawFit] = {CEREBRAS_GPT_PILE.name: CEREBRAS_GPT_PILE}
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_fit(name_or_path: str | Path) -> PowerLawFit:

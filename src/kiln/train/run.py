@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -32,6 +31,7 @@ from kiln.distributed.parallel_dims import (
 )
 from kiln.distributed.parallelize import parallelize
 from kiln.errors import CheckpointError, ConfigError
+from kiln.fsio import atomic_write
 from kiln.models.gpt import GPT, GPTConfig
 from kiln.models.presets import resolve_model
 from kiln.train import checkpoint as ckpt
@@ -51,15 +51,6 @@ RUN_FILES = (
     "tb",
     "run.json",
 )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_run_config(run_dir: Path) -> JobConfig:
@@ -185,9 +176,9 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
     log(plan.describe())
 
     if dims.is_main and latest is None:  # a new run, or a restart from step 0
-        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
+        atomic_write(run_dir / "config.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
         data.tokenizer.save(run_dir)
-        _write_atomic(run_dir / "run.json", json.dumps(_provenance(dims, shape), indent=2))
+        atomic_write(run_dir / "run.json", json.dumps(_provenance(dims, shape), indent=2))
 
     model = build_model(shape, dims.device, job.train.seed)
     # One process: compile model + loss as one graph (the trainer does it). Under torchrun:
@@ -275,7 +266,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         metrics.close()
     summary = _summary(trainer, plan, data, started)
     if dims.is_main:
-        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
         plot_loss(run_dir)
         _print_summary(summary, log)
     return summary

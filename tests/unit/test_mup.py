@@ -54,7 +54,7 @@ def test_mup_init_stds_reach_the_model():
 
 
 def test_lr_multiplier_divides_hidden_matrices_only():
-    cfg = apply_mup(shape(256, tie=False), base_width=64)  # m = 4
+    cfg = apply_mup(shape(128, tie=False), base_width=32)  # m = 4
     model = GPT(cfg)
     mult = lr_multiplier(cfg)
     got = {name: mult(name, p) for name, p in model.named_parameters()}
@@ -73,3 +73,14 @@ def test_coord_check_is_flat_under_mup_and_grows_under_sp():
     mup, sp = r["slopes"]["mup"], r["slopes"]["sp"]
     assert max(abs(v) for v in mup.values()) < 0.25, mup
     assert sp["attention"] > 0.5 and sp["mlp"] > 0.5, sp
+
+
+def test_lr_sweep_summary_reports_the_best_lr_shift_in_grid_steps():
+    from kiln.experiments.lr_sweep import summarise
+
+    lrs = [2.0**k for k in range(-8, -3)]
+    best = {("sp", 8): 2**-5, ("sp", 128): 2**-8, ("mup", 8): 2**-5, ("mup", 128): 2**-4}
+    runs = [{"param": p, "width": w, "lr": lr, "val_loss": 5 + abs(math.log2(lr / best[p, w]))}
+            for (p, w) in best for lr in lrs]  # fmt: skip
+    out = summarise(runs, [8, 128], {"sp": lrs, "mup": lrs})
+    assert out["shift_grid_steps"] == {"sp": {8: 0, 128: -3}, "mup": {8: 0, 128: 1}}

@@ -16,7 +16,7 @@ from typing import Any
 
 DEFAULT_WIDTHS = (8, 32, 128)
 DEFAULT_LRS = {
-    "sp": tuple(2.0**k for k in range(-10, -3)),
+    "sp": tuple(2.0**k for k in range(-10, -2)),
     "mup": tuple(2.0**k for k in range(-7, 0)),
 }
 """Powers of 2 around each parametrization's optimum (μP's constants move its optimum up)."""

@@ -93,8 +93,8 @@ class CppKernels:
     def lines(self, act, packed, ptr, idx, bias, out_cols: int, b: int, mode=0, aux=None):
         """out[t, line] = sum over the line's blocks of act[t, idx-block] @ packed (+ bias).
 
-        mode 1: aux receives the pre-activation and out its GELU; mode 2: out is multiplied
-        by GELU'(aux) (the GELU backward fused into grad-input).
+        mode 1: out is GELU(. + bias) and aux receives GELU'(. + bias); mode 2: out is
+        multiplied by aux (a saved GELU': the GELU backward fused into grad-input).
         """
         out = torch.empty(act.shape[0], out_cols, dtype=torch.bfloat16)
         self.lib.bs_lines(
@@ -152,7 +152,7 @@ class CppKernels:
         return dx, dyp, xp, db
 
     def mlp_forward(self, x2, w1, lay1: BlockLayout, b1, w2, lay2: BlockLayout, b2):
-        """(y, h, gp, w1t, w2t) in one parallel region: pack W1, W2 (both orientations), then
+        """(y, gelu'(h), gp, w1t, w2t) in one parallel region: pack W1, W2 (both orientations), then
         token tiles with the GELU fused and g kept in L2 (gp: g as token pairs, for dW2)."""
         T, (d, f) = x2.shape[0], (lay1.in_features, lay1.out_features)
         h, y = torch.empty(T, f, dtype=_BF16), torch.empty(T, d, dtype=_BF16)
@@ -169,7 +169,7 @@ class CppKernels:
         self.lib.bs_mlp_forward(*args, h.data_ptr(), gp.data_ptr(), y.data_ptr(), _threads())
         return y, h, gp, alive[2], alive[5]
 
-    def mlp_backward(self, dy2, x2, h, gp, w1t, lay1, w2t, lay2, need_w, f32s, need_b):
+    def mlp_backward(self, dy2, x2, dgelu, gp, w1t, lay1, w2t, lay2, need_w, f32s, need_b):
         """(dx, dw1, dw2, db1, db2) in one parallel region: token tiles, then both dW."""
         T, (d, f), (b1, b2) = x2.shape[0], (lay1.in_features, lay1.out_features), _bs(lay1, lay2)
         Tp = (T + 1) // 2
@@ -184,7 +184,7 @@ class CppKernels:
             for lay, fp32 in zip((lay1, lay2), f32s)
         )
         db1, db2 = (torch.empty(n, dtype=_F32) if nb else None for n, nb in zip((f, d), need_b))
-        args = [dy2.data_ptr(), x2.data_ptr(), h.data_ptr(), gp.data_ptr(), T, d, f]
+        args = [dy2.data_ptr(), x2.data_ptr(), dgelu.data_ptr(), gp.data_ptr(), T, d, f]
         for wt, lay, fp32, dw in ((w2t, lay2, f32s[1], dw2), (w1t, lay1, f32s[0], dw1)):
             args += [t.data_ptr() for t in (wt, lay.ccol, lay.csc_rows, lay.crow, lay.cols)]
             args += [lay.block_size, int(fp32), 0 if dw is None else dw.data_ptr()]

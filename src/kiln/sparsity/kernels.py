@@ -315,9 +315,10 @@ class BlockSparseMLPFn(torch.autograd.Function):
     grad-input), then token tiles (fc1 with bias and exact GELU in its epilogue, g kept in L2
     and consumed by fc2 at once). Backward: token tiles (fc2 grad-in times gelu'(h), fc1
     grad-in, token-pair packing and bias gradients on the way), then both weight gradients.
-    Saved: x, h (pre-activation) and g as token pairs, as the dense autograd graph saves x, h
-    and g. Each region costs a wake-up of the worker threads, which on a loaded machine can be
-    longer than the region's work.
+    Saved: x, gelu'(h) (computed in the forward epilogue from the same exp as gelu(h), so the
+    backward's GELU is one multiply) and g as token pairs: as much memory as the dense
+    autograd graph's x, h and g. Each region costs a wake-up of the worker threads, which on a
+    loaded machine can be longer than the region's work.
     """
 
     @staticmethod
@@ -325,21 +326,21 @@ class BlockSparseMLPFn(torch.autograd.Function):
         ext = cpp_extension()
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
         c1, c2 = (None if c is None else c.float().contiguous() for c in (b1, b2))
-        y, h, gp, w1t, w2t = ext.mlp_forward(x2, w1, lay1, c1, w2, lay2, c2)
-        ctx.save_for_backward(x2, h, gp, w1t, w2t)
+        y, dgelu, gp, w1t, w2t = ext.mlp_forward(x2, w1, lay1, c1, w2, lay2, c2)
+        ctx.save_for_backward(x2, dgelu, gp, w1t, w2t)
         ctx.layouts, ctx.x_dtype, ctx.w_dtypes = (lay1, lay2), x.dtype, (w1.dtype, w2.dtype)
         ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
         return y.view(*x.shape[:-1], lay2.out_features).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x2, h, gp, w1t, w2t = ctx.saved_tensors
+        x2, dgelu, gp, w1t, w2t = ctx.saved_tensors
         (lay1, lay2), ext, (dt1, dt2) = ctx.layouts, cpp_extension(), ctx.w_dtypes
         nx, nw1, nb1, nw2, nb2 = ctx.needs_input_grad[:5]
         dy2 = grad.reshape(-1, lay2.out_features).to(torch.bfloat16).contiguous()
         f32s = (dt1 == torch.float32, dt2 == torch.float32)
         dx, dw1, dw2, db1, db2 = ext.mlp_backward(
-            dy2, x2, h, gp, w1t, lay1, w2t, lay2, nw1 or nw2, f32s, (nb1, nb2)
+            dy2, x2, dgelu, gp, w1t, lay1, w2t, lay2, nw1 or nw2, f32s, (nb1, nb2)
         )
         dw1 = dw1.to(dt1) if nw1 else None
         dw2 = dw2.to(dt2) if nw2 else None

@@ -113,30 +113,11 @@ inline __m512 recip(__m512 d) {  // 1 / d: rcp14 and one Newton step (~2^-28 rel
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
 }
 
-// Phi(x) = 0.5 (1 + erf(x / sqrt2)) without exp: Abramowitz-Stegun 7.1.28,
-// erf(z) = 1 - 1 / (1 + a1 z + ... + a6 z^6)^16 for z >= 0 (|error| < 3e-7; z clamped at 6).
-inline __m512 gelu_cdf(__m512 x) {
-  const __m512 z = _mm512_min_ps(_mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678f))),
-                                 _mm512_set1_ps(6.f));
-  __m512 q = _mm512_set1_ps(0.0000430638f);
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0002765672f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0001520143f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0092705272f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0422820123f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(0.0705230784f));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.f));
-  q = _mm512_mul_ps(q, q);
-  q = _mm512_mul_ps(q, q);
-  q = _mm512_mul_ps(q, q);
-  q = _mm512_mul_ps(q, q);
-  const __m512 half_tail = _mm512_mul_ps(recip(q), _mm512_set1_ps(0.5f));  // (1 - erf) / 2
-  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-  return _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(1.f), half_tail), half_tail);
-}
-
-// gelu'(x) = Phi(x) + x phi(x); phi by exp, Phi by Abramowitz-Stegun 7.1.26 (shares the exp:
-// 1 - erf(z) = (a1 t + ... + a5 t^5) e^{-z^2}, t = 1 / (1 + p z), |error| < 1.5e-7).
-inline __m512 gelu_grad(__m512 x) {
+// Exact (erf) GELU and its derivative from one exp: Phi(x) = 0.5 (1 + erf(x / sqrt2)) by
+// Abramowitz-Stegun 7.1.26, 1 - erf(z) = (a1 t + ... + a5 t^5) e^{-z^2}, t = 1 / (1 + p z),
+// |error| < 1.5e-7 (far below bf16 resolution); e^{-z^2} = e^{-x^2/2} is also phi's exp.
+// gelu(x) = x Phi(x), gelu'(x) = Phi(x) + x phi(x).
+inline void gelu_and_grad(__m512 x, __m512& gelu, __m512& grad) {
   const __m512 e = exp_neg(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f)));
   const __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678f)));
   const __m512 t = recip(_mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
@@ -150,7 +131,8 @@ inline __m512 gelu_grad(__m512 x) {
   const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
   const __m512 cdf =
       _mm512_mask_blend_ps(neg, _mm512_sub_ps(_mm512_set1_ps(1.f), half_tail), half_tail);
-  return _mm512_fmadd_ps(_mm512_mul_ps(x, e), _mm512_set1_ps(0.39894228f), cdf);
+  gelu = _mm512_mul_ps(x, cdf);
+  grad = _mm512_fmadd_ps(_mm512_mul_ps(x, e), _mm512_set1_ps(0.39894228f), cdf);
 }
 
 inline __m512 bf16_load(const uint16_t* p) {
@@ -163,8 +145,8 @@ inline void bf16_store(uint16_t* p, __m512 x) {
 }
 
 // Epilogues of bs_lines, on one output row of n values (n % 16 == 0):
-// 0: out = acc + bias;  1: aux = acc + bias (pre-activation), out = gelu(aux);
-// 2: out = acc * gelu'(aux)  (the GELU backward fused into grad-in).
+// 0: out = acc + bias;  1: h = acc + bias rounded to bf16, out = gelu(h), aux = gelu'(h)
+// (saved for the backward instead of h);  2: out = acc * aux (the GELU backward, fused).
 inline void epilogue(int mode, uint16_t* dst, const float* src, const float* bias,
                      uint16_t* aux, int n) {
   if (mode == 0) return store_bf16(dst, src, bias, n);
@@ -172,13 +154,15 @@ inline void epilogue(int mode, uint16_t* dst, const float* src, const float* bia
     __m512 x = _mm512_loadu_ps(src + v);
     if (mode == 1) {
       if (bias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + v));
+      // GELU of the bf16-rounded pre-activation, as torch computes it from a bf16 h
       const __m256i hb = (__m256i)_mm512_cvtneps_pbh(x);
-      _mm256_storeu_si256((__m256i*)(aux + v), hb);
-      // GELU of the stored (rounded) pre-activation, as torch computes it
       x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hb), 16));
-      bf16_store(dst + v, _mm512_mul_ps(x, gelu_cdf(x)));
+      __m512 gelu, grad;
+      gelu_and_grad(x, gelu, grad);
+      bf16_store(dst + v, gelu);
+      bf16_store(aux + v, grad);
     } else {
-      bf16_store(dst + v, _mm512_mul_ps(x, gelu_grad(bf16_load(aux + v))));
+      bf16_store(dst + v, _mm512_mul_ps(x, bf16_load(aux + v)));
     }
   }
 }
@@ -428,7 +412,7 @@ extern "C" {
 // Output-stationary product over a compressed block list (CSR or CSC of kept blocks):
 // out[t, line-block] = sum_{j in ptr[line]..ptr[line+1]} act[t, idx[j]-block] @ packed[j] (+ bias)
 // act: [T, lda] bf16; packed: [nnzb, b/cw, b/2, cw, 2] bf16 (cw = min(b, 64)); out: [T, ldo].
-// mode / aux: see epilogue() (aux is [T, ldo] bf16: pre-activation written or read).
+// mode / aux: see epilogue() (aux is [T, ldo] bf16: gelu'(h) written or read).
 void bs_lines(const uint16_t* act, int64_t T, int64_t lda, const uint16_t* packed,
               const int64_t* ptr, const int64_t* idx, int64_t lines, int64_t b,
               const float* bias, uint16_t* out, int64_t ldo, int mode, uint16_t* aux,
@@ -519,8 +503,9 @@ void bs_grad_weight(const uint16_t* dyp, const uint16_t* xp, int64_t Tp, const i
 // Fused sparse MLP forward in ONE parallel region (each region costs a wake-up of the worker
 // threads, which on a loaded machine can exceed the work): pack W1, W2 for the forward (w1p,
 // w2p, CSR order rows/cols) and for grad-in (w1t, w2t, CSC order crows/ccols); barrier; then
-// token tiles, which do not depend on each other: h = x W1^T + b1 (saved), g = gelu(h) (tile
-// kept in L2, saved as token pairs gp with block b2 for dW2), y = g W2^T + b2.
+// token tiles, which do not depend on each other: h = x W1^T + b1, g = gelu(h) (tile kept in
+// L2, saved as token pairs gp with block b2 for dW2), gelu'(h) (saved in h's place),
+// y = g W2^T + b2.
 // x [T, d]; W1 [f, d], W2 [d, f] (fp32 if f32_*, else bf16); ptr*: block-CSR row pointers.
 void bs_mlp_forward(const uint16_t* x, int64_t T, int64_t d, int64_t f, const void* w1,
                     int f32_1, const int64_t* ptr1, const int64_t* rows1, const int64_t* cols1,
@@ -555,7 +540,8 @@ void bs_mlp_forward(const uint16_t* x, int64_t T, int64_t d, int64_t f, const vo
 }
 
 // Fused sparse MLP backward in ONE parallel region. Token tiles first:
-// dyp = pairs(dy) (block b2) and db2 = colsum(dy); dh = (dy W2) * gelu'(h) (tile in L2);
+// dyp = pairs(dy) (block b2) and db2 = colsum(dy); dh = (dy W2) * gelu'(h) (tile in L2;
+// the argument h holds gelu'(h), saved by the forward);
 // dhp = pairs(dh) (block b1) and db1 = colsum(dh); dx = dh W1; xp = pairs(x) (block b1).
 // Barrier, then both weight gradients (if g1 / g2 are not null): dW1 from (dhp, xp), dW2 from
 // (dyp, gp), dense-shaped with zeros outside kept blocks. w2t / w1t: packed CSC of W2 / W1

@@ -22,6 +22,10 @@ DEFAULT_LRS = {
 """Powers of 2 around each parametrization's optimum (μP's constants move its optimum up)."""
 
 
+_DATA = None
+"""The prepared corpus, loaded once per worker process by :func:`_init_worker`."""
+
+
 def _init_worker(corpus: str, vocab: int, seq_len: int, cache_dir: str) -> None:
     import torch
 

@@ -59,12 +59,9 @@ class CppKernels:
         lib = ctypes.CDLL(str(path))
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         sig = {
-            "bs_lines": [p, i64, i64, p, p, p, i64, i64, p, p, i64, i32, p, i32],
-            "bs_pack_token_pairs": [p, i64, i64, i64, p, p, i32],
-            "bs_pack_weight": [p, i32, i64, p, p, i64, i64, i32, p, i32],
-            "bs_grad_weight": [p, p, i64, p, p, i64, i64, i64, i32, p, i32],
-            "bs_pack_weight2": [p, i32, i64, p, p, p, p, i64, i64, p, p, i32],
-            "bs_linear_backward": [p, p, i64, i64, i64, p, p, p, i64, p, p, p, p, i32],
+            "bs_linear_forward": [p, i64, i64, i64, p, i32, p, p, p, p, p, i64, p, p, p, p, i32],
+            "bs_linear_backward": [p, p, i64, i64, i64, p, p, p, p, p, i64]
+            + [p, p, p, p, i32, p, i32],
             "bs_mlp_forward": [p, i64, i64, i64]
             + [p, i32, p, p, p, p, p, i64, p, p, p] * 2
             + [p, p, p, i32],
@@ -77,79 +74,41 @@ class CppKernels:
             getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
         self.lib = lib
 
-    def pack_weight(self, w: torch.Tensor, rows, cols, b: int, transpose: bool) -> torch.Tensor:
-        """Kept blocks (rows[j], cols[j]) of w [out, in] as VNNI bf16 panels [nnzb, b*b]."""
-        if w.dtype not in (torch.float32, torch.bfloat16):
-            w = w.float()
-        w = w.contiguous()
-        out = torch.empty(rows.numel(), b * b, dtype=torch.bfloat16)
-        is_f32 = int(w.dtype == torch.float32)
-        self.lib.bs_pack_weight(
-            w.data_ptr(), is_f32, w.shape[1], rows.data_ptr(), cols.data_ptr(), rows.numel(),
-            b, int(transpose), out.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-        return out
-
-    def lines(self, act, packed, ptr, idx, bias, out_cols: int, b: int, mode=0, aux=None):
-        """out[t, line] = sum over the line's blocks of act[t, idx-block] @ packed (+ bias).
-
-        mode 1: out is GELU(. + bias) and aux receives GELU'(. + bias); mode 2: out is
-        multiplied by aux (a saved GELU': the GELU backward fused into grad-input).
-        """
-        out = torch.empty(act.shape[0], out_cols, dtype=torch.bfloat16)
-        self.lib.bs_lines(
-            act.data_ptr(), act.shape[0], act.shape[1], packed.data_ptr(), ptr.data_ptr(),
-            idx.data_ptr(), out_cols // b, b, 0 if bias is None else bias.data_ptr(),
-            out.data_ptr(), out_cols, mode, 0 if aux is None else aux.data_ptr(),
-            torch.get_num_threads(),
-        )  # fmt: skip
-        return out
-
-    def token_pairs(self, src: torch.Tensor, b: int, colsum: torch.Tensor | None = None):
-        """[T, N] bf16 -> [N/b, ceil(T/2), b, 2]; optionally column sums into colsum (fp32)."""
-        T, N = src.shape
-        out = torch.empty(N // b, (T + 1) // 2, b, 2, dtype=torch.bfloat16)
-        self.lib.bs_pack_token_pairs(
-            src.data_ptr(), T, N, b, out.data_ptr(),
-            0 if colsum is None else colsum.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-        return out
-
-    def grad_weight(self, dyp, xp, lay: BlockLayout, fp32: bool) -> torch.Tensor:
-        """Dense-shaped dW, kept blocks computed, zeros written elsewhere in the same pass."""
-        grad = torch.empty(lay.out_features, lay.in_features, dtype=_F32 if fp32 else _BF16)
-        self.lib.bs_grad_weight(
-            dyp.data_ptr(), xp.data_ptr(), dyp.shape[1], lay.crow.data_ptr(),
-            lay.cols.data_ptr(), lay.out_features, lay.in_features, lay.block_size, int(fp32),
-            grad.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-        return grad
-
-    def pack_both(self, w, lay: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W packed for the forward, W packed for grad-input) in one parallel region."""
+    def linear_forward(self, x2, w, lay: BlockLayout, bias):
+        """(y, W packed for grad-input) in one parallel region: pack W twice, then y."""
         w = (w if w.dtype in (_F32, _BF16) else w.float()).contiguous()
         nnzb, b = lay.rows.numel(), lay.block_size
-        out, out_t = (torch.empty(nnzb, b * b, dtype=_BF16) for _ in range(2))
-        self.lib.bs_pack_weight2(
-            w.data_ptr(), int(w.dtype == _F32), w.shape[1], lay.rows.data_ptr(),
-            lay.cols.data_ptr(), lay.csc_rows.data_ptr(), lay.csc_cols.data_ptr(), nnzb, b,
-            out.data_ptr(), out_t.data_ptr(), _threads(),
+        wp, wt = (torch.empty(nnzb, b * b, dtype=_BF16) for _ in "pt")
+        y = torch.empty(x2.shape[0], lay.out_features, dtype=_BF16)
+        self.lib.bs_linear_forward(
+            x2.data_ptr(), x2.shape[0], lay.in_features, lay.out_features, w.data_ptr(),
+            int(w.dtype == _F32), lay.crow.data_ptr(), lay.rows.data_ptr(), lay.cols.data_ptr(),
+            lay.csc_rows.data_ptr(), lay.csc_cols.data_ptr(), b,
+            0 if bias is None else bias.data_ptr(), wp.data_ptr(), wt.data_ptr(), y.data_ptr(),
+            _threads(),
         )  # fmt: skip
-        return out, out_t
+        return y, wt
 
-    def linear_backward(self, dy2, x2, wt, lay: BlockLayout, need_x, need_w, need_b):
-        """(dx, dyp, xp, db) over token tiles in one region; db only with need_w."""
+    def linear_backward(self, dy2, x2, wt, lay: BlockLayout, need_x, need_w, need_b, f32):
+        """(dx, dw, db) in one parallel region: token tiles (dx, pairs, db), then dW.
+
+        db comes only with need_w (it rides on packing dY); dw is fp32 if f32 else bf16."""
         T, b, Tp = dy2.shape[0], lay.block_size, (dy2.shape[0] + 1) // 2
         dx = torch.empty(T, lay.in_features, dtype=_BF16) if need_x else None
         dyp = torch.empty(lay.out_features // b, Tp, b, 2, dtype=_BF16) if need_w else None
         xp = torch.empty(lay.in_features // b, Tp, b, 2, dtype=_BF16) if need_w else None
         db = torch.empty(lay.out_features, dtype=_F32) if need_w and need_b else None
+        dw = None
+        if need_w:
+            dw = torch.empty(lay.out_features, lay.in_features, dtype=_F32 if f32 else _BF16)
         ptrs = [0 if t is None else t.data_ptr() for t in (dx, dyp, xp, db)]
         self.lib.bs_linear_backward(
             dy2.data_ptr(), x2.data_ptr(), T, lay.in_features, lay.out_features, wt.data_ptr(),
-            lay.ccol.data_ptr(), lay.csc_rows.data_ptr(), b, *ptrs, _threads(),
+            lay.ccol.data_ptr(), lay.csc_rows.data_ptr(), lay.crow.data_ptr(),
+            lay.cols.data_ptr(), b, *ptrs, int(f32), 0 if dw is None else dw.data_ptr(),
+            _threads(),
         )  # fmt: skip
-        return dx, dyp, xp, db
+        return dx, dw, db
 
     def mlp_forward(self, x2, w1, lay1: BlockLayout, b1, w2, lay2: BlockLayout, b2):
         """(y, gelu'(h), gp, w1t, w2t) in one parallel region: pack W1, W2 (both orientations), then

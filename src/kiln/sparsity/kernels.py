@@ -19,8 +19,8 @@ Backends (same layout, same numbers up to bf16 rounding):
   compiled at first use with ``g++ -O3 -fopenmp -mavx512bf16`` in a few seconds into
   ``$KILN_EXTENSIONS_DIR`` (default ``~/.cache/kiln/torch_extensions``). One AVX512-BF16
   micro-kernel computes forward, grad-input and grad-weight output-stationary from block CSR /
-  CSC lists: no gathers, no scatter-adds, any block placement. A linear is 3 parallel regions
-  (pack W and W^T; forward; token-tiled backward) + 1 (dW). Used when the CPU has avx512_bf16
+  CSC lists: no gathers, no scatter-adds, any block placement. A linear is 2 parallel regions
+  (pack W and W^T, then forward; token-tiled backward, then dW). Used when the CPU has avx512_bf16
   and compilation succeeds; otherwise (or with ``KILN_SPARSE_CPP=0``) ``torch``.
 * ``torch``: pure torch. The layout is padded to the same number of blocks per block-row
   (``rows``) or per block-column (``cols``, via ``W^T``), whichever pads less; forward /
@@ -171,19 +171,18 @@ def cpp_extension() -> CppKernels | None:
 
 
 def _cpp_forward(ext: CppKernels, x2, weight, bias, lay: BlockLayout):
-    """(y, W packed for grad-input): both packings in one region, then the product."""
-    wp, wt = ext.pack_both(weight, lay)
+    """(y, W packed for grad-input): one region packs W both ways, then computes y."""
     b32 = bias.float().contiguous() if bias is not None else None
-    return ext.lines(x2, wp, lay.crow, lay.cols, b32, lay.out_features, lay.block_size), wt
+    return ext.linear_forward(x2, weight, lay, b32)
 
 
 def _cpp_backward(ext: CppKernels, dy2, x2, wt, w_dtype, lay: BlockLayout, *needs: bool):
-    """(dx, dw, db fp32) in two regions: token tiles (dx, pair packing, db), then dW."""
+    """(dx, dw, db fp32) in one region: token tiles (dx, pair packing, db), then dW."""
     need_x, need_w, need_b = needs
-    dx, dyp, xp, db = ext.linear_backward(dy2, x2, wt, lay, need_x, need_w, need_b)
-    dw = None
+    f32 = w_dtype == torch.float32
+    dx, dw, db = ext.linear_backward(dy2, x2, wt, lay, need_x, need_w, need_b, f32)
     if need_w:
-        dw = ext.grad_weight(dyp, xp, lay, w_dtype == torch.float32).to(w_dtype)
+        dw = dw.to(w_dtype)
     elif need_b:
         db = dy2.sum(0, dtype=torch.float32)
     return dx, dw, db

@@ -15,6 +15,11 @@
 // memory; the A operand (activations, read in place) is prefetched one micro-tile ahead, which
 // doubled the forward / grad-in speed (its rows are a whole activation row apart). Loops run
 // segment-outer so one B panel (64 pairs x 64 columns, 16 KB) stays in L1 for a whole task.
+//
+// Each exported function is ONE OpenMP parallel region (work-sharing loops with barriers
+// inside): a region start wakes the worker threads, and on a loaded machine that wake-up can
+// cost more than the region's work. A linear layer is 2 regions per step, the fused MLP
+// (fc1 -> exact GELU -> fc2, token tiles kept in L2) also 2.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -146,7 +151,7 @@ inline void bf16_store(uint16_t* p, __m512 x) {
   _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(x));
 }
 
-// Epilogues of bs_lines, on one output row of n values (n % 16 == 0):
+// Epilogues of line_task, on one output row of n values (n % 16 == 0):
 // 0: out = acc + bias;  1: h = acc + bias rounded to bf16, out = gelu(h), aux = gelu'(h)
 // (saved for the backward instead of h);  2: out = acc * aux (the GELU backward, fused).
 inline void epilogue(int mode, uint16_t* dst, const float* src, const float* bias,
@@ -175,7 +180,9 @@ inline uint16_t bits(T v) {
   else return v;
 }
 
-// One kept block of W into [b/cw][b/2][cw] bf16 pairs (see bs_pack_weight for the layout).
+// One kept block of W [out, in] into VNNI bf16 pairs in 64-column panels, [b/cw][b/2][cw][2]
+// (cw = min(b, 64)): transpose=0 (forward): B[p][n] = W[row b + n, col b + 2p .. 2p+1];
+// transpose=1 (grad-in): B[p][n] = W[row b + 2p .. 2p+1, col b + n].
 template <typename T>
 void pack_block(const T* W, int64_t in_f, int64_t row, int64_t col, int64_t b, int transpose,
                 uint16_t* out) {
@@ -363,15 +370,6 @@ void grad_jobs_for(const GradJob* jobs, int64_t total, float* tile) {
   }
 }
 
-void run_grad_jobs(GradJob* jobs, int n, int nthreads) {
-  const auto [total, bmax] = grad_jobs_init(jobs, n);
-#pragma omp parallel num_threads(nthreads)
-  {
-    std::vector<float> tile(bmax * kCW);
-    grad_jobs_for(jobs, total, tile.data());
-  }
-}
-
 struct PackJob {
   const void* W;
   int is_f32;
@@ -402,80 +400,52 @@ void pack_jobs_for(const PackJob* jobs, int n) {
   }
 }
 
-void run_pack_jobs(const PackJob* jobs, int n, int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-  pack_jobs_for(jobs, n);
-}
-
 }  // namespace
 
 extern "C" {
 
-// Output-stationary product over a compressed block list (CSR or CSC of kept blocks):
-// out[t, line-block] = sum_{j in ptr[line]..ptr[line+1]} act[t, idx[j]-block] @ packed[j] (+ bias)
-// act: [T, lda] bf16; packed: [nnzb, b/cw, b/2, cw, 2] bf16 (cw = min(b, 64)); out: [T, ldo].
-// mode / aux: see epilogue() (aux is [T, ldo] bf16: gelu'(h) written or read).
-void bs_lines(const uint16_t* act, int64_t T, int64_t lda, const uint16_t* packed,
-              const int64_t* ptr, const int64_t* idx, int64_t lines, int64_t b,
-              const float* bias, uint16_t* out, int64_t ldo, int mode, uint16_t* aux,
-              int nthreads) {
-  const int64_t ntiles = (T + kMT - 1) / kMT, ntasks = lines * ntiles;
+// Linear forward in ONE parallel region: pack W [out, in] for the forward (wp, CSR order
+// rows / cols) and for grad-in (wt, CSC order crows / ccols); barrier; then
+// y = x W^T + bias over (block-row, token tile) tasks. ptr: block-CSR row pointers.
+void bs_linear_forward(const uint16_t* x, int64_t T, int64_t in_f, int64_t out_f,
+                       const void* W, int is_f32, const int64_t* ptr, const int64_t* rows,
+                       const int64_t* cols, const int64_t* crows, const int64_t* ccols,
+                       int64_t b, const float* bias, uint16_t* wp, uint16_t* wt, uint16_t* y,
+                       int nthreads) {
+  const int64_t nnzb = ptr[out_f / b];
+  const PackJob jobs[2] = {{W, is_f32, in_f, rows, cols, nnzb, b, 0, wp},
+                           {W, is_f32, in_f, crows, ccols, nnzb, b, 1, wt}};
+  const int64_t ntiles = (T + kMT - 1) / kMT, ntasks = (out_f / b) * ntiles;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> tile(kMT * b);  // fp32 accumulators of one task
+    pack_jobs_for(jobs, 2);  // ends with a barrier
+    std::vector<float> tile(kMT * b);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ntasks; ++task) {
       const int64_t line = task / ntiles, t0 = (task % ntiles) * kMT;
-      line_task(act + t0 * lda, lda, packed, ptr, idx, line, b, std::min(kMT, T - t0),
-                tile.data(), mode, bias, out + t0 * ldo, ldo, aux ? aux + t0 * ldo : nullptr);
+      line_task(x + t0 * in_f, in_f, wp, ptr, cols, line, b, std::min(kMT, T - t0), tile.data(),
+                0, bias, y + t0 * out_f, out_f, nullptr);
     }
   }
 }
 
-// src [T, N] bf16 -> [N/b, ceil(T/2), b, 2]: consecutive tokens side by side (zero-padded).
-// colsum (optional, fp32 [N]) receives the column sums of src (the bias gradient).
-void bs_pack_token_pairs(const uint16_t* s, int64_t T, int64_t N, int64_t b, uint16_t* d,
-                         float* colsum, int nthreads) {
-  const int64_t ntiles = (T + 127) / 128;  // 128 tokens per task
-  std::vector<float> partial(colsum ? ntiles * N : 0, 0.f);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-  for (int64_t k = 0; k < ntiles; ++k)
-    pack_pairs_rows(s + k * 128 * N, N, N, b, k * 128, std::min(T, (k + 1) * 128), T, d,
-                    colsum ? partial.data() + k * N : nullptr);
-  if (colsum) reduce_partials(partial, ntiles, N, colsum);
-}
-
-// Pack kept blocks of the dense weight W [out, in] (fp32: is_f32, else bf16) into VNNI bf16
-// 64-column panels, layout [nnzb, b/cw, b/2, cw, 2]:
-// transpose=0 (forward, CSR order): B[p][n] pair = W[r b + n, c b + 2p .. 2p+1]
-// transpose=1 (grad-in, CSC order): B[p][n] pair = W[r b + 2p .. 2p+1, c b + n]
-void bs_pack_weight(const void* W, int is_f32, int64_t in_f, const int64_t* rows,
-                    const int64_t* cols, int64_t nnzb, int64_t b, int transpose, uint16_t* out,
-                    int nthreads) {
-  const PackJob job{W, is_f32, in_f, rows, cols, nnzb, b, transpose, out};
-  run_pack_jobs(&job, 1, nthreads);
-}
-
-// W packed for the forward (CSR) and for grad-in (CSC, transposed) in one parallel region.
-void bs_pack_weight2(const void* W, int is_f32, int64_t in_f, const int64_t* rows,
-                     const int64_t* cols, const int64_t* crows, const int64_t* ccols,
-                     int64_t nnzb, int64_t b, uint16_t* out, uint16_t* out_t, int nthreads) {
-  const PackJob jobs[2] = {{W, is_f32, in_f, rows, cols, nnzb, b, 0, out},
-                           {W, is_f32, in_f, crows, ccols, nnzb, b, 1, out_t}};
-  run_pack_jobs(jobs, 2, nthreads);
-}
-
-// Linear backward over token tiles, all but dW (one parallel region; null outputs skipped):
-// dyp = pairs(dy) and db = colsum(dy) (needs dyp); xp = pairs(x); dx = dy W (wt: packed CSC).
+// Linear backward in ONE parallel region (null outputs skipped). Token tiles first:
+// dyp = pairs(dy) and db = colsum(dy) (needs dyp); xp = pairs(x); dx = dy W (wt: packed CSC,
+// ccol / crow_t its pointers / row indices). Barrier, then (if grad is not null) the
+// dense-shaped dW from (dyp, xp) over the block-CSR ptr / col, fp32 if fp32_out else bf16.
 void bs_linear_backward(const uint16_t* dy, const uint16_t* x, int64_t T, int64_t in_f,
                         int64_t out_f, const uint16_t* wt, const int64_t* ccol,
-                        const int64_t* crow_t, int64_t b, uint16_t* dx, uint16_t* dyp,
-                        uint16_t* xp, float* db, int nthreads) {
+                        const int64_t* crow_t, const int64_t* ptr, const int64_t* col,
+                        int64_t b, uint16_t* dx, uint16_t* dyp, uint16_t* xp, float* db,
+                        int fp32_out, void* grad, int nthreads) {
   const int64_t ntiles = (T + kMT - 1) / kMT;
   std::vector<float> part(db ? ntiles * out_f : 0, 0.f);
+  GradJob job{dyp, xp, (T + 1) / 2, ptr, col, out_f, in_f, b, fp32_out,
+              static_cast<char*>(grad), {}};
+  const auto [gtotal, bmax] = grad_jobs_init(&job, grad ? 1 : 0);
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> tile(kMT * b);
+    std::vector<float> tile(std::max(kMT * b, bmax * kCW));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t k = 0; k < ntiles; ++k) {
       const int64_t t0 = k * kMT, n = std::min(kMT, T - t0);
@@ -487,19 +457,10 @@ void bs_linear_backward(const uint16_t* dy, const uint16_t* x, int64_t T, int64_
         for (int64_t line = 0; line < in_f / b; ++line)
           line_task(dy + t0 * out_f, out_f, wt, ccol, crow_t, line, b, n, tile.data(), 0,
                     nullptr, dx + t0 * in_f, in_f, nullptr);
-    }
+    }  // implicit barrier: all token pairs are written
+    grad_jobs_for(&job, gtotal, tile.data());
   }
   if (db) reduce_partials(part, ntiles, out_f, db);
-}
-
-// Dense-shaped weight gradient: dW[r, c] = dY_r^T X_c for kept blocks, zeros elsewhere.
-// dyp: token pairs of dY [out/b, Tp, b, 2]; xp: token pairs of X [in/b, Tp, b, 2].
-// grad: [out, in], fp32 if fp32_out else bf16.
-void bs_grad_weight(const uint16_t* dyp, const uint16_t* xp, int64_t Tp, const int64_t* crow,
-                    const int64_t* col, int64_t out_f, int64_t in_f, int64_t b, int fp32_out,
-                    void* grad, int nthreads) {
-  GradJob job{dyp, xp, Tp, crow, col, out_f, in_f, b, fp32_out, static_cast<char*>(grad), {}};
-  run_grad_jobs(&job, 1, nthreads);
 }
 
 // Fused sparse MLP forward in ONE parallel region (each region costs a wake-up of the worker

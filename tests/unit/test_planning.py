@@ -109,9 +109,18 @@ def test_plan_for_preset_matches_cerebras_111m():
     assert plan.tokens == pytest.approx(2.22e9, rel=0.01)
     assert plan.batch_size == 120 and plan.steps == pytest.approx(9037, rel=0.01)
     assert plan.lr == pytest.approx(6e-4)
-    assert plan.wall_clock_s == pytest.approx(plan.flops / (989e12 * 16 * 0.4))
+    assert plan.wall_clock_s == pytest.approx(plan.flops_model / (989e12 * 16 * 0.4))
     text = format_plan(plan)
     assert "1.11e8" in text and "2.22e9" in text and "16 × H100 at 40% MFU" in text
+
+
+@pytest.mark.parametrize("name", sorted(CEREBRAS_GPT))
+def test_plan_for_each_preset_reproduces_published_tokens_and_flops(name):
+    run = CEREBRAS_GPT[name]
+    d = make_plan(preset=name).to_dict()
+    assert d["tokens"] == pytest.approx(run.tokens, rel=0.05)
+    assert d["flops"] == pytest.approx(run.flops, rel=0.05)
+    assert d["flops_model"] < d["flops"]  # MFU counts fewer attention FLOPs
 
 
 def test_plan_from_flops_budget():

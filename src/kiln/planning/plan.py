@@ -4,7 +4,10 @@ Exactly one of ``flops`` (a budget C: N = sqrt(C / (6·ratio))), ``params`` (N) 
 (a Cerebras-GPT name) fixes the model; tokens = ``tokens_per_param`` × N of the chosen shape.
 Batch and peak LR follow the Cerebras-GPT table (log-log interpolation in N, clamped at its
 ends); warm-up is 5% of steps and decay linear to 10% of the peak, as Cerebras-GPT trained.
-Wall-clock = model FLOPs (6N + 12·L·S·d) / (peak × count × MFU).
+``flops`` is the training compute as Cerebras-GPT publishes it (6·N·D plus an attention term,
+30·L·S·d per token; see kiln.planning.flops.cerebras_flops_per_token), so the seven presets
+reproduce their table; ``flops_model`` is the 6N + 12·L·S·d "model FLOPs" that MFU uses, and
+wall-clock = flops_model / (peak × count × MFU).
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ class Plan:
     non_embedding_params: int
     tokens: float
     flops: float
-    """Model FLOPs, 6N + 12·L·S·d per token (the MFU convention)."""
+    """Training FLOPs in the published Cerebras-GPT convention: (6N + 30·L·S·d) per token."""
+    flops_model: float
+    """Model FLOPs, 6N + 12·L·S·d per token (the MFU and wall-clock convention)."""
     flops_6nd: float
-    flops_cerebras: float
-    """The published Cerebras-GPT convention, 6N + 30·L·S·d per token."""
+    """Plain 6·N·D."""
     steps: int
     batch_size: int
     seq_len: int
@@ -63,8 +67,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe dict (documented keys; see the field docstrings)."""
-        keys = ("params", "non_embedding_params", "tokens", "flops", "flops_6nd",
-                "flops_cerebras", "flops_budget", "steps", "batch_size", "seq_len", "lr",
+        keys = ("params", "non_embedding_params", "tokens", "flops", "flops_model",
+                "flops_6nd", "flops_budget", "steps", "batch_size", "seq_len", "lr",
                 "warmup_steps", "schedule", "min_lr_ratio", "tokens_per_param", "preset",
                 "device", "count", "mfu", "peak_flops", "peak_source", "wall_clock_s",
                 "notes")  # fmt: skip
@@ -138,8 +142,9 @@ def make_plan(
     steps = max(1, round(tokens / (batch_size * seq_len)))
     plan = Plan(
         shape=shape, params=n, non_embedding_params=param_count(shape, include_embeddings=False),
-        tokens=tokens, flops=flops_per_token(shape, seq_len) * tokens, flops_6nd=6.0 * n * tokens,
-        flops_cerebras=cerebras_flops_per_token(shape, seq_len) * tokens, steps=steps,
+        tokens=tokens, flops=cerebras_flops_per_token(shape, seq_len) * tokens,
+        flops_model=flops_per_token(shape, seq_len) * tokens, flops_6nd=6.0 * n * tokens,
+        steps=steps,
         batch_size=batch_size, seq_len=seq_len, lr=default_lr(n),
         warmup_steps=max(1, round(0.05 * steps)), tokens_per_param=float(tokens_per_param),
         flops_budget=float(flops) if flops else None, preset=preset_name, count=int(count),
@@ -148,7 +153,7 @@ def make_plan(
     if device:
         plan.device = device
         plan.peak_flops, plan.peak_source = device_peak(device, precision)
-        plan.wall_clock_s = plan.flops / (plan.peak_flops * count * mfu)
+        plan.wall_clock_s = plan.flops_model / (plan.peak_flops * count * mfu)
     return plan
 
 
@@ -174,8 +179,9 @@ def format_plan(plan: Plan) -> str:
                   f"{s.to_dict()['d_head']}), d_ffn {s.d_ffn}, vocab {s.vocab_size}"),
         ("params", f"{_sci(plan.params)} ({_sci(plan.non_embedding_params)} non-embedding)"),
         ("tokens", f"{_sci(plan.tokens)} ({plan.tokens_per_param:g} per parameter)"),
-        ("compute", f"{_sci(plan.flops, 2)} FLOPs (6N+12LSd); 6ND {_sci(plan.flops_6nd, 2)}; "
-                    f"Cerebras-GPT convention {_sci(plan.flops_cerebras, 2)}"),
+        ("compute", f"{_sci(plan.flops, 2)} FLOPs (6ND + 30·L·S·d per token, as Cerebras-GPT "
+                    f"counts); model FLOPs 6N+12LSd {_sci(plan.flops_model, 2)}; "
+                    f"6ND {_sci(plan.flops_6nd, 2)}"),
         ("batch", f"{plan.batch_size} × {plan.seq_len} = {plan.batch_size * plan.seq_len:,} "
                   "tokens/step"),
         ("steps", f"{plan.steps:,} (warm-up {plan.warmup_steps:,})"),

@@ -163,3 +163,13 @@ def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path):
         torch.nn.functional.gelu(masked_linear(x.float(), w, None, mask)), w, None, mask
     )
     assert rel_err(y, ref) < 3e-2
+
+
+def test_shape_mismatch_is_refused():
+    mask = block_mask(torch.rand(64, 32), 0.5, 32, axis="cols")
+    lay = BlockLayout.from_mask(mask, 32)
+    w = torch.randn(64, 32) * mask
+    with pytest.raises(ConfigError):
+        block_sparse_linear(torch.randn(3, 64, dtype=torch.bfloat16), w, None, lay)
+    with pytest.raises(ConfigError):  # fc2 must take fc1's 64 outputs
+        block_sparse_mlp(torch.randn(3, 32, dtype=torch.bfloat16), w, None, w, None, lay, lay)

@@ -349,12 +349,24 @@ class BlockSparseMLPFn(torch.autograd.Function):
         return dx, dw1, db1, dw2, db2, None, None
 
 
+def _check_shapes(x, weight, layout: BlockLayout) -> None:
+    """The C++ kernels index raw memory: refuse shapes that disagree with the layout."""
+    want = (layout.out_features, layout.in_features)
+    if tuple(weight.shape) != want or x.shape[-1] != layout.in_features:
+        raise ConfigError(
+            f"block-sparse layout is for a weight {list(want)} and inputs [..., {want[1]}], "
+            f"got weight {list(weight.shape)} and input {list(x.shape)}."
+        )
+
+
 def block_sparse_mlp(x, w1, b1, w2, b2, layout1, layout2, backend: str = "auto"):
     """``W2 gelu(W1 x + b1) + b2`` (exact erf GELU) with both weights block-sparse.
 
     With the C++ kernels the GELU is fused (:class:`BlockSparseMLPFn`); otherwise (backend
     'torch', or no extension) it is two :func:`block_sparse_linear` calls around ``F.gelu``.
     """
+    _check_shapes(x, w1, layout1)
+    _check_shapes(x.new_empty(0, layout1.out_features), w2, layout2)
     ext = cpp_extension() if backend in ("auto", "cpp") else None
     if backend == "cpp" and ext is None:
         raise ConfigError("block-sparse backend 'cpp' is unavailable on this machine.")
@@ -366,6 +378,7 @@ def block_sparse_mlp(x, w1, b1, w2, b2, layout1, layout2, backend: str = "auto")
 
 def block_sparse_linear(x, weight, bias, layout: BlockLayout, backend: str = "auto"):
     """Functional form of :class:`BlockSparseLinearFn` (backend: 'auto', 'cpp' or 'torch')."""
+    _check_shapes(x, weight, layout)
     return BlockSparseLinearFn.apply(x, weight, bias, layout, backend)
 
 

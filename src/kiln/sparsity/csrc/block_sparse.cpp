@@ -330,6 +330,7 @@ struct GradJob {
     const int64_t r = row_of[j], c = col[j];
     const uint16_t* A0 = dyp + r * Tp * b * 2;
     const uint16_t* B0 = xp + c * Tp * b * 2 + n0 * 2;
+    if (Tp == 0) std::fill(tile, tile + b * cw, 0.f);  // no tokens: a zero gradient
     for (int64_t k0 = 0; k0 < Tp; k0 += KC) {
       const int64_t kp = std::min(KC, Tp - k0);
       for (int64_t m = 0; m < b; m += kMR) {

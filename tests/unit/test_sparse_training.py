@@ -1,6 +1,7 @@
 """Sparse training: exact masks and levels, zeros and zero Adam moments across steps, GMP's
 cubic schedule, SET/RigL keeping nnz with regrown weights at zero, SPDF's dense switch."""
 
+import dataclasses
 import math
 
 import pytest
@@ -10,8 +11,10 @@ from kiln.config import SparsityConfig, TrainConfig
 from kiln.errors import ConfigError
 from kiln.models.gpt import GPT, GPTConfig, cross_entropy
 from kiln.sparsity import algorithms as alg
-from kiln.sparsity.apply import SparseLinear
+from kiln.sparsity import kernels as kernels_mod
+from kiln.sparsity.apply import SparseGeluMLP, SparseLinear
 from kiln.sparsity.callback import Runtime, build_sparsity
+from kiln.sparsity.kernels import cpp_extension
 from kiln.sparsity.masks import UnitSpec, distribute
 from kiln.train.optim import build_optimizer
 
@@ -237,3 +240,57 @@ def test_unit_spec_round_trips_masks():
     spec = UnitSpec(64, 128, block=16, groups="cols")
     kept = torch.rand(8, 4) > 0.5
     assert torch.equal(spec.to_units(spec.expand(kept)), kept)
+
+
+needs_cpp = pytest.mark.skipif(cpp_extension() is None, reason="no avx512_bf16 C++ kernels")
+
+
+def _loss_and_grads(model, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = cross_entropy(model(x), torch.roll(x, -1, 1))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@needs_cpp
+def test_fused_sparse_mlp_matches_the_masked_dense_model():
+    model, _, cb = setup(level=0.5, pattern="block", block_size=32, kernel="block")
+    mlps = [model.blocks[str(i)].mlp for i in range(SHAPE.n_layers)]
+    assert all(isinstance(m, SparseGeluMLP) and m.fused for m in mlps)
+    assert isinstance(mlps[0].w1, SparseLinear)  # the callback's layers drive the masks
+    dense = GPT(SHAPE)
+    dense.load_state_dict(model.state_dict())  # same names; masked weights are exact zeros
+    x = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(1))
+    loss, grads = _loss_and_grads(model, x)
+    want_loss, want = _loss_and_grads(dense, x)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-2)
+    for layer in cb.layers:  # sparse kernels return the masked gradient, the callback masks
+        want[layer.name] = want[layer.name] * layer.module.mask
+    for name, g in grads.items():  # bf16 tolerance; attn.wk.bias's true gradient is 0 (noise)
+        err, scale = (g - want[name]).norm().item(), want[name].norm().item()
+        assert err <= 0.03 * scale + 1e-5, (name, err, scale)
+
+
+@needs_cpp
+def test_fused_mlp_steps_aside_for_dense_steps_and_tanh():
+    model, _, cb = setup(level=0.5, pattern="block", block_size=32, kernel="block",
+                         algorithm="rigl", update_every=2, stop_step=10)  # fmt: skip
+    mlp = model.blocks["0"].mlp
+    calls = []
+    real = kernels_mod.BlockSparseMLPFn.apply
+    kernels_mod.BlockSparseMLPFn.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            train(model, cb.optimizer, cb, 2)
+    finally:
+        kernels_mod.BlockSparseMLPFn.apply = real
+    # step 0 sparse (fused, 2 MLPs), step 1 dense for RigL's update at t=2 (no fused calls)
+    assert len(calls) == 2 and mlp.fused
+    torch.manual_seed(0)
+    tanh = GPT(dataclasses.replace(SHAPE, activation="gelu_tanh"))
+    opt = build_optimizer(tanh, TrainConfig(lr=1e-2))
+    cfg = SparsityConfig(level=0.5, pattern="block", block_size=32, kernel="block")
+    build_sparsity(cfg, tanh, opt, Runtime(seed=0, tokens=32), lambda m: 0)
+    assert not isinstance(tanh.blocks["0"].mlp, SparseGeluMLP)  # the kernel has no tanh GELU

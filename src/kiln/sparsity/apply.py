@@ -17,6 +17,14 @@ Kernels (one per layer, chosen when its mask is built or changes density):
   kept blocks.
 * ``semi-2:4``: torch's 2:4 semi-structured matmul (CUDA, via choose_kernel).
 
+A GELU MLP whose ``w1`` and ``w2`` are both sparse is swapped (:func:`fuse_mlps`) for a
+:class:`SparseGeluMLP` holding the same two SparseLinear children (names unchanged). While both
+use ``block-cpp`` (so bf16 compute, as the per-linear kernel) and neither runs dense this step,
+it calls the fused fc1 → exact GELU → fc2 kernel :func:`kiln.sparsity.kernels.block_sparse_mlp`
+with the layouts the children rebuild on every mask change; otherwise it is ``w2(gelu(w1 x))``
+through the per-linear kernels. Only exact (erf) GELU is fused: the kernel implements no tanh
+approximation, so ``gelu_tanh`` models keep the per-linear path.
+
 ``kernel: auto`` asks :func:`kiln.sparsity.kernels.choose_kernel` (timed once per shape and
 density) and only when training in bf16: the block kernel computes in bf16, so an fp32 run gets
 ``masked`` unless ``kernel: block`` is asked for explicitly.
@@ -30,9 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.models.gpt import GeluMLP
 from kiln.sparsity.kernels import (
     BlockLayout,
     block_sparse_linear,
+    block_sparse_mlp,
     choose_kernel,
     cpp_extension,
     kernel_choice_reason,
@@ -95,6 +105,54 @@ def swap_in(model: nn.Module, path: str, block_size: int) -> SparseLinear:
     sparse = SparseLinear(linear, block_size)
     setattr(parent, child, sparse)
     return sparse
+
+
+class SparseGeluMLP(nn.Module):
+    """``w2(gelu(w1 x))`` with both linears sparse: fused block-sparse kernel when it applies.
+
+    Holds the GeluMLP's own SparseLinear children as ``w1`` / ``w2``, so parameter names
+    (``blocks.0.mlp.w1.weight``), the optimizer's references and the sparsity callback's
+    ``Layer.module`` are unchanged; masks, kernels, layouts and ``dense_now`` stay per linear.
+    """
+
+    def __init__(self, w1: SparseLinear, w2: SparseLinear) -> None:
+        super().__init__()
+        self.w1, self.w2 = w1, w2
+
+    @property
+    def fused(self) -> bool:
+        """True when the next forward runs the fused kernel (both block-cpp, neither dense)."""
+        return all(
+            m.kernel == "block-cpp" and not m.dense_now and m._layout is not None
+            for m in (self.w1, self.w2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self.w1, self.w2
+        if self.fused:
+            return block_sparse_mlp(
+                x, w1.weight, w1.bias, w2.weight, w2.bias, w1._layout, w2._layout, "cpp"
+            )
+        return w2(F.gelu(w1(x)))
+
+
+def fuse_mlps(model: nn.Module) -> list[str]:
+    """Swap every exact-GELU GeluMLP whose w1 and w2 are both SparseLinear for a SparseGeluMLP.
+
+    Returns the swapped module paths. tanh-GELU MLPs are left alone (the fused kernel computes
+    the exact erf GELU only).
+    """
+    swapped = []
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, GeluMLP) or module.approximate != "none":
+            continue
+        if not (isinstance(module.w1, SparseLinear) and isinstance(module.w2, SparseLinear)):
+            continue
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, SparseGeluMLP(module.w1, module.w2))
+        swapped.append(path)
+    return swapped
 
 
 def pick_kernel(

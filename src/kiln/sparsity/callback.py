@@ -28,7 +28,7 @@ from torch import nn
 from kiln.config import SparsityConfig
 from kiln.errors import ConfigError
 from kiln.sparsity import algorithms as alg
-from kiln.sparsity.apply import SparseLinear, pick_kernel, swap_in
+from kiln.sparsity.apply import SparseLinear, fuse_mlps, pick_kernel, swap_in
 from kiln.sparsity.masks import (
     UnitSpec,
     distribute,
@@ -320,6 +320,12 @@ def build_sparsity(
         module = swap_in(model, path, specs[name].block)
         kept = torch.ones(specs[name].scores(linear.weight).shape, dtype=torch.bool)
         layers.append(Layer(name, module.weight, module, specs[name], densities[name], kept))
+    fused = fuse_mlps(model)
+    if fused:
+        log(
+            f"sparsity: {len(fused)} GELU MLPs run fc1 → GELU → fc2 fused while both "
+            "linears use block-cpp"
+        )
     flops_params = sum(m.weight.numel() for _, m in linear_weights(model).values())
     flops_params += sum(m.weight.numel() for m in model.modules() if isinstance(m, SparseLinear))
     if getattr(model, "head", 0) is None and hasattr(model, "tok_emb"):  # tied output head

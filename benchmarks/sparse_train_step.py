@@ -4,13 +4,16 @@ A step is what ``kiln train`` does: zero grads, forward under bf16 autocast (fp3
 weights), cross-entropy, backward, the sparsity callback's ``after_backward`` (mask the
 gradients), AdamW, ``after_optimizer_step`` (re-apply masks to weights and Adam moments). The
 sparse twin is the same model with every transformer-block matrix (attn wq/wk/wv/wo, mlp w1/w2)
-at 87.5% sparsity in balanced 32×32 blocks, applied from outside by kiln.sparsity
-(build_sparsity: SparseLinear sharing the Parameters, kernel chosen by choose_kernel).
+at 87.5% sparsity in b×b blocks, applied from outside by kiln.sparsity (build_sparsity:
+SparseLinear sharing the Parameters, kernel chosen by choose_kernel; GELU MLPs whose w1 and w2
+both use block-cpp run the fused fc1 → GELU → fc2 kernel). With b = 64 the 768×768 attention
+matrices have 12 blocks per line, so 87.5% (1.5 per line) needs ``--unbalanced``.
 Embeddings, norms, biases and the tied 50257-way head stay dense, so the ideal speed-up is
 FLOPs_dense / FLOPs_sparse with FLOPs/token = 6 × (weights multiplied) + 12·L·S·d (attention).
 Variants are timed alternately, median of the rounds, so machine noise hits both alike.
 
     .venv/bin/python benchmarks/sparse_train_step.py            # writes its BENCHMARKS.md section
+    .venv/bin/python benchmarks/sparse_train_step.py --block 64 --unbalanced --profile
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.profiler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_section  # noqa: E402
@@ -77,6 +81,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--kernel", default="auto", help="auto, block or masked")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--unbalanced", action="store_true", help="blocks anywhere in a matrix")
+    parser.add_argument("--profile", action="store_true", help="profile one sparse step after")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     tokens = args.batch * args.seq
@@ -85,8 +91,13 @@ def main() -> None:
     y = torch.randint(0, 50257, (args.batch, args.seq), generator=gen)
     choices: list[str] = []
     sparse_cfg = SparsityConfig(
-        level=args.level, pattern="block", block_size=args.block, kernel=args.kernel
+        level=args.level,
+        pattern="block",
+        block_size=args.block,
+        kernel=args.kernel,
+        balanced=not args.unbalanced,
     )
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     dense = make(0, None, tokens, print)
     sparse = make(0, sparse_cfg, tokens, lambda m: (print(m), choices.append(m)))
     steps = {"dense": step_fn(*dense, x, y), "sparse": step_fn(*sparse, x, y)}
@@ -97,28 +108,33 @@ def main() -> None:
         for name, fn in steps.items():
             times[name].append(fn())
         print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
     med = {name: statistics.median(t) for name, t in times.items()}
     cb = sparse[2]
     f_dense = flops_per_token(cb, sparse[0], args.seq, sparse=False)
     f_sparse = flops_per_token(cb, sparse[0], args.seq, sparse=True)
     kernels = sorted({line.split("→ kernel ", 1)[1] for line in choices if "→ kernel" in line})
+    kernels += [line.split(": ", 1)[1] for line in choices if "fused" in line]
+    balance = "unbalanced" if args.unbalanced else "balanced"
     rows = [
         "| variant | step (s, median) | tokens/s | speed-up | FLOPs/token (fwd+bwd) |",
         "|---|---|---|---|---|",
         f"| dense (bf16 autocast) | {med['dense']:.2f} | {tokens / med['dense']:,.0f} | 1.00× | "
         f"{f_dense / 1e9:.3f} G |",
-        f"| {args.level:.1%} block-sparse, b={args.block} | {med['sparse']:.2f} | "
+        f"| {args.level:.1%} block-sparse, b={args.block} {balance} | {med['sparse']:.2f} | "
         f"{tokens / med['sparse']:,.0f} | **{med['dense'] / med['sparse']:.2f}×** | "
         f"{f_sparse / 1e9:.3f} G |",
     ]
     body = (
         f"Full training step (fwd + bwd + AdamW, bf16 autocast, masks re-applied) of "
         f"cerebras-gpt-111m, batch {args.batch} × seq {args.seq} = {tokens} tokens; all "
-        f"transformer-block matrices at {args.level:.1%} balanced {args.block}×{args.block} "
+        f"transformer-block matrices at {args.level:.1%} {balance} {args.block}×{args.block} "
         f"block sparsity vs its dense twin. Ideal (FLOP-ratio) speed-up "
         f"{f_dense / f_sparse:.2f}× (the dense tied 50257-way head and attention remain). "
         f"Median of {args.rounds} alternating rounds; per-round: "
         + "; ".join(f"{n} " + ", ".join(f"{t:.2f}" for t in ts) for n, ts in times.items())
+        + f". Load average (1/5/15 min) before {' '.join(load_before)}, after "
+        + f"{' '.join(load_after)} on {torch.get_num_threads()} threads"
         + ".\n\nKernels chosen: "
         + "; ".join(kernels)
         + "\n\n"
@@ -127,6 +143,15 @@ def main() -> None:
     print(body)
     if not args.no_write:
         write_section("sparse_train_step", body)
+    if args.profile:
+        profile(steps["sparse"])
+
+
+def profile(step) -> None:
+    """Where one sparse step's time goes: top ops by self CPU time (printed, not written)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ class SparseLinear(nn.Module):
         self.bias = linear.bias
         self.block_size = block_size
         self.mask = torch.ones_like(linear.weight, dtype=torch.bool)
+        self.keep = torch.ones_like(linear.weight)
         self.kernel = "dense"
         self.dense_now = False
         """Run dense for this step (RigL's dense-gradient steps)."""
@@ -73,6 +74,8 @@ class SparseLinear(nn.Module):
         if kernel not in KERNELS:
             raise ValueError(f"unknown sparse kernel {kernel!r}")
         self.mask = mask.to(self.weight.device, torch.bool)
+        self.keep = self.mask.to(self.weight.dtype)
+        """The mask in the weight's dtype: multiplying by it skips a bool→float copy per use."""
         self.kernel, self._fn = kernel, fn
         is_block = kernel.startswith("block")
         self._layout = BlockLayout.from_mask(self.mask, self.block_size) if is_block else None

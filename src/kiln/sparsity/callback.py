@@ -145,15 +145,17 @@ class SparsityCallback(Callback):
         """Zero masked (and newly grown) weights and their AdamW moments."""
         if not self.masked:
             return
+        tensors, keeps = [], []  # one foreach multiply over all weights and moments
         for layer in self.layers:
-            keep = layer.module.mask
+            keep = layer.module.keep
             if grown and layer.name in grown:
-                keep = keep & ~layer.spec.expand(grown[layer.name]).to(keep.device)
-            layer.param.mul_(keep)
+                keep = keep * ~layer.spec.expand(grown[layer.name]).to(keep.device)
             state = self.optimizer.state.get(layer.param, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key].mul_(keep)
+            for t in (layer.param, state.get("exp_avg"), state.get("exp_avg_sq")):
+                if t is not None:
+                    tensors.append(t)
+                    keeps.append(keep)
+        torch._foreach_mul_(tensors, keeps)
 
     # -- hooks -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -163,9 +165,13 @@ class SparsityCallback(Callback):
                 if layer.param.grad is not None:
                     self.grow_scores[layer.name] = layer.spec.scores(layer.param.grad).cpu()
         if self.masked and not self.dense:
-            for layer in self.layers:
-                if layer.param.grad is not None:
-                    layer.param.grad.mul_(layer.module.mask)
+            pairs = [
+                (lay.param.grad, lay.module.keep)
+                for lay in self.layers
+                if lay.param.grad is not None
+            ]
+            if pairs:
+                torch._foreach_mul_(*map(list, zip(*pairs)))
         self._set_dense_now(step + 1)
 
     def after_optimizer_step(self, step: int) -> None:

@@ -24,8 +24,8 @@ venv: $(VENV)/.installed
 dev: $(VENV)/.dev
 
 demo: $(VENV)/.installed
-	$(KILN) train --run.dir runs/demo --run.overwrite true
-	$(KILN) generate runs/demo --prompt "ROMEO:" --max-new-tokens 120 --seed 0
+	$(KILN) train --config configs/demo.yaml --run.dir runs/demo --run.overwrite true
+	$(KILN) generate runs/demo --prompt "ROMEO:" --max-new-tokens 150 --seed 0
 
 test: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -46,13 +46,14 @@ def _direct(model, ctx_ids, cont_ids):
     return ll, greedy
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
-def test_loglikelihood_equals_direct_forward(tok, position):
+@pytest.mark.parametrize("position,batch_size", [("rope", 3), ("learned", 3), ("rope", 16)])
+def test_loglikelihood_equals_direct_forward(tok, position, batch_size):
     model = _model(tok, position)
-    s = Scorer(model, tok, batch_size=3)
+    s = Scorer(model, tok, batch_size=batch_size)
     reqs = [("the cat sat on", " the mat"), ("the cat sat on", " a dog ran"),
             ("the cat sat on", " the"), ("a dog ran in the", " park and the cat"),
-            ("", "the cat"), ("the dog ", "ran")]  # fmt: skip
+            ("", "the cat"), ("the dog ", "ran"), ("a dog ran in the", " mat"),
+            ("the cat ran", " too. a dog"), ("the cat ran", " in")]  # fmt: skip
     got = s.loglikelihood(reqs)
     for (ctx, cont), (ll, greedy) in zip(reqs, got):
         if not ctx:

@@ -7,9 +7,11 @@ and the score is the sum of log p(cont_i | everything before it); ``is_greedy`` 
 every continuation token is the argmax.
 
 Requests that share the same context tokens (the choices of one question) compute the context
-once: a batch-1 prefill into a KV cache, copied to one row per choice, then all continuations
-in one batch (right-padded: causal attention keeps padding from touching real positions).
-Everything else runs in length-sorted, right-padded batches.
+once: they are packed into one row (the context, then each continuation at the positions it
+would have after the context, under a prefix-tree attention mask). Rows of many questions run
+together in length-sorted (longest first, as lm-eval), right-padded batches of --batch-size
+requests; logits are computed only at the scored positions. Requests too long for max_length
+run as plain left-truncated rows.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kiln.models.gpt import GPT, KVCache
+from kiln.models.gpt import GPT
 
 Pair = tuple[list[int], list[int]]
 
@@ -87,24 +89,35 @@ class Scorer:
         return text
 
     # -- scoring ------------------------------------------------------------------------------
+    @torch.inference_mode()
     def score_tokens(self, pairs: Sequence[Pair]) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        singles = []
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:
                 results[i] = (0.0, True)
             else:
                 groups[tuple(ctx)].append(i)
+        packed, singles = [], []
         for ctx, members in groups.items():
             longest = max(len(pairs[i][1]) for i in members)
-            if len(members) > 1 and len(ctx) + longest <= self.max_length:
-                for i, r in zip(
-                    members, self._shared_prefix(list(ctx), [pairs[i][1] for i in members])
-                ):
-                    results[i] = r
-            else:
+            if len(ctx) + longest - 1 <= self.max_length:
+                packed.append(members)
+            else:  # needs left truncation: one plain row per request
                 singles.extend(members)
+        # Longest rows first (as lm-eval), so each batch pads little and memory peaks early.
+        width = lambda m: len(pairs[m[0]][0]) + sum(len(pairs[i][1]) - 1 for i in m)
+        packed.sort(key=lambda m: -width(m))
+        batch: list[list[int]] = []
+        for members in packed + [None]:  # type: ignore[list-item]
+            full = members is None or sum(map(len, batch)) + len(members) > self.batch_size
+            if batch and full:
+                flat = [i for m in batch for i in m]
+                for i, r in zip(flat, self._packed_batch([[pairs[i] for i in m] for m in batch])):
+                    results[i] = r
+                batch = []
+            if members is not None:
+                batch.append(members)
         singles.sort(key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         for start in range(0, len(singles), self.batch_size):
             chunk = singles[start : start + self.batch_size]
@@ -112,9 +125,9 @@ class Scorer:
                 results[i] = r
         return results  # type: ignore[return-value]
 
-    def _pad(self, rows: list[list[int]]) -> torch.Tensor:
+    def _pad(self, rows: list[list[int]], value: int = 0) -> torch.Tensor:
         width = max(len(r) for r in rows)
-        return torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.device)
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], device=self.device)
 
     def _hidden(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
         """Final hidden states (before norm and head): GPT returns them when ``norm`` is None
@@ -125,15 +138,20 @@ class Scorer:
         finally:
             self.model.norm = norm
 
-    @staticmethod
-    def _gather(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
-        """logits [n, V] predicting targets [n] → (sum log p, all argmax)."""
-        logp = F.log_softmax(logits.float(), dim=-1)
-        t = torch.tensor(targets, device=logits.device)
-        ll = logp.gather(-1, t[:, None]).sum().item()
-        return ll, bool((logp.argmax(-1) == t).all().item())
+    def _gather(self, h: torch.Tensor, targets: list[list[int]]) -> list[tuple[float, bool]]:
+        """Hidden states [Σn, d] predicting the concatenated targets → (sum log p, all argmax)
+        per target list; one head matmul and log-softmax for the whole batch."""
+        logp = F.log_softmax(self.model.output(h).float(), dim=-1)
+        t = torch.tensor([x for ts in targets for x in ts], device=h.device)
+        lls = logp.gather(-1, t[:, None])[:, 0]
+        hits = logp.argmax(-1) == t
+        out, at = [], 0
+        for ts in targets:
+            n = len(ts)
+            out.append((lls[at : at + n].sum().item(), bool(hits[at : at + n].all().item())))
+            at += n
+        return out
 
-    @torch.no_grad()
     def _full_batch(self, pairs: list[Pair]) -> list[tuple[float, bool]]:
         inputs, spans = [], []
         for ctx, cont in pairs:
@@ -141,33 +159,35 @@ class Scorer:
             inputs.append(seq[:-1])
             spans.append((len(seq) - 1 - len(cont), cont))
         h = self._hidden(self._pad(inputs))
-        out = []
-        for b, (s, c) in enumerate(spans):
-            out.append(self._gather(self.model.output(h[b, s : s + len(c)]), c))
-        return out
+        rows = [h[b, s : s + len(c)] for b, (s, c) in enumerate(spans)]
+        return self._gather(torch.cat(rows), [c for _, c in spans])
 
-    @torch.no_grad()
-    def _shared_prefix(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
-        n, L = len(conts), len(ctx)
-        longest = max(len(c) for c in conts)
-        cache = KVCache.for_model(self.model, 1, L + longest)
-        h = self._hidden(torch.tensor([ctx], device=self.device), kv_cache=cache)
-        last = self.model.output(h[0, -1])
-        rest = None
-        if longest > 1:
-            big = KVCache.for_model(self.model, n, L + longest)
-            for src, dst in zip(cache.layers, big.layers):
-                dst.k[:, :, :L] = src.k[:, :, :L]
-                dst.v[:, :, :L] = src.v[:, :, :L]
-            h = self._hidden(self._pad([c[:-1] or [0] for c in conts]), kv_cache=big, start_pos=L)
-            rest = self.model.output(h)
-        out = []
-        for b, cont in enumerate(conts):
-            logits = (
-                last[None] if rest is None else torch.cat([last[None], rest[b, : len(cont) - 1]])
-            )
-            out.append(self._gather(logits[: len(cont)], cont))
-        return out
+    def _packed_batch(self, groups: list[list[Pair]]) -> list[tuple[float, bool]]:
+        """One row per group of requests sharing a context: the context once, then every
+        continuation (minus its last token) at the positions it would have after the context,
+        each seeing the context and its own earlier tokens only (a prefix-tree mask)."""
+        tokens, positions, segments, picks, targets = [], [], [], [], []
+        for b, group in enumerate(groups):
+            ctx = group[0][0]
+            row, pos, seg = list(ctx), list(range(len(ctx))), [0] * len(ctx)
+            for s, (_, cont) in enumerate(group, 1):
+                at = len(row)
+                picks.extend([(b, len(ctx) - 1)] + [(b, at + k) for k in range(len(cont) - 1)])
+                targets.append(cont)
+                row += cont[:-1]
+                pos += range(len(ctx), len(ctx) + len(cont) - 1)
+                seg += [s] * (len(cont) - 1)
+            tokens.append(row)
+            positions.append(pos)
+            segments.append(seg)
+        seg = self._pad(segments, -1)
+        T = seg.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+        same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+        mask = (same & causal)[:, None]
+        h = self._hidden(self._pad(tokens), positions=self._pad(positions), attn_mask=mask)
+        idx = torch.tensor(picks, device=self.device)
+        return self._gather(h[idx[:, 0], idx[:, 1]], targets)
 
 
 def rolling_windows(ids: list[int], prefix_id: int, max_len: int) -> list[Pair]:

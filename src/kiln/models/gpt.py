@@ -273,6 +273,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: LayerKV | None,
         start_pos: int,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, -1, self.d_head).transpose(1, 2)
@@ -289,6 +290,8 @@ class Attention(nn.Module):
                 causal = False
             elif start_pos > 0:  # one new token sees every cached key
                 causal = False
+        if attn_mask is not None:  # caller-built mask (True = may attend) replaces causality
+            mask, causal = attn_mask, False
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -347,8 +350,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = make_mlp(cfg)
 
-    def forward(self, x, rope, cache, start_pos):
-        x = x + self.attn(self.attn_norm(x), rope, cache, start_pos)
+    def forward(self, x, rope, cache, start_pos, attn_mask=None):
+        x = x + self.attn(self.attn_norm(x), rope, cache, start_pos, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -361,9 +364,9 @@ class ParallelBlock(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = make_mlp(cfg)
 
-    def forward(self, x, rope, cache, start_pos):
+    def forward(self, x, rope, cache, start_pos, attn_mask=None):
         h = self.attn_norm(x)
-        return x + self.attn(h, rope, cache, start_pos) + self.mlp(h)
+        return x + self.attn(h, rope, cache, start_pos, attn_mask) + self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -415,10 +418,14 @@ class GPT(nn.Module):
             self.rope_cos.copy_(freqs.cos())
             self.rope_sin.copy_(freqs.sin())
 
-    def embed(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def embed(
+        self, tokens: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token (+ learned position) embeddings × embedding_multiplier."""
         h = self.tok_emb(tokens)
-        if self.pos_emb is not None:
+        if self.pos_emb is not None and positions is not None:
+            h = h + self.pos_emb.weight[positions]
+        elif self.pos_emb is not None:
             h = h + self.pos_emb.weight[start_pos : start_pos + tokens.shape[1]]
         if self.config.embedding_multiplier != 1.0:
             h = h * self.config.embedding_multiplier
@@ -434,28 +441,49 @@ class GPT(nn.Module):
         return logits
 
     def forward(
-        self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0
+        self,
+        tokens: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] (or hidden states [B, T, d] when tok_emb is None) → logits
         [B, T, vocab] in the compute dtype (hidden states when norm is None).
 
         With ``kv_cache``, the tokens sit at positions start_pos .. start_pos+T-1 and attend to
-        the cached keys before them (prefill, chunked prefill and one-token decode alike)."""
+        the cached keys before them (prefill, chunked prefill and one-token decode alike).
+
+        Without a cache, ``positions`` [B, T] (int) and ``attn_mask`` [B, 1, T, T] (bool, True =
+        may attend) give every token its own position and visible keys instead of 0..T-1 and
+        causality: several sequences sharing a prefix can be packed into one row (eval scorer)."""
         T = tokens.shape[1]
-        if start_pos + T > self.config.max_seq_len:
+        if attn_mask is not None and kv_cache is not None:
+            raise ValueError("attn_mask cannot be combined with a kv_cache.")
+        if positions is not None:
+            if attn_mask is None:
+                raise ValueError("positions need an attn_mask.")
+            if int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(f"positions exceed max_seq_len {self.config.max_seq_len}.")
+        elif start_pos + T > self.config.max_seq_len:
             raise ValueError(
                 f"positions up to {start_pos + T} exceed max_seq_len {self.config.max_seq_len}."
             )
-        h = self.embed(tokens, start_pos) if self.tok_emb is not None else tokens
+        h = self.embed(tokens, start_pos, positions) if self.tok_emb is not None else tokens
         rope = None
-        if self.config.position == "rope":
+        if self.config.position == "rope" and positions is not None:  # [B, 1, T, d_head / 2]
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
+        elif self.config.position == "rope":
             rope = (
                 self.rope_cos[start_pos : start_pos + T],
                 self.rope_sin[start_pos : start_pos + T],
             )
         for name, block in self.blocks.items():
             cache = kv_cache.layers[int(name)] if kv_cache is not None else None
-            h = block(h, rope, cache, start_pos)
+            if attn_mask is None:
+                h = block(h, rope, cache, start_pos)
+            else:
+                h = block(h, rope, cache, start_pos, attn_mask)
         if kv_cache is not None:
             kv_cache.length = start_pos + T
         if self.norm is None:

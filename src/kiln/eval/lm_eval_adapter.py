@@ -1,7 +1,12 @@
 """lm-evaluation-harness model ``kiln``: any model kiln convert accepts, scored by Kiln's Scorer.
 
 Needs the optional extra ``lmeval`` (``pip install 'kiln[lmeval]'``). Importing this module
-registers the model, so use lm-eval's Python API after importing it::
+registers the model. From the shell, ``kiln-lm-eval`` is lm-eval's own command line with the
+model registered::
+
+    kiln-lm-eval --model kiln --model_args pretrained=runs/demo --tasks hellaswag --limit 100
+
+or use lm-eval's Python API after importing this module::
 
     import lm_eval
     import kiln.eval.lm_eval_adapter  # noqa: F401  (registers "kiln")
@@ -52,3 +57,10 @@ class KilnLM(LM):
             max_new = int(kwargs.get("max_gen_toks", 256))
             out.append(self.scorer.generate_until(context, until, max_new))
         return out
+
+
+def main() -> None:
+    """``kiln-lm-eval``: ``lm_eval``'s command line, with the ``kiln`` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

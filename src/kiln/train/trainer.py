@@ -256,24 +256,8 @@ class Trainer:
                     self.cfg.eval_every and self.state.step % self.cfg.eval_every == 0
                 )
                 if self.state.step % self.log_every == 0 or evaluate:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    tps = window_tokens / elapsed
-                    record = {
-                        "step": self.state.step,
-                        "tokens": self.state.tokens,
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": tps,
-                        "mfu": tps * self.flops_per_token / (self.peak_flops * self.world_size),
-                        "skipped_steps": self.state.skipped_steps,
-                    }
-                    for cb in self.callbacks:
-                        record.update(cb.metrics(self.state.step))
-                    if evaluate:
-                        self.state.last_val_loss = self.evaluate()
-                        record["val_loss"] = self.state.last_val_loss
-                    self.hooks.write_metrics(record)
+                    tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                    self._log(loss, lr, grad_norm, tps, evaluate)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                     window_start, window_tokens = time.perf_counter(), 0
@@ -296,6 +280,25 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return self.state
+
+    def _log(self, loss: float, lr: float, grad_norm: float, tps: float, evaluate: bool) -> None:
+        """One metrics.jsonl line (plus callbacks' fields, plus val_loss on validation steps)."""
+        record = {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tps,
+            "mfu": tps * self.flops_per_token / (self.peak_flops * self.world_size),
+            "skipped_steps": self.state.skipped_steps,
+        }
+        for cb in self.callbacks:
+            record.update(cb.metrics(self.state.step))
+        if evaluate:
+            self.state.last_val_loss = self.evaluate()
+            record["val_loss"] = self.state.last_val_loss
+        self.hooks.write_metrics(record)
 
     def _agree_to_stop(self) -> None:
         """All ranks stop at the same step if any of them received SIGTERM/SIGINT (the handler

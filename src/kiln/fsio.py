@@ -33,3 +33,26 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     """``atomic_write`` of ``obj`` as JSON."""
     return atomic_write(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def save_figure(fig: Any, out: str | Path, caption: str = "", dpi: int = 120) -> Path:
+    """Lay out a matplotlib figure, caption it (e.g. with the command that made it), write it
+    atomically to ``out`` and close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    if caption:
+        fig.suptitle(caption, fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return out

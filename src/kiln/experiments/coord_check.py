@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import ConfigError
+from kiln.fsio import save_figure
 
 LAYER_TYPES = ("embedding", "attention", "mlp", "logits")
 
@@ -133,14 +134,7 @@ def plot(result: dict[str, Any], out: str | Path, command: str = "") -> Path:
         ax.set_title(f"{title}: after {result['steps']} Adam steps, lr {result['lr']:g}")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("mean |activation|")
-    if command:
-        fig.suptitle(command, fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, command, dpi=110)
 
 
 def run_coord_check(widths, steps=5, out="docs/mup-coord-check.png", seed=0, command="", log=print):

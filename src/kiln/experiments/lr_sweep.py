@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kiln.fsio import save_figure
+
 DEFAULT_WIDTHS = (8, 32, 128)
 DEFAULT_LRS = {
     "sp": tuple(2.0**k for k in range(-10, -2)),
@@ -139,14 +141,7 @@ def plot(result: dict[str, Any], out: str | Path, command: str = "") -> Path:
         ax.set_xlabel("peak learning rate")
         ax.legend(fontsize=8)
     axes[0].set_ylabel("final validation loss (nats/token)")
-    if command:
-        fig.suptitle(command, fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, command, dpi=110)
 
 
 def run_lr_sweep(s, root: str | Path, command: str = "", log=print, **overrides) -> dict:

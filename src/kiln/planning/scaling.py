@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import KilnError
-from kiln.fsio import atomic_write_json
+from kiln.fsio import atomic_write_json, save_figure
 
 
 class FitError(KilnError):
@@ -348,9 +348,4 @@ def plot_fit(
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title or fit.name or "loss vs compute")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png)

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kiln.fsio import save_figure
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -93,8 +95,6 @@ def plot_loss(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(run_dir) / "plots" / "loss.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
     train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["tokens"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -107,9 +107,4 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = out.with_name("loss.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, Path(run_dir) / "plots" / "loss.png")

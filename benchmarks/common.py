@@ -13,19 +13,22 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or what platform knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    import torch
+
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
     )
 
@@ -36,21 +39,26 @@ def command_line() -> str:
     return f".venv/bin/python {script}{' ' + args if args else ''}"
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the ``<!-- name:start -->`` … ``<!-- name:end -->`` section."""
+def replace_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) the ``<!-- name:start -->`` … ``<!-- name:end -->`` section of
+    ``path``, keeping every other section."""
+    from kiln.fsio import atomic_write
+
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    stamp = datetime.date.today().isoformat()
-    block = (
-        f"{start}\n{body.rstrip()}\n\nCommand: `{command_line()}`  \n"
-        f"Machine: {machine()}  \nDate: {stamp}\n{end}"
-    )
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    text = (
-        pattern.sub(lambda _: block, text)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + block
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block
+    atomic_write(path, text.rstrip() + "\n")
+
+
+def write_section(name: str, body: str) -> None:
+    """``replace_section`` with the exact command, the machine and the date appended."""
+    stamp = datetime.date.today().isoformat()
+    replace_section(
+        name,
+        f"{body.rstrip()}\n\nCommand: `{command_line()}`  \nMachine: {machine()}  \nDate: {stamp}",
     )
-    tmp = BENCHMARKS_MD.with_suffix(".md.tmp")
-    tmp.write_text(text.rstrip() + "\n")
-    os.replace(tmp, BENCHMARKS_MD)

@@ -14,7 +14,7 @@ alike; a second pass times each on one thread in CPU time (a proxy that a loaded
 cannot distort much, see ``run``).
 
     python benchmarks/sparse_mlp.py                 # writes its section of BENCHMARKS.md
-    python benchmarks/sparse_mlp.py --train-step    # full cerebras-gpt-111m step: not yet
+    (the full cerebras-gpt-111m training step: benchmarks/sparse_train_step.py)
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name, replace_section  # noqa: E402
 from kiln.sparsity.kernels import BlockLayout, block_sparse_linear, block_sparse_mlp, cpp_extension
 from kiln.sparsity.patterns import block_mask
 
 D_MODEL, D_FFN = 768, 3072
-START, END = "<!-- sparse_mlp:start -->", "<!-- sparse_mlp:end -->"
 NOTES = """What bounds the sparse speed-up (1-thread CPU time, 87.5%, block 128): the kernels run at
 ~215 GFLOP/s (forward region: weight packing, fc1 + exact GELU and GELU' epilogue, fc2),
 ~245 (backward token tiles: fc2 grad-in times GELU', fc1 grad-in, token-pair packing, bias
@@ -189,38 +189,7 @@ def table(rows, best, threads):
 
 
 def machine(threads):
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {threads} threads of {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this script's section of BENCHMARKS.md; other sections are kept."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text.rstrip()}\n{END}"
-    if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    with open(tmp) as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def bench_train_step(args):
-    """Full cerebras-gpt-111m training step, dense vs sparse: needs the model integration."""
-    raise SystemExit(
-        "--train-step is not implemented yet: it needs sparse MLPs in models/gpt.py "
-        "(integration pending); no numbers are produced."
-    )
+    return f"{cpu_name()}, {threads} threads of {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def main(argv=None):
@@ -237,14 +206,11 @@ def main(argv=None):
         "--cpu-reps", type=int, default=7, help="rounds of the 1-thread CPU-time proxy (0: off)"
     )
     ap.add_argument("--compile", action="store_true", help="also time torch.compile dense")
-    ap.add_argument("--train-step", action="store_true", help="full model step (pending)")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md")
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
     )
     args = ap.parse_args(argv)
-    if args.train_step:
-        return bench_train_step(args)
     rows, best, tokens, dense_flop, load = run(args)
     command = "python benchmarks/sparse_mlp.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join(
@@ -270,7 +236,7 @@ def main(argv=None):
     )
     print(text)
     if not args.no_write:
-        write_section(args.out, text)
+        replace_section("sparse_mlp", text, args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Side by side: one full training step of cerebras-gpt-111m, dense vs 87.5% block-sparse.
 
 A step is what ``kiln train`` does: zero grads, forward under bf16 autocast (fp32 master
-weights), cross-entropy, backward, the sparsity callback's ``after_backward`` (mask the
-gradients), AdamW, ``after_optimizer_step`` (re-apply masks to weights and Adam moments). The
+weights) with the head and cross-entropy fused (the trainer's eager loss function), backward,
+the sparsity callback's ``after_backward``, gradient clipping, AdamW (torch's fused
+implementation), ``after_optimizer_step``; the process tunes malloc as ``kiln train`` does on CPU
+(kiln.train.malloc; ``--no-malloc-tuning`` leaves glibc's defaults). The
 sparse twin is the same model with every transformer-block matrix (attn wq/wk/wv/wo, mlp w1/w2)
 at 87.5% sparsity in b×b blocks, applied from outside by kiln.sparsity (build_sparsity:
 SparseLinear sharing the Parameters, kernel chosen by choose_kernel; GELU MLPs whose w1 and w2
@@ -11,6 +13,8 @@ matrices have 12 blocks per line, so 87.5% (1.5 per line) needs ``--unbalanced``
 Embeddings, norms, biases and the tied 50257-way head stay dense, so the ideal speed-up is
 FLOPs_dense / FLOPs_sparse with FLOPs/token = 6 × (weights multiplied) + 12·L·S·d (attention).
 Variants are timed alternately, median of the rounds, so machine noise hits both alike.
+``--compiled-dense`` adds the dense twin with ``--train.compile`` (model and loss compiled as
+one graph), the other candidate for the fastest dense baseline.
 
     .venv/bin/python benchmarks/sparse_train_step.py            # writes its BENCHMARKS.md section
     .venv/bin/python benchmarks/sparse_train_step.py --block 64 --unbalanced --profile
@@ -30,10 +34,12 @@ import torch.profiler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_section  # noqa: E402
 from kiln.config import SparsityConfig, TrainConfig  # noqa: E402
-from kiln.models.gpt import GPT, cross_entropy  # noqa: E402
+from kiln.models.gpt import GPT  # noqa: E402
 from kiln.models.presets import PRESETS  # noqa: E402
 from kiln.sparsity.callback import Runtime, build_sparsity  # noqa: E402
+from kiln.train.malloc import keep_freed_memory  # noqa: E402
 from kiln.train.optim import build_optimizer  # noqa: E402
+from kiln.train.trainer import make_loss_fn  # noqa: E402
 
 
 def make(seed: int, sparse: SparsityConfig | None, tokens: int, log):
@@ -48,12 +54,13 @@ def make(seed: int, sparse: SparsityConfig | None, tokens: int, log):
     return model, optimizer, callback
 
 
-def step_fn(model, optimizer, callback, x, y):
+def step_fn(model, optimizer, callback, x, y, compile: bool = False):
+    loss_fn = make_loss_fn(model, torch.device("cpu"), "bf16", compile)
+
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = cross_entropy(model(x), y)
+        loss = loss_fn(x, y)
         loss.backward()
         if callback is not None:
             callback.after_backward(0)
@@ -83,8 +90,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--unbalanced", action="store_true", help="blocks anywhere in a matrix")
     parser.add_argument("--profile", action="store_true", help="profile one sparse step after")
+    parser.add_argument("--compiled-dense", action="store_true", help="also time compiled dense")
+    parser.add_argument("--no-malloc-tuning", action="store_true", help="glibc malloc defaults")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
+    tuned = not args.no_malloc_tuning and keep_freed_memory()
     tokens = args.batch * args.seq
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 50257, (args.batch, args.seq), generator=gen)
@@ -101,6 +111,8 @@ def main() -> None:
     dense = make(0, None, tokens, print)
     sparse = make(0, sparse_cfg, tokens, lambda m: (print(m), choices.append(m)))
     steps = {"dense": step_fn(*dense, x, y), "sparse": step_fn(*sparse, x, y)}
+    if args.compiled_dense:
+        steps["dense-compiled"] = step_fn(*make(0, None, tokens, print), x, y, compile=True)
     for fn in steps.values():  # warm-up: first-call allocations, layouts, AdamW state
         fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -116,17 +128,34 @@ def main() -> None:
     kernels = sorted({line.split("→ kernel ", 1)[1] for line in choices if "→ kernel" in line})
     kernels += [line.split(": ", 1)[1] for line in choices if "fused" in line]
     balance = "unbalanced" if args.unbalanced else "balanced"
+    labels = {
+        "dense": "dense (eager, what `kiln train` runs)",
+        "dense-compiled": "dense, `--train.compile` (model + loss one graph)",
+        "sparse": f"{args.level:.1%} block-sparse, b={args.block} {balance}",
+    }
     rows = [
-        "| variant | step (s, median) | tokens/s | speed-up | FLOPs/token (fwd+bwd) |",
+        "| variant | step (s, median) | tokens/s | speed-up vs dense | FLOPs/token (fwd+bwd) |",
         "|---|---|---|---|---|",
-        f"| dense (bf16 autocast) | {med['dense']:.2f} | {tokens / med['dense']:,.0f} | 1.00× | "
-        f"{f_dense / 1e9:.3f} G |",
-        f"| {args.level:.1%} block-sparse, b={args.block} {balance} | {med['sparse']:.2f} | "
-        f"{tokens / med['sparse']:,.0f} | **{med['dense'] / med['sparse']:.2f}×** | "
-        f"{f_sparse / 1e9:.3f} G |",
     ]
+    for name in ("dense", "dense-compiled", "sparse"):
+        if name not in med:
+            continue
+        flops = f_sparse if name == "sparse" else f_dense
+        ratio = f"{med['dense'] / med[name]:.2f}×"
+        rows.append(
+            f"| {labels[name]} | {med[name]:.2f} | {tokens / med[name]:,.0f} | "
+            + (f"**{ratio}**" if name == "sparse" else ratio)
+            + f" | {flops / 1e9:.3f} G |"
+        )
+    fastest = min((n for n in med if n != "sparse"), key=med.get)
+    malloc = (
+        "malloc tuned as `kiln train` does (kiln.train.malloc)"
+        if tuned
+        else "glibc malloc defaults (`--no-malloc-tuning`)"
+    )
     body = (
-        f"Full training step (fwd + bwd + AdamW, bf16 autocast, masks re-applied) of "
+        f"Full training step (forward with the fused head + loss, backward, sparsity hooks, "
+        f"clipping, fused AdamW; bf16 autocast over fp32 master weights; {malloc}) of "
         f"cerebras-gpt-111m, batch {args.batch} × seq {args.seq} = {tokens} tokens; all "
         f"transformer-block matrices at {args.level:.1%} {balance} {args.block}×{args.block} "
         f"block sparsity vs its dense twin. Ideal (FLOP-ratio) speed-up "
@@ -139,6 +168,8 @@ def main() -> None:
         + "; ".join(kernels)
         + "\n\n"
         + "\n".join(rows)
+        + f"\n\nSparse vs the fastest dense variant ({fastest}): "
+        + f"**{med[fastest] / med['sparse']:.2f}×**."
     )
     print(body)
     if not args.no_write:

@@ -71,8 +71,16 @@ class ModelConfig:
     """μP base width: the width at which μP and standard parametrization coincide."""
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "d_ffn",
-                     "max_seq_len", "mup_base_width"):
+        for name in (
+            "n_layers",
+            "d_model",
+            "n_heads",
+            "n_kv_heads",
+            "d_head",
+            "d_ffn",
+            "max_seq_len",
+            "mup_base_width",
+        ):
             check_positive("model", name, getattr(self, name))
         check_positive("model", "rope_theta", self.rope_theta)
         if self.position is not None:
@@ -174,8 +182,16 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "micro_batch_size", "max_steps", "flops", "tokens_per_param",
-                     "lr", "eval_batches", "max_bad_steps"):
+        for name in (
+            "batch_size",
+            "micro_batch_size",
+            "max_steps",
+            "flops",
+            "tokens_per_param",
+            "lr",
+            "eval_batches",
+            "max_bad_steps",
+        ):
             check_positive("train", name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "eps"):
             check_positive("train", name, getattr(self, name), allow_zero=True)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import ConfigError, check_choice
+from kiln.models.loss import linear_cross_entropy
 
 
 @dataclass(kw_only=True)
@@ -447,9 +448,14 @@ class GPT(nn.Module):
         start_pos: int = 0,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] (or hidden states [B, T, d] when tok_emb is None) → logits
         [B, T, vocab] in the compute dtype (hidden states when norm is None).
+
+        With ``targets`` [B, T] (int, -100 = ignore), returns the mean next-token cross entropy
+        instead (fp32 scalar), through :func:`kiln.models.loss.linear_cross_entropy`: the head
+        and the loss fused a chunk of tokens at a time, never holding fp32 [B, T, vocab] logits.
 
         With ``kv_cache``, the tokens sit at positions start_pos .. start_pos+T-1 and attend to
         the cached keys before them (prefill, chunked prefill and one-token decode alike).
@@ -487,7 +493,13 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length = start_pos + T
         if self.norm is None:
+            if targets is not None:
+                raise ValueError("targets need the final norm and head (this stage has none).")
             return h
+        if targets is not None:
+            weight = self.head.weight if self.head is not None else self.tok_emb.weight
+            mult = self.config.output_multiplier
+            return linear_cross_entropy(self.norm(h), weight, targets, mult)
         return self.output(h)
 
 

@@ -80,6 +80,12 @@ class SparseLinear(nn.Module):
         is_block = kernel.startswith("block")
         self._layout = BlockLayout.from_mask(self.mask, self.block_size) if is_block else None
 
+    @property
+    def grad_is_masked(self) -> bool:
+        """True when this step's weight gradient comes out exactly zero outside the mask (the
+        masked and block kernels), so masking it again would change nothing."""
+        return not self.dense_now and self.kernel in ("masked", "block-cpp", "block-torch")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_now or self.kernel == "dense":
             return F.linear(x, self.weight, self.bias)

@@ -4,11 +4,16 @@ Per step (see kiln.train.callbacks for the hook order):
 
 * ``after_backward(s)``: at a RigL update step the forward/backward ran dense (SparseLinear
   ``dense_now``), so the full weight gradient is scored per unit for regrowth first; then every
-  sparse layer's gradient is multiplied by its mask (so clipping and AdamW see masked grads).
+  sparse layer's gradient that is not already zero outside its mask (dense-computed: RigL's
+  step, or a kernel without masked gradients) is multiplied by its mask, so clipping and AdamW
+  see masked grads.
 * ``after_optimizer_step(s)``, with t = s + 1 completed steps: build the masks at
-  ``mask_step``; GMP prune; SET/RigL drop-and-grow; SPDF turn dense; then re-apply every mask
-  to the weight *and* AdamW's ``exp_avg`` / ``exp_avg_sq``, so masked weights and their moments
-  stay exactly zero and regrown weights start at zero with zero moments.
+  ``mask_step``; GMP prune; SET/RigL drop-and-grow; SPDF turn dense; then, if any mask changed,
+  re-apply every mask to the weight *and* AdamW's ``exp_avg`` / ``exp_avg_sq``, so pruned
+  weights and their moments become exactly zero and regrown weights start at zero with zero
+  moments. Between mask changes nothing needs re-applying: a weight that is zero with zero
+  moments and a zero gradient stays exactly zero through AdamW (m = v = 0, update 0/(0+ε) = 0,
+  decay 0·(1−ηλ) = 0), so the step costs no pass over the dense-shaped tensors.
 
 State (checkpointed): each mask as a bool ``[out, in]`` tensor, the RNG of random masks and SET
 regrowth, and the kernel each layer uses (re-used on resume, so a resumed run computes exactly
@@ -98,6 +103,9 @@ class SparsityCallback(Callback):
         """SPDF has switched to dense fine-tuning."""
         self.grow_scores: dict[str, torch.Tensor] = {}
         self.changed = True
+        """A mask changed since the last metrics line (per-parameter sparsity is logged)."""
+        self.stale = True
+        """A mask changed since weights and moments were last zeroed outside the masks."""
         self._reasons: dict[tuple, str] = {}
 
     # -- building and applying masks -------------------------------------------------------
@@ -138,13 +146,14 @@ class SparsityCallback(Callback):
                     f"kernel {kernel} ({reason})"
                 )
         layer.module.set_mask(mask, kernel, fn)
-        self.changed = True
+        self.changed = self.stale = True
 
     @torch.no_grad()
     def _enforce(self, grown: dict[str, torch.Tensor] | None = None) -> None:
         """Zero masked (and newly grown) weights and their AdamW moments."""
         if not self.masked:
             return
+        self.stale = False
         tensors, keeps = [], []  # one foreach multiply over all weights and moments
         for layer in self.layers:
             keep = layer.module.keep
@@ -168,7 +177,7 @@ class SparsityCallback(Callback):
             pairs = [
                 (lay.param.grad, lay.module.keep)
                 for lay in self.layers
-                if lay.param.grad is not None
+                if lay.param.grad is not None and not lay.module.grad_is_masked
             ]
             if pairs:
                 torch._foreach_mul_(*map(list, zip(*pairs)))
@@ -192,7 +201,7 @@ class SparsityCallback(Callback):
             grown = self._drop_and_grow(t)
         if algo == "spdf" and self.masked and not self.dense and t >= self.dense_step:
             self._go_dense(t)
-        if not self.dense:
+        if not self.dense and (self.stale or grown):
             self._enforce(grown)
 
     def _gmp(self, t: int) -> None:

@@ -36,6 +36,7 @@ from kiln.models.gpt import GPT, GPTConfig
 from kiln.models.presets import resolve_model
 from kiln.train import checkpoint as ckpt
 from kiln.train.callbacks import Callback, split_state
+from kiln.train.malloc import keep_freed_memory
 from kiln.train.metrics import MetricsWriter, plot_loss, truncate_metrics
 from kiln.train.optim import LRSchedule, build_optimizer
 from kiln.train.plan import TrainingPlan, make_training_plan
@@ -180,6 +181,11 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         data.tokenizer.save(run_dir)
         atomic_write(run_dir / "run.json", json.dumps(_provenance(dims, shape), indent=2))
 
+    if dims.device.type == "cpu" and keep_freed_memory():
+        log(
+            "memory: malloc reuses freed blocks instead of page-faulting them in every step "
+            "(KILN_MALLOC_TUNING=0 turns this off)"
+        )
     model = build_model(shape, dims.device, job.train.seed)
     # One process: compile model + loss as one graph (the trainer does it). Under torchrun:
     # compile block by block before FSDP/DDP wrap them, as torchtitan does.

@@ -11,8 +11,9 @@ count, W the data-parallel size, b·T the tokens of one micro-batch:
                trainer frees them after every step (zero_grad(set_to_none=True))
   grad buckets DDP's reducer keeps a second, persistent fp32 copy of the gradients: 4N
   optimizer    AdamW moments exp_avg and exp_avg_sq: 8N (DDP) or 8N/W (FSDP2)
-  opt. temps   the foreach AdamW step builds one temporary copy of the local parameters
-               (sqrt of exp_avg_sq): 4N (DDP) or 4N/W (FSDP2)
+  opt. temps   none for torch's fused AdamW (plain parameters: one process, DDP); FSDP2's
+               DTensor shards use the foreach step, which builds one temporary copy of the
+               local parameters (sqrt of exp_avg_sq): 4N/W
   activations  what autograd saves for backward, per layer per token (elements):
                  2 norm inputs + 2 norm outputs (4d), q, k, v (q + 2kv), attention output and
                  its reshaped copy (2q), MLP up-projection output(s) and activation
@@ -20,8 +21,10 @@ count, W the data-parallel size, b·T the tokens of one micro-batch:
                × bytes per element (4 fp32; 2 bf16, plus a 4-byte fp32 copy of the norm inputs
                autocast keeps) × L layers × b·T; with activation checkpointing only each block's
                input (d per token per layer) is kept, plus one block's full activations while it
-               is recomputed. The head adds the final norm (2d), the fp32 logits, their
-               log-softmax and their gradient (3V per token, fp32).
+               is recomputed. The head adds the final norm's input (fp32 d) and its output in
+               the compute dtype (d), and the fused loss (kiln.models.loss) keeps the logit
+               gradient in the compute dtype (V per token) plus two chunk buffers of
+               chunk_rows(V) tokens (compute dtype and fp32).
 
 The peak is the larger of the backward peak — parameters + grad buckets + optimizer state +
 activations: at the start of backward every activation is alive and no .grad exists yet; as
@@ -35,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kiln.models.gpt import GPTConfig
+from kiln.models.loss import chunk_rows
 
 
 @dataclass
@@ -90,12 +94,13 @@ def activation_bytes(
     layer_bytes = per_token_layer * size + (2 * d * 4 if precision == "bf16" else 0)
     tokens = micro_batch * seq_len
     embed = d * 4
-    head = 2 * d * 4 + 3 * V * 4
+    head = d * 4 + (d + V) * size
+    chunk = min(chunk_rows(V), tokens) * V * (size + 4)
     if checkpointing:
         body = L * d * 4 + layer_bytes
     else:
         body = L * layer_bytes
-    return tokens * (embed + body + head)
+    return tokens * (embed + body + head) + chunk
 
 
 def estimate_memory(
@@ -117,7 +122,7 @@ def estimate_memory(
         grads=4 * local + gathered,
         grad_buckets=4 * n if data == "ddp" and world_size > 1 else 0,
         optimizer=8 * local,
-        optimizer_temps=4 * local,
+        optimizer_temps=4 * local if sharded else 0,
         activations=activation_bytes(
             shape, micro_batch, seq_len, precision, activation_checkpointing
         ),

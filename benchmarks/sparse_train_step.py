@@ -113,8 +113,9 @@ def main() -> None:
     steps = {"dense": step_fn(*dense, x, y), "sparse": step_fn(*sparse, x, y)}
     if args.compiled_dense:
         steps["dense-compiled"] = step_fn(*make(0, None, tokens, print), x, y, compile=True)
-    for fn in steps.values():  # warm-up: first-call allocations, layouts, AdamW state
-        fn()
+    for _ in range(2):  # warm-up: first-call allocations, compilation, AdamW state, heap growth
+        for fn in steps.values():
+            fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(args.rounds):
         for name, fn in steps.items():

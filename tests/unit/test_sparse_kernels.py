@@ -173,3 +173,21 @@ def test_shape_mismatch_is_refused():
         block_sparse_linear(torch.randn(3, 64, dtype=torch.bfloat16), w, None, lay)
     with pytest.raises(ConfigError):  # fc2 must take fc1's 64 outputs
         block_sparse_mlp(torch.randn(3, 32, dtype=torch.bfloat16), w, None, w, None, lay, lay)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_dtype_follows_autocast_like_f_linear(backend):
+    """Under bf16 autocast an fp32 input gives a bf16 output, as F.linear does, so the next
+    matmul gets no bf16 → fp32 → bf16 round trip; the input gradient keeps the input's dtype."""
+    gen = torch.Generator().manual_seed(0)
+    mask = block_mask(torch.rand(64, 96, generator=gen), 1 / 3, 32)
+    layout = BlockLayout.from_mask(mask, 32)
+    w = (torch.randn(64, 96, generator=gen) * mask).requires_grad_()
+    x = torch.randn(3, 96, generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block_sparse_linear(x, w, None, layout, backend)
+        ref = torch.nn.functional.linear(x, w)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert block_sparse_linear(x, w, None, layout, backend).dtype == torch.float32

@@ -118,6 +118,26 @@ def test_zeros_and_adam_moments_stay_zero_through_steps():
         assert int(layer.param.count_nonzero()) == int(masks[layer.name].sum())
 
 
+@pytest.mark.parametrize("kernel", ["masked", "block"])
+def test_steady_steps_skip_the_masking_passes_and_zeros_still_survive(kernel, monkeypatch):
+    """With unchanged masks the kernels' weight gradients are already zero outside the mask,
+    and AdamW keeps a zero weight with zero moments and zero gradient exactly zero, so no
+    masking pass over weights and moments runs, and nothing leaks."""
+    model, opt, cb = setup(level=0.5, pattern="block", block_size=32, kernel=kernel)
+    enforced = []
+    real = cb._enforce
+    monkeypatch.setattr(cb, "_enforce", lambda grown=None: (enforced.append(1), real(grown)))
+
+    def inspect(phase, s):
+        if phase == "backward":
+            for layer in cb.layers:
+                assert torch.all(layer.param.grad[~layer.module.mask] == 0), layer.name
+
+    train(model, opt, cb, 4, inspect=inspect)
+    assert enforced == [] and not cb.stale
+    assert_zeros(cb, opt)
+
+
 def test_gmp_follows_the_cubic_schedule():
     assert alg.gmp_level(0, 0.8, 0, 10, 2) == 0.0
     assert alg.gmp_level(5, 0.8, 0, 10, 2) == pytest.approx(0.8 * (1 - (1 - 4 / 10) ** 3))

@@ -62,6 +62,7 @@ def test_upstream_gradient_scales_both_grads():
     _, (qh, qw) = grads_of(lambda: linear_cross_entropy(h, w, y) / 4, h, w)
     torch.testing.assert_close(qh * 4, dh)
     torch.testing.assert_close(qw * 4, dw)
+    assert w.grad.is_contiguous()  # the transposed matmul is cast back contiguous
 
 
 def test_model_targets_path_matches_logits_path_under_bf16_autocast():

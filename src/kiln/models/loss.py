@@ -85,7 +85,10 @@ class LinearCrossEntropyFn(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 dh = torch.mm(grad, wc).to(ctx.dtypes[0]).mul_(grad_loss)
             if ctx.needs_input_grad[1]:
-                dw = torch.mm(grad.t(), hc).to(ctx.dtypes[1]).mul_(grad_loss)
+                # (hᵀ G)ᵀ: oneDNN runs it faster than Gᵀ h; the cast to the weight's dtype
+                # transposes it back into a contiguous gradient in the same pass.
+                dw = torch.mm(hc.t(), grad).t()
+                dw = dw.to(ctx.dtypes[1], memory_format=torch.contiguous_format).mul_(grad_loss)
         return dh, dw, None, None, None, None
 
 

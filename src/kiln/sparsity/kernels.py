@@ -367,6 +367,7 @@ def _check_shapes(x, weight, layout: BlockLayout) -> None:
         )
 
 
+@torch.compiler.disable  # opaque to torch.compile: see block_sparse_linear
 def block_sparse_mlp(x, w1, b1, w2, b2, layout1, layout2, backend: str = "auto"):
     """``W2 gelu(W1 x + b1) + b2`` (exact erf GELU) with both weights block-sparse.
 
@@ -384,8 +385,13 @@ def block_sparse_mlp(x, w1, b1, w2, b2, layout1, layout2, backend: str = "auto")
     return BlockSparseMLPFn.apply(x, w1, b1, w2, b2, layout1, layout2)
 
 
+@torch.compiler.disable
 def block_sparse_linear(x, weight, bias, layout: BlockLayout, backend: str = "auto"):
-    """Functional form of :class:`BlockSparseLinearFn` (backend: 'auto', 'cpp' or 'torch')."""
+    """Functional form of :class:`BlockSparseLinearFn` (backend: 'auto', 'cpp' or 'torch').
+
+    Under ``torch.compile`` the call runs eagerly (a graph break around it): the C++ kernels
+    take raw pointers, so Dynamo must not trace the allocations around them into a graph whose
+    buffers Inductor may reuse or share (that corrupted the heap)."""
     _check_shapes(x, weight, layout)
     return BlockSparseLinearFn.apply(x, weight, bias, layout, backend)
 

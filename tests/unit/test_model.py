@@ -198,3 +198,57 @@ def test_generation_respects_max_seq_len_and_eos():
     first = generate(model, prompt, 1, temperature=0)[0, -1].item()
     out = generate(model, prompt, 10, temperature=0, eos_id=first)
     assert out.shape == (1, 5)
+
+
+def _sdpa_reference(q, k, v, scale):
+    """fp32 scaled_dot_product_attention of the same inputs, and its input gradients."""
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    y = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True, scale=scale)
+    return y, leaves
+
+
+@pytest.mark.parametrize("scale", [None, 1 / 64])
+def test_cpu_bf16_matmul_attention_matches_sdpa(scale):
+    """The bf16 CPU path (explicit matmuls, fp32 softmax math) agrees with an fp32 reference as
+    closely as torch's flash kernel does, outputs and all three input gradients."""
+    from kiln.models.gpt import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, g = (torch.randn(2, 3, 40, 16, generator=gen) for _ in range(4))
+    ref, leaves = _sdpa_reference(q, k, v, scale)
+    ref.backward(g)
+    want = [ref.detach(), *(t.grad for t in leaves)]
+    for impl in ("kiln", "flash"):
+        qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+        if impl == "kiln":
+            y = attention(qb, kb, vb, None, True, scale, False)
+        else:
+            y = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True,
+                                                                 scale=scale)  # fmt: skip
+        y.backward(g.bfloat16())
+        got = [y, qb.grad, kb.grad, vb.grad]
+        errs = [float((a.float() - b).abs().max() / b.abs().max()) for a, b in zip(got, want)]
+        assert max(errs) < 0.03, (impl, errs)
+
+
+def test_attention_uses_sdpa_outside_the_cpu_bf16_causal_case(monkeypatch):
+    """fp32, masks, GQA and sequences over MATMUL_ATTENTION_MAX_LEN go to
+    scaled_dot_product_attention unchanged (so fp32 parity with transformers is untouched)."""
+    from kiln.models import gpt
+
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(gpt.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])  # fmt: skip
+    q = torch.randn(1, 2, 8, 4)
+    gpt.attention(q, q, q, None, True, None, False)  # fp32
+    gpt.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), None, True, None, True)  # GQA
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()
+    gpt.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), mask, False, None, False)
+    assert len(calls) == 3
+    monkeypatch.setattr(gpt, "MATMUL_ATTENTION_MAX_LEN", 4)
+    gpt.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), None, True, None, False)
+    assert len(calls) == 4
+    monkeypatch.setattr(gpt, "MATMUL_ATTENTION_MAX_LEN", 1024)
+    gpt.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), None, True, None, False)
+    assert len(calls) == 4  # the matmul path

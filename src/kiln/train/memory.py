@@ -24,7 +24,9 @@ count, W the data-parallel size, b·T the tokens of one micro-batch:
                is recomputed. The head adds the final norm's input (fp32 d) and its output in
                the compute dtype (d), and the fused loss (kiln.models.loss) keeps the logit
                gradient in the compute dtype (V per token) plus two chunk buffers of
-               chunk_rows(V) tokens (compute dtype and fp32).
+               chunk_rows(V) tokens (compute dtype and fp32). On CPU in bf16, causal
+               attention up to MATMUL_ATTENTION_MAX_LEN tokens also keeps its bf16
+               probabilities: 2·H·T² bytes per sequence per layer (kiln.models.gpt.attention).
 
 The peak is the larger of the backward peak — parameters + grad buckets + optimizer state +
 activations: at the start of backward every activation is alive and no .grad exists yet; as
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.models.gpt import GPTConfig
+from kiln.models.gpt import MATMUL_ATTENTION_MAX_LEN, GPTConfig
 from kiln.models.loss import chunk_rows
 
 
@@ -83,7 +85,12 @@ def _head_params(shape: GPTConfig) -> int:
 
 
 def activation_bytes(
-    shape: GPTConfig, micro_batch: int, seq_len: int, precision: str, checkpointing: bool
+    shape: GPTConfig,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    checkpointing: bool,
+    device: str = "cpu",
 ) -> int:
     """Bytes autograd keeps for backward on one rank (see the module docstring)."""
     d, f, L, V = shape.d_model, shape.d_ffn, shape.n_layers, shape.vocab_size
@@ -96,11 +103,15 @@ def activation_bytes(
     embed = d * 4
     head = d * 4 + (d + V) * size
     chunk = min(chunk_rows(V), tokens) * V * (size + 4)
+    probs = 0  # per layer, not per token
+    matmul_attention = precision == "bf16" and device == "cpu" and shape.n_kv_heads == shape.n_heads
+    if matmul_attention and 1 < seq_len <= MATMUL_ATTENTION_MAX_LEN:
+        probs = micro_batch * shape.n_heads * seq_len**2 * 2
     if checkpointing:
-        body = L * d * 4 + layer_bytes
+        body = tokens * (L * d * 4 + layer_bytes) + probs
     else:
-        body = L * layer_bytes
-    return tokens * (embed + body + head) + chunk
+        body = L * (tokens * layer_bytes + probs)
+    return tokens * (embed + head) + body + chunk
 
 
 def estimate_memory(
@@ -111,6 +122,7 @@ def estimate_memory(
     world_size: int = 1,
     data: str = "fsdp",
     activation_checkpointing: bool = False,
+    device: str = "cpu",
 ) -> MemoryEstimate:
     """Per-rank memory of training ``shape`` with AdamW (see the module docstring)."""
     n = shape.num_params(include_embeddings=True)
@@ -124,7 +136,7 @@ def estimate_memory(
         optimizer=8 * local,
         optimizer_temps=4 * local if sharded else 0,
         activations=activation_bytes(
-            shape, micro_batch, seq_len, precision, activation_checkpointing
+            shape, micro_batch, seq_len, precision, activation_checkpointing, device
         ),
         world_size=world_size,
         data=data if world_size > 1 else "1 process",
@@ -163,8 +175,15 @@ def estimate_for_job(job, world_size: int) -> tuple[str, list[MemoryEstimate]]:
     job.validate(world_size)
     micro = job.train.micro_batch_size or job.train.batch_size // world_size
     modes = ["ddp", "fsdp"] if world_size > 1 else ["none"]
+    device = job.run.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     estimates = [
-        estimate_memory(shape, micro, job.data.seq_len, job.train.precision, world_size, m, ac)
+        estimate_memory(
+            shape, micro, job.data.seq_len, job.train.precision, world_size, m, ac, device
+        )
         for m in modes
         for ac in (False, True)
     ]

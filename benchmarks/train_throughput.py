@@ -2,8 +2,10 @@
 
 Both models get the identical shape, batch, sequence length and precision (bf16 autocast with
 fp32 master weights, AdamW), and are timed in alternation in one process so that machine noise
-hits both alike. MFU = achieved model FLOPs (6N + 12·L·S·d per token) / the measured bf16
-matmul peak of this CPU (kiln.planning.hardware), never a table value for another chip.
+hits both alike; the process tunes malloc as ``kiln train`` does on CPU (kiln.train.malloc), for
+both. Kiln's eager step is the trainer's: head and loss fused (``model(x, targets=y)``).
+MFU = achieved model FLOPs (6N + 12·L·S·d per token) / the measured bf16 matmul peak of this
+CPU (kiln.planning.hardware), never a table value for another chip.
 
     .venv/bin/python benchmarks/train_throughput.py            # writes BENCHMARKS.md
     .venv/bin/python benchmarks/train_throughput.py --quick    # small shapes, prints only
@@ -26,6 +28,7 @@ from kiln.models.gpt import GPT, GPTConfig, cross_entropy  # noqa: E402
 from kiln.models.presets import PRESETS  # noqa: E402
 from kiln.planning.flops import flops_per_token  # noqa: E402
 from kiln.planning.hardware import measure_cpu_peak  # noqa: E402
+from kiln.train.malloc import keep_freed_memory  # noqa: E402
 from kiln.train.trainer import make_loss_fn  # noqa: E402
 
 
@@ -128,6 +131,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
+    keep_freed_memory()
     base = PRESETS["cerebras-gpt-111m"]
     shapes = [
         (

@@ -5,9 +5,10 @@ with a fresh ``mmap`` and returns it to the kernel on ``free``. A CPU training s
 and frees dozens of such tensors — the bf16 copy of the embedding table, its gradient, the
 logit gradient of the fused loss, the packed sparse-kernel operands — so every step the kernel
 zero-fills those pages again, at well under 1 GB/s on a virtual machine. Measured on the
-2-core dev VM, cerebras-gpt-111m, 2048 tokens, eager bf16: 5.0 s → 3.3 s per dense step and
-3.4 s → 2.2 s per 87.5%-sparse step (benchmarks/sparse_train_step.py prints both with
-``--no-malloc-tuning``).
+2-core dev VM, cerebras-gpt-111m, 2048 tokens, eager bf16 (benchmarks/sparse_train_step.py with
+and without ``--no-malloc-tuning``, medians of separate runs): 3.5 s → 2.8 s per dense step and
+2.6 s → 1.7 s per 87.5%-sparse step, whose kernels allocate more short-lived dense-shaped
+tensors.
 
 :func:`keep_freed_memory` turns ``mmap`` off for malloc (large blocks come from the heap) and
 never trims the heap, so after the first step the same memory is reused. The process then

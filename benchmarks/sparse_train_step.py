@@ -155,6 +155,7 @@ def main() -> None:
         else "glibc malloc defaults (`--no-malloc-tuning`)"
     )
     body = (
+        "## Sparse training step: cerebras-gpt-111m, 87.5% block-sparse vs its dense twin\n\n"
         f"Full training step (forward with the fused head + loss, backward, sparsity hooks, "
         f"clipping, fused AdamW; bf16 autocast over fp32 master weights; {malloc}) of "
         f"cerebras-gpt-111m, batch {args.batch} × seq {args.seq} = {tokens} tokens; all "

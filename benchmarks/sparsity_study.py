@@ -164,7 +164,7 @@ Command (regenerates this page and the figure; the reading above is written by h
 
     {command}
 
-Machine: {machine()}, {jobs} runs at a time, one thread each<br>
+Machine: {machine().replace(" (1 threads)", "")}, {jobs} runs at a time, one thread each<br>
 Date: {datetime.date.today().isoformat()}
 """
     (ROOT / "docs" / "sparsity-study.md").write_text(text)

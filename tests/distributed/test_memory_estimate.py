@@ -1,7 +1,7 @@
 """`kiln estimate-memory` agrees with the peak memory of real training steps on this CPU.
 
 A fresh subprocess warms up torch's kernels on a small model (their one-off buffers go into the
-baseline), records ru_maxrss, then runs two AdamW steps of a ~35M-parameter model the way the
+baseline), records ru_maxrss, then runs three AdamW steps of a ~35M-parameter model the way the
 trainer does (forward, backward, clip, step, zero_grad(set_to_none)). The increase of the peak
 resident set must be within 25% of the estimate's peak.
 """
@@ -41,7 +41,7 @@ rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 base = rss()
 model = build_model(shape, torch.device("cpu"), 0)
 opt = build_optimizer(model, TrainConfig())
-for _ in range(2):
+for _ in range(3):
     model(x, targets=y).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()

@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e .
+	$(PY) -c "from kiln.sparsity.kernels import prebuild; prebuild()"  # C++ kernels: build now
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed

@@ -191,3 +191,13 @@ def test_output_dtype_follows_autocast_like_f_linear(backend):
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
     assert block_sparse_linear(x, w, None, layout, backend).dtype == torch.float32
+
+
+def test_prebuild_says_which_kernels_this_machine_uses(monkeypatch, capsys):
+    kernels.prebuild()
+    ready = kernels.cpp_extension() is not None
+    assert ("C++ kernels ready" in capsys.readouterr().out) == ready
+    monkeypatch.setattr(kernels, "_EXT", None)
+    monkeypatch.setattr(kernels, "_EXT_TRIED", True)  # as on a CPU without avx512_bf16
+    kernels.prebuild()
+    assert "sparse runs use pure torch" in capsys.readouterr().out

@@ -16,7 +16,8 @@ weight decay on zeros is a no-op). FLOPs: forward ``2 T out in d``, backward twi
 Backends (same layout, same numbers up to bf16 rounding):
 
 * ``cpp``: ``csrc/block_sparse.cpp`` (plain C ABI, see :mod:`kiln.sparsity.cpp_kernels`)
-  compiled at first use with ``g++ -O3 -fopenmp -mavx512bf16`` in a few seconds into
+  compiled by ``make``'s install step (:func:`prebuild`), or else at first use, with
+  ``g++ -O3 -fopenmp -mavx512bf16`` in a few seconds into
   ``$KILN_EXTENSIONS_DIR`` (default ``~/.cache/kiln/torch_extensions``). One AVX512-BF16
   micro-kernel computes forward, grad-input and grad-weight output-stationary from block CSR /
   CSC lists: no gathers, no scatter-adds, any block placement. A linear is 2 parallel regions
@@ -560,3 +561,13 @@ def _try_block_mask(scores: torch.Tensor, density: float, b: int) -> torch.Tenso
         return block_mask(scores, density, b, balanced=False)
     except ConfigError:
         return None
+
+
+def prebuild() -> None:
+    """Build (or find) the C++ kernels now and say which kernels this machine will use; run by
+    ``make`` at install time so the first sparse run does not pay the few-second compile."""
+    ext = cpp_extension()
+    if ext is not None:
+        print(f"kiln: block-sparse C++ kernels ready ({ext.lib._name})")
+    else:
+        print("kiln: no block-sparse C++ kernels on this machine; sparse runs use pure torch")

@@ -2,11 +2,13 @@
 
 GPU and accelerator numbers are vendor datasheet peaks for *dense* matmuls (no 2:4 sparsity),
 per device. A CPU has no datasheet number we can trust, so its peak is *measured* — the best
-of a few square matmuls — on each of the first PEAK_SAMPLES uses and cached as the best so far
-in ``$KILN_CACHE/hardware.json`` (default ``~/.cache/kiln/hardware.json``) keyed by CPU model,
-torch thread count, precision and size. Several samples, because one taken while the machine
-is busy can be several times too low (this shared 2-core VM once cached 224 GFLOP/s for a
-bf16 peak that measures ~760 when idle), and a low peak inflates every MFU printed after it.
+of a few square matmuls — at first use and cached in ``$KILN_CACHE/hardware.json`` (default
+``~/.cache/kiln/hardware.json``) keyed by CPU model, torch thread count, precision and size.
+The end of each of the first PEAK_SAMPLES successful training runs measures again
+(``refine=True``) and the cache keeps the best: one sample taken while the machine is busy can
+be several times too low (this shared 2-core VM once cached 224 GFLOP/s for a bf16 peak that
+measures ~760 when idle), and a low peak inflates every MFU printed after it. Refining only
+after a run succeeded keeps a failed command from touching the cache.
 torch is imported only inside the measuring function.
 """
 
@@ -129,10 +131,15 @@ PEAK_SAMPLES = 3
 
 
 def measure_cpu_peak(
-    precision: str = "bf16", cache_path: str | Path | None = None, size: int = 2048, reps: int = 5
+    precision: str = "bf16",
+    cache_path: str | Path | None = None,
+    size: int = 2048,
+    reps: int = 5,
+    refine: bool = False,
 ) -> float:
-    """Measured matmul FLOP/s of this CPU at ``precision``: the best of the first
-    PEAK_SAMPLES uses' measurements (a fraction of a second each), cached per machine."""
+    """Measured matmul FLOP/s of this CPU at ``precision``, cached per machine; with
+    ``refine``, measure again (a fraction of a second) until PEAK_SAMPLES samples are cached,
+    keeping the best."""
     if precision not in PRECISIONS:
         raise ConfigError(
             f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}."
@@ -149,7 +156,7 @@ def measure_cpu_peak(
             cache = {}  # a corrupt cache is re-measured and rewritten, not an error
     entry = cache.get(key) if isinstance(cache.get(key), dict) else {}
     best, samples = float(entry.get("flops", 0) or 0), int(entry.get("samples", 1 if entry else 0))
-    if best > 0 and samples >= PEAK_SAMPLES:
+    if best > 0 and (samples >= PEAK_SAMPLES or not refine):
         return best
     flops = _measure_matmul("cpu", precision, size, reps)
     if flops > best:

@@ -34,6 +34,7 @@ from kiln.errors import CheckpointError, ConfigError
 from kiln.fsio import atomic_write
 from kiln.models.gpt import GPT, GPTConfig
 from kiln.models.presets import resolve_model
+from kiln.planning.hardware import measure_cpu_peak
 from kiln.train import checkpoint as ckpt
 from kiln.train.callbacks import Callback, split_state
 from kiln.train.malloc import keep_freed_memory
@@ -271,6 +272,8 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
     finally:
         metrics.close()
     summary = _summary(trainer, plan, data, started)
+    if dims.is_main and dims.device.type == "cpu":  # sharpen a CPU peak cached under load
+        measure_cpu_peak(job.train.precision, refine=True)
     if dims.is_main:
         atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
         plot_loss(run_dir)

@@ -259,6 +259,17 @@ MATMUL_ATTENTION_MAX_LEN = 1024
 """Longest sequence for which CPU bf16 attention keeps its [B, H, T, T] probabilities."""
 
 
+def uses_matmul_attention(device_type: str, dtype: torch.dtype, seq_len: int, gqa: bool) -> bool:
+    """Whether causal, unmasked self-attention of ``seq_len`` tokens takes :func:`attention`'s
+    matmul path (which keeps its probabilities for backward) rather than SDPA."""
+    return (
+        device_type == "cpu"
+        and dtype == torch.bfloat16
+        and not gqa
+        and 1 < seq_len <= MATMUL_ATTENTION_MAX_LEN
+    )
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -281,11 +292,8 @@ def attention(
     if (
         causal
         and mask is None
-        and not gqa
-        and q.dtype == torch.bfloat16
-        and q.device.type == "cpu"
-        and 1 < T <= MATMUL_ATTENTION_MAX_LEN
         and k.shape[-2] == T
+        and uses_matmul_attention(q.device.type, q.dtype, T, gqa)
     ):
         future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
         scores = (q * (scale if scale is not None else q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on for ``t``'s device, else ``t``'s own dtype."""
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would compute ``t`` in: the autocast dtype when autocast is on for
+    ``t``'s device, else ``t``'s own dtype."""
     kind = t.device.type
     if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
@@ -35,7 +36,7 @@ class LinearCrossEntropyFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, multiplier: float, ignore_index: int, chunk: int):
-        dtype = _compute_dtype(weight)
+        dtype = compute_dtype(weight)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):
             hc, wc = h.to(dtype), weight.to(dtype)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import ConfigError
+from kiln.models.loss import compute_dtype
 from kiln.sparsity.cpp_kernels import CppKernels, build_library
 from kiln.sparsity.patterns import block_mask, nm_mask, parse_pattern, unstructured_mask
 
@@ -269,14 +270,6 @@ def _torch_backward(dy2, x2, weight, lay: BlockLayout, need_x: bool, need_w: boo
 # ------------------------------------------------------------------------- autograd + API
 
 
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    """What F.linear would return: the autocast dtype under autocast (no bf16 → fp32 → bf16
-    round trip before the next matmul), else the input's dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 class BlockSparseLinearFn(torch.autograd.Function):
     """y = x @ W^T + b over the kept blocks of a dense-shaped W; grads for x, W (kept), b."""
 
@@ -296,7 +289,7 @@ class BlockSparseLinearFn(torch.autograd.Function):
         ctx.w_dtype = weight.dtype
         ctx.layout, ctx.ext, ctx.x_dtype = layout, ext, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.view(*lead, layout.out_features).to(_out_dtype(x))
+        return y.view(*lead, layout.out_features).to(compute_dtype(x))
 
     @staticmethod
     def backward(ctx, grad):
@@ -338,7 +331,7 @@ class BlockSparseMLPFn(torch.autograd.Function):
         ctx.save_for_backward(x2, dgelu, gp, w1t, w2t)
         ctx.layouts, ctx.x_dtype, ctx.w_dtypes = (lay1, lay2), x.dtype, (w1.dtype, w2.dtype)
         ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
-        return y.view(*x.shape[:-1], lay2.out_features).to(_out_dtype(x))
+        return y.view(*x.shape[:-1], lay2.out_features).to(compute_dtype(x))
 
     @staticmethod
     def backward(ctx, grad):

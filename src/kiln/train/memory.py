@@ -41,7 +41,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.models.gpt import MATMUL_ATTENTION_MAX_LEN, GPTConfig
+import torch
+
+from kiln.models.gpt import GPTConfig, uses_matmul_attention
 from kiln.models.loss import chunk_rows
 
 
@@ -106,8 +108,8 @@ def activation_bytes(
     head = d * 4 + (d + V) * size
     chunk = min(chunk_rows(V), tokens) * V * (size + 4)
     probs = 0  # per layer, not per token
-    matmul_attention = precision == "bf16" and device == "cpu" and shape.n_kv_heads == shape.n_heads
-    if matmul_attention and 1 < seq_len <= MATMUL_ATTENTION_MAX_LEN:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if uses_matmul_attention(device, dtype, seq_len, gqa=shape.n_kv_heads != shape.n_heads):
         probs = micro_batch * shape.n_heads * seq_len**2 * 2
     if checkpointing:
         body = tokens * (L * d * 4 + layer_bytes) + probs

@@ -294,7 +294,8 @@ class SparsityConfig:
     dense_step: int | None = None
     """SPDF: sparse until this step, dense fine-tuning after (None = 75% of train.max_steps)."""
     kernel: str = "auto"
-    """Forward kernel: 'auto' (fastest measured per shape), 'masked' (dense × mask) or 'block'."""
+    """Forward kernel: 'auto' (fastest measured per shape: dense, masked or a sparse kernel),
+    'dense' (plain matmul on the zero-filled weight), 'masked' (dense × mask) or 'block'."""
 
     def __post_init__(self) -> None:
         _check_level("sparsity.level", self.level)
@@ -309,7 +310,7 @@ class SparsityConfig:
             "sparsity", "algorithm", self.algorithm, ["static", "gmp", "set", "rigl", "spdf"]
         )
         check_choice("sparsity", "init", self.init, ["random", "magnitude"])
-        check_choice("sparsity", "kernel", self.kernel, ["auto", "masked", "block"])
+        check_choice("sparsity", "kernel", self.kernel, ["auto", "dense", "masked", "block"])
         for name in ("mask_step", "start_step", "end_step", "stop_step", "dense_step"):
             check_positive("sparsity", name, getattr(self, name), allow_zero=True)
         check_positive("sparsity", "update_every", self.update_every)

@@ -115,22 +115,83 @@ def test_layout_rejects_non_block_mask():
 
 def test_choose_kernel_block_returns_valid_kernel():
     name, fn = choose_kernel(64, 128, 32, "block", 0.5, reps=1)
-    assert name.startswith("block") or name == "masked-dense"
+    reason = kernels.kernel_choice_reason(64, 128, 32, "block", 0.5, torch.bfloat16, "cpu")
+    timed = [part.rsplit(" ", 2)[0] for part in reason.split(" < ")]
+    assert timed[0] == name  # the reason starts with the winner, then every other candidate
+    assert {"dense", "masked-dense", "block32-torch", "block64-torch"} <= set(timed)
+    assert len(timed) == len(set(timed))  # no candidate named twice
     b = int(name[5:].split("-")[0]) if name.startswith("block") else 32
     mask = kernels._try_block_mask(torch.rand(64, 128), 0.5, b)  # an axis that fits this b
     w = torch.randn(64, 128, dtype=torch.bfloat16) * mask
     x = torch.randn(4, 128, dtype=torch.bfloat16)
     y = fn(x, w, None, mask)
     assert rel_err(y, masked_linear(x.float(), w.float(), None, mask)) < 2e-2
-    assert "ms vs masked-dense" in kernels.kernel_choice_reason(
-        64, 128, 32, "block", 0.5, torch.bfloat16, "cpu"
+
+
+def _inject(monkeypatch, times: dict[str, float]) -> list[str]:
+    """Replace the timer by fixed times per candidate; returns the candidates timed."""
+    seen: list[str] = []
+
+    def fake(name, fn, x, weight, bias, mask, reps):
+        seen.append(name)
+        return times[name]
+
+    monkeypatch.setattr(kernels, "_time_candidate", fake)
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("times", "winner"),
+    [
+        ({"dense": 6.0, "masked-dense": 6.3, "block32-torch": 9.0}, "dense"),
+        ({"dense": 6.0, "masked-dense": 5.0, "block32-torch": 9.0}, "masked-dense"),
+        ({"dense": 6.0, "masked-dense": 6.3, "block32-torch": 2.0}, "block32-torch"),
+        ({"dense": 6.0, "masked-dense": 6.0, "block32-torch": 6.0}, "dense"),  # ties: dense
+    ],
+)
+def test_chooser_picks_fastest_and_logs_every_candidate(monkeypatch, caplog, times, winner):
+    monkeypatch.setattr(kernels, "_EXT", None)
+    monkeypatch.setattr(kernels, "_EXT_TRIED", True)
+    times = {k: v / 1e3 for k, v in times.items()}
+    seen = _inject(monkeypatch, times)
+    with caplog.at_level("INFO", logger="kiln.sparsity.kernels"):
+        name, fn = choose_kernel(64, 128, 32, "block32", 0.5)
+    assert sorted(seen) == sorted(times) and name == winner
+    reason = kernels.kernel_choice_reason(64, 128, 32, "block32", 0.5, torch.bfloat16, "cpu")
+    expected = " < ".join(
+        f"{n} {times[n] * 1e3:.1f} ms" for n in sorted(times, key=lambda n: times[n])
     )
+    assert reason == expected and expected in caplog.text
+    if winner == "dense":
+        assert fn is kernels.dense_linear
+
+
+def test_pick_kernel_maps_a_dense_choice_to_the_dense_kernel(monkeypatch):
+    from kiln.sparsity.apply import pick_kernel
+
+    monkeypatch.setattr(kernels, "_EXT", None)
+    monkeypatch.setattr(kernels, "_EXT_TRIED", True)
+    _inject(monkeypatch, {"dense": 1e-3, "masked-dense": 2e-3, "block32-torch": 3e-3})
+    kernel, fn, reason = pick_kernel("auto", "block", 32, (64, 128), 0.5, 32, "bf16", "cpu")
+    assert (kernel, fn) == ("dense", None) and reason.startswith("dense 1.0 ms <")
+    # fp32: the sparse kernels compute in bf16, so only dense and masked-dense are timed
+    seen = _inject(monkeypatch, {"dense": 2e-3, "masked-dense": 1e-3})
+    kernel, _, reason = pick_kernel("auto", "block", 32, (64, 128), 0.5, 32, "fp32", "cpu")
+    assert kernel == "masked" and sorted(seen) == ["dense", "masked-dense"]
+    assert reason.startswith("fp32 training") and "masked-dense 1.0 ms < dense 2.0 ms" in reason
+
+
+def test_rank_candidates_needs_a_candidate():
+    with pytest.raises(ValueError):
+        kernels.rank_candidates({})
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_choose_kernel_falls_back_to_masked(pattern):
+def test_choose_kernel_without_sparse_kernel_times_dense_and_masked(pattern):
     name, fn = choose_kernel(64, 128, 32, pattern, 0.5, reps=1)
-    assert name == "masked-dense" and fn is masked_linear
+    assert name in ("dense", "masked-dense")
+    assert fn is (kernels.dense_linear if name == "dense" else masked_linear)
     assert not kernels.semi_structured_available("cpu")
 
 

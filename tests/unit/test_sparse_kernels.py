@@ -175,11 +175,36 @@ def test_pick_kernel_maps_a_dense_choice_to_the_dense_kernel(monkeypatch):
     _inject(monkeypatch, {"dense": 1e-3, "masked-dense": 2e-3, "block32-torch": 3e-3})
     kernel, fn, reason = pick_kernel("auto", "block", 32, (64, 128), 0.5, 32, "bf16", "cpu")
     assert (kernel, fn) == ("dense", None) and reason.startswith("dense 1.0 ms <")
-    # fp32: the sparse kernels compute in bf16, so only dense and masked-dense are timed
-    seen = _inject(monkeypatch, {"dense": 2e-3, "masked-dense": 1e-3})
+    # fp32: the C++ kernels compute in bf16, so dense, masked-dense and the fp32 torch kernel
+    monkeypatch.setattr(kernels, "_EXT", object())  # even where the C++ kernels exist
+    seen = _inject(monkeypatch, {"dense": 2e-3, "masked-dense": 1e-3, "block32-torch": 3e-3})
     kernel, _, reason = pick_kernel("auto", "block", 32, (64, 128), 0.5, 32, "fp32", "cpu")
-    assert kernel == "masked" and sorted(seen) == ["dense", "masked-dense"]
-    assert reason.startswith("fp32 training") and "masked-dense 1.0 ms < dense 2.0 ms" in reason
+    assert kernel == "masked" and sorted(seen) == ["block32-torch", "dense", "masked-dense"]
+    assert reason == "masked-dense 1.0 ms < dense 2.0 ms < block32-torch 3.0 ms"
+    seen = _inject(monkeypatch, {"dense": 2e-3, "masked-dense": 1e-3})
+    kernel, _, reason = pick_kernel("auto", "2:4", 32, (64, 128), 0.5, 32, "fp32", "cpu")
+    assert kernel == "masked" and reason.startswith("no sparse kernel for pattern '2:4' in fp32")
+
+
+def test_torch_block_kernel_computes_in_fp32_for_fp32_inputs():
+    """An fp32 run's block kernel stays fp32 (equal to masked-dense to float rounding), so
+    CPUs without bf16 matmul hardware can gain from sparsity too."""
+    torch.manual_seed(0)
+    mask = block_mask(torch.rand(64, 96), 1 / 3, 32)
+    lay = BlockLayout.from_mask(mask, 32)
+    w = (torch.randn(64, 96) * mask).requires_grad_()
+    b = torch.randn(64, requires_grad=True)
+    x = torch.randn(5, 96, requires_grad=True)
+    y = block_sparse_linear(x, w, b, lay, "torch")
+    assert y.dtype == torch.float32
+    g = torch.randn_like(y)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), g)
+    want = masked_linear(x, w, b, mask)
+    ex, ew, eb = torch.autograd.grad(want, (x, w, b), g)
+    for got, ref in ((y, want), (dx, ex), (dw, ew), (db, eb)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: bf16 like F.linear
+        assert block_sparse_linear(x, w, b, lay, "torch").dtype == torch.bfloat16
 
 
 def test_rank_candidates_needs_a_candidate():

@@ -28,8 +28,8 @@ through the per-linear kernels. Only exact (erf) GELU is fused: the kernel imple
 approximation, so ``gelu_tanh`` models keep the per-linear path.
 
 ``kernel: auto`` asks :func:`kiln.sparsity.kernels.choose_kernel` (timed once per shape and
-density; every candidate's time is logged). The block kernel computes in bf16, so an fp32 run
-chooses between ``dense`` and ``masked`` unless ``kernel: block`` is asked for explicitly.
+density; every candidate's time is logged). The C++ block kernel computes in bf16, so an fp32
+run chooses among ``dense``, ``masked`` and ``block-torch`` (which computes in fp32 there).
 """
 
 from __future__ import annotations
@@ -178,10 +178,10 @@ def pick_kernel(
 ) -> tuple[str, Callable | None, str]:
     """(kernel, fn for semi-2:4 else None, reason) for one layer at ``density``.
 
-    ``auto`` times every candidate on this shape (:func:`choose_kernel`): in bf16 the dense
-    matmul, masked-dense and the sparse kernels the pattern allows; in fp32 (the sparse kernels
-    compute in bf16) dense against masked-dense. The fastest wins, so a sparse layer never runs
-    measurably slower than its dense twin.
+    ``auto`` times every candidate on this shape (:func:`choose_kernel`): the dense matmul,
+    masked-dense and the sparse kernels the pattern allows in this precision (in fp32 only the
+    torch block kernel: the C++ kernels compute in bf16). The fastest wins, so a sparse layer
+    never runs measurably slower than its dense twin.
     """
     if density >= 1.0:
         return "dense", None, "mask keeps every weight"
@@ -191,16 +191,13 @@ def pick_kernel(
         backend = "block-cpp" if cpp_extension() is not None else "block-torch"
         return backend, None, "sparsity.kernel is 'block'"
     is_block = pattern == "block" and block_size % 32 == 0
-    if precision != "bf16" or not (is_block or pattern == "2:4"):
-        name_pattern, dtype = "unstructured", torch.float32 if precision != "bf16" else None
-        why = "fp32 training: the sparse kernels compute in bf16; "
-        if precision == "bf16":
-            dtype = torch.bfloat16
-            detail = f"block size {block_size}" if pattern == "block" else f"pattern {pattern!r}"
-            why = f"no sparse kernel for {detail}; "
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if is_block or (pattern == "2:4" and precision == "bf16"):
+        name_pattern, why = (f"block{block_size}" if is_block else pattern), ""
     else:
-        name_pattern = f"block{block_size}" if is_block else pattern
-        dtype, why = torch.bfloat16, ""
+        name_pattern = "unstructured"
+        detail = f"block size {block_size}" if pattern == "block" else f"pattern {pattern!r}"
+        why = f"no sparse kernel for {detail} in {precision}; "
     out_f, in_f = shape
     args = (out_f, in_f, tokens, name_pattern, density, dtype, device)
     name, fn = choose_kernel(*args)

@@ -23,10 +23,12 @@ Backends (same layout, same numbers up to bf16 rounding):
   CSC lists: no gathers, no scatter-adds, any block placement. A linear is 2 parallel regions
   (pack W and W^T, then forward; token-tiled backward, then dW). Used when the CPU has avx512_bf16
   and compilation succeeds; otherwise (or with ``KILN_SPARSE_CPP=0``) ``torch``.
-* ``torch``: pure torch. The layout is padded to the same number of blocks per block-row
-  (``rows``) or per block-column (``cols``, via ``W^T``), whichever pads less; forward /
-  grad-weight are one ``bmm`` over gathered activation blocks, grad-input a ``bmm`` followed by
-  ``index_add_``.
+* ``torch``: pure torch, in the dtype ``F.linear`` would compute in (bf16 under autocast,
+  fp32 in an fp32 run — the only block kernel for CPUs without bf16 matmul hardware, whose
+  bf16 matmuls are an order of magnitude slower than fp32). The layout is padded to the same
+  number of blocks per block-row (``rows``) or per block-column (``cols``, via ``W^T``),
+  whichever pads less; forward / grad-weight are one ``bmm`` over gathered activation blocks,
+  grad-input a ``bmm`` followed by ``index_add_``.
 
 :func:`block_sparse_mlp` (``W2 gelu(W1 x + b1) + b2``, both weights block-sparse) fuses the
 exact GELU into the C++ kernels' epilogues and runs fc1 -> fc2 per token tile with the hidden
@@ -196,11 +198,11 @@ def _cpp_backward(ext: CppKernels, dy2, x2, wt, w_dtype, lay: BlockLayout, *need
 # --------------------------------------------------------------------------- torch backend
 
 
-def _weight_blocks(weight: torch.Tensor, lay: BlockLayout) -> torch.Tensor:
-    """Kept blocks of A (W for axis rows, W^T for cols) as bf16 ``[lines, k, b, b]``."""
+def _weight_blocks(weight: torch.Tensor, lay: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Kept blocks of A (W for axis rows, W^T for cols) as ``dtype`` ``[lines, k, b, b]``."""
     axis, idx, valid = lay.padded
     b = lay.block_size
-    w = weight.to(torch.bfloat16)
+    w = weight.to(dtype)
     if axis == "cols":
         w = w.t()
     lines = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)
@@ -238,7 +240,7 @@ def _grad_blocks(u: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, b: int) ->
 
 def _torch_forward(x2, weight, bias, lay: BlockLayout):
     axis, idx, _ = lay.padded
-    blocks = _weight_blocks(weight, lay)
+    blocks = _weight_blocks(weight, lay, x2.dtype)
     y = (
         _gather_mm(x2, blocks, idx)
         if axis == "rows"
@@ -252,7 +254,7 @@ def _torch_backward(dy2, x2, weight, lay: BlockLayout, need_x: bool, need_w: boo
     b = lay.block_size
     dx = dw = None
     if need_x:
-        blocks = _weight_blocks(weight, lay)
+        blocks = _weight_blocks(weight, lay, dy2.dtype)
         if axis == "rows":
             dx = _scatter_mm(dy2, blocks, idx, lay.in_features)
         else:
@@ -282,7 +284,9 @@ class BlockSparseLinearFn(torch.autograd.Function):
         if backend == "cpp" and ext is None:
             raise ConfigError("block-sparse backend 'cpp' is unavailable on this machine.")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        # C++: bf16 always; torch: the dtype F.linear would compute in (fp32 runs stay fp32)
+        ctx.dtype = torch.bfloat16 if ext is not None else compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(ctx.dtype).contiguous()
         if ext is not None:
             y, wt = _cpp_forward(ext, x2, weight, bias, layout)
             ctx.save_for_backward(x2, wt)  # the packed W^T blocks stand in for W
@@ -298,7 +302,7 @@ class BlockSparseLinearFn(torch.autograd.Function):
     def backward(ctx, grad):
         x2, weight = ctx.saved_tensors  # weight: packed W^T blocks for the C++ backend
         lay = ctx.layout
-        dy2 = grad.reshape(-1, lay.out_features).to(torch.bfloat16).contiguous()
+        dy2 = grad.reshape(-1, lay.out_features).to(ctx.dtype).contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.ext is not None:
             needs = (need_x, need_w, need_b)
@@ -502,9 +506,10 @@ def rank_candidates(timings: dict[str, float]) -> tuple[str, str]:
     return order[0], reason
 
 
-def _candidates(pat, density: float, device: torch.device, scores: torch.Tensor):
-    """(name, fn, mask) for every kernel that can run this pattern on this device; the dense
-    kernels first, so that on a tie the chooser keeps the simple path."""
+def _candidates(pat, density: float, dtype: torch.dtype, device: torch.device, scores):
+    """(name, fn, mask) for every kernel that can run this pattern in ``dtype`` on this device;
+    the dense kernels first, so that on a tie the chooser keeps the simple path. The C++
+    kernels compute in bf16, so an fp32 problem gets only the torch block kernel."""
     sparse: list[tuple[str, Callable, torch.Tensor]] = []
     if pat.kind == "block" and device.type == "cpu":
         sizes = [pat.block_size] if pat.block_size else [32, 64, 128]
@@ -512,7 +517,7 @@ def _candidates(pat, density: float, device: torch.device, scores: torch.Tensor)
             mask = _try_block_mask(scores, density, b)
             if mask is None:
                 continue
-            if cpp_extension() is not None:
+            if dtype == torch.bfloat16 and cpp_extension() is not None:
                 sparse.append((f"block{b}-cpp", _block_kernel(b, "cpp"), mask))
             sparse.append((f"block{b}-torch", _block_kernel(b, "torch"), mask))
     if pat.kind == "nm" and (pat.n, pat.m) == (2, 4) and semi_structured_available(device):
@@ -548,7 +553,7 @@ def choose_kernel(
         return name, fn
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(out_features, in_features, generator=gen)
-    candidates = _candidates(pat, density, device, scores)
+    candidates = _candidates(pat, density, dtype, device, scores)
     x = torch.randn(tokens, in_features, generator=gen).to(device, dtype)
     weight = torch.randn(out_features, in_features, generator=gen).to(device, dtype)
     bias = torch.zeros(out_features, device=device, dtype=dtype)

@@ -195,7 +195,10 @@ def _pick_checkpoint(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint ``--resume`` names: the newest complete one, or the one given."""
     root = run_dir / "checkpoints"
     if resume in ("latest", "auto"):
-        return ckpt.latest_checkpoint(root)
+        latest = ckpt.latest_checkpoint(root)
+        if latest is not None:  # a damaged one is named before any data work
+            ckpt.verify_checkpoint(latest)
+        return latest
     given = root / resume if ckpt.STEP_DIR.match(resume) else Path(resume)
     found = ckpt.list_checkpoints(root)
     if given.resolve() not in [c.resolve() for c in found]:
@@ -204,6 +207,7 @@ def _pick_checkpoint(run_dir: Path, resume: str) -> Path | None:
             f"--resume {resume} is not a complete checkpoint of the run in {run_dir}; "
             f"give 'auto', nothing (the newest), or one of: {names}."
         )
+    ckpt.verify_checkpoint(given)
     return given
 
 
@@ -274,9 +278,8 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
     for note in notes:
         log(f"note: {note}")
     log(plan.describe())
-    ckpt.check_space(
-        run_dir / "checkpoints", checkpoint_bytes(plan.params), job.checkpoint.keep, log
-    )
+    size = checkpoint_bytes(shape)
+    ckpt.check_space(run_dir / "checkpoints", size, job.checkpoint.keep, log)
 
     if dims.is_main and latest is None:  # a new run, or a restart from step 0
         atomic_write(run_dir / "config.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
@@ -382,9 +385,12 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
     return summary
 
 
-def checkpoint_bytes(params: int) -> int:
-    """About a checkpoint's size: fp32 parameters and AdamW's two fp32 moments."""
-    return 3 * 4 * params
+def checkpoint_bytes(shape: GPTConfig) -> int:
+    """About a checkpoint's size on disk: each fp32 parameter with AdamW's two moments and step
+    (the model built on the meta device, so nothing is allocated)."""
+    with torch.device("meta"):
+        params = list(GPT(shape).parameters())
+    return ckpt.state_bytes({"p": params}) * 3 + len(params) * ckpt.TENSOR_OVERHEAD
 
 
 def _restore(latest, shape_dict, model, trainer: Trainer, log) -> None:

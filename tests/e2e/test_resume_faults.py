@@ -17,8 +17,8 @@ from tests.e2e.test_cli_errors import _snapshot
 
 
 def _flags(run, corpus, steps=4):
-    return [*tiny_flags(run, corpus, steps=steps), "--checkpoint.every", "2",
-            "--train.eval_every", "0", "--log.tensorboard", "false", "--train.seed", "7"]  # fmt: skip
+    return [*tiny_flags(run, corpus, steps=steps), "--checkpoint.every", "2", "--train.seed", "7",
+            "--train.eval_every", "0", "--log.tensorboard", "false"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_resume_refusals(base, case, capsys, monkeypatch):
     extra, needles = REFUSALS[case]
     flags = _flags(root / "run", corpus)
     if "default" in case:  # the command leaves --train.seed at its default
-        flags = flags[: flags.index("--train.seed")]
+        del flags[flags.index("--train.seed") : flags.index("--train.seed") + 2]
     _refused(root, ["train", *flags, *extra], capsys, needles)
 
 
@@ -121,7 +121,7 @@ def test_disk_full_while_writing_a_checkpoint(base):
     fault = dict(env, KILN_TEST_FAULT="enospc:save:4", KILN_TEST_DISK_FREE=str(3 * 2**19))
     result = kiln(["train", *_flags(run, corpus)], fault)
     assert "cannot hold checkpoint.keep + 1 = 4 checkpoints" in result.stdout
-    line = _one_sentence(result.returncode, result.stderr, 3, [
+    _one_sentence(result.returncode, result.stderr, 3, [
         "checkpoint step 4 could not be written: no space left on the device holding",
         "1.5 MiB are free", "step-0000002 is intact", "partial write was removed"])  # fmt: skip
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]
@@ -132,7 +132,9 @@ def test_disk_full_while_writing_a_checkpoint(base):
 
 def test_no_room_for_one_checkpoint_is_refused_at_start(base):
     root, corpus, env = base
-    result = kiln(["train", *_flags(root / "tiny-disk", corpus)], dict(env, KILN_TEST_DISK_FREE="1000"))
+    result = kiln(
+        ["train", *_flags(root / "tiny-disk", corpus)], dict(env, KILN_TEST_DISK_FREE="1000")
+    )
     _one_sentence(result.returncode, result.stderr, 3, ["has no room for a checkpoint"])
     assert not (root / "tiny-disk" / "config.yaml").exists()
 

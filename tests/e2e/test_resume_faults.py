@@ -25,7 +25,7 @@ def _flags(run, corpus, steps=4):
 def base(tmp_path_factory, corpus, kiln_env):
     """A finished 4-step run with checkpoints at steps 2 and 4, started with --resume auto."""
     root = tmp_path_factory.mktemp("resume")
-    env = dict(kiln_env, KILN_CACHE=str(root / "cache"))
+    env = kiln_env  # the session's token cache, outside the snapshots of ``root``
     result = kiln(["train", *_flags(root / "run", corpus), "--resume", "auto"], env)
     assert result.returncode == 0, result.stderr
     assert "holds no run yet, so a new run starts" in result.stdout
@@ -53,16 +53,14 @@ def _refused(root, argv, capsys, needles):
     assert _snapshot(root) == before
 
 
-def test_same_command_resumes_and_auto_resumes_its_own_run(base):
+def test_same_command_with_resume_auto_continues_its_own_run(base):
+    """The command that started ``base`` (--resume auto included), extended to 6 steps."""
     root, corpus, env = base
     run = _copy(base, "same")
-    result = kiln(["train", *_flags(run, corpus, steps=6), "--resume"], env)
-    assert result.returncode == 0, result.stderr
-    assert "resumed from" in result.stdout and "step-0000004" in result.stdout
-    assert "done: 6 steps" in result.stdout
     result = kiln(["train", *_flags(run, corpus, steps=6), "--resume", "auto"], env)
     assert result.returncode == 0, result.stderr
-    assert "step-0000006 (step 6" in result.stdout
+    assert "resumed from" in result.stdout and "step-0000004 (step 4" in result.stdout
+    assert "done: 6 steps" in result.stdout
 
 
 REFUSALS = {
@@ -115,7 +113,7 @@ def test_same_values_from_a_yaml_file_are_accepted(base, capsys, monkeypatch):
 def test_disk_full_while_writing_a_checkpoint(base):
     """An injected ENOSPC in the write of step 4 (free space reported as 1.5 MiB: room for
     one checkpoint, not for keep + 1 = 4): exit 3, one sentence, no partial left, step 2
-    intact and resumable."""
+    intact; the same command plus --resume then finishes the run."""
     root, corpus, env = base
     run = root / "full"
     fault = dict(env, KILN_TEST_FAULT="enospc:save:4", KILN_TEST_DISK_FREE=str(3 * 2**19))
@@ -127,15 +125,16 @@ def test_disk_full_while_writing_a_checkpoint(base):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]
     assert read_tensors(run / "checkpoints/step-0000002")
     result = kiln(["train", *_flags(run, corpus), "--resume"], env)
-    assert result.returncode == 0 and "done: 4 steps" in result.stdout, result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "step-0000002 (step 2" in result.stdout and "done: 4 steps" in result.stdout
 
 
-def test_no_room_for_one_checkpoint_is_refused_at_start(base):
+def test_no_room_for_one_checkpoint_is_refused_at_start(base, capsys, monkeypatch):
     root, corpus, env = base
-    result = kiln(
-        ["train", *_flags(root / "tiny-disk", corpus)], dict(env, KILN_TEST_DISK_FREE="1000")
-    )
-    _one_sentence(result.returncode, result.stderr, 3, ["has no room for a checkpoint"])
+    monkeypatch.setenv("KILN_CACHE", env["KILN_CACHE"])
+    monkeypatch.setenv("KILN_TEST_DISK_FREE", "1000")
+    code = main(["train", *_flags(root / "tiny-disk", corpus)])
+    _one_sentence(code, capsys.readouterr().err, 3, ["has no room for a checkpoint"])
     assert not (root / "tiny-disk" / "config.yaml").exists()
 
 
@@ -204,3 +203,14 @@ def test_unwritable_run_dir(base, where, capsys, monkeypatch):
     run = where.format(root=root)
     _refused(root, ["train", *_flags(run, corpus)], capsys, [f"run.dir {run} cannot be written"])
     assert not cache.exists()  # refused before any data or tokenizer work
+
+
+def test_checkpoint_size_estimate_is_close_to_the_real_one(base):
+    from kiln.models.gpt import GPTConfig
+    from kiln.train.checkpoint import read_meta
+    from kiln.train.run import checkpoint_bytes
+
+    step = base[0] / "run/checkpoints/step-0000004"
+    real = sum(f.stat().st_size for f in step.iterdir())
+    estimate = checkpoint_bytes(GPTConfig(**read_meta(step)["model_shape"]))
+    assert 0.9 < estimate / real < 1.25, (estimate, real)

@@ -1,6 +1,7 @@
 """``kiln <verb>``: parse arguments, call one function per verb, map errors to exit codes.
 
-Exit codes: 0 success, 2 a user error (one sentence on stderr, no traceback), 1 anything else.
+Exit codes: 0 success, 2 a user error (one sentence on stderr, no traceback), 3 a checkpoint
+that could not be written (disk full, I/O error; one sentence), 1 anything else.
 Only this module knows about argv and exit codes.
 """
 
@@ -20,7 +21,7 @@ from kiln.errors import ConfigError, KilnError, closest
 USAGE = """usage: kiln <command> [options]
 
 commands:
-  train      train a model (--config FILE.yaml, --SECTION.FIELD VALUE, --resume)
+  train      train a model (--config FILE.yaml, --SECTION.FIELD VALUE, --resume [auto|CKPT])
   generate   sample text from a run directory or checkpoint
   plan       print a compute-optimal training plan (--flops C | --params N | --preset NAME)
   scale      train a compute-optimal family and fit L(C); --predict C --fit FIT; --lr-sweep
@@ -63,8 +64,9 @@ def _check_flag_names(argv: list[str], extra: set[str]) -> None:
         raise ConfigError(f"Unknown option --{name}{hint}.")
 
 
-def _check_yaml(path: str) -> None:
-    """A config file must exist, parse, and use only known sections and keys."""
+def _check_yaml(path: str) -> set[str]:
+    """A config file must exist, parse, and use only known sections and keys; return the
+    ``section.key`` names it sets."""
     import yaml
 
     p = Path(path)
@@ -76,7 +78,7 @@ def _check_yaml(path: str) -> None:
         detail = " ".join(str(exc).split())[:160]
         raise ConfigError(f"Config file {path} does not parse as YAML ({detail}).") from exc
     if raw is None:
-        return
+        return set()
     if not isinstance(raw, dict):
         raise ConfigError(
             f"Config file {path} must be a mapping of sections, not {type(raw).__name__}."
@@ -94,6 +96,7 @@ def _check_yaml(path: str) -> None:
                 raise ConfigError(
                     f"Unknown config key {section}.{key} in {path}{closest(key, keys[section])}."
                 )
+    return {f"{section}.{key}" for section, values in raw.items() for key in values}
 
 
 def _argument_error(exc: Exception) -> ConfigError:
@@ -108,19 +111,32 @@ def _argument_error(exc: Exception) -> ConfigError:
     return ConfigError(f"{first[0].upper()}{first[1:]}." if first else "Invalid arguments.")
 
 
-def parse_job(argv: list[str]) -> tuple[JobConfig, bool, set[str]]:
-    """``kiln train`` arguments → (JobConfig, resume?, names of flags given explicitly)."""
+RESUME_HELP = (
+    "continue the run in --run.dir: bare, from its newest complete checkpoint; 'auto', the "
+    "same command whether or not the run exists yet (a new run in a directory without one, "
+    "else this run resumed; a different run there is refused); or a checkpoint, "
+    "step-NNNNNNN or its path, to continue from an older one"
+)
+
+
+def parse_job(argv: list[str]) -> tuple[JobConfig, str | None, set[str]]:
+    """``kiln train`` arguments → (JobConfig, --resume's value or None, the ``section.field``
+    names set explicitly by flags or --config files)."""
     from jsonargparse import ActionConfigFile
 
     _check_flag_names(argv, {"config", "resume"})
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
-            _check_yaml(argv[i + 1])
+            given |= _check_yaml(argv[i + 1])
         elif arg.startswith("--config="):
-            _check_yaml(arg.split("=", 1)[1])
+            given |= _check_yaml(arg.split("=", 1)[1])
     parser = _parser("kiln train")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of sections")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run.dir")
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="auto|CHECKPOINT",
+        help=RESUME_HELP,
+    )  # fmt: skip
     parser.add_class_arguments(JobConfig, nested_key=None, fail_untyped=True)
     try:
         ns = parser.parse_args(argv)
@@ -130,33 +146,26 @@ def parse_job(argv: list[str]) -> tuple[JobConfig, bool, set[str]]:
     except Exception as exc:  # jsonargparse.ArgumentError and friends
         raise _argument_error(exc) from exc
     sections = {f.name: init[f.name] for f in dataclasses.fields(JobConfig)}
-    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-    return JobConfig(**sections), bool(ns.resume), given
+    return JobConfig(**sections), ns.resume, {n for n in given if "." in n}
 
 
 # -- verbs ---------------------------------------------------------------------------------
-RESUME_FLAGS = {"run.dir", "train.max_steps", "run.device", "resume"}
-
-
 def cmd_train(argv: list[str]) -> int:
+    """Exit 0, 2 (bad input, or a damaged checkpoint: one sentence), 1 (a rank was lost),
+    3 (a checkpoint could not be written: disk full or I/O error; the previous one is intact)."""
+    from kiln.distributed.parallel_dims import RankFailure
+    from kiln.train.checkpoint import StorageError
     from kiln.train.run import run_training
 
     job, resume, given = parse_job(argv)
-    if resume:
-        extra = sorted(n for n in given - RESUME_FLAGS if not n.startswith("log."))
-        if extra:
-            raise ConfigError(
-                f"--resume continues with the run's saved config, so --{extra[0]} cannot be "
-                "changed (only --train.max_steps may be extended)."
-            )
-    max_steps = job.train.max_steps if resume and "train.max_steps" in given else None
-    from kiln.distributed.parallel_dims import RankFailure
-
     try:
-        run_training(job, resume=resume, max_steps=max_steps)
+        run_training(job, resume=resume, given=given)
     except RankFailure as exc:  # not a user error (exit 1), but no traceback either
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except StorageError as exc:  # the machine's disk, not the user
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -67,7 +67,7 @@ CASES = {
 }
 RESUME_CASES = {
     "resume without a run": ("empty-run", "no complete checkpoint"),
-    "incomplete checkpoint": ("incomplete", "incomplete or from another shape"),
+    "incomplete checkpoint": ("incomplete", "is damaged: shard __0_0.distcp is missing"),
     "checkpoint of another shape": ("reshaped", "different model shape"),
 }
 

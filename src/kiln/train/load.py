@@ -27,13 +27,14 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give a run directory or a checkpoint.")
     if ckpt.STEP_DIR.match(path.name):
-        ckpt.read_meta(path)  # raises if incomplete
+        ckpt.verify_checkpoint(path)  # raises if incomplete, damaged or tampered
         return path, path.parent.parent
     latest = ckpt.latest_checkpoint(path / "checkpoints")
     if latest is None:
         raise CheckpointError(
             f"{path} holds no complete checkpoint (looked in {path}/checkpoints)."
         )
+    ckpt.verify_checkpoint(latest)
     return latest, path
 
 

@@ -168,8 +168,9 @@ class TrainConfig:
     """AdamW ε."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
-    precision: str = "bf16"
-    """'bf16' (autocast, fp32 master weights) or 'fp32'."""
+    precision: str = "auto"
+    """'bf16' (autocast, fp32 master weights), 'fp32', or 'auto': bf16 on GPUs that have it,
+    on CPUs whichever of bf16 and fp32 matmuls measures faster (AVX2-only CPUs emulate bf16)."""
     compile: bool = False
     """Compile the model with torch.compile."""
     seed: int = 0
@@ -201,7 +202,7 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} is {getattr(self, name)} but must be in [0, 1).")
         check_choice("train", "decay", self.decay, ["cosine", "linear"])
-        check_choice("train", "precision", self.precision, ["bf16", "fp32"])
+        check_choice("train", "precision", self.precision, ["auto", "bf16", "fp32"])
 
 
 @dataclass

@@ -207,3 +207,18 @@ def test_planning_import_is_light():
     code = "import sys, kiln.planning; print(sorted({'torch','numpy','scipy'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_precision_auto_is_measured_not_assumed(monkeypatch):
+    """'auto' picks the faster of bf16 and fp32 matmuls on this CPU (AVX2-only CPUs emulate
+    bf16 ~10x slower; AMX/AVX512-BF16 ones run it faster than fp32); explicit values pass."""
+    from kiln.planning import hardware
+
+    peaks = {"bf16": 0.3e9, "fp32": 4e9}
+    monkeypatch.setattr(hardware, "measure_cpu_peak", lambda p, **kw: peaks[p])
+    pick, why = hardware.resolve_precision("auto", "cpu")
+    assert pick == "fp32" and "bf16 matmul 0.3 vs fp32 4.0 GFLOP/s" in why
+    peaks["bf16"] = 2000e9
+    assert hardware.resolve_precision("auto", "cpu")[0] == "bf16"
+    assert hardware.resolve_precision("fp32", "cpu") == ("fp32", "train.precision fp32")
+    assert hardware.resolve_precision("bf16", "cpu")[0] == "bf16"

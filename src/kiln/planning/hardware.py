@@ -187,3 +187,28 @@ def device_peak(device: str, precision: str = "bf16") -> tuple[float, str]:
                 pass
         return _measure_matmul(device, precision, 4096, 10), f"measured {precision} on {name}"
     return peak_flops(device, precision)
+
+
+def resolve_precision(requested: str, device_type: str) -> tuple[str, str]:
+    """``train.precision`` → ('bf16' | 'fp32', why). 'auto' measures instead of assuming:
+
+    * CUDA: bf16 where the GPU supports it (Ampere and newer), else fp32;
+    * CPU: the faster of bf16 and fp32 matmuls, timed once per machine (512² probes, cached
+      with the CPU peak). CPUs differ by an order of magnitude: with AMX or AVX512-BF16 bf16 is
+      2–5× faster than fp32, but a CPU with AVX2 only emulates bf16 and runs it ~10× slower.
+    """
+    if requested != "auto":
+        return requested, f"train.precision {requested}"
+    if device_type == "cuda":
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this GPU has bf16"
+        return "fp32", "auto: this GPU has no bf16"
+    bf16 = measure_cpu_peak("bf16", size=512, reps=2)
+    fp32 = measure_cpu_peak("fp32", size=512, reps=2)
+    pick = "bf16" if bf16 >= fp32 else "fp32"
+    return pick, (
+        f"auto: bf16 matmul {bf16 / 1e9:,.1f} vs fp32 {fp32 / 1e9:,.1f} GFLOP/s measured on "
+        f"this CPU"
+    )

@@ -184,10 +184,11 @@ def estimate_for_job(job, world_size: int) -> tuple[str, list[MemoryEstimate]]:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from kiln.planning.hardware import resolve_precision
+
+    precision, _ = resolve_precision(job.train.precision, device)
     estimates = [
-        estimate_memory(
-            shape, micro, job.data.seq_len, job.train.precision, world_size, m, ac, device
-        )
+        estimate_memory(shape, micro, job.data.seq_len, precision, world_size, m, ac, device)
         for m in modes
         for ac in (False, True)
     ]
@@ -195,6 +196,6 @@ def estimate_for_job(job, world_size: int) -> tuple[str, list[MemoryEstimate]]:
     text = (
         f"model: {n:,} parameters ({shape.n_layers} layers, d_model {shape.d_model}, vocab "
         f"{shape.vocab_size}); micro-batch {micro} × {job.data.seq_len} tokens, "
-        f"{job.train.precision}, {world_size} rank(s)"
+        f"{precision}, {world_size} rank(s)"
     )
     return text, estimates

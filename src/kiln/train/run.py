@@ -37,7 +37,7 @@ from kiln.errors import CheckpointError, ConfigError
 from kiln.fsio import atomic_write
 from kiln.models.gpt import GPT, GPTConfig
 from kiln.models.presets import resolve_model
-from kiln.planning.hardware import measure_cpu_peak
+from kiln.planning.hardware import measure_cpu_peak, resolve_precision
 from kiln.train import checkpoint as ckpt
 from kiln.train.callbacks import Callback, split_state
 from kiln.train.malloc import keep_freed_memory
@@ -262,6 +262,10 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
         log(f"{job.run.dir} has no complete checkpoint yet: restarting its run from step 0.")
     job.validate(dims.dp_size)
     run_dir = prepare_run_dir(job, resuming, dims)
+    config_text = yaml.safe_dump(job.to_dict(), sort_keys=False)  # as asked: 'auto' stays auto
+    precision, why = resolve_precision(job.train.precision, dims.device.type)
+    job.train = dataclasses.replace(job.train, precision=precision)
+    log(f"precision: {precision} ({why})")
 
     data = prepare_data(job.data, log=log)
     shape, notes = resolve_model(job.model, data.tokenizer.vocab_size)
@@ -282,7 +286,7 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
     ckpt.check_space(run_dir / "checkpoints", size, job.checkpoint.keep, log)
 
     if dims.is_main and latest is None:  # a new run, or a restart from step 0
-        atomic_write(run_dir / "config.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
+        atomic_write(run_dir / "config.yaml", config_text)
         data.tokenizer.save(run_dir)
         atomic_write(run_dir / "run.json", json.dumps(_provenance(dims, shape), indent=2))
 

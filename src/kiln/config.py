@@ -155,7 +155,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak (Cerebras-GPT: 10%)."""
     warmup_steps: int | None = None
-    """Linear warm-up steps (None = 5% of training, at least 1)."""
+    """Linear warm-up steps (None = max(5% of training, min(a quarter of it, 25 steps)))."""
     decay: str = "cosine"
     """Decay after warm-up: 'cosine' or 'linear'."""
     weight_decay: float = 0.1

@@ -1,5 +1,6 @@
 """kiln convert: HF → Kiln → HF round trips and GGUF import; logits equal transformers' (fp32)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,10 @@ def _round_trip(hf_model, tok, tmp: Path) -> None:
         assert (again(x).logits - ref).abs().max() < 1e-4
     fast = transformers.AutoTokenizer.from_pretrained(tmp / "hf2")
     assert fast("the lazy dog")["input_ids"] == tok.encode("the lazy dog")
+    # this tokenizer has <|endoftext|> inside the vocabulary: the export names it
+    for name in ("config.json", "generation_config.json"):
+        ids = json.loads((tmp / "hf2" / name).read_text())
+        assert ids["bos_token_id"] == ids["eos_token_id"] == tok.eos_id < tok.vocab_size
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_new"])
@@ -87,8 +92,6 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _write_gguf(hf_model, tok, path: Path, dtype=np.float32) -> None:
-    import json
-
     import gguf
 
     c = hf_model.config

@@ -222,3 +222,33 @@ def test_precision_auto_is_measured_not_assumed(monkeypatch):
     assert hardware.resolve_precision("auto", "cpu")[0] == "bf16"
     assert hardware.resolve_precision("fp32", "cpu") == ("fp32", "train.precision fp32")
     assert hardware.resolve_precision("bf16", "cpu")[0] == "bf16"
+
+
+def test_default_warmup_serves_short_runs_and_keeps_5_percent_for_long_ones(monkeypatch):
+    """One rule for kiln plan and kiln train: a 20-step run warms up over 5 steps (5% alone gave
+    it 1 step at the full peak LR and a gradient-norm spike), long runs keep Cerebras-GPT's 5%."""
+    from types import SimpleNamespace
+
+    from kiln.config import JobConfig, TrainConfig
+    from kiln.models.gpt import GPTConfig
+    from kiln.planning.plan import default_warmup_steps
+    from kiln.train import plan as train_plan
+    from kiln.train.optim import LRSchedule
+
+    expected = {1: 1, 2: 1, 8: 2, 20: 5, 60: 15, 100: 25, 400: 25, 500: 25, 1000: 50, 9037: 452}
+    assert {s: default_warmup_steps(s) for s in expected} == expected
+    assert all(1 <= default_warmup_steps(s) <= s for s in range(1, 3000))
+    # the first update of a 20-step run is a fifth of the peak, not the peak
+    schedule = LRSchedule(2e-3, default_warmup_steps(20), 20, 0.1, "cosine")
+    assert schedule(0) == pytest.approx(2e-3 / 5)
+    # both plans call it
+    plan = make_plan(preset="cerebras-gpt-111m")
+    assert plan.warmup_steps == default_warmup_steps(plan.steps) == 452
+    monkeypatch.setattr(train_plan, "device_peak", lambda *a: (1e12, "test"))  # no measuring
+    dims = SimpleNamespace(dp_size=1, world_size=1, device=torch.device("cpu"))
+    job = JobConfig(train=TrainConfig(max_steps=20))
+    shape = GPTConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_head=16, d_ffn=64,
+                      vocab_size=300, max_seq_len=256)  # fmt: skip
+    assert train_plan.make_training_plan(shape, job, dims).warmup_steps == 5
+    job = JobConfig(train=TrainConfig(max_steps=20, warmup_steps=0))
+    assert train_plan.make_training_plan(shape, job, dims).warmup_steps == 0

@@ -42,7 +42,7 @@ from kiln.errors import ConfigError
 
 PHASES = ("fwd", "bwd", "opt")
 KINDS = ("matmul", "attention", "softmax", "norm", "activation", "elementwise", "cast",
-         "copy", "embedding", "loss", "optimizer")  # fmt: skip
+         "copy", "embedding", "loss", "optimizer", "fused")  # fmt: skip
 _EW = {"layernorm": 8, "rmsnorm": 5, "layernorm_bwd": 14, "rmsnorm_bwd": 9, "gelu": 14,
        "gelu_bwd": 20, "swiglu": 6, "swiglu_bwd": 10, "softmax": 5, "softmax_bwd": 4,
        "rope": 3, "adamw": 15, "loss": 8}  # fmt: skip

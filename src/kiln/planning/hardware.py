@@ -300,12 +300,21 @@ def cpu_matrix_flags() -> str:
 def cpu_device(cache_path: str | Path | None = None) -> Device:
     """This CPU as a Device: bf16 and fp32 matmul peaks and copy bandwidth, measured and
     cached. On-chip memory and links are left out (caches are not managed memory)."""
-    bf16 = measure_cpu_peak("bf16", cache_path)
-    fp32 = measure_cpu_peak("fp32", cache_path)
+    sizes = {p: _calibration_size(p) for p in ("bf16", "fp32")}
+    bf16 = measure_cpu_peak("bf16", cache_path, size=sizes["bf16"])
+    fp32 = measure_cpu_peak("fp32", cache_path, size=sizes["fp32"])
     bw = measure_cpu_bandwidth(cache_path)
-    src = (f"measured on {cpu_model_name()} ({cpu_matrix_flags()}): best 2048² bf16 and fp32 "
-           f"matmuls, and a 256 MB copy; cached in {Path(cache_path or cache_file())}")  # fmt: skip
+    src = (f"measured on {cpu_model_name()} ({cpu_matrix_flags()}): best bf16 "
+           f"{sizes['bf16']}² and fp32 {sizes['fp32']}² matmuls, and a 256 MB copy; cached in "
+           f"{Path(cache_path or cache_file())}")  # fmt: skip
     return Device("cpu", bf16, fp32, bw, None, None, src, matmul_efficiency=1.0)
+
+
+def _calibration_size(precision: str) -> int:
+    """2048, unless a 256² probe shows the precision has no fast path here (bf16 on a CPU
+    without AVX512-BF16 or AMX runs at well under 1 GFLOP/s): then 512, so that calibrating
+    takes seconds, not many minutes."""
+    return 2048 if _measure_matmul("cpu", precision, 256, 1) > 5e9 else 512
 
 
 def perf_device(name: str, cache_path: str | Path | None = None) -> Device:

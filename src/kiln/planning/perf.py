@@ -89,7 +89,7 @@ class PerfReport:
         return self.total(self.fused, "time_s")
 
     def mfu(self, step_time: float) -> float:
-        return self.model_flops / (step_time * self.device.peak_bf16)
+        return self.model_flops / (step_time * matmul_peak(self.device, self.step.precision))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,9 +107,17 @@ class PerfReport:
         }  # fmt: skip
 
 
-def _rate(kind: str, dev: Device) -> float:
+def matmul_peak(dev: Device, precision: str = "bf16") -> float:
+    """The matmul peak a step in ``precision`` runs at: bf16 (tensor/matrix units) or, for
+    fp32, the fp32 rate (vector_flops)."""
+    if precision == "bf16":
+        return dev.peak_bf16
+    return dev.vector_flops or dev.peak_bf16
+
+
+def _rate(kind: str, dev: Device, precision: str = "bf16") -> float:
     if kind in MATMUL_KINDS:
-        return dev.peak_bf16 * dev.matmul_efficiency
+        return matmul_peak(dev, precision) * dev.matmul_efficiency
     return dev.vector_flops or dev.peak_bf16
 
 
@@ -122,10 +130,10 @@ def _check_device(dev: Device) -> None:
         )
 
 
-def cost(op: Op, dev: Device) -> OpCost:
+def cost(op: Op, dev: Device, precision: str = "bf16") -> OpCost:
     """One op, KBK: compute at its kind's rate, memory at the off-chip bandwidth."""
     return OpCost(op.name, op.kind, op.phase, op.count, op.flops * op.count,
-                  op.bytes * op.count, op.flops * op.count / _rate(op.kind, dev),
+                  op.bytes * op.count, op.flops * op.count / _rate(op.kind, dev, precision),
                   op.bytes * op.count / dev.offchip_bw)  # fmt: skip
 
 
@@ -136,7 +144,7 @@ def _unique(tensors) -> list[opsmod.Tensor]:
     return list(seen.values())
 
 
-def _fuse(ops: list[Op], first: Op, dev: Device, tokens: int, tile: int) -> OpCost:
+def _fuse(ops: list[Op], first: Op, dev: Device, tokens: int, tile: int, prec: str) -> OpCost:
     """The fused op of ``first``'s (scope, group, phase); see the module docstring."""
     scope_ops = [o for o in ops if o.scope == first.scope]
     group = [o for o in scope_ops if o.fuse == first.fuse]
@@ -149,12 +157,12 @@ def _fuse(ops: list[Op], first: Op, dev: Device, tokens: int, tile: int) -> OpCo
     }  # fmt: skip
     reads = [t for o in members for t in o.reads if t.name not in inside]
     writes = [t for o in members for t in o.writes if t.name not in inside]
-    compute = sum(o.flops / _rate(o.kind, dev) for o in members)
+    compute = sum(o.flops / _rate(o.kind, dev, prec) for o in members)
     flops = sum(o.flops for o in members)
     needed = {t.name for o in members for t in o.reads if t.name in inside}
     recompute = {id(written[n]): written[n] for n in needed if written[n].phase != first.phase}
     for o in recompute.values():  # the backward recomputes what the forward kept on chip
-        compute += o.flops / _rate(o.kind, dev)
+        compute += o.flops / _rate(o.kind, dev, prec)
         flops += o.flops
         reads += [t for t in o.reads if t.name not in inside]
     reads, writes = _unique(reads), _unique(writes)
@@ -167,17 +175,19 @@ def _fuse(ops: list[Op], first: Op, dev: Device, tokens: int, tile: int) -> OpCo
                   compute * n, moved * n / dev.offchip_bw, onchip)  # fmt: skip
 
 
-def fused_costs(ops: list[Op], dev: Device, tokens: int, tile: int = TILE) -> list[OpCost]:
+def fused_costs(
+    ops: list[Op], dev: Device, tokens: int, tile: int = TILE, precision: str = "bf16"
+) -> list[OpCost]:
     """Costs with every fusion group run as one op, in the order the groups first appear."""
     out, done = [], set()
     for o in ops:
         if o.fuse is None:
-            out.append(cost(o, dev))
+            out.append(cost(o, dev, precision))
             continue
         key = (o.scope, o.fuse, o.phase)
         if key not in done:
             done.add(key)
-            out.append(_fuse(ops, o, dev, tokens, tile))
+            out.append(_fuse(ops, o, dev, tokens, tile, precision))
     return out
 
 
@@ -232,8 +242,8 @@ def predict(shape: Any, step: StepShape, dev: Device, name: str = "", tile: int 
     """The :class:`PerfReport` of one training step of ``shape`` on ``dev``."""
     _check_device(dev)
     ops = opsmod.training_ops(shape, step)
-    kbk = [cost(o, dev) for o in ops]
-    fused = fused_costs(ops, dev, step.tokens, tile)
+    kbk = [cost(o, dev, step.precision) for o in ops]
+    fused = fused_costs(ops, dev, step.tokens, tile, step.precision)
     model = opsmod.model_flops_per_token(shape, step.seq_len) * step.tokens
     notes = []
     if step.density < 1:
@@ -252,18 +262,19 @@ def format_report(r: PerfReport) -> str:
     sparse = "dense" if s.density == 1 else f"{1 - s.density:.2%} sparse"
     lines = [f"{r.model} on {dev.name}: micro-batch {s.batch} × {s.seq_len} tokens, "
              f"{s.precision}, {sparse}",
-             f"device: {dev.peak_bf16 / 1e12:,.1f} TFLOP/s bf16 at {dev.matmul_efficiency:.0%} "
+             f"device: {matmul_peak(dev, s.precision) / 1e12:,.3g} TFLOP/s {s.precision} matmul "
+             f"peak at {dev.matmul_efficiency:.0%} efficiency, "
              f"matmul efficiency, {dev.offchip_bw / 1e9:,.1f} GB/s off-chip ({dev.source})", "",
              f"{'op (kernel by kernel)':<26}{'phase':>6}{'×':>4}{'GFLOP':>11}{'MB moved':>11}"
-             f"{'ms':>9}  bound"]  # fmt: skip
+             f"{'ms':>12}  bound"]  # fmt: skip
     for c in r.kbk:
         lines.append(f"{c.name:<26}{c.phase:>6}{c.count:>4}{c.flops / 1e9:>11,.2f}"
-                     f"{_mb(c.bytes):>11}{c.time_s * 1e3:>9,.2f}  {c.bound}")  # fmt: skip
+                     f"{_mb(c.bytes):>11}{c.time_s * 1e3:>12,.2f}  {c.bound}")  # fmt: skip
     lines += ["", f"{'fused (dataflow) groups':<26}{'phase':>6}{'×':>4}{'GFLOP':>11}"
-                  f"{'MB moved':>11}{'ms':>9}  bound    on-chip MB"]  # fmt: skip
+                  f"{'MB moved':>11}{'ms':>12}  bound    on-chip MB"]  # fmt: skip
     for c in (c for c in r.fused if c.kind == "fused"):
         lines.append(f"{c.name:<26}{c.phase:>6}{c.count:>4}{c.flops / 1e9:>11,.2f}"
-                     f"{_mb(c.bytes):>11}{c.time_s * 1e3:>9,.2f}  {c.bound:<8}"
+                     f"{_mb(c.bytes):>11}{c.time_s * 1e3:>12,.2f}  {c.bound:<8}"
                      f"{_mb(c.onchip_bytes):>11}")  # fmt: skip
     d = r.to_dict()
     onchip = f"{_mb(dev.onchip_bytes)} MB on {dev.name}" if dev.onchip_bytes else "not managed"
@@ -319,3 +330,56 @@ _COLORS = {"matmul": "#4c72b0", "attention": "#55a868", "softmax": "#c44e52", "n
            "activation": "#ccb974", "elementwise": "#64b5cd", "cast": "#937860",
            "copy": "#da8bc3", "embedding": "#8c8c8c", "loss": "#e17c05",
            "optimizer": "#222222", "fused": "#2ca02c"}  # fmt: skip
+
+
+# -- SambaNova's analysis: one GEMM → GELU → GEMM chain over weight sparsity ----------------
+SPARSITIES = (0.0, 0.5, 0.75, 0.875, 0.9375)
+
+
+@dataclass
+class ChainPoint:
+    """The MLP chain of one layer (forward + backward) at one sparsity, KBK and fused."""
+
+    sparsity: float
+    flops_kbk: float
+    bytes_kbk: float
+    flops_fused: float
+    bytes_fused: float
+    onchip_fused: float
+    """On-chip bytes the fused forward or backward needs (the larger)."""
+
+    def bandwidth_needed(self, dev: Device, fused: bool) -> float:
+        """Off-chip bytes/s that keep the chain compute-bound at the device's matmul rate."""
+        f, b = (self.flops_fused, self.bytes_fused) if fused else (self.flops_kbk, self.bytes_kbk)
+        return b * dev.peak_bf16 * dev.matmul_efficiency / f
+
+    def time(self, dev: Device, fused: bool) -> float:
+        """max(compute, memory) of the chain (both phases) on ``dev``."""
+        f, b = (self.flops_fused, self.bytes_fused) if fused else (self.flops_kbk, self.bytes_kbk)
+        return max(f / (dev.peak_bf16 * dev.matmul_efficiency), b / dev.offchip_bw)
+
+
+def mlp_chain(shape: Any, step: StepShape, sparsities=SPARSITIES) -> list[ChainPoint]:
+    """GEMM → GELU → GEMM of one layer (the 'mlp' fusion group, forward and backward) at each
+    weight sparsity, from the op description; the device enters only through ChainPoint."""
+    unit = Device("unit", 1.0, 1.0, 1.0, None, None, "unit rates")
+    points = []
+    for s in sparsities:
+        o = opsmod.training_ops(replace_layers(shape), replace_step(step, 1.0 - s))
+        chain = [x for x in o if x.fuse == "mlp"]
+        fused = [c for c in fused_costs(o, unit, step.tokens) if c.name == "mlp (fused)"]
+        points.append(ChainPoint(s, sum(x.flops for x in chain), sum(x.bytes for x in chain),
+                                 sum(c.flops for c in fused), sum(c.bytes for c in fused),
+                                 max(c.onchip_bytes for c in fused)))  # fmt: skip
+    return points
+
+
+def replace_layers(shape: Any) -> Any:
+    """The shape with one layer (the chain is per layer)."""
+    return shape.replace(n_layers=1) if hasattr(shape, "replace") else shape
+
+
+def replace_step(step: StepShape, density: float) -> StepShape:
+    from dataclasses import replace
+
+    return replace(step, density=density, optimizer=False)

@@ -137,3 +137,20 @@ def test_cpu_bandwidth_is_measured_once_and_cached(tmp_path):
     assert bw > 1e8  # any machine copies faster than 100 MB/s
     assert measure_cpu_bandwidth(path, mbytes=8, reps=2) == bw
     assert "copy-bandwidth" in path.read_text()
+
+
+def test_mlp_chain_panels_shape():
+    pts = perf.mlp_chain(TINY, ops.StepShape(batch=2, seq_len=32), (0.0, 0.5, 0.75))
+    d, f = 64, 256
+    assert [p.sparsity for p in pts] == [0.0, 0.5, 0.75]
+    for p in pts:
+        assert p.bytes_fused < p.bytes_kbk and p.flops_fused > p.flops_kbk  # recomputation
+    # KBK traffic keeps the dense activations; the kept weights shrink with density: W1, W2
+    # read forward and by dgrad, dW1, dW2 written by wgrad, each d·f bf16 × density
+    assert pts[0].bytes_kbk - pts[1].bytes_kbk == pytest.approx(0.5 * 6 * d * f * 2)
+    assert pts[2].onchip_fused < pts[1].onchip_fused < pts[0].onchip_fused
+    need = [p.bandwidth_needed(TOY, False) for p in pts]
+    assert need[0] < need[1] < need[2]
+    assert pts[0].time(TOY, False) == pytest.approx(
+        max(pts[0].flops_kbk / 1e12, pts[0].bytes_kbk / 1e9)
+    )

@@ -264,7 +264,7 @@ def format_report(r: PerfReport) -> str:
              f"{s.precision}, {sparse}",
              f"device: {matmul_peak(dev, s.precision) / 1e12:,.3g} TFLOP/s {s.precision} matmul "
              f"peak at {dev.matmul_efficiency:.0%} efficiency, "
-             f"matmul efficiency, {dev.offchip_bw / 1e9:,.1f} GB/s off-chip ({dev.source})", "",
+             f"{dev.offchip_bw / 1e9:,.1f} GB/s off-chip ({dev.source})", "",
              f"{'op (kernel by kernel)':<26}{'phase':>6}{'×':>4}{'GFLOP':>11}{'MB moved':>11}"
              f"{'ms':>12}  bound"]  # fmt: skip
     for c in r.kbk:

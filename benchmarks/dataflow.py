@@ -93,8 +93,12 @@ def plot(points, cpu_pred, cpu_meas, cpu, out: Path) -> None:
     for name, dev in DEVICES.items():
         if dev.onchip_bytes:
             ax.axhline(dev.onchip_bytes / 1e6, color=COLORS[name], ls=":", label=name)
-    ax.set(yscale="log", xlabel="weight sparsity (%)", ylabel="MB",
-           title="(b) on-chip memory for fused execution\n(kept weights + 128-token tile)")
+    ax.set(
+        yscale="log",
+        xlabel="weight sparsity (%)",
+        ylabel="MB",
+        title="(b) on-chip memory for fused execution\n(kept weights + 128-token tile)",
+    )
     ax.legend(fontsize=7)
     ax = axes[2]
     for name in BW_DEVICES:

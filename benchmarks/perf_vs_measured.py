@@ -31,6 +31,7 @@ from kiln.planning.hardware import (
     cpu_matrix_flags,
     cpu_model_name,
     measure_cpu_bandwidth,
+    measure_kernel_overhead,
 )
 from kiln.planning.ops import StepShape
 from kiln.planning.perf import predict
@@ -63,13 +64,14 @@ def calibrate(precision: str) -> Device:
     size = 1024 if precision == "fp32" else 512
     mm = _measure_matmul("cpu", precision, size, 3)
     fp32 = mm if precision == "fp32" else _measure_matmul("cpu", "fp32", 1024, 3)
-    with tempfile.TemporaryDirectory() as tmp:  # fresh, not the cached number
+    with tempfile.TemporaryDirectory() as tmp:  # fresh, not the cached numbers
         bw = measure_cpu_bandwidth(Path(tmp) / "hw.json", mbytes=256, reps=3)
+        overhead = measure_kernel_overhead(Path(tmp) / "hw.json")
     return Device("cpu", mm if precision == "bf16" else fp32, fp32, bw, None, None,
-                  f"measured in this run on {cpu_model_name()}", matmul_efficiency=1.0)  # fmt: skip
+                  f"measured in this run on {cpu_model_name()}", 1.0, overhead)  # fmt: skip
 
 
-def measure(cfg, batch: int, seq: int, precision: str) -> tuple[dict[str, float], float]:
+def measure(cfg, batch: int, seq: int, precision: str) -> tuple[dict[str, float], float, str]:
     torch.manual_seed(0)
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -95,7 +97,9 @@ def measure(cfg, batch: int, seq: int, precision: str) -> tuple[dict[str, float]
             continue
         g = group_of(evt.key)
         per_group[g] = per_group.get(g, 0.0) + evt.self_cpu_time_total / 1e6
-    return per_group, wall
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    names = ", ".join(f"{e.key} {e.self_cpu_time_total / 1e6:.2f} ({e.count})" for e in top)
+    return per_group, wall, names
 
 
 def main() -> None:
@@ -112,7 +116,7 @@ def main() -> None:
     dev = calibrate(precision)
     step = StepShape(batch=args.batch, seq_len=args.seq_len, precision=precision)
     report = predict(cfg, step, dev, "cerebras-gpt-111m")
-    measured, wall = measure(cfg, args.batch, args.seq_len, precision)
+    measured, wall, top = measure(cfg, args.batch, args.seq_len, precision)
     predicted: dict[str, float] = {}
     for c in report.kbk:
         g = KIND_GROUP.get(c.kind, OTHER)
@@ -145,8 +149,9 @@ def main() -> None:
         f"Micro-batch {args.batch} × {args.seq_len} tokens, {precision}, AdamW (fused), "
         f"kernel by kernel (eager). Calibrated in the run: "
         f"{dev.peak_bf16 / 1e9:.1f} GFLOP/s {precision} matmul, "
-        f"{dev.vector_flops / 1e9:.1f} GFLOP/s fp32, {dev.offchip_bw / 1e9:.1f} GB/s copy "
-        f"({cpu_matrix_flags()}).\n\n{body}\n\n{summary}",
+        f"{dev.vector_flops / 1e9:.1f} GFLOP/s fp32, {dev.offchip_bw / 1e9:.1f} GB/s copy, "
+        f"{dev.kernel_overhead_s * 1e3:.2f} ms per kernel ({cpu_matrix_flags()}).\n\n{body}"
+        f"\n\n{summary}\n\nTop aten ops of the measured step (self s, calls): {top}",
     )
 
 

@@ -28,6 +28,9 @@ def test_roofline_of_one_op():
     assert c.time_s == c.memory_s and c.bound == "memory"
     ew = perf.cost(ops.Op("g", "activation", "fwd", 1e9, (), ()), TOY)
     assert ew.compute_s == pytest.approx(1e9 / 1e11)  # element-wise ops at the vector rate
+    slow = Device("slow", 1e12, 1e11, 1e9, None, None, "test", 1.0, kernel_overhead_s=0.01)
+    c = perf.cost(op, slow)
+    assert c.time_s == pytest.approx(c.memory_s + 3 * 0.01) and c.bound == "overhead"
 
 
 def test_fused_mlp_keeps_the_intermediate_on_chip_and_recomputes_it():

@@ -210,6 +210,9 @@ class Device:
     matmul_efficiency: float = 0.8
     """Fraction of peak_bf16 large matmuls reach (an assumption for datasheet peaks; 1.0 for
     a measured peak, which already is an achieved rate)."""
+    kernel_overhead_s: float = 0.0
+    """Fixed cost of one kernel (dispatch, launch, waking worker threads). Not a datasheet
+    number, so 0 in the table entries; measured for the CPU (:func:`measure_kernel_overhead`)."""
 
 
 DEVICES: dict[str, Device] = {
@@ -274,6 +277,31 @@ def measure_cpu_bandwidth(
     return bw
 
 
+def measure_kernel_overhead(cache_path: str | Path | None = None, reps: int = 200) -> float:
+    """Seconds one small element-wise kernel costs regardless of its size: the median of
+    ``reps`` adds of 64K fp32 elements (256 KB, cache-resident), which on an idle machine is
+    dispatch plus waking the worker threads, and on a loaded one also waiting for them."""
+    import statistics
+
+    import torch
+
+    path = Path(cache_path) if cache_path else cache_file()
+    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|kernel-overhead"
+    cache = _read_cache(path)
+    if isinstance(cache.get(key), dict) and cache[key].get("seconds", 0) > 0:
+        return float(cache[key]["seconds"])
+    a, b, c = torch.randn(1 << 16), torch.randn(1 << 16), torch.empty(1 << 16)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.add(a, b, out=c)
+        times.append(time.perf_counter() - t0)
+    secs = statistics.median(times)
+    cache[key] = {"seconds": secs, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(path, cache)
+    return secs
+
+
 def _read_cache(path: Path) -> dict:
     if path.is_file():
         try:
@@ -304,10 +332,11 @@ def cpu_device(cache_path: str | Path | None = None) -> Device:
     bf16 = measure_cpu_peak("bf16", cache_path, size=sizes["bf16"])
     fp32 = measure_cpu_peak("fp32", cache_path, size=sizes["fp32"])
     bw = measure_cpu_bandwidth(cache_path)
+    overhead = measure_kernel_overhead(cache_path)
     src = (f"measured on {cpu_model_name()} ({cpu_matrix_flags()}): best bf16 "
            f"{sizes['bf16']}² and fp32 {sizes['fp32']}² matmuls, and a 256 MB copy; cached in "
            f"{Path(cache_path or cache_file())}")  # fmt: skip
-    return Device("cpu", bf16, fp32, bw, None, None, src, matmul_efficiency=1.0)
+    return Device("cpu", bf16, fp32, bw, None, None, src, 1.0, overhead)
 
 
 def _calibration_size(precision: str) -> int:

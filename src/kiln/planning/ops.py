@@ -352,6 +352,14 @@ def head_ops(shape: Any, step: StepShape) -> list[Op]:
         Op("head.dgrad", "matmul", "bwd", 2 * M * d * V, (glog, wv), (b.t("dfinal", M * d, a),),
            1, "model"),
     ])  # fmt: skip
+    grad = b.t("head.grad", V * d, 4, "grad")
+    if a != 4:
+        b.bwd[-1].append(Op("head.grad_cast", "cast", "bwd", 0.0, (b.t("head.dw", V * d, a),),
+                            (grad,), 1, "model"))  # fmt: skip
+    if z["tied"]:  # autograd adds the head's and the embedding's gradients of the one table
+        b.bwd[-1].append(Op("tied_grad_add", "elementwise", "bwd", V * d,
+                            (grad, b.t("tok_emb.grad", V * d, 4, "grad")),
+                            (b.t("tok_emb.grad_sum", V * d, 4, "grad"),), 1, "model"))  # fmt: skip
     return b.ops()
 
 

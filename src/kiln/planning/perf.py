@@ -1,13 +1,14 @@
 """Operator-level performance model: where a training step's time goes on a device, kernel by
 kernel (KBK) and fused (dataflow), from the op description in kiln.planning.ops.
 
-Every op takes ``time = max(compute, memory)``::
+Every op takes ``time = max(compute, memory) + overhead``::
 
-    compute = flops / rate     rate = peak_bf16 · matmul_efficiency for matmuls and attention
-                                      matmuls, vector_flops for element-wise ops
-    memory  = bytes / offchip_bw
+    compute  = flops / rate    rate = peak_bf16 · matmul_efficiency for matmuls and attention
+                                      matmuls (the fp32 rate in fp32), vector_flops otherwise
+    memory   = bytes / offchip_bw
+    overhead = kernel_overhead_s per kernel (0 for the datasheet devices; measured on a CPU)
 
-and is compute- or memory-bound by which term wins. The step time is the sum (no overlap
+and is compute-, memory- or overhead-bound by which term wins. The step time is the sum (no overlap
 between ops, as an eager KBK step runs). MFU = model FLOPs (6·N_mm + 12·L·S·d per token, the
 convention ``kiln plan`` and the trainer use; dense-equivalent for a sparse model) / (step time
 × peak).
@@ -51,13 +52,17 @@ class OpCost:
     memory_s: float
     onchip_bytes: float = 0.0
     """On-chip memory the fused group needs (0 for a single op)."""
+    overhead_s: float = 0.0
+    """Fixed per-kernel cost × count (Device.kernel_overhead_s)."""
 
     @property
     def time_s(self) -> float:
-        return max(self.compute_s, self.memory_s)
+        return max(self.compute_s, self.memory_s) + self.overhead_s
 
     @property
     def bound(self) -> str:
+        if self.overhead_s > max(self.compute_s, self.memory_s):
+            return "overhead"
         return "compute" if self.compute_s >= self.memory_s else "memory"
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,7 +139,8 @@ def cost(op: Op, dev: Device, precision: str = "bf16") -> OpCost:
     """One op, KBK: compute at its kind's rate, memory at the off-chip bandwidth."""
     return OpCost(op.name, op.kind, op.phase, op.count, op.flops * op.count,
                   op.bytes * op.count, op.flops * op.count / _rate(op.kind, dev, precision),
-                  op.bytes * op.count / dev.offchip_bw)  # fmt: skip
+                  op.bytes * op.count / dev.offchip_bw, 0.0,
+                  dev.kernel_overhead_s * op.count)  # fmt: skip
 
 
 def _unique(tensors) -> list[opsmod.Tensor]:
@@ -172,7 +178,8 @@ def _fuse(ops: list[Op], first: Op, dev: Device, tokens: int, tile: int, prec: s
     onchip = weights + sum(t.bytes for t in on_chip.values()) * min(1.0, tile / tokens)
     n = first.count
     return OpCost(f"{first.fuse} (fused)", "fused", first.phase, n, flops * n, moved * n,
-                  compute * n, moved * n / dev.offchip_bw, onchip)  # fmt: skip
+                  compute * n, moved * n / dev.offchip_bw, onchip,
+                  dev.kernel_overhead_s * n)  # fmt: skip
 
 
 def fused_costs(

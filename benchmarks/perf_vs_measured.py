@@ -31,6 +31,7 @@ from kiln.planning.hardware import (
     cpu_matrix_flags,
     cpu_model_name,
     measure_cpu_bandwidth,
+    measure_fresh_write_bandwidth,
     measure_kernel_overhead,
 )
 from kiln.planning.ops import StepShape
@@ -67,8 +68,9 @@ def calibrate(precision: str) -> Device:
     with tempfile.TemporaryDirectory() as tmp:  # fresh, not the cached numbers
         bw = measure_cpu_bandwidth(Path(tmp) / "hw.json", mbytes=256, reps=3)
         overhead = measure_kernel_overhead(Path(tmp) / "hw.json")
+        fresh = measure_fresh_write_bandwidth(Path(tmp) / "hw.json", mbytes=256)
     return Device("cpu", mm if precision == "bf16" else fp32, fp32, bw, None, None,
-                  f"measured in this run on {cpu_model_name()}", 1.0, overhead)  # fmt: skip
+                  f"measured in this run on {cpu_model_name()}", 1.0, fresh, overhead)  # fmt: skip
 
 
 def measure(cfg, batch: int, seq: int, precision: str) -> tuple[dict[str, float], float, str]:
@@ -150,6 +152,7 @@ def main() -> None:
         f"kernel by kernel (eager). Calibrated in the run: "
         f"{dev.peak_bf16 / 1e9:.1f} GFLOP/s {precision} matmul, "
         f"{dev.vector_flops / 1e9:.1f} GFLOP/s fp32, {dev.offchip_bw / 1e9:.1f} GB/s copy, "
+        f"{dev.fresh_write_bw / 1e9:.2f} GB/s writing fresh pages, "
         f"{dev.kernel_overhead_s * 1e3:.2f} ms per kernel ({cpu_matrix_flags()}).\n\n{body}"
         f"\n\n{summary}\n\nTop aten ops of the measured step (self s, calls): {top}",
     )

@@ -157,3 +157,12 @@ def test_mlp_chain_panels_shape():
     assert pts[0].time(TOY, False) == pytest.approx(
         max(pts[0].flops_kbk / 1e12, pts[0].bytes_kbk / 1e9)
     )
+
+
+def test_fresh_writes_cost_the_fresh_write_bandwidth():
+    op = ops.Op("y", "elementwise", "fwd", 0.0, (ops.Tensor("x", 1e6),),
+                (ops.Tensor("y", 2e6, "act"), ops.Tensor("p", 1e6, "weight")))  # fmt: skip
+    cpu = Device("cpu", 1e12, 1e12, 1e9, None, None, "test", 1.0, fresh_write_bw=0.5e9)
+    # reads and the in-place weight write at 1 GB/s, the new activation at 0.5 GB/s
+    assert perf.cost(op, cpu).memory_s == pytest.approx(2e6 / 1e9 + 2e6 / 0.5e9)
+    assert perf.cost(op, TOY).memory_s == pytest.approx(4e6 / 1e9)

@@ -210,6 +210,10 @@ class Device:
     matmul_efficiency: float = 0.8
     """Fraction of peak_bf16 large matmuls reach (an assumption for datasheet peaks; 1.0 for
     a measured peak, which already is an achieved rate)."""
+    fresh_write_bw: float | None = None
+    """Bandwidth of writing freshly allocated memory (first touch: page faults). Eager CPU
+    kernels write activations and gradients into new allocations; None = offchip_bw (GPU
+    caching allocators reuse memory)."""
     kernel_overhead_s: float = 0.0
     """Fixed cost of one kernel (dispatch, launch, waking worker threads). Not a datasheet
     number, so 0 in the table entries; measured for the CPU (:func:`measure_kernel_overhead`)."""
@@ -277,6 +281,34 @@ def measure_cpu_bandwidth(
     return bw
 
 
+def measure_fresh_write_bandwidth(
+    cache_path: str | Path | None = None, mbytes: int = 256, reps: int = 3
+) -> float:
+    """Bytes/s of writing into new memory: the best ``clone()`` of an ``mbytes`` MB tensor
+    (fresh output pages) less its read at the copy bandwidth; cached."""
+    import torch
+
+    path = Path(cache_path) if cache_path else cache_file()
+    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|fresh-write|mb={mbytes}"
+    cache = _read_cache(path)
+    if isinstance(cache.get(key), dict) and cache[key].get("bytes_per_s", 0) > 0:
+        return float(cache[key]["bytes_per_s"])
+    copy_bw = measure_cpu_bandwidth(cache_path, mbytes)
+    src = torch.randn(mbytes * 2**20 // 4)
+    best = float("inf")
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        out = src.clone()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+        del out
+    size = src.numel() * 4
+    bw = size / max(best - size / copy_bw, 1e-9)
+    cache[key] = {"bytes_per_s": bw, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(path, cache)
+    return bw
+
+
 def measure_kernel_overhead(cache_path: str | Path | None = None, reps: int = 200) -> float:
     """Seconds one small element-wise kernel costs regardless of its size: the median of
     ``reps`` adds of 64K fp32 elements (256 KB, cache-resident), which on an idle machine is
@@ -333,10 +365,11 @@ def cpu_device(cache_path: str | Path | None = None) -> Device:
     fp32 = measure_cpu_peak("fp32", cache_path, size=sizes["fp32"])
     bw = measure_cpu_bandwidth(cache_path)
     overhead = measure_kernel_overhead(cache_path)
+    fresh = measure_fresh_write_bandwidth(cache_path)
     src = (f"measured on {cpu_model_name()} ({cpu_matrix_flags()}): best bf16 "
            f"{sizes['bf16']}² and fp32 {sizes['fp32']}² matmuls, and a 256 MB copy; cached in "
            f"{Path(cache_path or cache_file())}")  # fmt: skip
-    return Device("cpu", bf16, fp32, bw, None, None, src, 1.0, overhead)
+    return Device("cpu", bf16, fp32, bw, None, None, src, 1.0, fresh, overhead)
 
 
 def _calibration_size(precision: str) -> int:

@@ -5,7 +5,8 @@ Every op takes ``time = max(compute, memory) + overhead``::
 
     compute  = flops / rate    rate = peak_bf16 · matmul_efficiency for matmuls and attention
                                       matmuls (the fp32 rate in fp32), vector_flops otherwise
-    memory   = bytes / offchip_bw
+    memory   = bytes / offchip_bw       (new activations and gradients at fresh_write_bw,
+                                         measured on a CPU: eager kernels write new pages)
     overhead = kernel_overhead_s per kernel (0 for the datasheet devices; measured on a CPU)
 
 and is compute-, memory- or overhead-bound by which term wins. The step time is the sum (no overlap
@@ -135,11 +136,20 @@ def _check_device(dev: Device) -> None:
         )
 
 
+def memory_seconds(reads, writes, dev: Device) -> float:
+    """Reads and in-place writes (weights, optimizer state) at the off-chip bandwidth; new
+    activations and gradients at the fresh-write bandwidth where the device has one."""
+    fresh = dev.fresh_write_bw or dev.offchip_bw
+    new = sum(t.bytes for t in writes if t.kind in ("act", "grad"))
+    moved = sum(t.bytes for t in reads) + sum(t.bytes for t in writes) - new
+    return moved / dev.offchip_bw + new / fresh
+
+
 def cost(op: Op, dev: Device, precision: str = "bf16") -> OpCost:
-    """One op, KBK: compute at its kind's rate, memory at the off-chip bandwidth."""
+    """One op, KBK: compute at its kind's rate, memory as :func:`memory_seconds`."""
     return OpCost(op.name, op.kind, op.phase, op.count, op.flops * op.count,
                   op.bytes * op.count, op.flops * op.count / _rate(op.kind, dev, precision),
-                  op.bytes * op.count / dev.offchip_bw, 0.0,
+                  memory_seconds(op.reads, op.writes, dev) * op.count, 0.0,
                   dev.kernel_overhead_s * op.count)  # fmt: skip
 
 
@@ -178,7 +188,7 @@ def _fuse(ops: list[Op], first: Op, dev: Device, tokens: int, tile: int, prec: s
     onchip = weights + sum(t.bytes for t in on_chip.values()) * min(1.0, tile / tokens)
     n = first.count
     return OpCost(f"{first.fuse} (fused)", "fused", first.phase, n, flops * n, moved * n,
-                  compute * n, moved * n / dev.offchip_bw, onchip,
+                  compute * n, memory_seconds(reads, writes, dev) * n, onchip,
                   dev.kernel_overhead_s * n)  # fmt: skip
 
 

@@ -28,6 +28,7 @@ commands:
   scale      train a compute-optimal family and fit L(C); --predict C --fit FIT; --lr-sweep
   mup        μP checks (coord-check: activation size vs width, μP against SP)
   estimate-memory  per-rank memory of a training config (same flags as train, --world-size N)
+  perf       per-operator time, bytes and MFU of a training step on a device (--device H100|cpu)
   convert    convert between Hugging Face folders, GGUF files and Kiln runs
   eval       score a model on lm-eval-style tasks (hellaswag, piqa, lambada_openai, ...)
   data       data utilities (fetch-evals: build the local eval-task cache)
@@ -237,6 +238,71 @@ def cmd_estimate_memory(argv: list[str]) -> int:
     text, estimates = estimate_for_job(job, world)
     print(text)
     print(format_table(estimates))
+    return 0
+
+
+PERF_FLAGS = {"device": "cpu", "preset": None, "figure": None, "json": False}
+
+
+def _pop_flags(argv: list[str], flags: dict) -> dict:
+    """Remove ``--name VALUE`` / ``--name=VALUE`` (or bare boolean ``--name``) from argv."""
+    found = dict(flags)
+    i = 0
+    while i < len(argv):
+        name = argv[i][2:].split("=", 1)[0] if argv[i].startswith("--") else ""
+        if name not in flags:
+            i += 1
+            continue
+        if isinstance(flags[name], bool):
+            found[name] = True
+            del argv[i]
+        elif "=" in argv[i]:
+            found[name] = argv.pop(i).split("=", 1)[1]
+        elif i + 1 < len(argv):
+            found[name] = argv[i + 1]
+            del argv[i : i + 2]
+        else:
+            raise ConfigError(f"--{name} needs a value.")
+    return found
+
+
+def cmd_perf(argv: list[str]) -> int:
+    """``kiln perf [train flags] [--preset NAME] [--device D] [--json] [--figure PNG]``."""
+    argv = list(argv)
+    opts = _pop_flags(argv, PERF_FLAGS)
+    if opts["preset"]:
+        argv += ["--model.preset", opts["preset"]]
+    job, resume, given = parse_job(argv)
+    if resume:
+        raise ConfigError("perf takes a config, not --resume.")
+    from kiln.models.presets import resolve_model
+    from kiln.planning.hardware import perf_device, resolve_precision
+    from kiln.planning.ops import StepShape
+    from kiln.planning.perf import check_sparsity, format_report, plot_report, predict
+
+    # `given` holds the section.field names set by flags or --config files
+    vocab = job.data.vocab_size if "data.vocab_size" in given else None
+    shape, _ = resolve_model(job.model, vocab)
+    seq = job.data.seq_len if "data.seq_len" in given else shape.max_seq_len
+    micro = job.train.micro_batch_size or (
+        job.train.batch_size if "train.batch_size" in given else 1
+    )
+    sp = job.sparsity
+    density = check_sparsity(shape, sp.level, sp.pattern, sp.block_size)
+    device = perf_device(opts["device"])
+    precision = job.train.precision
+    if precision == "auto":  # as kiln train resolves it: measured on the CPU, bf16 on GPUs
+        precision = resolve_precision("auto", "cpu")[0] if device.name == "cpu" else "bf16"
+    step = StepShape(batch=micro, seq_len=seq, precision=precision, density=density)
+    report = predict(shape, step, device, job.model.preset)
+    if opts["json"]:
+        import json
+
+        print(json.dumps(report.to_dict()))
+    else:
+        print(format_report(report))
+    if opts["figure"]:
+        plot_report(report, opts["figure"], caption=" ".join(["kiln perf", *sys.argv[2:]]))
     return 0
 
 
@@ -507,6 +573,7 @@ VERBS: dict[str, Callable[[list[str]], int]] = {
     "generate": cmd_generate,
     "sparsity": cmd_sparsity,
     "estimate-memory": cmd_estimate_memory,
+    "perf": cmd_perf,
 }
 
 

@@ -45,6 +45,7 @@ import torch
 
 from kiln.models.gpt import GPTConfig, uses_matmul_attention
 from kiln.models.loss import chunk_rows
+from kiln.planning.ops import block_params
 
 
 @dataclass
@@ -80,12 +81,7 @@ class MemoryEstimate:
 
 
 def _block_params(shape: GPTConfig) -> int:
-    return (shape.num_params(include_embeddings=False) - _head_params(shape)) // shape.n_layers
-
-
-def _head_params(shape: GPTConfig) -> int:
-    norm = shape.d_model * (2 if shape.norm == "layernorm" and shape.bias else 1)
-    return norm + (0 if shape.tie_embeddings else shape.vocab_size * shape.d_model)
+    return block_params(shape)
 
 
 def activation_bytes(

@@ -3,7 +3,8 @@
 Under torchrun every rank calls ``prepare_data``; the first to create the lock file (``O_EXCL``,
 atomic on local and network file systems) prepares, and the others wait for it to go away, then
 find the cache ready. The holder touches the file every few seconds; a lock not touched for
-``STALE_S`` belonged to a process that died and is taken over. A waiter gives up after
+``STALE_S`` (or naming a process of this machine that is gone) belonged to a process that died
+and is taken over. A waiter gives up after
 ``DataConfig.prepare_timeout_s`` with a sentence saying who holds the lock.
 """
 
@@ -35,8 +36,7 @@ def preparation_lock(path: Path, timeout_s: float, what: str, log=print) -> Iter
         holder = _holder(path)
         if holder is None:
             continue  # released between our two looks: try again
-        age = time.time() - holder[1]
-        if age > STALE_S:
+        if time.time() - holder[1] > STALE_S or _died_here(holder[0]):
             _take_over(path)
             continue
         waited = time.monotonic() - started
@@ -77,6 +77,20 @@ def _holder(path: Path) -> tuple[str, float] | None:
         return path.read_text().strip() or "another process", path.stat().st_mtime
     except FileNotFoundError:
         return None
+
+
+def _died_here(holder: str) -> bool:
+    """True if the holder was a process on this machine that no longer exists."""
+    parts = holder.split()
+    if len(parts) != 4 or parts[0] != "process" or parts[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
 
 
 def _take_over(path: Path) -> None:

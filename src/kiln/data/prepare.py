@@ -84,8 +84,12 @@ def prepare_corpus(
     work = root / f".partial-{source_key[:32]}"
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    shards, done_before = _stream(corpus, tok, cfg, work, log, progress)
-    manifest = _finish(corpus, tok, cfg, work, shards, settings)
+    try:
+        shards, done_before = _stream(corpus, tok, cfg, work, log, progress)
+        manifest = _finish(corpus, tok, cfg, work, shards, settings)
+    except DataError:  # bad input: leave nothing behind (a kill leaves the shards to resume)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     log(_summary(corpus, manifest, shards, done_before, time.perf_counter() - started))
     target = root / manifest["key"]
     if (target / "manifest.json").is_file():  # the same text, prepared from other files
@@ -185,7 +189,7 @@ def _stream(
     were already there from a killed run."""
     dtype = np.dtype(np.uint16 if tok.vocab_size < 65536 else np.uint32)
     shard_chars = max(1, int(cfg.shard_mb * 1e6))
-    batch_chars = min(BATCH_CHARS, shard_chars)
+    batch_chars = max(1, min(BATCH_CHARS, shard_chars // 4))
     n_workers = workers_for(cfg)
     bar = _progress_bar(corpus, progress)
     shards: list[dict[str, Any]] = []
@@ -269,15 +273,12 @@ def split_point(work: Path, shards: list[dict[str, Any]], val_fraction: float) -
     cap = max(MAX_VAL_SHARE, val_fraction) * total
     n_val = min(math.ceil(val_fraction * n_docs), n_docs - 1)
     taken, tail = 0, 0  # the largest m <= n_val whose last m documents fit under the cap
-    for shard in reversed(shards):
-        lengths = doc_lengths(work, shard)[::-1].tolist()
-        fits = next((i for i, n in enumerate(lengths) if taken + i >= n_val or tail + n > cap),
-                    None)  # fmt: skip
-        stop = len(lengths) if fits is None else fits
-        tail += sum(lengths[:stop])
-        taken += stop
-        if fits is not None:
+    last_first = (n for shard in reversed(shards) for n in doc_lengths(work, shard)[::-1].tolist())
+    for n in last_first:
+        if taken >= n_val or tail + n > cap:
             break
+        tail += n
+        taken += 1
     if taken >= 1:
         return total - tail, taken
     n_val_tokens = min(max(1, math.ceil(val_fraction * total)), total - 1)

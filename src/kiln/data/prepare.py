@@ -211,52 +211,55 @@ def _stream(
             if bar is not None:
                 bar.update(corpus.bytes_read - bar.n)
 
-    with ThreadPoolExecutor(n_workers) as pool:
-        index, batch, batch_len, shard_len = 0, [], 0, 0
-        kept = _finished_shard(work, 0)
-        for doc in corpus.documents():
-            n = len(doc.text)
-            shard_len += n
-            if kept is None:
-                batch.append(doc.text)
-                batch_len += n
-            shard_full = shard_len >= shard_chars
-            if kept is None and (batch_len >= batch_chars or shard_full):
-                pending.append(("batch", pool.submit(_encode, tok, batch, dtype)))
-                batch, batch_len = [], 0
-                drain(2 * n_workers)
-            if shard_full:
+    try:
+        with ThreadPoolExecutor(n_workers) as pool:
+            index, batch, batch_len, shard_len = 0, [], 0, 0
+            kept = _finished_shard(work, 0)
+            for doc in corpus.documents():
+                n = len(doc.text)
+                shard_len += n
                 if kept is None:
+                    batch.append(doc.text)
+                    batch_len += n
+                shard_full = shard_len >= shard_chars
+                if kept is None and (batch_len >= batch_chars or shard_full):
+                    pending.append(("batch", pool.submit(_encode, tok, batch, dtype)))
+                    batch, batch_len = [], 0
+                    drain(2 * n_workers)
+                if shard_full:
+                    if kept is None:
+                        pending.append(("commit", index))
+                    else:
+                        drain(0)
+                        shards.append(kept)
+                        done_before += 1
+                    index, shard_len = index + 1, 0
+                    kept = _finished_shard(work, index)
+            if shard_len:  # the last, partly filled shard
+                if kept is None:
+                    if batch:
+                        pending.append(("batch", pool.submit(_encode, tok, batch, dtype)))
                     pending.append(("commit", index))
                 else:
                     drain(0)
                     shards.append(kept)
                     done_before += 1
-                index, shard_len = index + 1, 0
-                kept = _finished_shard(work, index)
-        if shard_len:  # the last, partly filled shard
-            if kept is None:
-                if batch:
-                    pending.append(("batch", pool.submit(_encode, tok, batch, dtype)))
-                pending.append(("commit", index))
-            else:
-                drain(0)
-                shards.append(kept)
-                done_before += 1
-        drain(0)
-    if bar is not None:
-        bar.close()
+            drain(0)
+    finally:
+        if bar is not None:
+            bar.close()
     return shards, done_before
 
 
 def _progress_bar(corpus: Corpus, progress: bool):
+    """A tqdm bar over the bytes of the corpus (MB/s, ETA), on a terminal only."""
     if not progress:
         return None
     from tqdm import tqdm
 
     return tqdm(
         total=corpus.total_bytes or None, unit="B", unit_scale=True, unit_divisor=1000,
-        desc="data: preparing", smoothing=0.1, dynamic_ncols=True,
+        desc="data: preparing", smoothing=0.1, dynamic_ncols=True, disable=None,
     )  # fmt: skip
 
 

@@ -182,73 +182,82 @@ def _encode(tok: Tokenizer, texts: list[str], dtype) -> tuple:
     return tokens, lengths, h.digest(), nbytes
 
 
+class _Writer:
+    """Writes encoded batches into shards in the order they were submitted, with at most
+    ``limit`` batches in flight (the bound on memory)."""
+
+    def __init__(self, work: Path, pool: ThreadPoolExecutor, limit: int, corpus: Corpus, bar):
+        self.work, self.pool, self.limit, self.corpus, self.bar = work, pool, limit, corpus, bar
+        self.pending: deque[tuple[str, Any]] = deque()  # ("batch", future) | ("commit", index)
+        self.shards: list[dict[str, Any]] = []
+        self.shard: _Shard | None = None
+        self.kept = 0
+
+    def submit(self, *call) -> None:
+        self.pending.append(("batch", self.pool.submit(*call)))
+        self.drain(self.limit)
+
+    def commit(self, index: int) -> None:
+        self.pending.append(("commit", index))
+
+    def keep(self, info: dict[str, Any]) -> None:
+        """Take a shard an earlier (killed) run finished, after everything before it."""
+        self.drain(0)
+        self.shards.append(info)
+        self.kept += 1
+
+    def drain(self, limit: int) -> None:
+        while len(self.pending) > limit:
+            kind, item = self.pending.popleft()
+            if kind == "batch":
+                self.shard = self.shard or _Shard(self.work, len(self.shards))
+                self.shard.add(*item.result())
+            else:
+                self.shards.append(self.shard.commit())
+                self.shard = None
+                crash_point(f"data-shard:{item}")
+            if self.bar is not None:
+                self.bar.update(self.corpus.bytes_read - self.bar.n)
+
+
 def _stream(
     corpus: Corpus, tok: Tokenizer, cfg: DataConfig, work: Path, log, progress: bool
 ) -> tuple[list[dict[str, Any]], int]:
     """Encode the corpus into committed shards in ``work``; returns their records and how many
-    were already there from a killed run."""
+    were already there from a killed run (their documents are read again, not encoded)."""
     dtype = np.dtype(np.uint16 if tok.vocab_size < 65536 else np.uint32)
     shard_chars = max(1, int(cfg.shard_mb * 1e6))
     batch_chars = max(1, min(BATCH_CHARS, shard_chars // 4))
     n_workers = workers_for(cfg)
     bar = _progress_bar(corpus, progress)
-    shards: list[dict[str, Any]] = []
-    pending: deque[tuple[str, Any]] = deque()  # ("batch", future) | ("commit", index)
-    state: dict[str, Any] = {"shard": None}
-    done_before = 0
-
-    def drain(limit: int) -> None:
-        while len(pending) > limit:
-            kind, item = pending.popleft()
-            if kind == "batch":
-                if state["shard"] is None:
-                    state["shard"] = _Shard(work, len(shards))
-                state["shard"].add(*item.result())
-            else:
-                shards.append(state["shard"].commit())
-                state["shard"] = None
-                crash_point(f"data-shard:{item}")
-            if bar is not None:
-                bar.update(corpus.bytes_read - bar.n)
-
     try:
         with ThreadPoolExecutor(n_workers) as pool:
+            w = _Writer(work, pool, 2 * n_workers, corpus, bar)
             index, batch, batch_len, shard_len = 0, [], 0, 0
             kept = _finished_shard(work, 0)
             for doc in corpus.documents():
-                n = len(doc.text)
-                shard_len += n
+                shard_len += len(doc.text)
                 if kept is None:
                     batch.append(doc.text)
-                    batch_len += n
-                shard_full = shard_len >= shard_chars
-                if kept is None and (batch_len >= batch_chars or shard_full):
-                    pending.append(("batch", pool.submit(_encode, tok, batch, dtype)))
-                    batch, batch_len = [], 0
-                    drain(2 * n_workers)
-                if shard_full:
-                    if kept is None:
-                        pending.append(("commit", index))
-                    else:
-                        drain(0)
-                        shards.append(kept)
-                        done_before += 1
+                    batch_len += len(doc.text)
+                    if batch_len >= batch_chars or shard_len >= shard_chars:
+                        w.submit(_encode, tok, batch, dtype)
+                        batch, batch_len = [], 0
+                if shard_len >= shard_chars:
+                    w.commit(index) if kept is None else w.keep(kept)
                     index, shard_len = index + 1, 0
                     kept = _finished_shard(work, index)
-            if shard_len:  # the last, partly filled shard
-                if kept is None:
-                    if batch:
-                        pending.append(("batch", pool.submit(_encode, tok, batch, dtype)))
-                    pending.append(("commit", index))
-                else:
-                    drain(0)
-                    shards.append(kept)
-                    done_before += 1
-            drain(0)
+            if shard_len and kept is not None:  # the last, partly filled shard
+                w.keep(kept)
+            elif shard_len:
+                if batch:
+                    w.submit(_encode, tok, batch, dtype)
+                w.commit(index)
+            w.drain(0)
     finally:
         if bar is not None:
             bar.close()
-    return shards, done_before
+    return w.shards, w.kept
 
 
 def _progress_bar(corpus: Corpus, progress: bool):

@@ -334,6 +334,20 @@ def test_lock_makes_others_wait_then_times_out(tmp_path):
         assert str(os.getpid()) in lock.read_text()
 
 
+def test_concurrent_processes_prepare_once(tmp_path, tok_path):
+    """As under torchrun: two processes start preparing the same corpus; one prepares, the
+    other waits for its lock (or comes later) and reuses the shards."""
+    path = _jsonl(tmp_path / "c.jsonl", 200, words=40)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    args = [sys.executable, "-c", _PREPARE, str(path), str(tok_path), str(tmp_path / "cache")]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True) for _ in "ab"]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("data: prepared 200 documents" in o for o in outs) == 1, outs
+    assert sum("reusing token shards" in o for o in outs) == 1, outs
+    assert len(list((tmp_path / "cache").glob("[0-9a-f]*/manifest.json"))) == 1
+
+
 # --- token view ----------------------------------------------------------------------------
 
 

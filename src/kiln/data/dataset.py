@@ -1,7 +1,7 @@
 """``prepare_data(cfg)``: the tokenizer and the train/val token arrays the trainer needs.
 
-One lock (``kiln.data.lock``) covers the whole step, so under torchrun — or several jobs on a
-shared file system — one process trains the tokenizer and prepares each corpus while the
+Under torchrun — or several jobs on a shared file system — every process calls it: locks
+(``kiln.data.lock``) let one process train the tokenizer and prepare each corpus while the
 others wait, then every process memory-maps the same shards.
 """
 
@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import DataConfig
-from kiln.data.lock import preparation_lock
 from kiln.data.mixture import mix_train, mix_val
-from kiln.data.prepare import _sha, prepare_corpus
+from kiln.data.prepare import prepare_corpus
 from kiln.data.shards import TokenView, open_stream, read_manifest, split_view, unigram_entropy
-from kiln.data.tokenizer import Tokenizer, build_tokenizer, cache_root
+from kiln.data.tokenizer import Tokenizer, build_tokenizer
 
 
 @dataclass
@@ -40,16 +39,13 @@ class PreparedData:
 
 def prepare_data(cfg: DataConfig, log=print, progress: bool = False) -> PreparedData:
     """Build the tokenizer and tokenise each corpus into (or reuse) cached shards."""
-    settings = repr(sorted(vars(cfg).items()))
-    lock = cache_root(cfg) / ".locks" / f"{_sha(settings)[:32]}.lock"
-    with preparation_lock(lock, cfg.prepare_timeout_s, f"corpus {cfg.corpus!r}", log=log):
-        tok = build_tokenizer(cfg, log=log)
-        components = []
-        for spec, weight in cfg.components():
-            directory, reused = prepare_corpus(spec, tok, cfg, log=log, progress=progress)
-            if reused:
-                log(f"data: reusing token shards in {directory}")
-            components.append(_open(spec, weight, directory, reused))
+    tok = build_tokenizer(cfg, log=log)
+    components = []
+    for spec, weight in cfg.components():
+        directory, reused = prepare_corpus(spec, tok, cfg, log=log, progress=progress)
+        if reused:
+            log(f"data: reusing token shards in {directory}")
+        components.append(_open(spec, weight, directory, reused))
     if len(components) == 1:
         c = components[0]
         data = PreparedData(c["tok"], c["train"], c["val"], c["manifest"], c["dir"], c["reused"])

@@ -35,6 +35,7 @@ import numpy as np
 
 from kiln.config import DataConfig
 from kiln.data.corpus import Corpus
+from kiln.data.lock import preparation_lock
 from kiln.data.shards import (
     FORMAT_VERSION,
     MAX_VAL_SHARE,
@@ -70,18 +71,39 @@ def prepare_corpus(
     spec: str, tok: Tokenizer, cfg: DataConfig, log=print, progress: bool = False
 ) -> tuple[Path, bool]:
     """(cache directory, reused) of corpus ``spec`` tokenised with ``tok``: an existing one, or
-    one prepared now (continuing a killed preparation of the same inputs)."""
+    one prepared now (continuing a killed preparation of the same inputs). One process at a
+    time prepares a given corpus (``kiln.data.lock``); others wait, then reuse its shards."""
     corpus = Corpus(spec, cfg.text_field)
     settings = f"val_fraction={cfg.val_fraction!r} shard_mb={cfg.shard_mb!r}"
     fingerprint = corpus.fingerprint()
     source_key = _sha(f"kiln-source-v{FORMAT_VERSION}", fingerprint, tok.to_json(), settings)
     root = cache_root(cfg)
     pointer = root / "sources" / f"{source_key}.json"
+    if found := _prepared(pointer):
+        return found, True
+    lock = root / ".locks" / f"{source_key[:32]}.lock"
+    with preparation_lock(lock, cfg.prepare_timeout_s, f"corpus {spec!r}", log=log):
+        if found := _prepared(pointer):  # another process prepared it while we waited
+            return found, True
+        work = root / f".partial-{source_key[:32]}"
+        return _prepare(corpus, tok, cfg, work, pointer, settings, log, progress)
+
+
+def _prepared(pointer: Path) -> Path | None:
+    """The finished cache directory ``pointer`` names, if there is one."""
     if pointer.is_file():
-        target = root / json.loads(pointer.read_text())["key"]
+        target = pointer.parent.parent / json.loads(pointer.read_text())["key"]
         if (target / "manifest.json").is_file():
-            return target, True
-    work = root / f".partial-{source_key[:32]}"
+            return target
+    return None
+
+
+def _prepare(
+    corpus: Corpus, tok: Tokenizer, cfg: DataConfig, work: Path, pointer: Path, settings: str,
+    log, progress: bool,
+) -> tuple[Path, bool]:  # fmt: skip
+    """Stream ``corpus`` into ``work`` (keeping what a killed run finished), then rename it to
+    its content key and point ``pointer`` at it."""
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
@@ -91,14 +113,14 @@ def prepare_corpus(
         shutil.rmtree(work, ignore_errors=True)
         raise
     log(_summary(corpus, manifest, shards, done_before, time.perf_counter() - started))
-    target = root / manifest["key"]
+    target = work.parent / manifest["key"]
     if (target / "manifest.json").is_file():  # the same text, prepared from other files
         shutil.rmtree(work)
     else:
         if target.exists():
             shutil.rmtree(target)  # an incomplete leftover under the final name
         os.rename(work, target)
-    atomic_write_json(pointer, {"key": manifest["key"], "source": spec})
+    atomic_write_json(pointer, {"key": manifest["key"], "source": corpus.spec})
     return target, False
 
 

@@ -191,10 +191,16 @@ def build_tokenizer(cfg: DataConfig, log=print) -> Tokenizer:
     if path.is_file():
         log(f"data: reusing cached BPE tokenizer {path}")
         return Tokenizer.load(path)
-    log(
-        f"data: training byte-level BPE, vocab {cfg.vocab_size}, on the first "
-        f"{cfg.bpe_sample_mb:g} MB of the corpus"
-    )
-    tok = train_bpe(bpe_sample(cfg), cfg.vocab_size)
-    atomic_write(path, tok.to_json())
+    from kiln.data.lock import preparation_lock
+
+    lock = path.parent.parent / ".locks" / f"{key}.lock"
+    with preparation_lock(lock, cfg.prepare_timeout_s, "the BPE tokenizer", log=log):
+        if path.is_file():  # another process trained it while we waited
+            return Tokenizer.load(path)
+        log(
+            f"data: training byte-level BPE, vocab {cfg.vocab_size}, on the first "
+            f"{cfg.bpe_sample_mb:g} MB of the corpus"
+        )
+        tok = train_bpe(bpe_sample(cfg), cfg.vocab_size)
+        atomic_write(path, tok.to_json())
     return tok

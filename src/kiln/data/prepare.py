@@ -125,13 +125,14 @@ def _prepare(
 
 
 def _summary(corpus: Corpus, manifest: dict, shards: list, done_before: int, secs: float) -> str:
-    mb = corpus.bytes_read / 1e6
+    text_mb, file_mb = manifest["text_bytes"] / 1e6, corpus.bytes_read / 1e6
+    files = f" from {file_mb:,.1f} MB of files" if abs(file_mb - text_mb) > 0.05 * text_mb else ""
     resumed = f", {done_before} of {len(shards)} shards kept from before" if done_before else ""
     skipped = f"; {corpus.skipped_summary()}" if corpus.skipped else ""
     return (
-        f"data: prepared {manifest['n_documents']:,} documents ({mb:,.1f} MB) into "
-        f"{manifest['n_tokens']:,} tokens in {secs:.1f} s ({mb / max(secs, 1e-9):.1f} MB/s"
-        f"{resumed}){skipped}"
+        f"data: prepared {manifest['n_documents']:,} documents ({text_mb:,.1f} MB of text"
+        f"{files}) into {manifest['n_tokens']:,} tokens in {secs:.1f} s "
+        f"({text_mb / max(secs, 1e-9):.2f} MB/s of text{resumed}){skipped}"
     )
 
 

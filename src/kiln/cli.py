@@ -526,7 +526,12 @@ def cmd_scale(argv: list[str]) -> int:
     if args.lr_sweep:
         from kiln.experiments.lr_sweep import run_lr_sweep
 
-        run_lr_sweep(s, args["run.dir"], command=command)
+        # the sweep has its own sizes; the size flags a user changed apply to it as well
+        names = {"widths": "widths", "steps": "max_steps", "seq_len": "seq_len",
+                 "batch_size": "batch_size", "n_layers": "n_layers", "heads": "n_heads",
+                 "eval_batches": "eval_batches"}  # fmt: skip
+        overrides = {k: getattr(s, a) for k, a in names.items() if getattr(s, a) != getattr(d, a)}
+        run_lr_sweep(s, args["run.dir"], command=command, **overrides)
         return 0
     from kiln.experiments.scale import run_scale
 

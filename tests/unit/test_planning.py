@@ -196,9 +196,16 @@ def test_measure_cpu_peak_upgrades_an_old_single_sample_cache(tmp_path, monkeypa
     assert hardware.measure_cpu_peak("bf16", cache_path=cache, size=64, refine=True) == 7.0e11
 
 
-def test_measure_cpu_peak_tiny_real_matmul(tmp_path):
-    flops = hardware.measure_cpu_peak("fp32", cache_path=tmp_path / "hw.json", size=64, reps=2)
-    assert flops > 1e6
+def test_measure_cpu_peak_tiny_real_matmul(tmp_path, monkeypatch):
+    """2·n³ FLOPs over the fastest timed matmul: with a clock that advances 1 ms per reading,
+    a 64² matmul is 2·64³ / 1 ms; the value is cached."""
+    clock = iter(range(10_000))
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: next(clock) * 1e-3)
+    cache = tmp_path / "hw.json"
+    flops = hardware.measure_cpu_peak("fp32", cache_path=cache, size=64, reps=2)
+    assert flops == pytest.approx(2 * 64**3 / 1e-3)
+    ((_, entry),) = json.loads(cache.read_text()).items()
+    assert entry["flops"] == flops and entry["samples"] == 1
 
 
 def test_planning_import_is_light():

@@ -1,5 +1,7 @@
 """Sparse kernels match dense-times-mask for outputs and all gradients (bf16 tolerance)."""
 
+import os
+
 import pytest
 import torch
 
@@ -15,7 +17,21 @@ from kiln.sparsity.kernels import (
 )
 from kiln.sparsity.patterns import block_mask
 
-BACKENDS = ["torch"] + (["cpp"] if kernels.cpp_extension() is not None else [])
+
+def _cpp_skip_reason() -> str:
+    if os.environ.get("KILN_SPARSE_CPP", "1") == "0":
+        return "the C++ block-sparse kernels are off (KILN_SPARSE_CPP=0)"
+    if not kernels._cpu_has_avx512_bf16():
+        return "the C++ block-sparse kernels need a CPU with avx512_bf16; this one has none"
+    return "the C++ block-sparse kernels failed to build here (see the warning logged above)"
+
+
+# the C++ cases stay in the list and say why they are skipped where the kernels are missing
+BACKENDS = [
+    "torch",
+    pytest.param("cpp", marks=pytest.mark.skipif(kernels.cpp_extension() is None,
+                                                  reason=_cpp_skip_reason())),
+]  # fmt: skip
 CASES = [  # out, in, block, density, axis, input shape prefix
     (64, 96, 32, 1 / 3, "rows", (5,)),
     (96, 64, 32, 0.5, "rows", (2, 7)),
@@ -210,6 +226,32 @@ def test_torch_block_kernel_computes_in_fp32_for_fp32_inputs():
 def test_rank_candidates_needs_a_candidate():
     with pytest.raises(ValueError):
         kernels.rank_candidates({})
+
+
+@pytest.mark.parametrize("fastest", ["first", "last"])
+def test_choose_kernel_takes_the_fastest_candidate(monkeypatch, fastest):
+    """With the timings fixed, the choice is the fastest candidate: the first block kernel
+    (block32) when times grow in candidate order, masked-dense (timed last) when they shrink."""
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    calls = []
+
+    def timing(*_args):
+        calls.append(1)
+        return len(calls) * 1e-3 if fastest == "first" else 1.0 / len(calls)
+
+    monkeypatch.setattr(kernels, "_time_fwd_bwd", timing)
+    name, fn = choose_kernel(128, 128, 32, "block", 0.5, reps=1)
+    n = len(calls)
+    assert n >= 3  # block32, block64 and masked-dense at least
+    if fastest == "last":
+        assert name == "masked-dense" and fn is masked_linear
+        want = f"masked-dense: {1e3 / n:.1f} ms vs masked-dense {1e3 / n:.1f} ms"
+    else:
+        first = "block32-cpp" if kernels.cpp_extension() is not None else "block32-torch"
+        assert name == first
+        want = f"{first}: 1.0 ms vs masked-dense {n:.1f} ms"
+    reason = kernels.kernel_choice_reason(128, 128, 32, "block", 0.5, torch.bfloat16, "cpu")
+    assert reason == want
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])

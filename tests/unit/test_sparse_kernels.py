@@ -228,32 +228,6 @@ def test_rank_candidates_needs_a_candidate():
         kernels.rank_candidates({})
 
 
-@pytest.mark.parametrize("fastest", ["first", "last"])
-def test_choose_kernel_takes_the_fastest_candidate(monkeypatch, fastest):
-    """With the timings fixed, the choice is the fastest candidate: the first block kernel
-    (block32) when times grow in candidate order, masked-dense (timed last) when they shrink."""
-    monkeypatch.setattr(kernels, "_CHOICES", {})
-    calls = []
-
-    def timing(*_args):
-        calls.append(1)
-        return len(calls) * 1e-3 if fastest == "first" else 1.0 / len(calls)
-
-    monkeypatch.setattr(kernels, "_time_fwd_bwd", timing)
-    name, fn = choose_kernel(128, 128, 32, "block", 0.5, reps=1)
-    n = len(calls)
-    assert n >= 3  # block32, block64 and masked-dense at least
-    if fastest == "last":
-        assert name == "masked-dense" and fn is masked_linear
-        want = f"masked-dense: {1e3 / n:.1f} ms vs masked-dense {1e3 / n:.1f} ms"
-    else:
-        first = "block32-cpp" if kernels.cpp_extension() is not None else "block32-torch"
-        assert name == first
-        want = f"{first}: 1.0 ms vs masked-dense {n:.1f} ms"
-    reason = kernels.kernel_choice_reason(128, 128, 32, "block", 0.5, torch.bfloat16, "cpu")
-    assert reason == want
-
-
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_choose_kernel_without_sparse_kernel_times_dense_and_masked(pattern):
     name, fn = choose_kernel(64, 128, 32, pattern, 0.5, reps=1)

@@ -286,11 +286,27 @@ def cmd_sparsity(argv: list[str]) -> int:
     return 0
 
 
+def _moe_plan_shape(preset: str | None):
+    """The planning shape of an MoE preset of kiln.models.presets (None for other names)."""
+    from kiln.planning.chinchilla import PRESET_SHAPES
+
+    if not preset or preset in PRESET_SHAPES:
+        return None
+    from kiln.models.presets import PRESETS
+    from kiln.planning.flops import Shape
+
+    cfg = PRESETS.get(preset)
+    if cfg is None or cfg.moe is None:
+        return None
+    fields = Shape.__dataclass_fields__
+    return Shape(**{k: v for k, v in cfg.__dict__.items() if k in fields})
+
+
 def cmd_plan(argv: list[str]) -> int:
     parser = _parser("kiln plan")
     parser.add_argument("--flops", type=float, default=None, help="compute budget C (FLOPs)")
     parser.add_argument("--params", type=float, default=None, help="model size N")
-    parser.add_argument("--preset", default=None, help="a Cerebras-GPT preset name")
+    parser.add_argument("--preset", default=None, help="a Cerebras-GPT or MoE preset name")
     parser.add_argument("--tokens-per-param", type=float, default=20.0)
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -302,10 +318,11 @@ def cmd_plan(argv: list[str]) -> int:
     args = _parse(parser, argv)
     from kiln.planning.plan import format_plan, make_plan
 
+    shape = _moe_plan_shape(args.preset)
     plan = make_plan(flops=args.flops, params=args.params, preset=args.preset,
                      tokens_per_param=args.tokens_per_param, batch_size=args.batch_size,
                      seq_len=args.seq_len, vocab=args.vocab, device=args.device,
-                     count=args.count, mfu=args.mfu)  # fmt: skip
+                     count=args.count, mfu=args.mfu, shape=shape)  # fmt: skip
     if args.json:
         import json
 

@@ -229,3 +229,39 @@ def test_mup_treats_expert_weights_as_hidden_matrices():
     assert mult("blocks.0.mlp.experts.w1", params["blocks.0.mlp.experts.w1"]) == 0.5
     assert mult("blocks.0.mlp.router.weight", params["blocks.0.mlp.router.weight"]) == 0.5
     assert mult("tok_emb.weight", params["tok_emb.weight"]) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--moe.experts", "4", "--moe.top_k", "8"], "must not exceed moe.experts 4"),
+        (["--moe.experts", "6", "--parallel.expert", "4"], "not divisible by parallel.expert"),
+        (["--moe.experts", "4", "--moe.capacity_factor", "0"], "capacity_factor is 0.0"),
+        (["--moe.experts", "4", "--moe.router", "topk"], "moe.router is 'topk'"),
+    ],
+)
+def test_bad_moe_flags_exit_2_with_one_sentence(tmp_path, capsys, flags, words):
+    from kiln.cli import main
+
+    assert main(["train", "--run.dir", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and err.count("\n") == 0
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_counts_total_and_active_parameters_of_the_switch_preset():
+    from kiln.cli import _moe_plan_shape
+    from kiln.models.presets import PRESETS
+    from kiln.planning.plan import format_plan, make_plan
+
+    switch = make_plan(preset="switch-cerebras-gpt-111m",
+                       shape=_moe_plan_shape("switch-cerebras-gpt-111m"))  # fmt: skip
+    dense = make_plan(preset="cerebras-gpt-111m")
+    router = 10 * 8 * 768
+    assert switch.active_params == dense.params + router
+    assert switch.params == PRESETS["switch-cerebras-gpt-111m"].num_params()
+    assert switch.params - switch.active_params == 10 * 7 * (2 * 768 * 3072 + 3072 + 768)
+    assert switch.flops_model == pytest.approx(
+        dense.flops_model / dense.tokens * switch.tokens + 6 * router * switch.tokens
+    )
+    assert "active per token (8 experts, top-1)" in format_plan(switch)

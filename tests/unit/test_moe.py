@@ -265,3 +265,16 @@ def test_plan_counts_total_and_active_parameters_of_the_switch_preset():
         dense.flops_model / dense.tokens * switch.tokens + 6 * router * switch.tokens
     )
     assert "active per token (8 experts, top-1)" in format_plan(switch)
+
+
+def test_activation_checkpointing_records_each_micro_batch_once():
+    from torch.utils.checkpoint import checkpoint
+
+    moe = layer(aux_loss_coef=0.1)
+    moe.train()
+    x = torch.randn(12, 32, requires_grad=True)
+    y = checkpoint(moe, x, use_reentrant=False)
+    aux = pop_aux_loss(torch.nn.ModuleList([moe]))
+    (y.square().sum() + aux).backward()  # backward recomputes the forward
+    assert moe.aux_loss is None and int(moe.step_load.sum()) == 12 * 2
+    assert moe.router.weight.grad.abs().sum() > 0

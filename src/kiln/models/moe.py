@@ -253,7 +253,10 @@ class MoE(nn.Module):
         return out.reshape(shape)
 
     def _record(self, plan: Dispatch, scores: torch.Tensor, logits: torch.Tensor) -> None:
-        """Keep this micro-batch's balancing losses (with graph) and its load (detached)."""
+        """Keep this micro-batch's balancing losses (with graph) and its load (detached).
+
+        Under activation checkpointing backward re-runs this forward: the losses are computed
+        again (the recomputation must save the same tensors) but not kept a second time."""
         m, n_assign = self.moe, plan.routed.sum()
         loss = scores.new_zeros(())
         if m.aux_loss_coef:
@@ -265,6 +268,8 @@ class MoE(nn.Module):
             z = logits.logsumexp(-1).square().mean()
             loss = loss + m.z_loss_coef * z
             self.last_losses["z"] = z.detach()
+        if torch._C._current_graph_task_id() != -1:  # inside backward: a recomputation
+            return
         previous = self.aux_loss
         self.aux_loss = loss if previous is None else previous + loss
         with torch.no_grad():

@@ -181,6 +181,26 @@ def test_mixtral_round_trip(tok, tmp_path):
     assert loaded.shape.rope_theta == 10000.0
 
 
+def test_kiln_moe_with_its_own_expert_width_exports_as_mixtral(tok, tmp_path):
+    from kiln.config import MoEConfig
+    from kiln.interop.load import save_hf
+    from kiln.models.gpt import GPT, GPTConfig
+    from kiln.train.load import LoadedModel
+
+    cfg = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_head=8, d_ffn=999,
+                    vocab_size=tok.vocab_size, max_seq_len=32, position="rope", norm="rmsnorm",
+                    activation="swiglu", bias=False, tie_embeddings=False,
+                    moe=MoEConfig(experts=4, top_k=2, d_expert=24, normalize_top_k=True),
+                    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    save_hf(LoadedModel(model, tok, cfg, None, {}), tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, tok.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max() < 1e-4
+
+
 def test_mixtral_export_refuses_a_router_kiln_cannot_express(tok, tmp_path):
     from kiln.config import MoEConfig
     from kiln.interop.hf import export_arch

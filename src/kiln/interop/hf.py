@@ -29,6 +29,7 @@ import torch
 from kiln.config import MoEConfig
 from kiln.errors import KilnError
 from kiln.models.gpt import GPTConfig
+from kiln.planning.moe import expert_width
 
 GPT2_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 LLAMA_NAMES = {
@@ -149,7 +150,6 @@ def _mixtral_moe_ok(moe: MoEConfig | None) -> bool:
         and moe.shared_experts == 0
         and moe.every == 1
         and moe.first_dense == 0
-        and moe.d_expert is None
     )
 
 
@@ -174,7 +174,7 @@ def export_arch(cfg: GPTConfig) -> str:
     if cfg.moe is not None and not (llama and _mixtral_moe_ok(cfg.moe)):
         blockers.append(
             "MoE other than Mixtral's (softmax router, normalize_top_k, every layer, no shared "
-            "expert, d_expert = d_ffn)"
+            "expert)"
         )
     if not (gpt2 or llama):
         blockers.append(
@@ -374,9 +374,9 @@ def hf_config(cfg: GPTConfig, bos_id: int, eos_id: int, dtype: str) -> dict[str,
             **common,
         )  # fmt: skip
         c.architectures = ["GPT2LMHeadModel"]
-    elif cfg.moe is not None:
+    elif cfg.moe is not None:  # every MLP is MoE: intermediate_size is the expert width
         c = transformers.MixtralConfig(
-            hidden_size=cfg.d_model, intermediate_size=cfg.d_ffn,
+            hidden_size=cfg.d_model, intermediate_size=expert_width(cfg),
             num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
             num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_head,
             max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,

@@ -2,8 +2,10 @@
 
 Applied from outside the plain model (kiln.models.moe is untouched): :func:`apply_expert_parallel`
 replaces every layer's :class:`GroupedExperts` by a :class:`ShardedExperts` holding experts
-``[r·E/P, (r+1)·E/P)`` of rank r, under the same parameter names (``mlp.experts.w1`` ... with
-E/P rows). The MoE layer still routes its own tokens and sorts them by global expert; the
+``[r·E/P, (r+1)·E/P)`` of rank r, under the same parameter names (``mlp.experts.w1`` ...), as
+DTensors sharded on dim 0 over the ``ep`` mesh: the checkpoint (DCP) then stores the full
+``[E, ...]`` tensors and reloads them under any expert-parallel degree, optimizer state
+included. The MoE layer still routes its own tokens and sorts them by global expert; the
 sharded experts then
 
 1. exchange the per-expert counts (``all_to_all_single``, E/P numbers to each rank),
@@ -44,6 +46,15 @@ def _group(group_or_mesh) -> dist.ProcessGroup:
     return group_or_mesh
 
 
+def _mesh(group_or_mesh, device_type: str):
+    """A 1-D DeviceMesh from a ProcessGroup or a 1-D DeviceMesh."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group_or_mesh, DeviceMesh):
+        return group_or_mesh
+    return DeviceMesh.from_group(group_or_mesh, device_type=device_type)
+
+
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
     """Uneven all-to-all of rows, differentiable (backward = the reverse all-to-all)."""
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
@@ -54,8 +65,11 @@ class ShardedExperts(GroupedExperts):
     """This rank's E/P experts; ``forward`` takes all local tokens sorted by global expert."""
 
     def __init__(self, full: GroupedExperts, group) -> None:
+        from torch.distributed.tensor import DTensor, Shard
+
         nn.Module.__init__(self)
         self.group = _group(group)
+        mesh = _mesh(group, full.w1.device.type)
         self.ep_size = dist.get_world_size(self.group)
         rank = dist.get_rank(self.group)
         self.global_experts = full.n_experts
@@ -64,9 +78,17 @@ class ShardedExperts(GroupedExperts):
         first = rank * self.n_experts
         for name in EXPERT_TENSORS:
             t = getattr(full, name)
-            local = None if t is None else nn.Parameter(t.detach()[first : first + self.n_experts])
-            setattr(self, name, local)
+            if t is not None:
+                local = t.detach()[first : first + self.n_experts].clone()
+                t = nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False))
+            setattr(self, name, t)
         self.first_expert = first
+
+    def local_tensors(self) -> dict[str, torch.Tensor | None]:
+        """This rank's experts as plain tensors (gradients flow back into the DTensors)."""
+        return {
+            name: None if t is None else t.to_local() for name, t in super().local_tensors().items()
+        }
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         P, n = self.ep_size, self.n_experts
@@ -123,6 +145,7 @@ def finish_expert_grads(model: nn.Module, dp_size: int, replica_group=None) -> N
     for p in expert_parameters(model):
         if p.grad is None:
             continue
+        grad = p.grad.to_local()
         if replica_group is not None:
-            dist.all_reduce(p.grad, group=_group(replica_group))
-        p.grad.div_(dp_size)
+            dist.all_reduce(grad, group=_group(replica_group))
+        grad.div_(dp_size)

@@ -150,26 +150,31 @@ class GroupedExperts(nn.Module):
         parts = x.split(counts.tolist())
         return torch.cat([p @ w[e].t() for e, p in enumerate(parts)])
 
+    def local_tensors(self) -> dict[str, torch.Tensor | None]:
+        """The expert tensors this module computes with (local shards under expert parallel)."""
+        return {name: getattr(self, name) for name in ("w1", "w2", "w3", "b1", "b2")}
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         grouped = self.uses_grouped_mm(x)
+        t = self.local_tensors()
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             expert = None
-            if self.b1 is not None:
+            if t["b1"] is not None:
                 expert = torch.repeat_interleave(
                     torch.arange(len(counts), device=x.device), counts, output_size=x.shape[0]
                 )
-            h = self._mm(x, self.w1.to(dtype), counts, grouped)
+            h = self._mm(x, t["w1"].to(dtype), counts, grouped)
             if expert is not None:
-                h = h + self.b1.to(dtype)[expert]
-            if self.w3 is not None:
-                h = F.silu(h) * self._mm(x, self.w3.to(dtype), counts, grouped)
+                h = h + t["b1"].to(dtype)[expert]
+            if t["w3"] is not None:
+                h = F.silu(h) * self._mm(x, t["w3"].to(dtype), counts, grouped)
             else:
                 h = _activation(self.activation)(h)
-            y = self._mm(h.contiguous(), self.w2.to(dtype), counts, grouped)
+            y = self._mm(h.contiguous(), t["w2"].to(dtype), counts, grouped)
             if expert is not None:
-                y = y + self.b2.to(dtype)[expert]
+                y = y + t["b2"].to(dtype)[expert]
         return y
 
 

@@ -45,14 +45,10 @@ def _model():
 
 def _full_state(model, rank, world):
     """Every parameter and buffer, experts gathered back to [E, ...] on every rank."""
-    state = {}
-    for name, t in model.state_dict().items():
-        if ".experts." in name and world > 1:
-            parts = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(parts, t.contiguous())
-            t = torch.cat(parts)
-        state[name] = t.clone()
-    return state
+    return {
+        name: (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+        for name, t in model.state_dict().items()
+    }
 
 
 def run(rank: int = 0, world: int = 1):
@@ -71,11 +67,7 @@ def run(rank: int = 0, world: int = 1):
             (loss / len(mine)).backward()
             total += loss.item() / len(mine)
         if world > 1:
-            for name, p in model.named_parameters():
-                if ".experts." not in name:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            finish_expert_grads(model, dp_size=world)
+            _sync_grads(model, world)
             t = torch.tensor([total])
             dist.all_reduce(t)
             total = t.item() / world
@@ -84,6 +76,15 @@ def run(rank: int = 0, world: int = 1):
         balance.after_optimizer_step(0)
         losses.append(total)
     return losses, _full_state(model, rank, world)
+
+
+def _sync_grads(model, world):
+    """Data parallel over the ep ranks: dense gradients averaged, expert ones finished."""
+    for name, p in model.named_parameters():
+        if ".experts." not in name:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    finish_expert_grads(model, dp_size=world)
 
 
 def _worker(rank, port, out):
@@ -131,3 +132,67 @@ def test_ep2_matches_one_process(tmp_path):
     bias = state["blocks.0.mlp.router.expert_bias"]
     assert bias.abs().sum() > 0  # the all-reduced bias update really ran
     assert got["zero"] < 1e-5
+
+
+def _adam_state(model, opt):
+    """{param name: (exp_avg, exp_avg_sq)} as full tensors."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()  # noqa: E731
+    return {names[id(p)]: (full(s["exp_avg"]), full(s["exp_avg_sq"])) for p, s in opt.state.items()}
+
+
+def _reshard_worker(rank, port, root, phase):
+    from kiln.train import checkpoint as ckpt
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        model = _model()
+        apply_expert_parallel(model, dist.group.WORLD, log=lambda _: None)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+        if phase == "save":  # two EP2 steps, then an EP2 checkpoint
+            for batch in _batches()[:2]:
+                part = batch.chunk(WORLD)[rank]
+                (model(part[:, :-1], targets=part[:, 1:]) + pop_aux_loss(model)).backward()
+                _sync_grads(model, WORLD)
+                opt.step()
+                opt.zero_grad()
+            ckpt.save_checkpoint(root / "ep2", 2, model, opt, {})
+        else:  # load the EP1 checkpoint into EP2
+            model.blocks["0"].mlp.router.expert_bias.fill_(7.0)
+            opt.step()  # creates (zero) state to load into
+            ckpt.load_checkpoint(ckpt.latest_checkpoint(root / "ep1"), model, opt)
+        state = {"params": _full_state(model, rank, WORLD), "adam": _adam_state(model, opt)}
+        if rank == 0:
+            torch.save(state, root / f"{phase}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_checkpoints_reshard_ep2_to_ep1_to_ep2_with_optimizer_state(tmp_path):
+    from kiln.train import checkpoint as ckpt
+
+    mp.start_processes(_reshard_worker, args=(free_port(), tmp_path, "save"), nprocs=WORLD,
+                       start_method="spawn")  # fmt: skip
+    saved = torch.load(tmp_path / "save.pt")
+    model = _model()  # EP1: one process holds all experts
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "ep2"), model, opt)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, saved["params"][name]), name
+    for name, (m, v) in _adam_state(model, opt).items():
+        assert torch.equal(m, saved["adam"][name][0]) and torch.equal(v, saved["adam"][name][1])
+    ckpt.save_checkpoint(tmp_path / "ep1", 2, model, opt, {})
+    mp.start_processes(_reshard_worker, args=(free_port(), tmp_path, "load"), nprocs=WORLD,
+                       start_method="spawn")  # fmt: skip
+    loaded = torch.load(tmp_path / "load.pt")
+    for name, t in saved["params"].items():
+        assert torch.equal(loaded["params"][name], t), name
+    for name, (m, v) in saved["adam"].items():
+        assert torch.equal(loaded["adam"][name][0], m) and torch.equal(loaded["adam"][name][1], v)

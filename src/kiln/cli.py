@@ -283,6 +283,11 @@ def cmd_perf(argv: list[str]) -> int:
     # `given` holds the section.field names set by flags or --config files
     vocab = job.data.vocab_size if "data.vocab_size" in given else None
     shape, _ = resolve_model(job.model, vocab)
+    if shape.moe is not None:
+        raise ConfigError(
+            f"kiln perf does not model MoE layers yet, and {job.model.preset!r} has "
+            f"{shape.moe.experts} experts; kiln plan gives its total and active parameters."
+        )
     seq = job.data.seq_len if "data.seq_len" in given else shape.max_seq_len
     micro = job.train.micro_batch_size or (
         job.train.batch_size if "train.batch_size" in given else 1
@@ -458,11 +463,27 @@ def cmd_sparsity(argv: list[str]) -> int:
     return 0
 
 
+def _moe_plan_shape(preset: str | None):
+    """The planning shape of an MoE preset of kiln.models.presets (None for other names)."""
+    from kiln.planning.chinchilla import PRESET_SHAPES
+
+    if not preset or preset in PRESET_SHAPES:
+        return None
+    from kiln.models.presets import PRESETS
+    from kiln.planning.flops import Shape
+
+    cfg = PRESETS.get(preset)
+    if cfg is None or cfg.moe is None:
+        return None
+    fields = Shape.__dataclass_fields__
+    return Shape(**{k: v for k, v in cfg.__dict__.items() if k in fields})
+
+
 def cmd_plan(argv: list[str]) -> int:
     parser = _parser("kiln plan")
     _number(parser, "--flops", float, None, POSITIVE, "compute budget C (FLOPs)")
     _number(parser, "--params", float, None, POSITIVE, "model size N")
-    parser.add_argument("--preset", default=None, help="a Cerebras-GPT preset name")
+    parser.add_argument("--preset", default=None, help="a Cerebras-GPT or MoE preset name")
     _number(parser, "--tokens-per-param", float, 20.0, POSITIVE, "training tokens D / N")
     _number(parser, "--batch-size", int, None, POSITIVE, "sequences per step")
     _number(parser, "--seq-len", int, 2048, POSITIVE, "tokens per sequence")
@@ -474,10 +495,11 @@ def cmd_plan(argv: list[str]) -> int:
     args = _parse(parser, argv)
     from kiln.planning.plan import format_plan, make_plan
 
+    shape = _moe_plan_shape(args.preset)
     plan = make_plan(flops=args.flops, params=args.params, preset=args.preset,
                      tokens_per_param=args.tokens_per_param, batch_size=args.batch_size,
                      seq_len=args.seq_len, vocab=args.vocab, device=args.device,
-                     count=args.count, mfu=args.mfu)  # fmt: skip
+                     count=args.count, mfu=args.mfu, shape=shape)  # fmt: skip
     if args.json:
         import json
 

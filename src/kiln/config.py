@@ -101,6 +101,89 @@ class ModelConfig:
         }
 
 
+MOE_ROUTERS = ["softmax", "sigmoid"]
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts MLPs (kiln.models.moe); off while ``experts`` is 0.
+
+    A preset may carry its own MoE shape; fields given here that differ from these defaults
+    override the preset's (``kiln.models.presets.resolve_model``).
+    """
+
+    experts: int = 0
+    """Routed experts per MoE layer (0 = dense model)."""
+    top_k: int = 2
+    """Experts each token is sent to (1 = Switch Transformer, 2 = Mixtral)."""
+    router: str = "softmax"
+    """Token-choice router scores: 'softmax' (Switch, Mixtral) or 'sigmoid' (DeepSeek-V3)."""
+    normalize_top_k: bool = False
+    """Rescale the k chosen scores to sum to 1 (Mixtral, DeepSeek-V3); never with top_k 1."""
+    shared_experts: int = 0
+    """Always-active shared experts (DeepSeek-MoE), run as one dense MLP of their total width."""
+    d_expert: int | None = None
+    """Hidden width of one expert (None = model.d_ffn)."""
+    every: int = 1
+    """Layer i is MoE when i >= first_dense and i % every == 0 (DeepSeek's convention)."""
+    first_dense: int = 0
+    """The first this many layers keep a dense MLP."""
+    capacity_factor: float | None = None
+    """None = dropless; else each expert takes at most ceil(factor · tokens · top_k / experts)
+    token slots per micro-batch and the rest are dropped (Switch), first choices first."""
+    aux_loss_coef: float = 0.01
+    """Switch load-balancing loss coefficient α (0 = off)."""
+    z_loss_coef: float = 0.0
+    """Router z-loss coefficient (ST-MoE uses 1e-3; 0 = off)."""
+    bias_update_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): per-expert routing bias step γ (0 = off)."""
+    kernel: str = "auto"
+    """Expert matmuls: 'auto' (grouped GEMM where supported), 'grouped' or 'loop'."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> MoEConfig:
+        """Raise ConfigError (one sentence) for a shape that cannot be routed; return self."""
+        for name in ("experts", "shared_experts", "first_dense"):
+            check_positive("moe", name, getattr(self, name), allow_zero=True)
+        for name in ("top_k", "d_expert", "every"):
+            check_positive("moe", name, getattr(self, name))
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            check_positive("moe", name, getattr(self, name), allow_zero=True)
+        check_choice("moe", "router", self.router, MOE_ROUTERS)
+        check_choice("moe", "kernel", self.kernel, ["auto", "grouped", "loop"])
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(
+                f"moe.capacity_factor is {self.capacity_factor} but must be > 0 "
+                "(e.g. 1.25), or unset for dropless routing."
+            )
+        if self.experts and self.top_k > self.experts:
+            raise ConfigError(
+                f"moe.top_k is {self.top_k} but must not exceed moe.experts {self.experts}."
+            )
+        if self.experts and self.top_k == 1 and self.normalize_top_k:
+            raise ConfigError(
+                "moe.normalize_top_k with top_k 1 makes every gate 1 and leaves the router "
+                "untrained by the language-model loss; set --moe.normalize_top_k false."
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when the model has routed experts."""
+        return self.experts > 0
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that differ from the defaults (applied on top of a preset's MoE)."""
+        default = MoEConfig()
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+
 @dataclass
 class DataConfig:
     """Corpus, tokenizer, token windows and how the corpus is prepared."""
@@ -292,10 +375,13 @@ class ParallelConfig:
     """Recompute each block's activations in the backward pass to save memory."""
     timeout_s: float = 300.0
     """Process-group timeout: a dead rank ends the job with an error after this long."""
+    expert: int = 1
+    """Expert-parallel degree: each MoE layer's experts are split over this many ranks."""
 
     def __post_init__(self) -> None:
         check_choice("parallel", "data", self.data, ["fsdp", "ddp"])
         check_positive("parallel", "timeout_s", self.timeout_s)
+        check_positive("parallel", "expert", self.expert)
 
 
 SPARSE_DEFAULT_INCLUDE = ["blocks.*.attn.w*.weight", "blocks.*.mlp.w*.weight"]
@@ -430,6 +516,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
     def validate(self, dp_size: int = 1) -> None:
@@ -442,6 +529,19 @@ class JobConfig:
                 f"{dp_size} × micro_batch_size {micro} = {dp_size * micro}."
             )
         self._validate_sparsity(dp_size)
+        self._validate_experts(dp_size)
+
+    def _validate_experts(self, dp_size: int) -> None:
+        ep, experts = self.parallel.expert, self.moe.experts
+        if ep > 1 and experts and experts % ep != 0:
+            raise ConfigError(
+                f"moe.experts {experts} is not divisible by parallel.expert {ep}; choose an "
+                f"expert-parallel degree that divides {experts}."
+            )
+        if ep > 1 and dp_size % ep != 0:
+            raise ConfigError(
+                f"parallel.expert is {ep} but must divide the data-parallel size {dp_size}."
+            )
 
     def _validate_sparsity(self, dp_size: int) -> None:
         sp = self.sparsity

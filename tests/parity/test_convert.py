@@ -181,3 +181,56 @@ def test_refuses_non_empty_destination_and_unknown_architecture(tok, tmp_path):
     (tmp_path / "hf" / "config.json").write_text(cfg)
     with pytest.raises(KilnError, match="BertModel"):
         convert(tmp_path / "hf", tmp_path / "new")
+
+
+def _mixtral(tok):
+    cfg = transformers.MixtralConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_local_experts=4, num_experts_per_tok=2, rope_theta=10000.0, sliding_window=None,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
+def test_mixtral_round_trip(tok, tmp_path):
+    """HF Mixtral → Kiln MoE → HF: fp32 logits within 1e-4 both ways; routing included."""
+    _round_trip(_mixtral(tok), tok, tmp_path)
+    loaded = load_any(tmp_path / "kiln")
+    moe = loaded.shape.moe
+    assert (moe.experts, moe.top_k, moe.normalize_top_k) == (4, 2, True)
+    assert loaded.shape.rope_theta == 10000.0
+
+
+def test_kiln_moe_with_its_own_expert_width_exports_as_mixtral(tok, tmp_path):
+    from kiln.config import MoEConfig
+    from kiln.interop.load import save_hf
+    from kiln.models.gpt import GPT, GPTConfig
+    from kiln.train.load import LoadedModel
+
+    cfg = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_head=8, d_ffn=999,
+                    vocab_size=tok.vocab_size, max_seq_len=32, position="rope", norm="rmsnorm",
+                    activation="swiglu", bias=False, tie_embeddings=False,
+                    moe=MoEConfig(experts=4, top_k=2, d_expert=24, normalize_top_k=True),
+                    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    save_hf(LoadedModel(model, tok, cfg, None, {}), tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, tok.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max() < 1e-4
+
+
+def test_mixtral_export_refuses_a_router_kiln_cannot_express(tok, tmp_path):
+    from kiln.config import MoEConfig
+    from kiln.interop.hf import export_arch
+
+    hf = _mixtral(tok)
+    _randomise(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf")
+    shape = load_any(tmp_path / "hf").shape
+    with pytest.raises(KilnError, match="MoE other than Mixtral"):
+        export_arch(shape.replace(moe=MoEConfig(experts=4, top_k=2, router="sigmoid")))

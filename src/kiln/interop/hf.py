@@ -1,11 +1,17 @@
-"""Hugging Face folders ↔ Kiln GPT: GPT-2 family (GPT2LMHeadModel, as Cerebras-GPT ships) and
-Llama family (LlamaForCausalLM: GQA, rope scaling, tied or untied head).
+"""Hugging Face folders ↔ Kiln GPT: GPT-2 family (GPT2LMHeadModel, as Cerebras-GPT ships),
+Llama family (LlamaForCausalLM: GQA, rope scaling, tied or untied head) and Mixtral
+(MixtralForCausalLM: Llama blocks whose MLPs are top-k softmax MoE layers).
 
 A folder is ``config.json`` + ``model.safetensors`` (or a sharded ``*.safetensors`` index, or
 ``pytorch_model.bin``) + tokenizer files. Weight names map one-to-one onto kiln.models.gpt's::
 
     GPT-2: transformer.h.{i}.attn.c_attn  [in, 3d] Conv1D (transposed, fused q;k;v) → wq, wk, wv
     Llama: model.layers.{i}.self_attn.q_proj [out, in]                             → attn.wq
+    Mixtral: model.layers.{i}.block_sparse_moe.gate              [E, d]  → mlp.router.weight
+             model.layers.{i}.block_sparse_moe.experts.{j}.w1/w3/w2      → mlp.experts.w1/w3/w2[j]
+             (transformers ≥ 5 in memory: mlp.gate, mlp.experts.gate_up_proj [E, 2f, d] =
+             [w1; w3] and mlp.experts.down_proj [E, d, f]; both layouts are read, the first
+             — the one published checkpoints use — is written)
 
 Reading needs only safetensors/torch; writing builds config.json through transformers' config
 classes so the folder matches the installed transformers exactly (transformers is imported
@@ -20,8 +26,10 @@ from typing import Any
 
 import torch
 
+from kiln.config import MoEConfig
 from kiln.errors import KilnError
 from kiln.models.gpt import GPTConfig
+from kiln.planning.moe import expert_width
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """Weight dtypes ``kiln convert --dtype`` writes."""
@@ -57,9 +65,12 @@ def architecture(hf: dict[str, Any]) -> str:
         return "gpt2"
     if "LlamaForCausalLM" in archs or (not archs and kind == "llama"):
         return "llama"
+    if "MixtralForCausalLM" in archs or (not archs and kind == "mixtral"):
+        return "mixtral"
     found = ", ".join(archs) or kind or "nothing"
     raise KilnError(
-        f"config.json declares {found} but only GPT2LMHeadModel and LlamaForCausalLM convert."
+        f"config.json declares {found} but only GPT2LMHeadModel, LlamaForCausalLM and "
+        "MixtralForCausalLM convert."
     )
 
 
@@ -94,6 +105,12 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), activation=GPT2_ACT[act],
             bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         ).validate()  # fmt: skip
+    if arch == "mixtral":
+        return _mixtral_config(hf)
+    return _llama_config(hf)
+
+
+def _llama_config(hf: dict[str, Any]) -> GPTConfig:
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise KilnError("Llama configs with attention_bias or mlp_bias do not convert.")
     if hf.get("hidden_act", "silu") != "silu":
@@ -110,6 +127,32 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), activation="swiglu", bias=False,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     ).validate()  # fmt: skip
+
+
+def _mixtral_config(hf: dict[str, Any]) -> GPTConfig:
+    """Llama blocks + Mixtral's router: softmax, top-k renormalised, no shared expert."""
+    if hf.get("sliding_window"):
+        raise KilnError(
+            f"Mixtral sliding_window {hf['sliding_window']} is not supported (full causal "
+            "attention only); set it to null."
+        )
+    moe = MoEConfig(
+        experts=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
+        router="softmax", normalize_top_k=True,
+        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
+    )  # fmt: skip
+    return _llama_config(hf).replace(moe=moe).validate()
+
+
+def _mixtral_moe_ok(moe: MoEConfig | None) -> bool:
+    """Whether a Kiln MoE shape routes exactly as transformers' Mixtral does."""
+    return moe is not None and (
+        moe.router == "softmax"
+        and moe.normalize_top_k
+        and moe.shared_experts == 0
+        and moe.every == 1
+        and moe.first_dense == 0
+    )
 
 
 def export_arch(cfg: GPTConfig) -> str:
@@ -130,6 +173,11 @@ def export_arch(cfg: GPTConfig) -> str:
         "swiglu",
         False,
     )
+    if cfg.moe is not None and not (llama and _mixtral_moe_ok(cfg.moe)):
+        blockers.append(
+            "MoE other than Mixtral's (softmax router, normalize_top_k, every layer, no shared "
+            "expert)"
+        )
     if not (gpt2 or llama):
         blockers.append(
             f"position={cfg.position}, norm={cfg.norm}, activation={cfg.activation}, "
@@ -137,9 +185,11 @@ def export_arch(cfg: GPTConfig) -> str:
         )
     if blockers:
         raise KilnError(
-            f"this model cannot be written as GPT2LMHeadModel or LlamaForCausalLM "
-            f"({'; '.join(blockers)})."
+            f"this model cannot be written as GPT2LMHeadModel, LlamaForCausalLM or "
+            f"MixtralForCausalLM ({'; '.join(blockers)})."
         )
+    if cfg.moe is not None:
+        return "mixtral"
     return "gpt2" if gpt2 else "llama"
 
 
@@ -220,19 +270,63 @@ def llama_to_kiln(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
     shapes = _llama_shapes(cfg)
     for i in range(cfg.n_layers):
         for ours, theirs in LLAMA_NAMES.items():
+            if cfg.moe is not None and ours.startswith("mlp."):
+                continue
             key = f"model.layers.{i}.{theirs}.weight"
             sd[f"blocks.{i}.{ours}.weight"] = _take(hf_sd, key, shapes[ours])
+        if cfg.moe is not None:
+            sd.update(_mixtral_layer_to_kiln(hf_sd, cfg, i))
     return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _mixtral_layer_to_kiln(hf_sd, cfg: GPTConfig, i: int) -> dict[str, torch.Tensor]:
+    E, d, f = cfg.moe.experts, cfg.d_model, cfg.d_ffn
+    b, fused = f"blocks.{i}.mlp.", f"model.layers.{i}.mlp."
+    if fused + "experts.gate_up_proj" in hf_sd:  # transformers >= 5 in-memory layout
+        gate_up = _take(hf_sd, fused + "experts.gate_up_proj", (E, 2 * f, d))
+        w = {"w1": gate_up[:, :f], "w3": gate_up[:, f:]}
+        w["w2"] = _take(hf_sd, fused + "experts.down_proj", (E, d, f))
+        router = _take(hf_sd, fused + "gate.weight", (E, d))
+    else:
+        h = f"model.layers.{i}.block_sparse_moe."
+        router = _take(hf_sd, h + "gate.weight", (E, d))
+        shapes = {"w1": (f, d), "w3": (f, d), "w2": (d, f)}
+        w = {
+            name: torch.stack([_take(hf_sd, f"{h}experts.{j}.{name}.weight", shape)
+                               for j in range(E)])
+            for name, shape in shapes.items()
+        }  # fmt: skip
+    out = {b + "router.weight": router, b + "router.expert_bias": torch.zeros(E)}
+    out.update({b + "experts." + name: t for name, t in w.items()})
+    return out
+
+
+def _mixtral_layer_to_hf(sd, cfg: GPTConfig, i: int) -> dict[str, torch.Tensor]:
+    b, h = f"blocks.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+    bias = sd.get(b + "router.expert_bias")
+    if bias is not None and bool(bias.ne(0).any()):
+        raise KilnError(
+            f"layer {i}'s router has a non-zero expert bias (moe.bias_update_rate), which "
+            "Mixtral's router cannot hold; export a model trained without it."
+        )
+    out = {h + "gate.weight": sd[b + "router.weight"]}
+    for name in ("w1", "w2", "w3"):
+        for j, t in enumerate(sd[b + "experts." + name]):
+            out[f"{h}experts.{j}.{name}.weight"] = t
+    return out
 
 
 def kiln_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """The inverse maps; the arch comes from export_arch(cfg)."""
-    if export_arch(cfg) == "llama":
+    if export_arch(cfg) in ("llama", "mixtral"):
         out = {"model.embed_tokens.weight": sd["tok_emb.weight"],
                "model.norm.weight": sd["norm.weight"]}  # fmt: skip
         for i in range(cfg.n_layers):
             for ours, theirs in LLAMA_NAMES.items():
-                out[f"model.layers.{i}.{theirs}.weight"] = sd[f"blocks.{i}.{ours}.weight"]
+                if cfg.moe is None or not ours.startswith("mlp."):
+                    out[f"model.layers.{i}.{theirs}.weight"] = sd[f"blocks.{i}.{ours}.weight"]
+            if cfg.moe is not None:
+                out.update(_mixtral_layer_to_hf(sd, cfg, i))
     else:
         out = {"transformer.wte.weight": sd["tok_emb.weight"],
                "transformer.wpe.weight": sd["pos_emb.weight"],
@@ -282,6 +376,18 @@ def hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, dtype: str
             **common,
         )  # fmt: skip
         c.architectures = ["GPT2LMHeadModel"]
+    elif cfg.moe is not None:  # every MLP is MoE: intermediate_size is the expert width
+        c = transformers.MixtralConfig(
+            hidden_size=cfg.d_model, intermediate_size=expert_width(cfg),
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_head,
+            max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, hidden_act="silu",
+            sliding_window=None, num_local_experts=cfg.moe.experts,
+            num_experts_per_tok=cfg.moe.top_k, router_aux_loss_coef=cfg.moe.aux_loss_coef,
+            **common,
+        )  # fmt: skip
+        c.architectures = ["MixtralForCausalLM"]
     else:
         c = transformers.LlamaConfig(
             hidden_size=cfg.d_model, intermediate_size=cfg.d_ffn,

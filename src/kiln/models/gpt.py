@@ -10,6 +10,7 @@ conversion, sparsity masks, tensor-parallel plans)::
     blocks.{i}.attn.{wq,wk,wv,wo}.{weight,bias}
     blocks.{i}.mlp_norm.{weight,bias}                                   (not parallel_block)
     blocks.{i}.mlp.{w1,w2,w3}.{weight,bias}   w1 = up (gate for swiglu), w2 = down, w3 = swiglu up
+    blocks.{i}.mlp.{router,experts,shared}.*   MoE layers (cfg.moe; see kiln.models.moe)
     norm.{weight,bias}
     head.weight                         [vocab, d_model]                (not tie_embeddings)
 
@@ -32,8 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.config import MoEConfig
 from kiln.errors import ConfigError, check_choice
 from kiln.models.loss import linear_cross_entropy
+from kiln.models.moe import MoE
+from kiln.planning.moe import expert_width, is_moe_layer, params_delta
 
 
 @dataclass(kw_only=True)
@@ -87,6 +91,14 @@ class GPTConfig:
     """Softmax scale on q·k; None = 1/sqrt(d_head) (μP uses 1/d_head)."""
     width_mult: float = 1.0
     """μP width multiplier d_model / base width (informational; the multipliers carry it)."""
+    moe: MoEConfig | None = None
+    """Mixture-of-experts MLPs (None or experts 0 = dense; see kiln.models.moe)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # from a saved model_shape
+            self.moe = MoEConfig(**self.moe)
+        if self.moe is not None and not self.moe.enabled:
+            self.moe = None
 
     def validate(self) -> GPTConfig:
         """Raise ConfigError (one sentence) for a shape that cannot be built; return self."""
@@ -119,18 +131,21 @@ class GPTConfig:
             raise ConfigError(f"model.d_head is {self.d_head} but RoPE needs an even d_head.")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
+        if self.moe is not None:
+            self.moe.validate()
         return self
 
-    def num_params(self, include_embeddings: bool = True) -> int:
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
         """Parameter count from the shape alone (equals the module's count), summed over the
-        op-level description of the model (kiln.planning.ops).
+        op-level description of the model (kiln.planning.ops), plus what MoE layers add.
 
         "Embeddings" are the token and learned-position tables; an untied head counts as
-        non-embedding (it is a matmul in every forward, unlike a table lookup).
+        non-embedding (it is a matmul in every forward, unlike a table lookup). ``active``
+        counts only the experts one token uses (kiln.planning.moe).
         """
         from kiln.planning.ops import param_count
 
-        return param_count(self, include_embeddings)
+        return param_count(self, include_embeddings) + params_delta(self, active)
 
     def replace(self, **changes: Any) -> GPTConfig:
         """A copy with some fields changed (dataclasses.replace)."""
@@ -369,19 +384,23 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def make_mlp(cfg: GPTConfig) -> nn.Module:
+def make_mlp(cfg: GPTConfig, layer: int = 0) -> nn.Module:
+    """The MLP of block ``layer``: dense, or an MoE layer where cfg.moe places one."""
+    if is_moe_layer(cfg.moe, layer):
+        width = cfg.moe.shared_experts * expert_width(cfg)
+        return MoE(cfg, shared=make_mlp(cfg.replace(d_ffn=width, moe=None)) if width else None)
     return SwiGLUMLP(cfg) if cfg.activation == "swiglu" else GeluMLP(cfg)
 
 
 class Block(nn.Module):
     """Pre-norm block: x = x + attn(norm1(x)); x = x + mlp(norm2(x))."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = make_mlp(cfg)
+        self.mlp = make_mlp(cfg, layer)
 
     def forward(self, x, rope, cache, start_pos, attn_mask=None):
         x = x + self.attn(self.attn_norm(x), rope, cache, start_pos, attn_mask)
@@ -391,11 +410,11 @@ class Block(nn.Module):
 class ParallelBlock(nn.Module):
     """GPT-J/PaLM block: h = norm(x); x = x + attn(h) + mlp(h)."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
-        self.mlp = make_mlp(cfg)
+        self.mlp = make_mlp(cfg, layer)
 
     def forward(self, x, rope, cache, start_pos, attn_mask=None):
         h = self.attn_norm(x)
@@ -416,7 +435,7 @@ class GPT(nn.Module):
         if cfg.position == "learned":
             self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         block_cls = ParallelBlock if cfg.parallel_block else Block
-        self.blocks = nn.ModuleDict({str(i): block_cls(cfg) for i in range(cfg.n_layers)})
+        self.blocks = nn.ModuleDict({str(i): block_cls(cfg, i) for i in range(cfg.n_layers)})
         self.norm: nn.Module | None = make_norm(cfg)
         self.head: nn.Linear | None = None
         if not cfg.tie_embeddings:
@@ -429,14 +448,17 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """GPT-2 init: linears N(0, init_std), output projections (attn.wo, mlp.w2)
-        N(0, init_std / sqrt(2 n_layers)), embeddings N(0, embed_init_std), biases 0, norms 1.
+        """GPT-2 init: linears N(0, init_std), output projections (attn.wo, mlp.w2, experts'
+        and shared experts' w2) N(0, init_std / sqrt(2 n_layers)), embeddings
+        N(0, embed_init_std), biases 0, norms 1; MoE layers initialise their own tensors.
         Deterministic under torch.manual_seed; recomputes the RoPE tables."""
         cfg = self.config
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_out = name.endswith(("attn.wo", "mlp.w2"))
+            if isinstance(module, MoE):
+                module.init_weights(cfg.init_std, out_std)
+            elif isinstance(module, nn.Linear):
+                is_out = name.endswith(("attn.wo", "mlp.w2", "mlp.shared.w2"))
                 nn.init.normal_(module.weight, 0.0, out_std if is_out else cfg.init_std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)

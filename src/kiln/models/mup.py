@@ -62,8 +62,9 @@ def apply_mup(shape: GPTConfig, base_width: int = 256) -> GPTConfig:
 
 
 def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
-    """A 2-D weight inside a transformer block (``blocks.{i}....weight``)."""
-    return param.ndim == 2 and (name.startswith("blocks.") or ".blocks." in name)
+    """A 2-D weight inside a transformer block (``blocks.{i}....weight``), or a 3-D stack of
+    MoE expert weights ``[E, out, in]`` (each expert is a hidden matrix; the router too)."""
+    return param.ndim in (2, 3) and (name.startswith("blocks.") or ".blocks." in name)
 
 
 def lr_multiplier(shape: GPTConfig) -> Callable[[str, torch.Tensor], float]:

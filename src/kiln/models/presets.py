@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kiln.config import ModelConfig
+from kiln.config import ModelConfig, MoEConfig
 from kiln.errors import ConfigError, closest
 from kiln.models.gpt import GPTConfig
 
@@ -83,6 +83,31 @@ PRESETS: dict[str, GPTConfig] = {
         tie_embeddings=True,
     ),  # fmt: skip
 }
+# Mixture-of-experts shapes (kiln.models.moe): same blocks, MoE MLPs.
+PRESETS |= {
+    # CPU-sized: llama-tiny with 8 experts of half its MLP width, top-2 (active ≈ llama-tiny).
+    "tiny-moe": PRESETS["llama-tiny"].replace(
+        moe=MoEConfig(experts=8, top_k=2, d_expert=352, normalize_top_k=True)
+    ),
+    # Switch Transformer style cerebras-gpt-111m: every MLP → 8 experts, top-1, capacity 1.25.
+    "switch-cerebras-gpt-111m": PRESETS["cerebras-gpt-111m"].replace(
+        moe=MoEConfig(experts=8, top_k=1, capacity_factor=1.25)
+    ),
+    # mistralai/Mixtral-8x7B-v0.1 (router_aux_loss_coef 0.02).
+    "mixtral-8x7b": GPTConfig(
+        n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_head=128, d_ffn=14336,
+        vocab_size=32000, max_seq_len=32768, position="rope", rope_theta=1e6, norm="rmsnorm",
+        norm_eps=1e-5, activation="swiglu", bias=False, tie_embeddings=False,
+        moe=MoEConfig(experts=8, top_k=2, normalize_top_k=True, aux_loss_coef=0.02),
+    ),
+    # allenai/OLMoE-1B-7B-0924 shape (its q/k norms are not modelled: 64 Ki fewer parameters).
+    "olmoe-1b-7b": GPTConfig(
+        n_layers=16, d_model=2048, n_heads=16, n_kv_heads=16, d_head=128, d_ffn=1024,
+        vocab_size=50304, max_seq_len=4096, position="rope", rope_theta=10000.0,
+        norm="rmsnorm", norm_eps=1e-5, activation="swiglu", bias=False, tie_embeddings=False,
+        moe=MoEConfig(experts=64, top_k=8, aux_loss_coef=0.01, z_loss_coef=0.001),
+    ),
+}  # fmt: skip
 
 PUBLISHED_PARAMS: dict[str, float] = {
     "cerebras-gpt-111m": 111.05e6,
@@ -99,13 +124,15 @@ once). The names round them: "1.3B" holds 1.316e9 and "2.7B" 2.652e9 (as GPT-3's
 
 
 def resolve_model(
-    model_cfg: ModelConfig, vocab_size: int | None = None
+    model_cfg: ModelConfig, vocab_size: int | None = None, moe_cfg: MoEConfig | None = None
 ) -> tuple[GPTConfig, list[str]]:
     """Preset + explicit overrides + the tokenizer's vocabulary → a validated GPTConfig.
 
     Overriding d_model or n_heads re-derives d_head = d_model / n_heads unless d_head is given;
-    overriding n_heads without n_kv_heads means plain multi-head attention. Returns notes
-    (one sentence each) about values that differ from the preset's for a reason.
+    overriding n_heads without n_kv_heads means plain multi-head attention. The ``moe``
+    section's non-default fields override the preset's MoE shape (or make a dense preset MoE
+    when they set experts). Returns notes (one sentence each) about values that differ from
+    the preset's for a reason.
     """
     if model_cfg.preset not in PRESETS:
         raise ConfigError(
@@ -133,5 +160,10 @@ def resolve_model(
         )
     if vocab_size is not None:
         changes["vocab_size"] = vocab_size
+    moe_changes = moe_cfg.overrides() if moe_cfg is not None else {}
+    if moe_changes:
+        changes["moe"] = dataclasses.replace(base.moe or MoEConfig(), **moe_changes)
     cfg = dataclasses.replace(base, **changes)
+    if cfg.moe is not None and not cfg.moe.enabled:
+        cfg = dataclasses.replace(cfg, moe=None)
     return cfg.validate(), notes

@@ -72,6 +72,8 @@ class Shape:
     bias: bool = True
     position: str = "learned"
     norm: str = "layernorm"
+    moe: Any = None
+    """Mixture-of-experts section (kiln.config.MoEConfig) or None; see kiln.planning.moe."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with d_head and n_kv_heads resolved."""

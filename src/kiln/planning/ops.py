@@ -407,10 +407,10 @@ def check_step(shape: Any, step: StepShape) -> None:
 # -- numbers derived from the description --------------------------------------------------
 def param_count(shape: Any, include_embeddings: bool = True) -> int:
     """Parameters owned by the forward ops (× count), plus the final norm; embeddings (token
-    and position tables) are dropped with ``include_embeddings=False``."""
+    and position tables) are dropped with ``include_embeddings=False``. MoE layers are not ops
+    here yet (they count as the dense MLP); kiln.planning.moe.params_delta adds their experts."""
     ops = model_ops(shape, StepShape(batch=1, seq_len=1, precision="fp32"))
-    n = sum(o.params * o.count for o in ops if include_embeddings or not o.embedding)
-    return n
+    return sum(o.params * o.count for o in ops if include_embeddings or not o.embedding)
 
 
 def matmul_params(shape: Any) -> int:

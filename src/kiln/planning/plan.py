@@ -8,7 +8,9 @@ ends); decay is linear to 10% of the peak, as Cerebras-GPT trained, and warm-up 
 ``flops`` is the training compute as Cerebras-GPT publishes it (6·N·D plus an attention term,
 30·L·S·d per token; see kiln.planning.flops.cerebras_flops_per_token), so the seven presets
 reproduce their table; ``flops_model`` is the 6N + 12·L·S·d "model FLOPs" that MFU uses, and
-wall-clock = flops_model / (peak × count × MFU).
+wall-clock = flops_model / (peak × count × MFU). For a mixture-of-experts shape (``shape=`` with
+``moe``) N is the *active* parameter count everywhere above (tokens, FLOPs, batch, LR; see
+kiln.planning.moe) and the total is reported beside it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from kiln.planning.flops import (
     param_count,
 )
 from kiln.planning.hardware import device_peak
+from kiln.planning.moe import param_count as moe_param_count
+from kiln.planning.moe import params_delta
 
 
 @dataclass
@@ -41,6 +45,8 @@ class Plan:
     shape: Shape
     params: int
     non_embedding_params: int
+    active_params: int
+    """Parameters one token uses (= params unless the shape is MoE)."""
     tokens: float
     flops: float
     """Training FLOPs in the published Cerebras-GPT convention: (6N + 30·L·S·d) per token."""
@@ -68,7 +74,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe dict (documented keys; see the field docstrings)."""
-        keys = ("params", "non_embedding_params", "tokens", "flops", "flops_model",
+        keys = ("params", "non_embedding_params", "active_params", "tokens", "flops", "flops_model",
                 "flops_6nd", "flops_budget", "steps", "batch_size", "seq_len", "lr",
                 "warmup_steps", "schedule", "min_lr_ratio", "tokens_per_param", "preset",
                 "device", "count", "mfu", "peak_flops", "peak_source", "wall_clock_s",
@@ -105,7 +111,11 @@ def _positive(name: str, value: float | None) -> None:
         raise ConfigError(f"{name} is {value} but must be > 0.")
 
 
-def _choose_shape(flops, params, preset, vocab, seq_len, ratio) -> tuple[Shape, str | None]:
+def _choose_shape(
+    flops, params, preset, vocab, seq_len, ratio, shape=None
+) -> tuple[Shape, str | None]:
+    if shape is not None:  # a named shape from kiln.models.presets (e.g. an MoE one)
+        return Shape(**{**shape.__dict__, "vocab_size": vocab, "max_seq_len": seq_len}), preset
     given = [k for k, v in (("flops", flops), ("params", params), ("preset", preset)) if v]
     if len(given) != 1:
         raise ConfigError(
@@ -137,8 +147,10 @@ def make_plan(
     vocab: int = 50257,
     seq_len: int = 2048,
     precision: str = "bf16",
+    shape: Shape | None = None,
 ) -> Plan:
-    """Plan a compute-optimal run (see the module docstring for every rule used)."""
+    """Plan a compute-optimal run (see the module docstring for every rule used); ``shape``
+    (with ``preset`` as its name) plans a given shape, MoE ones included."""
     for name, v in (("flops", flops), ("params", params), ("tokens_per_param", tokens_per_param),
                     ("batch_tokens", batch_tokens), ("batch_size", batch_size), ("count", count),
                     ("mfu", mfu), ("vocab", vocab), ("seq_len", seq_len)):  # fmt: skip
@@ -147,8 +159,12 @@ def make_plan(
         raise ConfigError(f"mfu is {mfu} but must be a fraction in (0, 1].")
     if batch_tokens and batch_size:
         raise ConfigError("Give batch_tokens or batch_size, not both.")
-    shape, preset_name = _choose_shape(flops, params, preset, vocab, seq_len, tokens_per_param)
-    n = param_count(shape)
+    shape, preset_name = _choose_shape(
+        flops, params, preset, vocab, seq_len, tokens_per_param, shape
+    )
+    total = param_count(shape) + params_delta(shape, active=False)
+    n = moe_param_count(shape, active=True)
+    extra = 6.0 * params_delta(shape, active=True)  # active MoE matmuls beyond the dense shape
     tokens = float(tokens_per_param) * n
     if batch_tokens:
         batch_size = max(1, round(batch_tokens / seq_len))
@@ -159,9 +175,10 @@ def make_plan(
         notes.append(f"batch reduced to {batch_size} sequences so that at least one step fits")
     steps = max(1, round(tokens / (batch_size * seq_len)))
     plan = Plan(
-        shape=shape, params=n, non_embedding_params=param_count(shape, include_embeddings=False),
-        tokens=tokens, flops=cerebras_flops_per_token(shape, seq_len) * tokens,
-        flops_model=flops_per_token(shape, seq_len) * tokens, flops_6nd=6.0 * n * tokens,
+        shape=shape, params=total, active_params=n,
+        non_embedding_params=moe_param_count(shape, include_embeddings=False), tokens=tokens,
+        flops=(cerebras_flops_per_token(shape, seq_len) + extra) * tokens,
+        flops_model=(flops_per_token(shape, seq_len) + extra) * tokens, flops_6nd=6.0 * n * tokens,
         steps=steps,
         batch_size=batch_size, seq_len=seq_len, lr=default_lr(n),
         warmup_steps=default_warmup_steps(steps), tokens_per_param=float(tokens_per_param),
@@ -197,6 +214,15 @@ def format_plan(plan: Plan) -> str:
                   f"{s.to_dict()['d_head']}), d_ffn {s.d_ffn}, vocab {s.vocab_size}"),
         ("params", f"{_sci(plan.params)} ({_sci(plan.non_embedding_params)} non-embedding)"),
         ("tokens", f"{_sci(plan.tokens)} ({plan.tokens_per_param:g} per parameter)"),
+    ]  # fmt: skip
+    if plan.active_params != plan.params:
+        m = s.moe
+        rows[2] = ("params", f"{_sci(plan.params)} total, {_sci(plan.active_params)} active per "
+                             f"token ({m.experts} experts, top-{m.top_k}); tokens, FLOPs, batch "
+                             "and LR use the active count")  # fmt: skip
+        rows[3] = ("tokens", f"{_sci(plan.tokens)} ({plan.tokens_per_param:g} per active "
+                             "parameter)")  # fmt: skip
+    rows += [
         ("compute", f"{_sci(plan.flops, 2)} FLOPs (6ND + 30·L·S·d per token, as Cerebras-GPT "
                     f"counts); model FLOPs 6N+12LSd {_sci(plan.flops_model, 2)}; "
                     f"6ND {_sci(plan.flops_6nd, 2)}"),

@@ -1,7 +1,9 @@
 """The training plan printed at start: N, D, C, steps, batch, LR — and stored with the run.
 
 Training length comes from (in order) ``train.max_steps``, a FLOP budget ``train.flops``, or
-tokens = ``train.tokens_per_param`` × parameters (Chinchilla: 20).
+tokens = ``train.tokens_per_param`` × parameters (Chinchilla: 20). For a mixture-of-experts
+model "parameters" in tokens/param, FLOPs and MFU are the *active* ones (those a token
+multiplies with, kiln.planning.moe); the total is printed beside them.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from kiln.config import JobConfig
-from kiln.planning.flops import flops_per_token
 from kiln.planning.hardware import device_peak
+from kiln.planning.moe import flops_per_token
 from kiln.planning.plan import default_warmup_steps
 
 
@@ -19,6 +21,8 @@ from kiln.planning.plan import default_warmup_steps
 class TrainingPlan:
     params: int
     non_embedding_params: int
+    active_params: int
+    """Parameters one token uses (= params for a dense model)."""
     steps: int
     tokens: int
     flops: float
@@ -43,15 +47,20 @@ class TrainingPlan:
 
     def describe(self) -> str:
         tokens_per_step = self.batch_size * self.seq_len
+        sparse = self.active_params != self.params
+        active = f"; {self.active_params:,} active per token" if sparse else ""
+        n = "active N" if sparse else "N"
+        per = "tokens/active param" if sparse else "tokens/param"
         return "\n".join(
             [
                 "plan:",
-                f"  parameters  {self.params:,} ({self.non_embedding_params:,} non-embedding)",
+                f"  parameters  {self.params:,} ({self.non_embedding_params:,} non-embedding"
+                f"{active})",
                 f"  tokens      {self.tokens:,} = {self.steps:,} steps × {tokens_per_step:,} "
-                f"tokens/step ({self.tokens / self.params:.2f} tokens/param; length from "
+                f"tokens/step ({self.tokens / self.active_params:.2f} {per}; length from "
                 f"{self.length_from})",
                 f"  compute     {self.flops:.3e} FLOPs ({self.flops_per_token:.3e} per token, "
-                "6N + 12·L·S·d)",
+                f"6N + 12·L·S·d with {n}; MFU uses the same)",
                 f"  batch       {self.batch_size} sequences × {self.seq_len} tokens; "
                 f"{self.world_size} rank(s) × micro-batch {self.micro_batch_size} × "
                 f"{self.grad_accum} accumulation step(s)",
@@ -67,6 +76,7 @@ def make_training_plan(shape, job: JobConfig, dims, data=None) -> TrainingPlan:
     t = job.train
     seq = job.data.seq_len
     params = shape.num_params(include_embeddings=True)
+    active = shape.num_params(include_embeddings=True, active=True)
     per_token = flops_per_token(shape, seq)
     tokens_per_step = t.batch_size * seq
     if t.max_steps is not None:
@@ -75,7 +85,7 @@ def make_training_plan(shape, job: JobConfig, dims, data=None) -> TrainingPlan:
         steps = math.ceil(t.flops / per_token / tokens_per_step)
         length_from = f"train.flops {t.flops:.3g}"
     else:
-        steps = math.ceil(t.tokens_per_param * params / tokens_per_step)
+        steps = math.ceil(t.tokens_per_param * active / tokens_per_step)
         length_from = f"train.tokens_per_param {t.tokens_per_param:g}"
     steps = max(1, steps)
     micro = t.micro_batch_size or t.batch_size // dims.dp_size
@@ -84,6 +94,7 @@ def make_training_plan(shape, job: JobConfig, dims, data=None) -> TrainingPlan:
     return TrainingPlan(
         params=params,
         non_embedding_params=shape.num_params(include_embeddings=False),
+        active_params=active,
         steps=steps,
         tokens=steps * tokens_per_step,
         flops=steps * tokens_per_step * per_token,

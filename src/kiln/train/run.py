@@ -268,7 +268,8 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
     log(f"precision: {precision} ({why})")
 
     data = prepare_data(job.data, log=log)
-    shape, notes = resolve_model(job.model, data.tokenizer.vocab_size)
+    shape, notes = resolve_model(job.model, data.tokenizer.vocab_size, job.moe)
+    check_moe_job(job, shape)
     if job.model.parametrization == "mup":
         from kiln.models.mup import apply_mup
 
@@ -421,9 +422,35 @@ def _restore(latest, shape_dict, model, trainer: Trainer, log) -> None:
     log(f"resumed from {latest} (step {trainer.state.step}, {trainer.state.tokens:,} tokens)")
 
 
+def check_moe_job(job: JobConfig, shape: GPTConfig) -> None:
+    """Refuse, in one sentence, MoE combinations this version cannot train."""
+    ep = job.parallel.expert
+    if ep > 1 and shape.moe is None:
+        raise ConfigError(f"parallel.expert is {ep} but the model has no experts (moe.experts 0).")
+    if ep > 1 and shape.moe.experts % ep != 0:
+        raise ConfigError(
+            f"moe.experts {shape.moe.experts} is not divisible by parallel.expert {ep}; choose "
+            f"an expert-parallel degree that divides {shape.moe.experts}."
+        )
+    if ep > 1:
+        raise ConfigError(
+            f"parallel.expert {ep} is not wired into kiln train yet (the expert-parallel "
+            "module kiln.distributed.expert_parallel is tested on its own); use 1."
+        )
+    if shape.moe is not None and job.sparsity.enabled:
+        raise ConfigError(
+            "sparsity does not yet apply to MoE expert weights; train the MoE model dense "
+            "(sparsity.level 0) or use a dense preset."
+        )
+
+
 def build_callbacks(job: JobConfig, model, optimizer, log) -> list[Callback]:
     """Optional components that join the training loop (see kiln.train.callbacks)."""
     callbacks: list[Callback] = []
+    if model.config.moe is not None:
+        from kiln.train.moe import MoEBalance
+
+        callbacks.append(MoEBalance(model))
     if job.sparsity.enabled:
         from kiln.sparsity.callback import Runtime, build_sparsity
 
@@ -468,6 +495,7 @@ def _summary(trainer: Trainer, plan: TrainingPlan, data, started: float) -> dict
     return {
         "params": plan.params,
         "non_embedding_params": plan.non_embedding_params,
+        "active_params": plan.active_params,
         "tokens": trainer.state.tokens,
         "flops": trainer.state.tokens * plan.flops_per_token,
         "steps": trainer.state.step,

@@ -25,6 +25,7 @@ from torch import nn
 from kiln.config import TrainConfig
 from kiln.errors import KilnError
 from kiln.models.gpt import cross_entropy
+from kiln.models.moe import pop_aux_loss
 from kiln.train.callbacks import Callback
 from kiln.train.faults import crash_point
 
@@ -167,7 +168,8 @@ class Trainer:
         for i, (xb, yb) in enumerate(chunks):
             with _no_sync(self.model, last=i == len(chunks) - 1):
                 loss = self.loss_fn(xb, yb) / len(chunks)
-                loss.backward()
+                aux = pop_aux_loss(self.model)  # MoE balancing losses (logged apart)
+                (loss if aux is None else loss + aux / len(chunks)).backward()
             total += loss.detach()
         loss_value = _all_reduce_mean(total).item()
         for cb in self.callbacks:

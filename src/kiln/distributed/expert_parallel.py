@@ -1,0 +1,151 @@
+"""Expert parallelism: each MoE layer's experts split over the ranks of an ``ep`` process group.
+
+Applied from outside the plain model (kiln.models.moe is untouched): :func:`apply_expert_parallel`
+replaces every layer's :class:`GroupedExperts` by a :class:`ShardedExperts` holding experts
+``[r·E/P, (r+1)·E/P)`` of rank r, under the same parameter names (``mlp.experts.w1`` ...), as
+DTensors sharded on dim 0 over the ``ep`` mesh: the checkpoint (DCP) then stores the full
+``[E, ...]`` tensors and reloads them under any expert-parallel degree, optimizer state
+included. The MoE layer still routes its own tokens and sorts them by global expert; the
+sharded experts then
+
+1. exchange the per-expert counts (``all_to_all_single``, E/P numbers to each rank),
+2. send each rank the rows of its experts (``all_to_all_single`` with uneven splits, autograd:
+   its backward is the reverse all-to-all),
+3. regroup the received rows by local expert (source ranks in order within each), run the
+   local grouped GEMM, undo the regrouping, and
+4. send every row back to the rank it came from (the reverse all-to-all).
+
+Every rank makes the same collectives in the same order whatever it routed, so a rank that
+sends or receives no tokens takes part with zero-length splits instead of hanging.
+
+The group is an argument (a ProcessGroup or a 1-D DeviceMesh), so the mesh's ``ep`` axis can
+supply it. Gradients: the ep ranks are data-parallel ranks, each holding a different slice of
+the global batch, so dense parameters are averaged over the data-parallel ranks as usual
+(DDP/FSDP/all-reduce), while an expert's gradient already sums the contributions of all ep
+ranks' tokens through the reverse all-to-all: :func:`finish_expert_grads` divides it by the
+data-parallel size (and sums over ranks holding the same experts when dp > ep), so both equal
+the gradient of the mean loss over the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.nn.functional import all_to_all_single as all_to_all_autograd
+
+from kiln.models.moe import GroupedExperts, moe_layers
+
+EXPERT_TENSORS = ("w1", "w2", "w3", "b1", "b2")
+
+
+def _group(group_or_mesh) -> dist.ProcessGroup:
+    """A ProcessGroup from a ProcessGroup or a 1-D DeviceMesh."""
+    if hasattr(group_or_mesh, "get_group"):
+        return group_or_mesh.get_group()
+    return group_or_mesh
+
+
+def _mesh(group_or_mesh, device_type: str):
+    """A 1-D DeviceMesh from a ProcessGroup or a 1-D DeviceMesh."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group_or_mesh, DeviceMesh):
+        return group_or_mesh
+    return DeviceMesh.from_group(group_or_mesh, device_type=device_type)
+
+
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
+    """Uneven all-to-all of rows, differentiable (backward = the reverse all-to-all)."""
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    return all_to_all_autograd(out, x.contiguous(), out_splits, in_splits, group=group)
+
+
+class ShardedExperts(GroupedExperts):
+    """This rank's E/P experts; ``forward`` takes all local tokens sorted by global expert."""
+
+    def __init__(self, full: GroupedExperts, group) -> None:
+        from torch.distributed.tensor import DTensor, Shard
+
+        nn.Module.__init__(self)
+        self.group = _group(group)
+        mesh = _mesh(group, full.w1.device.type)
+        self.ep_size = dist.get_world_size(self.group)
+        rank = dist.get_rank(self.group)
+        self.global_experts = full.n_experts
+        self.n_experts = full.n_experts // self.ep_size
+        self.activation, self.kernel = full.activation, full.kernel
+        first = rank * self.n_experts
+        for name in EXPERT_TENSORS:
+            t = getattr(full, name)
+            if t is not None:
+                local = t.detach()[first : first + self.n_experts].clone()
+                t = nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False))
+            setattr(self, name, t)
+        self.first_expert = first
+
+    def local_tensors(self) -> dict[str, torch.Tensor | None]:
+        """This rank's experts as plain tensors (gradients flow back into the DTensors)."""
+        return {
+            name: None if t is None else t.to_local() for name, t in super().local_tensors().items()
+        }
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        P, n = self.ep_size, self.n_experts
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts.contiguous(), group=self.group)
+        send_splits = counts.view(P, n).sum(1).tolist()
+        recv_splits = recv.view(P, n).sum(1).tolist()
+        rows = _exchange(x, recv_splits, send_splits, self.group)
+        # rows arrive by source rank, then by local expert: regroup by local expert
+        local_expert = torch.repeat_interleave(
+            torch.arange(n, device=x.device).repeat(P), recv, output_size=rows.shape[0]
+        )
+        order = torch.argsort(local_expert, stable=True)
+        y = super().forward(rows[order], recv.view(P, n).sum(0))
+        back = torch.empty_like(y).index_copy(0, order, y)
+        return _exchange(back, send_splits, recv_splits, self.group)
+
+
+def apply_expert_parallel(model: nn.Module, group, log=print) -> int:
+    """Shard the experts of every MoE layer of ``model`` over ``group``; returns the layers.
+
+    Call on an initialised model (every rank holding the same full weights, e.g. the same
+    seed) before wrapping it for data parallelism."""
+    group = _group(group)
+    size = dist.get_world_size(group)
+    layers = moe_layers(model)
+    for layer in layers:
+        if layer.experts.n_experts % size:
+            from kiln.errors import ConfigError
+
+            raise ConfigError(
+                f"moe.experts {layer.experts.n_experts} is not divisible by the expert-parallel "
+                f"degree {size}; choose a degree that divides {layer.experts.n_experts}."
+            )
+        layer.experts = ShardedExperts(layer.experts, group)
+    log(f"expert parallel: {len(layers)} MoE layers, experts split over {size} ranks")
+    return len(layers)
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The sharded expert parameters (to keep out of data-parallel gradient averaging)."""
+    return [
+        p
+        for m in model.modules()
+        if isinstance(m, ShardedExperts)
+        for p in m.parameters(recurse=False)
+    ]
+
+
+@torch.no_grad()
+def finish_expert_grads(model: nn.Module, dp_size: int, replica_group=None) -> None:
+    """Turn summed expert gradients into the gradient of the global-batch mean loss: sum over
+    ``replica_group`` (ranks holding the same experts, when dp > ep), divide by ``dp_size``."""
+    for p in expert_parameters(model):
+        if p.grad is None:
+            continue
+        grad = p.grad.to_local()
+        if replica_group is not None:
+            dist.all_reduce(grad, group=_group(replica_group))
+        grad.div_(dp_size)

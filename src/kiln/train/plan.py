@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from kiln.config import JobConfig
-from kiln.planning.hardware import device_peak
+from kiln.planning.hardware import device_peak, resolve_precision
 from kiln.planning.moe import flops_per_token
 from kiln.planning.plan import default_warmup_steps
 
@@ -90,7 +90,8 @@ def make_training_plan(shape, job: JobConfig, dims, data=None) -> TrainingPlan:
     steps = max(1, steps)
     micro = t.micro_batch_size or t.batch_size // dims.dp_size
     warmup = t.warmup_steps if t.warmup_steps is not None else default_warmup_steps(steps)
-    peak, source = device_peak(dims.device.type, t.precision)
+    precision, _ = resolve_precision(t.precision, dims.device.type)  # 'auto' → measured
+    peak, source = device_peak(dims.device.type, precision)
     return TrainingPlan(
         params=params,
         non_embedding_params=shape.num_params(include_embeddings=False),
@@ -109,7 +110,7 @@ def make_training_plan(shape, job: JobConfig, dims, data=None) -> TrainingPlan:
         warmup_steps=min(warmup, steps),
         decay=t.decay,
         min_lr_ratio=t.min_lr_ratio,
-        precision=t.precision,
+        precision=precision,
         device=str(dims.device),
         peak_flops=peak,
         peak_source=source,

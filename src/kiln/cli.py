@@ -449,14 +449,20 @@ def cmd_plan(argv: list[str]) -> int:
     _number(parser, "--count", int, 1, POSITIVE, "number of devices")
     _number(parser, "--mfu", float, 0.4, FRACTION, "model FLOPs utilisation for the time")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--cluster", default=None,
-                        help="recommend a parallel layout: 64xH100, 4x8xA100-80GB or a YAML file")
+    parser.add_argument(
+        "--cluster",
+        default=None,
+        help="recommend a parallel layout: 64xH100, 4x8xA100-80GB or a YAML file",
+    )
     _number(parser, "--global-batch", int, None, POSITIVE, "sequences per step (with --cluster)")
     _number(parser, "--top", int, 5, POSITIVE, "layouts to print (with --cluster)")
     for name in ("tensor", "pipeline", "data-replicate"):
         _number(parser, f"--{name}", int, None, POSITIVE, f"fix parallel.{name} (with --cluster)")
-    parser.add_argument("--write-parallel", default=None,
-                        help="write the best layout's parallel: section to this YAML file")
+    parser.add_argument(
+        "--write-parallel",
+        default=None,
+        help="write the best layout's parallel: section to this YAML file",
+    )
     args = _parse(parser, argv)
     from kiln.planning.plan import format_plan, make_plan
 
@@ -500,8 +506,10 @@ def _plan_layout(plan, args) -> int:
                           "layouts": [p.to_dict() for p in preds],
                           "parallel_yaml": parallel_yaml(preds[0].layout)}))  # fmt: skip
         return 0
-    header = (f"{plan.preset or 'model'}: {plan.params:.3g} parameters, {plan.tokens:.3g} "
-              f"tokens, global batch {plan.batch_size} × {plan.seq_len}")
+    header = (
+        f"{plan.preset or 'model'}: {plan.params:.3g} parameters, {plan.tokens:.3g} "
+        f"tokens, global batch {plan.batch_size} × {plan.seq_len}"
+    )
     print(format_recommendation(preds, cluster, header))
     print("\nbest layout as a config section:\n" + parallel_yaml(preds[0].layout).rstrip())
     return 0

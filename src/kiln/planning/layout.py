@@ -107,8 +107,14 @@ def _device(name: str) -> tuple[Device, float | None]:
                       "with a memory suffix such as A100-40GB).")  # fmt: skip
 
 
-def make_cluster(device: str, nodes: int, devices_per_node: int, memory_gb: float | None = None,
-                 intra_gbps: float | None = None, inter_gbps: float | None = None) -> Cluster:
+def make_cluster(
+    device: str,
+    nodes: int,
+    devices_per_node: int,
+    memory_gb: float | None = None,
+    intra_gbps: float | None = None,
+    inter_gbps: float | None = None,
+) -> Cluster:
     """A Cluster with defaults from the hardware table for whatever is not given."""  # fmt: skip
     dev, suffix_mem = _device(device)
     for name, v in (("nodes", nodes), ("devices_per_node", devices_per_node)):
@@ -191,8 +197,9 @@ def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def check_layout(shape: Any, lay: Layout, world: int, global_batch: int,
-                 tied_pp: bool = False) -> str | None:
+def check_layout(
+    shape: Any, lay: Layout, world: int, global_batch: int, tied_pp: bool = False
+) -> str | None:
     """Why ``lay`` is not a valid layout of ``shape`` (None if it is)."""  # fmt: skip
     z = opsmod.dims(shape)
     kv_heads = z["kv"] // z["dh"]
@@ -219,14 +226,24 @@ def check_layout(shape: Any, lay: Layout, world: int, global_batch: int,
     return None
 
 
-def enumerate_layouts(shape: Any, world: int, global_batch: int, *, tp: int | None = None,
-                      pp: int | None = None, dp_replicate: int | None = None,
-                      tied_pp: bool = False) -> list[Layout]:
+def enumerate_layouts(
+    shape: Any,
+    world: int,
+    global_batch: int,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    dp_replicate: int | None = None,
+    tied_pp: bool = False,
+) -> list[Layout]:
     """Every valid layout (check_layout is None), optionally with fixed degrees."""  # fmt: skip
     fixed = [d for d in (tp, pp, dp_replicate) if d]
     if fixed and world % math.prod(fixed):
-        names = " × ".join(f"{n} {d}" for n, d in (("tensor", tp), ("pipeline", pp),
-                                                  ("data_replicate", dp_replicate)) if d)
+        names = " × ".join(
+            f"{n} {d}"
+            for n, d in (("tensor", tp), ("pipeline", pp), ("data_replicate", dp_replicate))
+            if d
+        )
         raise ConfigError(f"parallel {names} = {math.prod(fixed)} does not divide the "
                           f"cluster's {world} devices.")  # fmt: skip
     out = []
@@ -324,10 +341,20 @@ def stage_shape(shape: Any, pp: int) -> _StageShape:
                        n - z["L"] * nb + layers * nb)  # fmt: skip
 
 
+@lru_cache(maxsize=1)
+def _memory_functions():
+    """kiln.train.memory's estimate_memory and activation_bytes, memoised (layouts repeat
+    the same stage, micro-batch and data-parallel size many times)."""
+    from kiln.train import memory
+
+    return lru_cache(maxsize=4096)(memory.estimate_memory), lru_cache(maxsize=4096)(
+        memory.activation_bytes
+    )
+
+
 def layout_memory(shape: Any, lay: Layout, seq_len: int) -> dict[str, float]:
     """Bytes per device by component, and 'peak' (see the module docstring)."""
-    from kiln.train.memory import activation_bytes, estimate_memory
-
+    estimate_memory, activation_bytes = _memory_functions()
     st = stage_shape(shape, lay.pp)
     world, data = (lay.dp_shard, "fsdp") if lay.data == "fsdp" else (lay.dp, "ddp")
     e = estimate_memory(st, lay.micro_batch, seq_len, "bf16", world, data,
@@ -387,8 +414,9 @@ class Prediction:
         return d
 
 
-def predict_layout(shape: Any, lay: Layout, cluster: Cluster, seq_len: int,
-                   tokens: float | None = None) -> Prediction:
+def predict_layout(
+    shape: Any, lay: Layout, cluster: Cluster, seq_len: int, tokens: float | None = None
+) -> Prediction:
     """Memory, step time, tokens/s and MFU of ``lay`` (see the module docstring)."""  # fmt: skip
     from kiln.planning.perf import cost
 
@@ -456,8 +484,15 @@ def _reason(p: Prediction, best: Prediction, cluster: Cluster) -> str:
     return line
 
 
-def recommend(shape: Any, cluster: Cluster, global_batch: int, seq_len: int,
-              tokens: float | None = None, top: int = 5, **fixed) -> list[Prediction]:
+def recommend(
+    shape: Any,
+    cluster: Cluster,
+    global_batch: int,
+    seq_len: int,
+    tokens: float | None = None,
+    top: int = 5,
+    **fixed,
+) -> list[Prediction]:
     """The ``top`` fastest layouts that fit, best first, each with its reason. Raises a
     one-sentence ConfigError when no layout fits (with the memory the leanest one needs)."""  # fmt: skip
     layouts = enumerate_layouts(shape, cluster.world, global_batch, **fixed)
@@ -493,8 +528,10 @@ def parallel_yaml(lay: Layout) -> str:
         sec |= {"pipeline_schedule": lay.schedule, "microbatches": lay.microbatches,
                 "stages_per_rank": lay.stages_per_rank}  # fmt: skip
     batch = train_batch(lay)
-    note = (f"# with train.batch_size {batch['batch_size']} and train.micro_batch_size "
-            f"{batch['micro_batch_size']} (the batch this layout was planned for)\n")
+    note = (
+        f"# with train.batch_size {batch['batch_size']} and train.micro_batch_size "
+        f"{batch['micro_batch_size']} (the batch this layout was planned for)\n"
+    )
     return note + yaml.safe_dump({"parallel": sec}, sort_keys=False)
 
 

@@ -488,8 +488,12 @@ def cmd_plan(argv: list[str]) -> int:
 def _plan_layout(plan, args) -> int:
     """``kiln plan --cluster``: the best parallel layouts for the plan's model."""
     from kiln.fsio import atomic_write
-    from kiln.planning.layout import (format_recommendation, parallel_yaml, parse_cluster,
-                                      recommend)  # fmt: skip
+    from kiln.planning.layout import (
+        format_recommendation,
+        parallel_yaml,
+        parse_cluster,
+        recommend,  # fmt: skip
+    )
 
     cluster = parse_cluster(args.cluster)
     if args.write_parallel and Path(args.write_parallel).exists():

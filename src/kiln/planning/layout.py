@@ -115,7 +115,7 @@ def make_cluster(
     intra_gbps: float | None = None,
     inter_gbps: float | None = None,
 ) -> Cluster:
-    """A Cluster with defaults from the hardware table for whatever is not given."""  # fmt: skip
+    """A Cluster with defaults from the hardware table for whatever is not given."""
     dev, suffix_mem = _device(device)
     for name, v in (("nodes", nodes), ("devices_per_node", devices_per_node)):
         if not isinstance(v, int) or v < 1:
@@ -200,7 +200,7 @@ def divisors(n: int) -> list[int]:
 def check_layout(
     shape: Any, lay: Layout, world: int, global_batch: int, tied_pp: bool = False
 ) -> str | None:
-    """Why ``lay`` is not a valid layout of ``shape`` (None if it is)."""  # fmt: skip
+    """Why ``lay`` is not a valid layout of ``shape`` (None if it is)."""
     z = opsmod.dims(shape)
     kv_heads = z["kv"] // z["dh"]
     if lay.tp * lay.pp * lay.dp * lay.ep != world:
@@ -236,7 +236,7 @@ def enumerate_layouts(
     dp_replicate: int | None = None,
     tied_pp: bool = False,
 ) -> list[Layout]:
-    """Every valid layout (check_layout is None), optionally with fixed degrees."""  # fmt: skip
+    """Every valid layout (check_layout is None), optionally with fixed degrees."""
     fixed = [d for d in (tp, pp, dp_replicate) if d]
     if fixed and world % math.prod(fixed):
         names = " × ".join(
@@ -417,7 +417,7 @@ class Prediction:
 def predict_layout(
     shape: Any, lay: Layout, cluster: Cluster, seq_len: int, tokens: float | None = None
 ) -> Prediction:
-    """Memory, step time, tokens/s and MFU of ``lay`` (see the module docstring)."""  # fmt: skip
+    """Memory, step time, tokens/s and MFU of ``lay`` (see the module docstring)."""
     from kiln.planning.perf import cost
 
     dev, z = cluster.device, opsmod.dims(shape)
@@ -494,7 +494,7 @@ def recommend(
     **fixed,
 ) -> list[Prediction]:
     """The ``top`` fastest layouts that fit, best first, each with its reason. Raises a
-    one-sentence ConfigError when no layout fits (with the memory the leanest one needs)."""  # fmt: skip
+    one-sentence ConfigError when no layout fits (with the memory the leanest one needs)."""
     layouts = enumerate_layouts(shape, cluster.world, global_batch, **fixed)
     if not layouts:
         raise ConfigError(f"no layout of {cluster.world} devices divides global batch "

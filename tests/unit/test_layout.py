@@ -116,7 +116,10 @@ def test_cluster_specs():
     assert (c.nodes, c.devices_per_node, c.device.name, c.memory_bytes) == (8, 8, "H100", 80e9)
     c = parse_cluster("4x8xA100-40GB")
     assert (c.nodes, c.world, c.memory_bytes) == (4, 32, 40e9)
-    for bad in ("64xB300", "sixtyfourxH100", "0xH100"):
+    c = parse_cluster("16xMI300X")  # the device name has an x in it
+    assert (c.nodes, c.device.name, c.memory_bytes) == (2, "MI300X", 192e9)
+    assert parse_cluster("2x4xMI300X").world == 8
+    for bad in ("64xB300", "sixtyfourxH100", "0xH100", "12xH100", "2x0xH100"):
         with pytest.raises(ConfigError):
             parse_cluster(bad)
 
@@ -163,3 +166,16 @@ def test_experts_hook_only_for_models_with_experts():
     assert all(x.ep == 1 for x in enumerate_layouts(TINY, 8, 16))
     moe = lay_mod.Layout(1, 1, 1, 4, 1, 4, ep=2)
     assert "experts" in lay_mod.check_layout(TINY, moe, 8, 16)
+
+
+def test_yaml_snippet_round_trips_into_parallel_config():
+    from kiln.config import ParallelConfig
+
+    if "tensor" not in ParallelConfig.__dataclass_fields__:
+        pytest.skip("needs issue-12's ParallelConfig (tensor, pipeline, ... fields)")
+    for x in (Layout(2, 2, 1, 2, 1, 4, "Interleaved1F1B", 2, True, "fsdp"),
+              Layout(8, 1, 2, 4, 3, 5), Layout(1, 1, 8, 1, 1, 2, data="ddp")):  # fmt: skip
+        sec = yaml.safe_load(parallel_yaml(x))["parallel"]
+        cfg = ParallelConfig(**sec)
+        assert (cfg.tensor, cfg.pipeline, cfg.data, cfg.activation_checkpointing) == (
+            x.tp, x.pp, x.data, x.activation_checkpointing)  # fmt: skip

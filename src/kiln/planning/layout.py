@@ -145,16 +145,16 @@ def parse_cluster(spec: str) -> Cluster:
         return make_cluster(d["device"], d.get("nodes", 1), d.get("devices_per_node", 8),
                             d.get("memory_gb"), d.get("intra_node_gbps"),
                             d.get("inter_node_gbps"))  # fmt: skip
-    parts = spec.split("x")
-    if len(parts) in (2, 3) and all(p.isdigit() and int(p) > 0 for p in parts[:-1]):
-        if len(parts) == 3:
-            return make_cluster(parts[2], int(parts[0]), int(parts[1]))
-        n = int(parts[0])
+    m = re.fullmatch(r"(\d+)x(?:(\d+)x)?(.+)", spec.strip())
+    if m and int(m.group(1)) > 0 and (m.group(2) is None or int(m.group(2)) > 0):
+        if m.group(2):
+            return make_cluster(m.group(3), int(m.group(1)), int(m.group(2)))
+        n = int(m.group(1))
         per = min(n, 8)
         if n % per:
             raise ConfigError(f"cluster {spec!r}: {n} devices do not fill nodes of 8; write "
                               "NODESxPERxDEVICE (e.g. 2x4xH100).")  # fmt: skip
-        return make_cluster(parts[1], n // per, per)
+        return make_cluster(m.group(3), n // per, per)
     raise ConfigError(f"cluster {spec!r} is not COUNTxDEVICE (64xH100), NODESxPERxDEVICE "
                       "(4x8xA100-80GB) or a YAML file.")  # fmt: skip
 

@@ -179,3 +179,24 @@ def test_yaml_snippet_round_trips_into_parallel_config():
         cfg = ParallelConfig(**sec)
         assert (cfg.tensor, cfg.pipeline, cfg.data, cfg.activation_checkpointing) == (
             x.tp, x.pp, x.data, x.activation_checkpointing)  # fmt: skip
+
+
+def test_step_time_parts_follow_the_layout():
+    s = Shape(n_layers=8, d_model=256, n_heads=8, d_ffn=1024, vocab_size=512, max_seq_len=128,
+              tie_embeddings=False)  # fmt: skip
+    one_node, spread = make_cluster("H100", 1, 8), make_cluster("H100", 4, 2)
+    tp8 = Layout(8, 1, 1, 1, 1, 4)
+    assert (
+        predict_layout(s, tp8, spread, 128).parts["tp"]
+        > predict_layout(s, tp8, one_node, 128).parts["tp"] * 5
+    )  # across nodes at the NIC's bandwidth
+    one_f = predict_layout(s, Layout(1, 4, 1, 2, 1, 4, "1F1B"), one_node, 128)
+    zbv = predict_layout(s, Layout(1, 4, 1, 2, 1, 4, "ZBVZeroBubble", 2), one_node, 128)
+    assert zbv.parts["bubble"] == 0 < one_f.parts["bubble"]
+    busy = one_f.parts["compute"] + one_f.parts["recompute"]
+    assert one_f.parts["bubble"] / (busy + one_f.parts["bubble"]) == pytest.approx(3 / 7)
+    ac = predict_layout(s, Layout(1, 1, 1, 8, 1, 4, activation_checkpointing=True), one_node, 128)
+    assert (
+        ac.parts["recompute"] > 0
+        and ac.step_s > predict_layout(s, Layout(1, 1, 1, 8, 1, 4), one_node, 128).step_s
+    )

@@ -492,20 +492,74 @@ def cmd_plan(argv: list[str]) -> int:
     _number(parser, "--count", int, 1, POSITIVE, "number of devices")
     _number(parser, "--mfu", float, 0.4, FRACTION, "model FLOPs utilisation for the time")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--cluster",
+        default=None,
+        help="recommend a parallel layout: 64xH100, 4x8xA100-80GB or a YAML file",
+    )
+    _number(parser, "--global-batch", int, None, POSITIVE, "sequences per step (with --cluster)")
+    _number(parser, "--top", int, 5, POSITIVE, "layouts to print (with --cluster)")
+    for name in ("tensor", "pipeline", "data-replicate"):
+        _number(parser, f"--{name}", int, None, POSITIVE, f"fix parallel.{name} (with --cluster)")
+    parser.add_argument(
+        "--write-parallel",
+        default=None,
+        help="write the best layout's parallel: section to this YAML file",
+    )
     args = _parse(parser, argv)
     from kiln.planning.plan import format_plan, make_plan
 
     shape = _moe_plan_shape(args.preset)
     plan = make_plan(flops=args.flops, params=args.params, preset=args.preset,
-                     tokens_per_param=args.tokens_per_param, batch_size=args.batch_size,
+                     tokens_per_param=args.tokens_per_param,
+                     batch_size=args.global_batch or args.batch_size,
                      seq_len=args.seq_len, vocab=args.vocab, device=args.device,
                      count=args.count, mfu=args.mfu, shape=shape)  # fmt: skip
+    if args.cluster:
+        return _plan_layout(plan, args)
+    if any(args[k] for k in ("tensor", "pipeline", "data_replicate", "write_parallel")):
+        raise ConfigError("--tensor, --pipeline, --data-replicate and --write-parallel need "
+                          "--cluster.")  # fmt: skip
     if args.json:
         import json
 
         print(json.dumps(plan.to_dict()))
     else:
         print(format_plan(plan))
+    return 0
+
+
+def _plan_layout(plan, args) -> int:
+    """``kiln plan --cluster``: the best parallel layouts for the plan's model."""
+    from kiln.fsio import atomic_write
+    from kiln.planning.layout import (
+        format_recommendation,
+        parallel_yaml,
+        parse_cluster,
+        recommend,  # fmt: skip
+    )
+
+    cluster = parse_cluster(args.cluster)
+    if args.write_parallel and Path(args.write_parallel).exists():
+        raise ConfigError(f"--write-parallel {args.write_parallel} exists; name a new file.")
+    preds = recommend(plan.shape, cluster, plan.batch_size, plan.seq_len, plan.tokens,
+                      top=args.top, tp=args.tensor, pp=args.pipeline,
+                      dp_replicate=args.data_replicate)  # fmt: skip
+    if args.write_parallel:
+        atomic_write(args.write_parallel, parallel_yaml(preds[0].layout))
+    if args.json:
+        import json
+
+        print(json.dumps({"plan": plan.to_dict(), "cluster": cluster.describe(),
+                          "layouts": [p.to_dict() for p in preds],
+                          "parallel_yaml": parallel_yaml(preds[0].layout)}))  # fmt: skip
+        return 0
+    header = (
+        f"{plan.preset or 'model'}: {plan.params:.3g} parameters, {plan.tokens:.3g} "
+        f"tokens, global batch {plan.batch_size} × {plan.seq_len}"
+    )
+    print(format_recommendation(preds, cluster, header))
+    print("\nbest layout as a config section:\n" + parallel_yaml(preds[0].layout).rstrip())
     return 0
 
 

@@ -1,0 +1,565 @@
+"""Parallel layout planner: which (tp, pp, dp_replicate, dp_shard, schedule, micro-batch,
+activation checkpointing) to train a model with on a cluster, and how fast it would run.
+
+Pure arithmetic: nothing here touches torch.distributed. The mesh is laid out as issue-12's
+ParallelDims lays it out, ``pp × dp_replicate × dp_shard × tp`` (tp innermost), so a group's
+ranks are ``stride`` apart with stride the product of the inner degrees; a group whose ranks
+all sit in one node talks over the node's links (NVLink), any other over the per-device NIC.
+
+**Memory per device** (bf16 autocast with fp32 master weights, AdamW, as kiln.train.memory):
+the worst pipeline stage holds ceil(L/pp) blocks plus the embedding and head; its model state
+(parameters, gradients, optimizer moments, DDP buckets, FSDP's gathered block) is
+:func:`kiln.train.memory.estimate_memory` of that stage over the dp_shard ranks (FSDP) or the
+data-parallel ranks (DDP), divided by tp (every weight is split over the tensor group).
+Activations are :func:`kiln.train.memory.activation_bytes` of the stage for one micro-batch,
+divided by tp (sequence parallelism splits what tensor parallelism does not), times the
+micro-batches in flight on the first stage: GPipe m, 1F1B and zero-bubble V min(p, m),
+interleaved 1F1B p + (p−1)/v (Narayanan et al. 2021). A layout fits when this is at most
+``USABLE`` of the device memory (the estimate leaves out the CUDA context and fragmentation).
+
+**Step time** = compute + exposed communication, per device:
+
+* compute: the fused (dataflow: flash attention, fused MLP) step time of one micro-batch of
+  the whole model from :func:`kiln.planning.perf.predict`, × micro-batches per data-parallel
+  rank / (tp · pp); activation checkpointing adds the forward again; the optimizer step is
+  perf's AdamW op over the local parameters. The pipeline stretches compute by the bubble:
+  GPipe and 1F1B (p−1)/(m+p−1) of the step, interleaved ((p−1)/v)/(m+(p−1)/v), zero-bubble 0.
+* TP with sequence parallelism: per layer and micro-batch 2 all-gathers + 2 reduce-scatters
+  of b·s·d bf16 values forward and as many backward (2 more with checkpointing), ring cost
+  (t−1)/t of the message; not overlapped.
+* PP: one b·s·d/t bf16 send forward and one backward per micro-batch and virtual stage.
+* FSDP: gathers the local parameters (bf16) forward and backward per micro-batch and
+  reduce-scatters fp32 gradients once per step, overlapped with compute except one block's
+  worth; HSDP/DDP all-reduce fp32 gradients, overlapped with one micro-batch's backward.
+
+Tokens/s, MFU (model FLOPs 6·N_mm + 12·L·S·d per token over peak × devices), and the time and
+device-hours to train the plan's tokens follow. Expert parallelism: the enumeration takes an
+``ep`` degree only for models with experts (``n_experts`` on the shape); none are in main yet.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import ConfigError
+from kiln.planning import ops as opsmod
+from kiln.planning.hardware import DEVICES, Device
+from kiln.planning.ops import StepShape
+
+SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble")
+"""Pipeline schedules the planner models (names as parallel.pipeline_schedule spells them)."""
+USABLE = 0.9
+"""Fraction of device memory a layout may plan to use."""
+MICRO_BATCHES = tuple(range(1, 17))
+"""Micro-batch sizes tried (those dividing the batch of a data-parallel rank)."""
+
+MEMORY_GB = {"A100": 80, "H100": 80, "H200": 141, "MI300X": 192}
+"""Default memory per device (GB, 1e9 bytes), from the datasheets cited in DEVICES; a
+'-40GB'-style suffix on the device name overrides it."""
+INTER_NODE_BW = {"A100": 25e9, "H100": 50e9, "H200": 50e9, "MI300X": 50e9}
+"""Default inter-node bytes/s per device: one 200 Gb/s HDR InfiniBand NIC per A100 (DGX
+A100), one 400 Gb/s NDR NIC per H100/H200 (DGX H100); 400 Gb/s assumed for MI300X."""
+
+
+# -- the cluster ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cluster:
+    """Devices, how they are grouped into nodes, and the links between them."""
+
+    nodes: int
+    """Number of nodes."""
+    devices_per_node: int
+    """Devices in one node (sharing its fast links)."""
+    device: Device
+    """Performance-model entry of the device (kiln.planning.hardware.DEVICES)."""
+    memory_bytes: float
+    """Memory per device."""
+    intra_bw: float
+    """Bytes/s one device sends to another in its node (half the total NVLink bandwidth)."""
+    inter_bw: float
+    """Bytes/s one device sends to a device in another node (its NIC)."""
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def describe(self) -> str:
+        return (f"{self.nodes}×{self.devices_per_node}×{self.device.name} "
+                f"({self.memory_bytes / 1e9:g} GB, {self.intra_bw / 1e9:g} GB/s in a node, "
+                f"{self.inter_bw / 1e9:g} GB/s across)")  # fmt: skip
+
+
+def _device(name: str) -> tuple[Device, float | None]:
+    m = re.fullmatch(r"(.+?)(?:-(\d+)GB)?", name.strip(), re.IGNORECASE)
+    base, gb = m.group(1), m.group(2)
+    for key, dev in DEVICES.items():
+        if key.lower() == base.lower().replace("-sxm", ""):
+            if dev.peak_bf16 is None or dev.offchip_bw is None or key not in MEMORY_GB:
+                break
+            return dev, float(gb) * 1e9 if gb else None
+    known = ", ".join(k for k in DEVICES if k in MEMORY_GB)
+    raise ConfigError(f"device {name!r} cannot be planned for; use one of {known} (optionally "
+                      "with a memory suffix such as A100-40GB).")  # fmt: skip
+
+
+def make_cluster(
+    device: str,
+    nodes: int,
+    devices_per_node: int,
+    memory_gb: float | None = None,
+    intra_gbps: float | None = None,
+    inter_gbps: float | None = None,
+) -> Cluster:
+    """A Cluster with defaults from the hardware table for whatever is not given."""
+    dev, suffix_mem = _device(device)
+    for name, v in (("nodes", nodes), ("devices_per_node", devices_per_node)):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"cluster {name} is {v!r} but must be a positive integer.")
+    mem = memory_gb * 1e9 if memory_gb else suffix_mem or MEMORY_GB[dev.name] * 1e9
+    intra = intra_gbps * 1e9 if intra_gbps else dev.link_bw / 2
+    inter = inter_gbps * 1e9 if inter_gbps else INTER_NODE_BW[dev.name]
+    return Cluster(nodes, devices_per_node, dev, mem, intra, inter)
+
+
+def parse_cluster(spec: str) -> Cluster:
+    """``64xH100`` (8 per node), ``4x8xA100-80GB`` (nodes × per node) or a YAML file with
+    device, nodes, devices_per_node and optionally memory_gb, intra_node_gbps (GB/s),
+    inter_node_gbps."""
+    if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
+        import yaml
+
+        try:
+            d = yaml.safe_load(Path(spec).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cluster file {spec!r} cannot be read ({e}).") from None
+        keys = {"device", "nodes", "devices_per_node", "memory_gb", "intra_node_gbps",
+                "inter_node_gbps"}  # fmt: skip
+        if not isinstance(d, dict) or "device" not in d or set(d) - keys:
+            raise ConfigError(f"cluster file {spec!r} must be a mapping with device and "
+                              f"optionally {', '.join(sorted(keys - {'device'}))}.")  # fmt: skip
+        return make_cluster(d["device"], d.get("nodes", 1), d.get("devices_per_node", 8),
+                            d.get("memory_gb"), d.get("intra_node_gbps"),
+                            d.get("inter_node_gbps"))  # fmt: skip
+    m = re.fullmatch(r"(\d+)x(?:(\d+)x)?(.+)", spec.strip())
+    if m and int(m.group(1)) > 0 and (m.group(2) is None or int(m.group(2)) > 0):
+        if m.group(2):
+            return make_cluster(m.group(3), int(m.group(1)), int(m.group(2)))
+        n = int(m.group(1))
+        per = min(n, 8)
+        if n % per:
+            raise ConfigError(f"cluster {spec!r}: {n} devices do not fill nodes of 8; write "
+                              "NODESxPERxDEVICE (e.g. 2x4xH100).")  # fmt: skip
+        return make_cluster(m.group(3), n // per, per)
+    raise ConfigError(f"cluster {spec!r} is not COUNTxDEVICE (64xH100), NODESxPERxDEVICE "
+                      "(4x8xA100-80GB) or a YAML file.")  # fmt: skip
+
+
+# -- layouts -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """One way to spread the run; tp·pp·dp_replicate·dp_shard·ep = world size."""
+
+    tp: int
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    micro_batch: int
+    microbatches: int
+    """Micro-batches per step per data-parallel rank (the pipeline's m)."""
+    schedule: str = "1F1B"
+    stages_per_rank: int = 1
+    activation_checkpointing: bool = False
+    data: str = "fsdp"
+    """'fsdp' (sharded over dp_shard, HSDP with dp_replicate) or 'ddp' (dp_shard = 1)."""
+    ep: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def name(self) -> str:
+        s = f"TP{self.tp} PP{self.pp}"
+        if self.pp > 1:
+            v = f" v{self.stages_per_rank}" if self.stages_per_rank > 1 else ""
+            s += f" {self.schedule}{v} m{self.microbatches}"
+        dp = (f"DDP{self.dp}" if self.data == "ddp" else
+              f"HSDP{self.dp_replicate}×{self.dp_shard}" if self.dp_replicate > 1 else
+              f"FSDP{self.dp_shard}")  # fmt: skip
+        return f"{s} {dp} mb{self.micro_batch}{' +AC' if self.activation_checkpointing else ''}"
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def check_layout(
+    shape: Any, lay: Layout, world: int, global_batch: int, tied_pp: bool = False
+) -> str | None:
+    """Why ``lay`` is not a valid layout of ``shape`` (None if it is)."""
+    z = opsmod.dims(shape)
+    kv_heads = z["kv"] // z["dh"]
+    if lay.tp * lay.pp * lay.dp * lay.ep != world:
+        return f"tp·pp·dp·ep = {lay.tp * lay.pp * lay.dp * lay.ep} is not the world {world}"
+    for what, n in (("heads", z["h"]), ("kv heads", kv_heads), ("d_ffn", z["f"])):
+        if n % lay.tp:
+            return f"tp {lay.tp} does not divide {what} {n}"
+    if lay.pp * lay.stages_per_rank > z["L"]:
+        return f"{lay.pp * lay.stages_per_rank} pipeline stages exceed {z['L']} layers"
+    if lay.pp > 1 and z["tied"] and not tied_pp:
+        return "kiln's pipeline refuses tied embeddings"
+    if global_batch != lay.dp * lay.micro_batch * lay.microbatches:
+        return (f"global batch {global_batch} is not dp {lay.dp} × micro-batch "
+                f"{lay.micro_batch} × {lay.microbatches} micro-batches")  # fmt: skip
+    if lay.pp > 1 and lay.microbatches < lay.pp:
+        return f"{lay.microbatches} micro-batches are fewer than {lay.pp} stages"
+    if lay.schedule == "Interleaved1F1B" and lay.microbatches % lay.pp:
+        return f"interleaved 1F1B needs micro-batches divisible by pp {lay.pp}"
+    if lay.data == "ddp" and lay.dp_shard != 1:
+        return "ddp has no shard degree"
+    if lay.ep > 1 and lay.ep > getattr(shape, "n_experts", 0):
+        return f"ep {lay.ep} needs a model with at least {lay.ep} experts"
+    return None
+
+
+def enumerate_layouts(
+    shape: Any,
+    world: int,
+    global_batch: int,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    dp_replicate: int | None = None,
+    tied_pp: bool = False,
+) -> list[Layout]:
+    """Every valid layout (check_layout is None), optionally with fixed degrees."""
+    fixed = [d for d in (tp, pp, dp_replicate) if d]
+    if fixed and world % math.prod(fixed):
+        names = " × ".join(
+            f"{n} {d}"
+            for n, d in (("tensor", tp), ("pipeline", pp), ("data_replicate", dp_replicate))
+            if d
+        )
+        raise ConfigError(f"parallel {names} = {math.prod(fixed)} does not divide the "
+                          f"cluster's {world} devices.")  # fmt: skip
+    out = []
+    experts = getattr(shape, "n_experts", 0) or 0
+    for ep in [e for e in divisors(world) if e == 1 or e <= experts]:
+        for t in [tp] if tp else divisors(world // ep):
+            for p in [pp] if pp else divisors(world // (ep * t)):
+                dp = world // (ep * t * p)
+                if dp * ep * t * p != world:
+                    continue
+                reps = [dp_replicate] if dp_replicate else divisors(dp)
+                for r in reps:
+                    if dp % r:
+                        continue
+                    for data in ("fsdp", "ddp"):
+                        shard = 1 if data == "ddp" else dp // r
+                        rep = dp if data == "ddp" else r
+                        if data == "ddp" and (dp == 1 or dp_replicate not in (None, 1, dp)):
+                            continue  # ddp writes data_replicate 1; one rank is fsdp's
+                        if data == "fsdp" and shard == 1 and dp > 1:
+                            continue  # replicas of unsharded weights: that is ddp
+                        for mb in MICRO_BATCHES:
+                            if global_batch % (dp * mb):
+                                continue
+                            m = global_batch // (dp * mb)
+                            for sched, v in _schedules(p):
+                                for ac in (False, True):
+                                    lay = Layout(t, p, rep, shard, mb, m, sched, v, ac, data, ep)
+                                    if check_layout(shape, lay, world, global_batch,
+                                                    tied_pp) is None:  # fmt: skip
+                                        out.append(lay)
+    return sorted(set(out), key=lambda x: x.name())
+
+
+def _schedules(pp: int) -> list[tuple[str, int]]:
+    if pp == 1:
+        return [("1F1B", 1)]
+    return [("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2), ("ZBVZeroBubble", 2)]
+
+
+def bubble_fraction(schedule: str, pp: int, microbatches: int, stages_per_rank: int = 1) -> float:
+    """Fraction of the step the pipeline idles: (p−1)/(m+p−1), interleaved with (p−1)/v in
+    place of p−1, zero-bubble 0."""
+    if pp == 1 or schedule == "ZBVZeroBubble":
+        return 0.0
+    idle = (pp - 1) / (stages_per_rank if schedule == "Interleaved1F1B" else 1)
+    return idle / (microbatches + idle)
+
+
+def in_flight(schedule: str, pp: int, microbatches: int, stages_per_rank: int = 1) -> float:
+    """Micro-batches whose stage activations the first stage holds at its peak."""
+    if pp == 1:
+        return 1.0
+    if schedule == "GPipe":
+        return float(microbatches)
+    if schedule == "Interleaved1F1B":
+        return pp + (pp - 1) / stages_per_rank
+    return float(min(pp, microbatches))
+
+
+# -- memory --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _StageShape:
+    """A pipeline stage of a shape, in the form kiln.train.memory reads (GPTConfig fields)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_ffn: int
+    vocab_size: int
+    max_seq_len: int
+    activation: str
+    norm: str
+    bias: bool
+    position: str
+    tie_embeddings: bool
+    stage_params: int
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        return self.stage_params
+
+
+@lru_cache(maxsize=256)
+def stage_shape(shape: Any, pp: int) -> _StageShape:
+    """The worst stage: ceil(L/pp) blocks plus the embedding and head parameters."""
+    z = opsmod.dims(shape)
+    layers = -(-z["L"] // pp)
+    n = opsmod.param_count(shape)
+    nb = opsmod.block_params(shape)
+    return _StageShape(layers, z["d"], z["h"], z["kv"] // z["dh"], z["dh"], z["f"], z["V"],
+                       z["S"], z["act"], z["norm"], z["bias"],
+                       "learned" if z["learned_pos"] else "rope", z["tied"],
+                       n - z["L"] * nb + layers * nb)  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def _memory_functions():
+    """kiln.train.memory's estimate_memory and activation_bytes, memoised (layouts repeat
+    the same stage, micro-batch and data-parallel size many times)."""
+    from kiln.train import memory
+
+    return lru_cache(maxsize=4096)(memory.estimate_memory), lru_cache(maxsize=4096)(
+        memory.activation_bytes
+    )
+
+
+def layout_memory(shape: Any, lay: Layout, seq_len: int) -> dict[str, float]:
+    """Bytes per device by component, and 'peak' (see the module docstring)."""
+    estimate_memory, activation_bytes = _memory_functions()
+    st = stage_shape(shape, lay.pp)
+    world, data = (lay.dp_shard, "fsdp") if lay.data == "fsdp" else (lay.dp, "ddp")
+    e = estimate_memory(st, lay.micro_batch, seq_len, "bf16", world, data,
+                        lay.activation_checkpointing, "cuda")  # fmt: skip
+    act = activation_bytes(st, lay.micro_batch, seq_len, "bf16", lay.activation_checkpointing,
+                           "cuda") / lay.tp  # fmt: skip
+    act *= in_flight(lay.schedule, lay.pp, lay.microbatches, lay.stages_per_rank)
+    parts = {k: getattr(e, k) / lay.tp for k in ("params", "grads", "grad_buckets",
+                                                 "optimizer", "optimizer_temps")}  # fmt: skip
+    parts["activations"] = act
+    resident = parts["params"] + parts["grad_buckets"] + parts["optimizer"] + parts["grads"]
+    parts["peak"] = resident + max(act, parts["optimizer_temps"])
+    return parts
+
+
+# -- time ----------------------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def _micro_times(shape: Any, micro: int, seq_len: int, dev: Device) -> tuple[float, float]:
+    """(whole step, forward) seconds of one micro-batch of the whole model, fused, no
+    optimizer, on one device."""
+    from kiln.planning.perf import predict
+
+    r = predict(shape, StepShape(batch=micro, seq_len=seq_len, optimizer=False), dev)
+    return r.step_time_fused, sum(c.time_s for c in r.fused if c.phase == "fwd")
+
+
+@lru_cache(maxsize=64)
+def _flops_per_token(shape: Any, seq_len: int) -> float:
+    return opsmod.model_flops_per_token(shape, seq_len)
+
+
+def _group_bw(cluster: Cluster, size: int, stride: int) -> float:
+    """Link a group of ``size`` ranks ``stride`` apart talks over."""
+    return cluster.intra_bw if size * stride <= cluster.devices_per_node else cluster.inter_bw
+
+
+@dataclass
+class Prediction:
+    """A layout's predicted memory and step time, with the parts of the step."""
+
+    layout: Layout
+    memory: dict[str, float]
+    fits: bool
+    step_s: float
+    parts: dict[str, float]
+    """Seconds per step: compute, recompute, bubble, optimizer, tp, pp, dp (exposed)."""
+    tokens_per_s: float
+    mfu: float
+    reason: str = ""
+    train_s: float | None = None
+    device_hours: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["name"] = self.layout.name()
+        return d
+
+
+def predict_layout(
+    shape: Any, lay: Layout, cluster: Cluster, seq_len: int, tokens: float | None = None
+) -> Prediction:
+    """Memory, step time, tokens/s and MFU of ``lay`` (see the module docstring)."""
+    from kiln.planning.perf import cost
+
+    dev, z = cluster.device, opsmod.dims(shape)
+    t_mb, t_fwd = _micro_times(shape, lay.micro_batch, seq_len, dev)
+    m, split = lay.microbatches, lay.tp * lay.pp
+    compute = m * t_mb / split
+    recompute = m * t_fwd / split if lay.activation_checkpointing else 0.0
+    stage_layers = -(-z["L"] // lay.pp)
+    mem = layout_memory(shape, lay, seq_len)
+    n_local = stage_shape(shape, lay.pp).stage_params / lay.tp
+    opt = sum(cost(o, dev).time_s for o in opsmod.optimizer_ops(
+        int(n_local / lay.dp_shard), StepShape(batch=1, seq_len=1)))  # fmt: skip
+    bubble_f = bubble_fraction(lay.schedule, lay.pp, m, lay.stages_per_rank)
+    busy = compute + recompute
+    bubble = busy * bubble_f / (1 - bubble_f)
+    act = lay.micro_batch * seq_len * z["d"] * 2  # one bf16 b·s·d activation
+    parts = {"compute": compute, "recompute": recompute, "bubble": bubble, "optimizer": opt}
+    t = lay.tp
+    n_coll = 8 + (4 if lay.activation_checkpointing else 0)
+    tp_bytes = m * stage_layers * n_coll * (t - 1) / t * act
+    parts["tp"] = tp_bytes / _group_bw(cluster, t, 1) if t > 1 else 0.0
+    inner = t * lay.dp_shard * lay.dp_replicate
+    parts["pp"] = (2 * m * lay.stages_per_rank * act / t / _group_bw(cluster, 2, inner)
+                   if lay.pp > 1 else 0.0)  # fmt: skip
+    dp_s = 0.0
+    if lay.data == "fsdp" and lay.dp_shard > 1:
+        s = lay.dp_shard
+        bw = _group_bw(cluster, s, t)
+        comm = (2 * m * 2 * n_local + 4 * n_local) * (s - 1) / s / bw
+        dp_s += max(0.0, comm - busy) + comm / (stage_layers * 2 * m + 1)
+    ar_ranks = lay.dp_replicate if lay.data == "fsdp" else lay.dp
+    if ar_ranks > 1:
+        shard = n_local / (lay.dp_shard if lay.data == "fsdp" else 1)
+        stride = t * (lay.dp_shard if lay.data == "fsdp" else 1)
+        ar = 2 * (ar_ranks - 1) / ar_ranks * 4 * shard / _group_bw(cluster, ar_ranks, stride)
+        dp_s += max(0.0, ar - (t_mb - t_fwd) / split)
+    parts["dp"] = dp_s
+    step = sum(parts.values())
+    global_tokens = lay.dp * lay.micro_batch * m * seq_len
+    tps = global_tokens / step
+    flops = _flops_per_token(shape, seq_len) * global_tokens
+    mfu = flops / (step * cluster.world * dev.peak_bf16)
+    fits = mem["peak"] <= USABLE * cluster.memory_bytes
+    p = Prediction(lay, mem, fits, step, parts, tps, mfu)
+    if tokens:
+        p.train_s = tokens / tps
+        p.device_hours = p.train_s * cluster.world / 3600
+    return p
+
+
+def _reason(p: Prediction, best: Prediction, cluster: Cluster) -> str:
+    """One line: what the layout loses its time to, and whether memory binds it."""
+    labels = {"bubble": "pipeline bubble", "tp": "TP communication", "pp": "PP send/recv",
+              "dp": "data-parallel communication", "recompute": "recomputation (AC)",
+              "optimizer": "optimizer step"}  # fmt: skip
+    worst = max(labels, key=lambda k: p.parts[k])
+    share = p.parts[worst] / p.step_s
+    head = ("fastest" if p is best else
+            f"{p.step_s / best.step_s - 1:.0%} slower than #1")  # fmt: skip
+    line = f"{head}; largest overhead {labels[worst]} {share:.0%} of the step"
+    used = p.memory["peak"] / cluster.memory_bytes
+    if used > 0.75 * USABLE:
+        line += f"; memory-bound ({used:.0%} of device memory)"
+    return line
+
+
+def recommend(
+    shape: Any,
+    cluster: Cluster,
+    global_batch: int,
+    seq_len: int,
+    tokens: float | None = None,
+    top: int = 5,
+    **fixed,
+) -> list[Prediction]:
+    """The ``top`` fastest layouts that fit, best first, each with its reason. Raises a
+    one-sentence ConfigError when no layout fits (with the memory the leanest one needs)."""
+    layouts = enumerate_layouts(shape, cluster.world, global_batch, **fixed)
+    if not layouts:
+        raise ConfigError(f"no layout of {cluster.world} devices divides global batch "
+                          f"{global_batch} with the given degrees; choose a global batch that "
+                          f"is a multiple of {cluster.world}.")  # fmt: skip
+    preds = [predict_layout(shape, lay, cluster, seq_len, tokens) for lay in layouts]
+    ok = sorted((p for p in preds if p.fits), key=lambda p: p.step_s)
+    if not ok:
+        lean = min(preds, key=lambda p: p.memory["peak"])
+        raise ConfigError(
+            f"no layout fits: the leanest ({lean.layout.name()}) needs "
+            f"{lean.memory['peak'] / 1e9:,.1f} GB per device but {cluster.device.name} has "
+            f"{cluster.memory_bytes / 1e9:g} GB ({USABLE:.0%} usable); add devices or use "
+            "larger ones."
+        )
+    for p in ok[:top]:
+        p.reason = _reason(p, ok[0], cluster)
+    return ok[:top]
+
+
+def parallel_yaml(lay: Layout) -> str:
+    """The ``parallel:`` section for kiln train (issue-12's ParallelConfig names)."""
+    import yaml
+
+    sec: dict[str, Any] = {
+        "data": lay.data, "tensor": lay.tp, "pipeline": lay.pp,
+        "data_replicate": lay.dp_replicate if lay.data == "fsdp" else 1,
+        "activation_checkpointing": lay.activation_checkpointing,
+    }  # fmt: skip
+    if lay.pp > 1:
+        sec |= {"pipeline_schedule": lay.schedule, "microbatches": lay.microbatches,
+                "stages_per_rank": lay.stages_per_rank}  # fmt: skip
+    batch = train_batch(lay)
+    note = (
+        f"# with train.batch_size {batch['batch_size']} and train.micro_batch_size "
+        f"{batch['micro_batch_size']} (the batch this layout was planned for)\n"
+    )
+    return note + yaml.safe_dump({"parallel": sec}, sort_keys=False)
+
+
+def train_batch(lay: Layout) -> dict[str, int]:
+    """The train section matching ``lay``: global batch and micro-batch size."""
+    return {"batch_size": lay.dp * lay.micro_batch * lay.microbatches,
+            "micro_batch_size": lay.micro_batch}  # fmt: skip
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:,.1f}"
+
+
+def format_recommendation(preds: list[Prediction], cluster: Cluster, header: str) -> str:
+    """Aligned table of the best layouts, with the reason under each."""
+    lines = [header, f"cluster: {cluster.describe()}", "",
+             f"{'#':>2}  {'layout':<44}{'step s':>9}{'tok/s':>12}{'MFU':>7}{'GB/dev':>8}"
+             f"{'train days':>11}{'dev-hours':>11}"]  # fmt: skip
+    for i, p in enumerate(preds, 1):
+        days = f"{p.train_s / 86400:,.1f}" if p.train_s else "-"
+        hours = f"{p.device_hours:,.0f}" if p.device_hours else "-"
+        lines.append(f"{i:>2}  {p.layout.name():<44}{p.step_s:>9.3f}{p.tokens_per_s:>12,.0f}"
+                     f"{p.mfu:>7.1%}{_gb(p.memory['peak']):>8}{days:>11}{hours:>11}")  # fmt: skip
+        lines.append(f"    {p.reason}")
+    return "\n".join(lines)
+
+
+__all__ = ["SCHEDULES", "Cluster", "Layout", "Prediction", "bubble_fraction", "check_layout",
+           "enumerate_layouts", "format_recommendation", "in_flight", "layout_memory",
+           "make_cluster", "parallel_yaml", "parse_cluster", "predict_layout", "recommend",
+           "stage_shape", "train_batch"]  # fmt: skip

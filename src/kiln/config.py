@@ -239,6 +239,13 @@ class ParallelConfig:
 
     data: str = "fsdp"
     """Data parallelism under torchrun: 'fsdp' (FSDP2 fully_shard, ZeRO-3 style) or 'ddp'."""
+    tensor: int = 1
+    """Tensor-parallel degree (Megatron-style column/row sharding inside each block)."""
+    pipeline: int = 1
+    """Pipeline-parallel degree (the blocks cut into stages, one group of ranks per stage)."""
+    data_replicate: int = 1
+    """Replicated data-parallel degree (HSDP: FSDP shards within, replicas across); the
+    data-shard degree is what remains of the world size after tensor × pipeline × this."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
     timeout_s: float = 300.0
@@ -247,6 +254,8 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         check_choice("parallel", "data", self.data, ["fsdp", "ddp"])
         check_positive("parallel", "timeout_s", self.timeout_s)
+        for name in ("tensor", "pipeline", "data_replicate"):
+            check_positive("parallel", name, getattr(self, name))
 
 
 SPARSE_DEFAULT_INCLUDE = ["blocks.*.attn.w*.weight", "blocks.*.mlp.w*.weight"]

@@ -38,19 +38,25 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None])
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
+    # HSDP when there are replicas: shard within dp_shard, replicate across dp_replicate
+    axes = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
+    kwargs["mesh"] = dims.mesh[axes]
     for block in model.blocks.values():
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    log(f"FSDP2: fully_shard over {dims.world_size} ranks")
+    replicas = f", replicated × {dims.dp_replicate} (HSDP)" if dims.dp_replicate > 1 else ""
+    log(f"FSDP2: fully_shard over {dims.dp_shard} ranks{replicas}")
 
 
 def apply_ddp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None]) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(
-        model, device_ids=[dims.device.index] if dims.device.type == "cuda" else None
+        model,
+        device_ids=[dims.device.index] if dims.device.type == "cuda" else None,
+        process_group=dims.group("dp"),
     )
-    log(f"DDP over {dims.world_size} ranks")
+    log(f"DDP over {dims.dp_size} data-parallel ranks")
     return ddp
 
 
@@ -66,7 +72,7 @@ def parallelize(
         apply_activation_checkpointing(model, log)
     if compile:
         apply_compile(model, log)
-    if not dims.distributed:
+    if dims.dp_size == 1:
         return model
     if cfg.data == "ddp":
         return apply_ddp(model, dims, log)

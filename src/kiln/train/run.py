@@ -204,7 +204,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         job.data.seq_len,
         job.train.batch_size,
         job.train.seed,
-        dp_rank=dims.rank,
+        dp_rank=dims.dp_rank,
         dp_size=dims.dp_size,
     )
     vals = val_batches(data.val, job.data.seq_len, job.train.batch_size, job.train.eval_batches)
@@ -230,6 +230,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         progress=job.log.progress and dims.is_main,
         callbacks=callbacks,
         compile_loss=compile_whole,
+        dims=dims,
     )
     shape_dict = dataclasses.asdict(shape)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from kiln.config import TrainConfig
 from kiln.errors import KilnError
-from kiln.models.gpt import cross_entropy
+from kiln.models.loss import head_loss, logits_loss
 from kiln.train.callbacks import Callback
 from kiln.train.faults import crash_point
 
@@ -70,30 +70,36 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def make_loss_fn(model: nn.Module, device: torch.device, precision: str, compile: bool):
-    """x, y → mean cross entropy under the run's precision. With ``compile``, the model and the
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain GPT inside a DDP wrapper (FSDP2 and TP modify the module in place)."""
+    return getattr(model, "module", model)
+
+
+def make_loss_fn(model: nn.Module, device: torch.device, precision: str, compile: bool, loss=None):
+    """x, y → mean cross entropy under the run's precision: the model returns final-normed
+    hidden states and the loss component ``loss(model, h, y)`` applies the head (default
+    :func:`kiln.models.loss.head_loss`, the head and the loss fused a chunk of tokens at a
+    time; under TP a loss-parallel variant). With ``compile``, the model and the unfused
     loss are compiled as one graph, so Inductor fuses the casts, the fp32 log-softmax over the
     vocabulary and its backward (measured 1.4× over eager on a 111M-width model on CPU, against
-    1.1× for compiling block by block). Eager, the model fuses its head with the loss
-    (``model(x, targets=y)``, see kiln.models.loss), which avoids the same full-vocabulary
-    passes by chunking instead."""
+    1.1× for compiling block by block)."""
+    plain = unwrap(model)
+    plain.output_hidden = True
+    loss = loss or (logits_loss if compile else head_loss)
 
-    def compiled_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
-            return cross_entropy(model(x), y)
+            return loss(plain, model(x), y)
 
-    def eager_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(device, precision):
-            return model(x, targets=y)
-
-    return torch.compile(compiled_loss) if compile else eager_loss
+    return torch.compile(loss_fn) if compile else loss_fn
 
 
-def _all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+def _all_reduce_mean(value: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean over ``group`` (the data-parallel ranks; None = the whole world)."""
     if dist.is_initialized():
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+        value /= dist.get_world_size(group)
     return value
 
 
@@ -104,6 +110,28 @@ def _no_sync(model: nn.Module, last: bool):
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(last)
     return contextlib.nullcontext()
+
+
+def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
+    """Clip to ``max_norm`` by the norm over ALL of the model's gradients: sharded (DTensor,
+    FSDP2/TP) ones count once through their full norm, and under pipeline parallelism the
+    squared norms of the stages are summed over ``pp_group``. Returns that total norm."""
+    params = [p for p in parameters if p.grad is not None]
+    sharded = [p.grad for p in params if hasattr(p.grad, "full_tensor")]
+    plain = [p.grad for p in params if not hasattr(p.grad, "full_tensor")]
+    device = params[0].grad.device if params else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for grads in (sharded, plain):
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            sq = sq + norm.float().to(device) ** 2
+    if pp_group is not None:
+        dist.all_reduce(sq, group=pp_group)
+    total = sq.sqrt()
+    if params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 class Trainer:
@@ -132,6 +160,7 @@ class Trainer:
         hooks: Hooks | None = None,
         callbacks: list[Callback] | None = None,
         compile_loss: bool = False,
+        dims=None,
     ):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loader, self.val_batches, self.cfg = loader, val_batches, cfg
@@ -146,6 +175,9 @@ class Trainer:
         self.progress = progress
         self.hooks = hooks or Hooks()
         self.callbacks = list(callbacks or [])
+        self.dims = dims
+        """kiln.distributed.ParallelDims: the mesh reductions take their groups from (None:
+        one process, or every rank a data-parallel rank)."""
         self.loss_fn = make_loss_fn(model, device, cfg.precision, compile_loss)
         self.state = TrainState()
         self.stop_requested: str | None = None
@@ -169,14 +201,11 @@ class Trainer:
                 loss = self.loss_fn(xb, yb) / len(chunks)
                 loss.backward()
             total += loss.detach()
-        loss_value = _all_reduce_mean(total).item()
+        loss_value = _all_reduce_mean(total, self._dp_group).item()
         for cb in self.callbacks:
             cb.after_backward(self.state.step)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
+        grad_norm = float(clip_grad_norm(self.model.parameters(), max_norm))
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.state.consecutive_bad = 0
@@ -197,11 +226,14 @@ class Trainer:
         for x, y in self.val_batches:
             x, y = x.to(self.device), y.to(self.device)
             for xb, yb in zip(x.split(self.micro), y.split(self.micro)):
-                with autocast(self.device, self.cfg.precision):
-                    losses.append(self.model(xb, targets=yb).float())
+                losses.append(self.loss_fn(xb, yb).float())
         self.model.train(was_training)
         value = torch.stack(losses).mean() if losses else torch.tensor(math.nan)
-        return _all_reduce_mean(value).item()
+        return _all_reduce_mean(value, self._dp_group).item()
+
+    @property
+    def _dp_group(self):
+        return self.dims.group("dp") if self.dims is not None else None
 
     # -- the loop --------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:

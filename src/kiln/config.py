@@ -243,6 +243,8 @@ class ParallelConfig:
     """Tensor-parallel degree (Megatron-style column/row sharding inside each block)."""
     pipeline: int = 1
     """Pipeline-parallel degree (the blocks cut into stages, one group of ranks per stage)."""
+    sequence_parallel: bool = True
+    """With parallel.tensor > 1, also split the norms and residual stream along the sequence."""
     data_replicate: int = 1
     """Replicated data-parallel degree (HSDP: FSDP shards within, replicas across); the
     data-shard degree is what remains of the world size after tensor × pipeline × this."""

@@ -49,6 +49,7 @@ class ParallelDims:
                 "remains becomes the data-shard degree)."
             )
         self._mesh: DeviceMesh | None = None
+        self._flat: dict[str, DeviceMesh] = {}
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, rank: int, world_size: int, local_rank: int,
@@ -80,13 +81,13 @@ class ParallelDims:
             mesh = init_device_mesh(
                 self.device.type, tuple(degrees.values()), mesh_dim_names=tuple(degrees)
             )
-            mesh["dp_replicate", "dp_shard"]._flatten("dp")
+            self._flat = {"dp": mesh["dp_replicate", "dp_shard"]._flatten("dp")}
             self._mesh = mesh
         return self._mesh
 
     def _coordinate(self, axis: str) -> int:
-        mesh = self.mesh
-        return 0 if mesh is None else mesh[axis].get_local_rank()
+        mesh = self.submesh(axis)
+        return 0 if mesh is None else mesh.get_local_rank()
 
     @property
     def dp_rank(self) -> int:
@@ -104,8 +105,17 @@ class ParallelDims:
     def group(self, axis: str) -> dist.ProcessGroup | None:
         """The process group along ``axis`` ('pp', 'dp', 'dp_replicate', 'dp_shard', 'tp');
         None in a single process."""
+        mesh = self.submesh(axis)
+        return None if mesh is None else mesh.get_group()
+
+    def submesh(self, *axes: str) -> DeviceMesh | None:
+        """The mesh along ``axes`` (a flattened one, like 'dp', kept as it was made)."""
         mesh = self.mesh
-        return None if mesh is None else mesh[axis].get_group()
+        if mesh is None:
+            return None
+        if len(axes) == 1 and axes[0] in self._flat:
+            return self._flat[axes[0]]
+        return mesh[axes]
 
     @property
     def is_main(self) -> bool:

@@ -1,5 +1,6 @@
-"""Apply parallelism to a plain GPT from outside, in order: activation checkpointing →
-compile → data parallel (FSDP2 or DDP). Each step is a short function that says what it did."""
+"""Apply parallelism to a plain GPT from outside, in order (as torchtitan does): tensor
+parallel → activation checkpointing → compile → data parallel (FSDP2 or DDP). Each step is a
+short function that says what it did."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None])
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
     # HSDP when there are replicas: shard within dp_shard, replicate across dp_replicate
     axes = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
-    kwargs["mesh"] = dims.mesh[axes]
+    kwargs["mesh"] = dims.submesh(*axes)
     for block in model.blocks.values():
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
@@ -68,6 +69,10 @@ def parallelize(
     log: Callable[[str], None] = print,
 ) -> nn.Module:
     """Return the module to train (the same object, or a DDP wrapper around it)."""
+    if dims.tp > 1:
+        from kiln.distributed.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, dims.submesh("tp"), cfg.sequence_parallel, log)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, log)
     if compile:
@@ -78,3 +83,13 @@ def parallelize(
         return apply_ddp(model, dims, log)
     apply_fsdp(model, dims, log)
     return model
+
+
+def loss_component(dims: ParallelDims):
+    """The loss the trainer (or the pipeline schedule) applies to the model's hidden states:
+    loss-parallel under TP, else the fused chunked head + cross entropy."""
+    if dims.tp > 1:
+        from kiln.distributed.tensor_parallel import LossParallelHead
+
+        return LossParallelHead(dims.submesh("tp"))
+    return None

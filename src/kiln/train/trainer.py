@@ -129,8 +129,11 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
     if pp_group is not None:
         dist.all_reduce(sq, group=pp_group)
     total = sq.sqrt()
-    if params:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    coef = max_norm / (float(total) + 1e-6)
+    if coef < 1.0:  # as torch's clip_grads_with_norm_, per kind (DTensors and tensors don't mix)
+        for grads in (sharded, plain):
+            if grads:
+                torch._foreach_mul_(grads, coef)
     return total
 
 
@@ -161,6 +164,7 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         compile_loss: bool = False,
         dims=None,
+        loss=None,
     ):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loader, self.val_batches, self.cfg = loader, val_batches, cfg
@@ -178,7 +182,9 @@ class Trainer:
         self.dims = dims
         """kiln.distributed.ParallelDims: the mesh reductions take their groups from (None:
         one process, or every rank a data-parallel rank)."""
-        self.loss_fn = make_loss_fn(model, device, cfg.precision, compile_loss)
+        self.loss_fn = make_loss_fn(model, device, cfg.precision, compile_loss, loss)
+        self.loss_context = getattr(loss, "context", contextlib.nullcontext)
+        """Forward and backward of the loss run inside it (``loss_parallel`` under TP)."""
         self.state = TrainState()
         self.stop_requested: str | None = None
         """Set when all ranks have agreed to stop (the loop reads only this)."""
@@ -197,7 +203,7 @@ class Trainer:
         chunks = list(zip(x.split(self.micro), y.split(self.micro)))
         total = torch.zeros((), device=self.device)
         for i, (xb, yb) in enumerate(chunks):
-            with _no_sync(self.model, last=i == len(chunks) - 1):
+            with _no_sync(self.model, last=i == len(chunks) - 1), self.loss_context():
                 loss = self.loss_fn(xb, yb) / len(chunks)
                 loss.backward()
             total += loss.detach()
@@ -226,7 +232,8 @@ class Trainer:
         for x, y in self.val_batches:
             x, y = x.to(self.device), y.to(self.device)
             for xb, yb in zip(x.split(self.micro), y.split(self.micro)):
-                losses.append(self.loss_fn(xb, yb).float())
+                with self.loss_context():
+                    losses.append(self.loss_fn(xb, yb).float())
         self.model.train(was_training)
         value = torch.stack(losses).mean() if losses else torch.tensor(math.nan)
         return _all_reduce_mean(value, self._dp_group).item()

@@ -165,6 +165,7 @@ class Trainer:
         compile_loss: bool = False,
         dims=None,
         loss=None,
+        pipeline=None,
     ):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loader, self.val_batches, self.cfg = loader, val_batches, cfg
@@ -183,6 +184,9 @@ class Trainer:
         """kiln.distributed.ParallelDims: the mesh reductions take their groups from (None:
         one process, or every rank a data-parallel rank)."""
         self.loss_fn = make_loss_fn(model, device, cfg.precision, compile_loss, loss)
+        self.pipeline = pipeline
+        """kiln.distributed.pipeline.Pipeline: runs forward + backward of a batch through this
+        rank's stages (``model`` is then a ModuleList of them)."""
         self.loss_context = getattr(loss, "context", contextlib.nullcontext)
         """Forward and backward of the loss run inside it (``loss_parallel`` under TP)."""
         self.state = TrainState()
@@ -200,18 +204,16 @@ class Trainer:
         """
         x, y = self.loader.next_batch()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        chunks = list(zip(x.split(self.micro), y.split(self.micro)))
-        total = torch.zeros((), device=self.device)
-        for i, (xb, yb) in enumerate(chunks):
-            with _no_sync(self.model, last=i == len(chunks) - 1), self.loss_context():
-                loss = self.loss_fn(xb, yb) / len(chunks)
-                loss.backward()
-            total += loss.detach()
+        if self.pipeline is not None:  # the schedule splits the batch into its micro-batches
+            with autocast(self.device, self.cfg.precision), self.loss_context():
+                total = self.pipeline.step(x, y)
+        else:
+            total = self._accumulate(x, y)
         loss_value = _all_reduce_mean(total, self._dp_group).item()
         for cb in self.callbacks:
             cb.after_backward(self.state.step)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(clip_grad_norm(self.model.parameters(), max_norm))
+        grad_norm = float(clip_grad_norm(self.model.parameters(), max_norm, self._pp_group))
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.state.consecutive_bad = 0
@@ -223,6 +225,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, grad_norm
 
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward/backward micro-batch by micro-batch; the mean loss (gradients summed)."""
+        chunks = list(zip(x.split(self.micro), y.split(self.micro)))
+        total = torch.zeros((), device=self.device)
+        for i, (xb, yb) in enumerate(chunks):
+            with _no_sync(self.model, last=i == len(chunks) - 1), self.loss_context():
+                loss = self.loss_fn(xb, yb) / len(chunks)
+                loss.backward()
+            total += loss.detach()
+        return total
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss over the fixed validation batches."""
@@ -231,6 +244,10 @@ class Trainer:
         losses = []
         for x, y in self.val_batches:
             x, y = x.to(self.device), y.to(self.device)
+            if self.pipeline is not None:
+                with autocast(self.device, self.cfg.precision), self.loss_context():
+                    losses.append(self.pipeline.evaluate(x, y))
+                continue
             for xb, yb in zip(x.split(self.micro), y.split(self.micro)):
                 with self.loss_context():
                     losses.append(self.loss_fn(xb, yb).float())
@@ -241,6 +258,10 @@ class Trainer:
     @property
     def _dp_group(self):
         return self.dims.group("dp") if self.dims is not None else None
+
+    @property
+    def _pp_group(self):
+        return self.dims.group("pp") if self.dims is not None and self.dims.pp > 1 else None
 
     # -- the loop --------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:

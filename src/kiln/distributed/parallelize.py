@@ -5,6 +5,7 @@ short function that says what it did."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -72,7 +73,9 @@ def parallelize(
     if dims.tp > 1:
         from kiln.distributed.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, dims.submesh("tp"), cfg.sequence_parallel, log)
+        # Under PP a later stage gets T / tp tokens and could not place its positions.
+        sp = cfg.sequence_parallel and dims.pp == 1
+        apply_tensor_parallel(model, dims.submesh("tp"), sp, log)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, log)
     if compile:
@@ -93,3 +96,65 @@ def loss_component(dims: ParallelDims):
 
         return LossParallelHead(dims.submesh("tp"))
     return None
+
+
+@dataclass
+class Parallelized:
+    """What training receives: the plain modules this rank holds (one per pipeline stage; what
+    checkpoints save, with the parameter names of the whole model), the module the trainer
+    calls, and the pipeline that drives the stages (None without PP)."""
+
+    model_parts: list[nn.Module]
+    train_model: nn.Module
+    pipeline: object | None
+    loss: object | None
+
+
+def parallelize_model(
+    model: nn.Module,
+    dims: ParallelDims,
+    cfg: ParallelConfig,
+    compile: bool,
+    log: Callable[[str], None] = print,
+) -> Parallelized:
+    """Apply the whole layout to an initialised GPT, in the documented order: pipeline cut →
+    (per stage) tensor parallel → activation checkpointing → compile → FSDP2/HSDP or DDP."""
+    loss = loss_component(dims)
+    if dims.pp == 1:
+        return Parallelized([model], parallelize(model, dims, cfg, compile, log), None, loss)
+    from kiln.distributed.pipeline import build_pipeline
+    from kiln.models.loss import head_loss
+
+    wrapped: list[nn.Module] = []
+
+    def wrap(part: nn.Module) -> nn.Module:
+        wrapped.append(parallelize(part, dims, cfg, compile, log))
+        return wrapped[-1]
+
+    pipeline = build_pipeline(model, dims, cfg, loss or head_loss, log, wrap=wrap)
+    return Parallelized(pipeline.parts, nn.ModuleList(wrapped), pipeline, loss)
+
+
+def check_layout(shape, cfg: ParallelConfig, dims: ParallelDims, local_batch: int,
+                 sparse: bool) -> None:  # fmt: skip
+    """Refuse, before any training work, a layout that cannot run with this model and batch."""
+    from kiln.distributed.pipeline import check_pipeline, stages_per_rank
+    from kiln.distributed.tensor_parallel import check_tensor_parallel
+    from kiln.errors import ConfigError
+
+    check_tensor_parallel(shape, dims.tp)
+    check_pipeline(shape, dims.pp, cfg.pipeline_schedule, cfg.microbatches, cfg.stages_per_rank)
+    if sparse and (dims.tp > 1 or dims.pp > 1):
+        raise ConfigError(
+            "sparsity with parallel.tensor or parallel.pipeline > 1 is not supported yet; "
+            "train sparse models with data parallelism only."
+        )
+    if dims.pp > 1:
+        n_micro = cfg.microbatches or dims.pp * stages_per_rank(
+            cfg.pipeline_schedule, cfg.stages_per_rank
+        )
+        if local_batch % n_micro:
+            raise ConfigError(
+                f"parallel.microbatches {n_micro} does not divide the {local_batch} sequences "
+                "each pipeline gets per step; choose a divisor of it."
+            )

@@ -114,7 +114,8 @@ class Pipeline:
     """This rank's stages and the schedule that drives them; ``step`` runs forward and backward
     of one (local) batch and returns its mean loss (0 on ranks without the last stage)."""
 
-    def __init__(self, parts: list[nn.Module], ids: list[int], n_stages: int, schedule: str,
+    def __init__(self, parts: list[nn.Module], modules: list[nn.Module], ids: list[int],
+                 n_stages: int, schedule: str,
                  microbatches: int, group, device: torch.device, loss) -> None:  # fmt: skip
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import get_schedule_class
@@ -124,7 +125,8 @@ class Pipeline:
         self.last = parts[ids.index(n_stages - 1)] if self.has_last else None
         self.loss, self.tokens = loss, 1
         self.v_shaped, self.d_model = schedule in V_SHAPED, parts[0].config.d_model
-        stages = [PipelineStage(p, i, n_stages, device, group=group) for p, i in zip(parts, ids)]
+        self.modules = modules  # what runs: the parts, or DDP wrappers around them
+        stages = [PipelineStage(m, i, n_stages, device, group=group) for m, i in zip(modules, ids)]
         cls = get_schedule_class(schedule)
         first = stages if schedule in MULTI_STAGE else stages[0]
         self.schedule = cls(first, n_microbatches=microbatches, loss_fn=self._loss,
@@ -166,7 +168,7 @@ class Pipeline:
             if stage > 0 and self.owner(stage - 1) != me:
                 h = torch.empty(*x.shape, self.d_model, device=x.device)
                 dist.recv(h, group=self.group, group_src=self.owner(stage - 1))
-            h = self.parts[self.ids.index(stage)](h)
+            h = self.modules[self.ids.index(stage)](h)
             if stage == self.n_stages - 1:
                 total = self.loss(self.last, h, y).float()
             elif self.owner(stage + 1) != me:
@@ -175,8 +177,16 @@ class Pipeline:
         return total
 
 
-def build_pipeline(model: nn.Module, dims, cfg, loss, log: Callable[[str], None]) -> Pipeline:
-    """Cut ``model`` (whole, initialised) into this rank's stages and set up the schedule."""
+def build_pipeline(
+    model: nn.Module,
+    dims,
+    cfg,
+    loss,
+    log: Callable[[str], None],
+    wrap: Callable[[nn.Module], nn.Module] = lambda part: part,
+) -> Pipeline:
+    """Cut ``model`` (whole, initialised) into this rank's stages, parallelize each with
+    ``wrap`` (TP, FSDP/DDP; it may return a wrapper) and set up the schedule."""
     v = stages_per_rank(cfg.pipeline_schedule, cfg.stages_per_rank)
     n_stages = dims.pp * v
     ids = stage_ids(cfg.pipeline_schedule, dims.pp_rank, dims.pp, v)
@@ -190,5 +200,5 @@ def build_pipeline(model: nn.Module, dims, cfg, loss, log: Callable[[str], None]
         f"pipeline parallel: {dims.pp} ranks × {v} stage(s), {cfg.pipeline_schedule}, "
         f"{microbatches} micro-batches (rank {dims.rank} holds {held})"
     )
-    return Pipeline(parts, ids, n_stages, cfg.pipeline_schedule, microbatches,
-                    dims.group("pp"), dims.device, loss)  # fmt: skip
+    return Pipeline(parts, [wrap(p) for p in parts], ids, n_stages, cfg.pipeline_schedule,
+                    microbatches, dims.group("pp"), dims.device, loss)  # fmt: skip

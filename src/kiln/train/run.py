@@ -29,7 +29,7 @@ from kiln.distributed.parallel_dims import (
     looks_like_rank_failure,
     shutdown,
 )
-from kiln.distributed.parallelize import parallelize
+from kiln.distributed.parallelize import check_layout, parallelize_model
 from kiln.errors import CheckpointError, ConfigError
 from kiln.fsio import atomic_write
 from kiln.models.gpt import GPT, GPTConfig
@@ -39,7 +39,7 @@ from kiln.train import checkpoint as ckpt
 from kiln.train.callbacks import Callback, split_state
 from kiln.train.malloc import keep_freed_memory
 from kiln.train.metrics import MetricsWriter, plot_loss, truncate_metrics
-from kiln.train.optim import LRSchedule, build_optimizer
+from kiln.train.optim import LRSchedule, Optimizers, build_optimizer
 from kiln.train.plan import TrainingPlan, make_training_plan
 from kiln.train.trainer import Hooks, Trainer
 
@@ -187,15 +187,21 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
             "memory: malloc reuses freed blocks instead of page-faulting them in every step "
             "(KILN_MALLOC_TUNING=0 turns this off)"
         )
+    local_batch = job.train.batch_size // dims.dp_size
+    check_layout(shape, job.parallel, dims, local_batch, job.sparsity.enabled)
     model = build_model(shape, dims.device, job.train.seed)
     # One process: compile model + loss as one graph (the trainer does it). Under torchrun:
     # compile block by block before FSDP/DDP wrap them, as torchtitan does.
     compile_whole = job.train.compile and not dims.distributed
     compile_blocks = job.train.compile and dims.distributed
-    train_model = parallelize(model, dims, job.parallel, compile_blocks, log=log)
+    built = parallelize_model(model, dims, job.parallel, compile_blocks, log=log)
+    model_parts = built.model_parts
+    model = model_parts[0]  # without PP, the one plain model (sparsity and callbacks use it)
     if compile_whole:
         log("torch.compile: model and loss as one graph")
-    optimizer = build_optimizer(model, job.train, _lr_multiplier(shape, job.model.parametrization))
+    lr_mult = _lr_multiplier(shape, job.model.parametrization)
+    optimizers = [build_optimizer(part, job.train, lr_mult) for part in model_parts]
+    optimizer = optimizers[0] if len(optimizers) == 1 else Optimizers(optimizers)
     schedule = LRSchedule(
         job.train.lr, plan.warmup_steps, plan.steps, job.train.min_lr_ratio, job.train.decay
     )
@@ -211,7 +217,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
 
     callbacks = build_callbacks(job, model, optimizer, log)
     trainer = Trainer(
-        train_model,
+        built.train_model,
         optimizer,
         schedule,
         loader,
@@ -231,6 +237,8 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         callbacks=callbacks,
         compile_loss=compile_whole,
         dims=dims,
+        loss=built.loss,
+        pipeline=built.pipeline,
     )
     shape_dict = dataclasses.asdict(shape)
 
@@ -240,6 +248,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
             "config_hash": ckpt.config_hash({k: v for k, v in job.to_dict().items() if k != "run"}),
             "model_shape": shape_dict,
             "world_size": dims.world_size,
+            "layout": dims.degrees,
             "trainer": trainer.state.state_dict(),
             "loader": loader.state_dict(),
             "schedule": schedule.state_dict(),
@@ -251,7 +260,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         ckpt.save_checkpoint(
             run_dir / "checkpoints",
             trainer.state.step,
-            model,
+            model_parts,
             optimizer,
             meta,
             extra=extra,
@@ -259,7 +268,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
         )
 
     if latest is not None:
-        _restore(latest, shape_dict, model, trainer, log)
+        _restore(latest, shape_dict, model_parts, trainer, log)
     if dims.is_main:  # only after the checkpoint proved loadable: a bad one changes nothing
         if resume:
             truncate_metrics(run_dir, trainer.state.step)

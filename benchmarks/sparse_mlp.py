@@ -50,6 +50,14 @@ and the dense GEMMs are slowed as much; wall-clock ratios move with the load, th
 CPU-time columns much less."""
 
 
+FP32_NOTES = """fp32 is what a CPU without bf16 matmul hardware (AVX2 only: no AVX512-BF16, no
+AMX) should train in: its bf16 matmuls are emulated and run ~13x slower than fp32. There only the
+pure-torch block kernel applies (gathered blocks through bmm, then index_add_), and its gathers
+and scatters cost more than the skipped FLOPs save at these shapes, so `kiln train`'s kernel
+chooser (which times dense, masked-dense and the block kernel on each shape) keeps the dense
+matmul: sparsity saves no time on such a CPU, and costs none."""
+
+
 class DenseMLP(nn.Module):
     def __init__(self, dtype):
         super().__init__()
@@ -61,8 +69,8 @@ class DenseMLP(nn.Module):
 
 
 class SparseMLP(DenseMLP):
-    def __init__(self, density, block, backend):
-        super().__init__(torch.bfloat16)
+    def __init__(self, density, block, backend, dtype=torch.bfloat16):
+        super().__init__(dtype)
         m1 = block_mask(torch.rand(D_FFN, D_MODEL), density, block, axis="cols")
         m2 = block_mask(torch.rand(D_MODEL, D_FFN), density, block, axis="rows")
         with torch.no_grad():
@@ -82,7 +90,7 @@ class SparseMLP(DenseMLP):
 
 
 def make_step(model, x, autocast=False):
-    grad = torch.randn(x.shape[:-1] + (D_MODEL,), dtype=torch.bfloat16)
+    grad = torch.randn(x.shape[:-1] + (D_MODEL,), dtype=x.dtype)
 
     def step():
         for p in model.parameters():
@@ -97,6 +105,8 @@ def make_step(model, x, autocast=False):
 
 def variants(args, x):
     """(name, density, step) for every dense baseline and sparse configuration."""
+    if args.dtype == "fp32":  # CPUs without bf16 matmul hardware: everything in fp32
+        return fp32_variants(args, x.float())
     out = [("dense bf16 nn.Linear", 1.0, make_step(DenseMLP(torch.bfloat16), x))]
     out.append(
         (
@@ -122,6 +132,41 @@ def variants(args, x):
     return out
 
 
+def fp32_variants(args, x):
+    """fp32 dense (eager, and compiled with --compile) against the torch block kernel and the
+    masked-dense path the kernel chooser also weighs, all fp32."""
+
+    out = [("dense fp32 nn.Linear", 1.0, make_step(DenseMLP(torch.float32), x))]
+    if args.compile:
+        out.append(
+            ("dense fp32 torch.compile", 1.0, make_step(torch.compile(DenseMLP(torch.float32)), x))
+        )
+    for density in args.densities:
+        for block in args.block_sizes:
+            if (D_FFN // block * density) % 1:
+                print(f"skip block{block} at density {density}: not a whole blocks/line")
+                continue
+            model = SparseMLP(density, block, "torch", torch.float32)
+            name = f"sparse {1 - density:.2%} block{block} torch fp32"
+            out.append((name, density, make_step(model, x)))
+        masked = MaskedMLP(density, args.block_sizes[0])
+        out.append((f"sparse {1 - density:.2%} masked-dense fp32", density, make_step(masked, x)))
+    return out
+
+
+class MaskedMLP(DenseMLP):
+    """fp32 dense times mask (the chooser's masked-dense candidate)."""
+
+    def __init__(self, density, block):
+        super().__init__(torch.float32)
+        self.m1 = block_mask(torch.rand(D_FFN, D_MODEL), density, block, axis="cols").float()
+        self.m2 = block_mask(torch.rand(D_MODEL, D_FFN), density, block, axis="rows").float()
+
+    def forward(self, x):
+        h = F.linear(x, self.fc1.weight * self.m1, self.fc1.bias)
+        return F.linear(F.gelu(h), self.fc2.weight * self.m2, self.fc2.bias)
+
+
 def timed_rounds(runs, reps: int, clock) -> dict[str, float]:
     """Median seconds per variant; every round runs each variant once (interleaved)."""
     times = {name: [] for name, _, _ in runs}
@@ -143,6 +188,8 @@ def run(args):
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, args.seq, D_MODEL, dtype=torch.bfloat16)
+    if args.dtype == "fp32":
+        x = x.float()
     tokens = args.batch * args.seq
     dense_flop = 3 * 2 * 2 * tokens * D_MODEL * D_FFN
     runs = variants(args, x)
@@ -206,6 +253,10 @@ def main(argv=None):
         "--cpu-reps", type=int, default=7, help="rounds of the 1-thread CPU-time proxy (0: off)"
     )
     ap.add_argument("--compile", action="store_true", help="also time torch.compile dense")
+    ap.add_argument(
+        "--dtype", choices=["bf16", "fp32"], default="bf16",
+        help="fp32: for CPUs without bf16 matmul hardware (AVX2 only), torch block kernel",
+    )  # fmt: skip
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md")
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -215,7 +266,8 @@ def main(argv=None):
     command = "python benchmarks/sparse_mlp.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join(
         [
-            "## Sparse MLP (cerebras-gpt-111m MLP, forward + backward)",
+            "## Sparse MLP (cerebras-gpt-111m MLP, forward + backward)"
+            + (", fp32" if args.dtype == "fp32" else ""),
             "",
             f"Command: `{command.strip()}`  ",
             f"Machine: {machine(args.threads)}; 1-minute load average {load[0]:.1f} before "
@@ -231,12 +283,12 @@ def main(argv=None):
             "",
             table(rows, best, args.threads),
             "",
-            NOTES,
+            NOTES if args.dtype == "bf16" else FP32_NOTES,
         ]
     )
     print(text)
     if not args.no_write:
-        replace_section("sparse_mlp", text, args.out)
+        replace_section("sparse_mlp" + ("_fp32" if args.dtype == "fp32" else ""), text, args.out)
 
 
 if __name__ == "__main__":

@@ -103,26 +103,42 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Corpus, tokenizer and token windows."""
+    """Corpus, tokenizer, token windows and how the corpus is prepared."""
 
     corpus: str = "builtin:shakespeare"
-    """'builtin:shakespeare', 'builtin:sotu', 'builtin:all', or comma-separated .txt/.jsonl paths
-    or folders."""
+    """'builtin:shakespeare', 'builtin:sotu', 'builtin:all', or comma-separated paths, folders or
+    globs (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet, a saved datasets folder); a mixture
+    gives every part a weight: 'builtin:shakespeare:0.7,builtin:sotu:0.3'."""
+    text_field: str = "text"
+    """The field (jsonl) or column (Parquet, datasets folder) that holds each document's text."""
     tokenizer: str = "bpe"
     """'bpe' (train a byte-level BPE on the corpus), a tokenizer.json, or a folder holding
     tokenizer.json or vocab.json + merges.txt (GPT-2 format)."""
     vocab_size: int = 4096
     """Vocabulary size when training a BPE tokenizer."""
+    bpe_sample_mb: float = 256.0
+    """MB of text the BPE tokenizer is trained on: the start of each corpus (split by weight)."""
     seq_len: int = 256
     """Tokens per training sequence (must not exceed the model's max_seq_len)."""
     val_fraction: float = 0.05
     """Fraction of the corpus (by document, at the end) held out for validation."""
+    mixture_seed: int = 0
+    """Seed choosing which documents a mixture repeats or leaves out to meet its weights."""
     cache_dir: str = ""
     """Where tokenised shards are cached by content hash ('' = ~/.cache/kiln/data)."""
+    shard_mb: float = 64.0
+    """MB of text per token shard: the unit that a killed preparation does not redo."""
+    workers: int = 0
+    """Threads tokenising in parallel while the corpus streams in (0 = every core)."""
+    prepare_timeout_s: float = 3600.0
+    """How long a process waits for another one (another rank or node) preparing the same data."""
 
     def __post_init__(self) -> None:
         check_positive("data", "vocab_size", self.vocab_size)
         check_positive("data", "seq_len", self.seq_len)
+        for name in ("bpe_sample_mb", "shard_mb", "prepare_timeout_s"):
+            check_positive("data", name, getattr(self, name))
+        check_positive("data", "workers", self.workers, allow_zero=True)
         if self.vocab_size < 260:
             raise ConfigError(
                 f"data.vocab_size is {self.vocab_size} but a byte-level BPE needs at least 260."
@@ -133,6 +149,38 @@ class DataConfig:
             )
         if not self.corpus:
             raise ConfigError("data.corpus is empty but must name a corpus or a path.")
+        if not self.text_field:
+            raise ConfigError("data.text_field is empty but must name a field or column.")
+        self.components()
+
+    def components(self) -> list[tuple[str, float | None]]:
+        """The corpus as (spec, weight) parts: one unweighted part (its comma-separated sources
+        concatenated), or the weighted components of a mixture, weights normalised to sum 1."""
+        parts = [p.strip() for p in self.corpus.split(",") if p.strip()]
+        weights: list[float | None] = []
+        specs = []
+        for part in parts:
+            head, _, tail = part.rpartition(":")
+            try:
+                weight = float(tail) if head else None
+            except ValueError:
+                weight = None
+            if weight is not None and not weight > 0:
+                raise ConfigError(
+                    f"data.corpus gives {head!r} the weight {tail} but a weight must be > 0."
+                )
+            specs.append(head if weight is not None else part)
+            weights.append(weight)
+        if all(w is None for w in weights):
+            return [(",".join(parts), None)]
+        if any(w is None for w in weights):
+            bare = next(s for s, w in zip(specs, weights) if w is None)
+            raise ConfigError(
+                f"data.corpus mixes weighted and unweighted parts ({bare!r} has no weight); "
+                "give every part a weight, e.g. 'builtin:shakespeare:0.7,builtin:sotu:0.3'."
+            )
+        total = sum(w for w in weights if w is not None)
+        return [(s, w / total) for s, w in zip(specs, weights) if w is not None]
 
 
 @dataclass
@@ -155,7 +203,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak (Cerebras-GPT: 10%)."""
     warmup_steps: int | None = None
-    """Linear warm-up steps (None = 5% of training, at least 1)."""
+    """Linear warm-up steps (None = max(5% of training, min(a quarter of it, 25 steps)))."""
     decay: str = "cosine"
     """Decay after warm-up: 'cosine' or 'linear'."""
     weight_decay: float = 0.1
@@ -168,8 +216,9 @@ class TrainConfig:
     """AdamW ε."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
-    precision: str = "bf16"
-    """'bf16' (autocast, fp32 master weights) or 'fp32'."""
+    precision: str = "auto"
+    """'bf16' (autocast, fp32 master weights), 'fp32', or 'auto': bf16 on GPUs that have it,
+    on CPUs whichever of bf16 and fp32 matmuls measures faster (AVX2-only CPUs emulate bf16)."""
     compile: bool = False
     """Compile the model with torch.compile."""
     seed: int = 0
@@ -201,7 +250,7 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} is {getattr(self, name)} but must be in [0, 1).")
         check_choice("train", "decay", self.decay, ["cosine", "linear"])
-        check_choice("train", "precision", self.precision, ["bf16", "fp32"])
+        check_choice("train", "precision", self.precision, ["auto", "bf16", "fp32"])
 
 
 @dataclass
@@ -319,7 +368,8 @@ class SparsityConfig:
     dense_step: int | None = None
     """SPDF: sparse until this step, dense fine-tuning after (None = 75% of train.max_steps)."""
     kernel: str = "auto"
-    """Forward kernel: 'auto' (fastest measured per shape), 'masked' (dense × mask) or 'block'."""
+    """Forward kernel: 'auto' (fastest measured per shape: dense, masked or a sparse kernel),
+    'dense' (plain matmul on the zero-filled weight), 'masked' (dense × mask) or 'block'."""
 
     def __post_init__(self) -> None:
         _check_level("sparsity.level", self.level)
@@ -334,7 +384,7 @@ class SparsityConfig:
             "sparsity", "algorithm", self.algorithm, ["static", "gmp", "set", "rigl", "spdf"]
         )
         check_choice("sparsity", "init", self.init, ["random", "magnitude"])
-        check_choice("sparsity", "kernel", self.kernel, ["auto", "masked", "block"])
+        check_choice("sparsity", "kernel", self.kernel, ["auto", "dense", "masked", "block"])
         for name in ("mask_step", "start_step", "end_step", "stop_step", "dense_step"):
             check_positive("sparsity", name, getattr(self, name), allow_zero=True)
         check_positive("sparsity", "update_every", self.update_every)

@@ -45,7 +45,7 @@ def world(tmp_path_factory, corpus, kiln_env):
     cfg.write_text(cfg.read_text().replace("d_model: 32", "d_model: 48"))
     # A token cache whose train shard was truncated.
     shutil.copytree(root / "cache", root / "bad-cache")
-    shard = next((root / "bad-cache").rglob("train-00000.bin"))
+    shard = next((root / "bad-cache").rglob("tokens-00000.bin"))
     shard.write_bytes(shard.read_bytes()[:-64])
     return root, corpus, env
 
@@ -67,7 +67,7 @@ CASES = {
 }
 RESUME_CASES = {
     "resume without a run": ("empty-run", "no complete checkpoint"),
-    "incomplete checkpoint": ("incomplete", "incomplete or from another shape"),
+    "incomplete checkpoint": ("incomplete", "is damaged: shard __0_0.distcp is missing"),
     "checkpoint of another shape": ("reshaped", "different model shape"),
 }
 

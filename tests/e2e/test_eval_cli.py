@@ -4,14 +4,8 @@ import json
 import os
 
 import pytest
-import torch
 
-from kiln.data.corpus import Document
-from kiln.data.tokenizer import train_bpe
-from kiln.interop.load import save_kiln
-from kiln.models.gpt import GPT, GPTConfig
-from kiln.train.load import LoadedModel
-from tests.e2e.helpers import kiln
+from tests.e2e.helpers import kiln, untrained_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,11 +13,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalcli")
-    tok = train_bpe([Document("a", "the cat sat on the mat. the dog ran off. " * 30)], 280)
-    torch.manual_seed(0)
-    cfg = GPTConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_head=16, d_ffn=64,
-                    vocab_size=tok.vocab_size, max_seq_len=64)  # fmt: skip
-    save_kiln(LoadedModel(GPT(cfg).eval(), tok, cfg, root, {}), root / "run", "test")
+    untrained_run(root)
     rows = [{"context": f"the cat {i}", "choices": [" sat", " ran"], "gold": i % 2}
             for i in range(6)]  # fmt: skip
     (root / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -31,7 +21,9 @@ def setup(tmp_path_factory):
     # A GPT-2 folder whose tokenizer has more tokens than the embedding has rows.
     small = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
     transformers.GPT2LMHeadModel(small).save_pretrained(root / "mismatch")
-    tok.save(root / "mismatch")
+    (root / "mismatch" / "tokenizer.json").write_bytes(
+        (root / "run" / "tokenizer.json").read_bytes()
+    )
     env = dict(os.environ, KILN_CACHE=str(root / "cache"), PYTHONPATH="src")
     return root, env
 

@@ -33,7 +33,7 @@ def test_plan_json_has_the_documented_fields(kiln_env):
     "args, words",
     [
         (["plan", "--flops", "-1"], ["flops", "-1"]),
-        (["plan", "--params", "1e8", "--tokens-per-param", "0"], ["tokens_per_param"]),
+        (["plan", "--params", "1e8", "--tokens-per-param", "0"], ["--tokens-per-param"]),
         (["plan", "--flops", "1e20", "--preset", "cerebras-gpt-111m"], ["exactly one"]),
         (["scale", "--predict", "-5", "--fit", "cerebras-gpt-pile"], ["--predict"]),
         (["scale", "--widths", "16,24"], ["at least 5"]),

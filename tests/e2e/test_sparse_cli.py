@@ -84,3 +84,21 @@ def test_bad_sparsity_flags_exit_2(flags, fragment, tmp_path, corpus, kiln_env):
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and fragment in line, result.stderr
+
+
+def test_same_command_plus_resume_continues_a_sparse_run(sparse_run, tmp_path, corpus, kiln_env,
+                                                         capsys, monkeypatch):  # fmt: skip
+    """The command that started the run, repeated with --resume (a re-submitted job script);
+    a sparsity flag that would change the run is refused naming the saved and given value."""
+    from kiln.cli import main
+
+    copy = tmp_path / "same"
+    shutil.copytree(sparse_run, copy)
+    argv = ["train", *tiny_flags(copy, corpus, steps=20), *SPARSE, "--resume"]
+    result = kiln(argv, kiln_env)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and "step-0000020" in result.stdout
+    monkeypatch.setenv("KILN_CACHE", kiln_env["KILN_CACHE"])
+    assert main([*argv, "--sparsity.level", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "sparsity.level is 0.75, so --sparsity.level 0.5 cannot be given" in err

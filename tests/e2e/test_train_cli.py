@@ -45,3 +45,23 @@ def test_resume_continues_metrics_without_gaps(tmp_path, corpus, kiln_env):
     assert "resumed from" in result.stdout
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20, 25, 30]
+
+
+def test_default_precision_is_measured_and_config_keeps_auto(tmp_path, corpus, kiln_env):
+    """Without --train.precision the run measures bf16 vs fp32 matmuls on this machine, says
+    which it chose and why, trains, and config.yaml keeps 'auto' (so a re-run of the same
+    command, --resume auto included, is the same run)."""
+    import yaml
+
+    run = tmp_path / "run"
+    flags = tiny_flags(run, corpus, steps=4)
+    i = flags.index("--train.precision")
+    del flags[i : i + 2]
+    result = kiln(["train", *flags], kiln_env)
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("precision: "))
+    assert line.split()[1] in ("bf16", "fp32") and "GFLOP/s measured on this CPU" in line
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == "auto"
+    again = kiln(["train", *flags, "--resume", "auto", "--train.max_steps", "6"], kiln_env)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout

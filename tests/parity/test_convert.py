@@ -1,5 +1,6 @@
 """kiln convert: HF → Kiln → HF round trips and GGUF import; logits equal transformers' (fp32)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,10 @@ def _round_trip(hf_model, tok, tmp: Path) -> None:
         assert (again(x).logits - ref).abs().max() < 1e-4
     fast = transformers.AutoTokenizer.from_pretrained(tmp / "hf2")
     assert fast("the lazy dog")["input_ids"] == tok.encode("the lazy dog")
+    # this tokenizer has <|endoftext|> inside the vocabulary: the export names it
+    for name in ("config.json", "generation_config.json"):
+        ids = json.loads((tmp / "hf2" / name).read_text())
+        assert ids["bos_token_id"] == ids["eos_token_id"] == tok.eos_id < tok.vocab_size
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_new"])
@@ -87,9 +92,22 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _write_gguf(hf_model, tok, path: Path, dtype=np.float32) -> None:
-    import json
-
+    """``dtype``: a numpy float type, or a gguf quantisation name (e.g. "Q4_1"), for the
+    matrices. Quantised, the HF model's matrices are replaced by their dequantised values, so
+    it stays the exact reference for the file (quantisation blocks run along each row, which
+    the q/k row permutation does not split)."""
     import gguf
+
+    def tensor(name, t, param):
+        if t.ndim == 1:
+            return w.add_tensor(name, t)
+        if not isinstance(dtype, str):
+            return w.add_tensor(name, t.astype(dtype))
+        qtype = gguf.GGMLQuantizationType[dtype]
+        with torch.no_grad():
+            ref = gguf.quants.dequantize(gguf.quants.quantize(param.numpy(), qtype), qtype)
+            param.copy_(torch.from_numpy(ref.copy()))
+        w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
 
     c = hf_model.config
     w = gguf.GGUFWriter(str(path), "llama")
@@ -113,26 +131,30 @@ def _write_gguf(hf_model, tok, path: Path, dtype=np.float32) -> None:
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}  # fmt: skip
-    sd = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].astype(dtype))
+    params = {k: p.detach() for k, p in hf_model.named_parameters()}
+    sd = {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
+    tensor(
+        "token_embd.weight", sd["model.embed_tokens.weight"], params["model.embed_tokens.weight"]
+    )
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     if "lm_head.weight" in sd and not c.tie_word_embeddings:
-        w.add_tensor("output.weight", sd["lm_head.weight"].astype(dtype))
+        tensor("output.weight", sd["lm_head.weight"], params["lm_head.weight"])
     for i in range(c.num_hidden_layers):
         for theirs, ours in names.items():
-            t = sd[f"model.layers.{i}.{theirs}.weight"]
+            key = f"model.layers.{i}.{theirs}.weight"
+            t = sd[key]
             if ours == "attn_q":
                 t = _permute(t, c.num_attention_heads)
             elif ours == "attn_k":
                 t = _permute(t, c.num_key_value_heads)
-            w.add_tensor(f"blk.{i}.{ours}.weight", t if t.ndim == 1 else t.astype(dtype))
+            tensor(f"blk.{i}.{ours}.weight", t, params[key])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float16, 2e-2), ("Q4_1", 1e-4)])
 def test_gguf_import(tok, tmp_path, dtype, tol):
     hf_model = _llama(tok, tied=False)
     _randomise(hf_model)

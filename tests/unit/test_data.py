@@ -147,14 +147,14 @@ def test_prepare_data_caches_and_reuses(tmp_path, monkeypatch):
     assert m["dtype"] == "uint16" and m["vocab_size"] == 300 and m["split_by"] == "documents"
     assert m["splits"]["train"]["n_tokens"] == len(first.train) and len(first.val) > 0
     assert len(first.val) <= 0.1 * (len(first.train) + len(first.val))
-    assert {s["file"] for s in m["shards"]} == {"train-00000.bin", "val-00000.bin"}
+    assert [s["file"] for s in m["shards"]] == ["tokens-00000.bin"]
     assert m["val_unigram_entropy_nats"] == pytest.approx(unigram_entropy(first.val, 300))
     assert sorted(p.name for p in cfg_dir_entries(first.cache_dir.parent)) == [first.cache_dir.name]
 
     def boom(*a, **k):
         raise AssertionError("retokenised")
 
-    monkeypatch.setattr(Tokenizer, "encode_batch", boom)
+    monkeypatch.setattr(Tokenizer, "encode_documents", boom)
     second = prepare_data(cfg, log=lambda _: None)
     assert second.reused and second.cache_dir == first.cache_dir
     np.testing.assert_array_equal(second.train, first.train)
@@ -163,7 +163,8 @@ def test_prepare_data_caches_and_reuses(tmp_path, monkeypatch):
 
 
 def cfg_dir_entries(root: Path) -> list[Path]:
-    return [p for p in root.iterdir() if p.is_dir() and p.name != "tokenizers"]
+    kept = ("tokenizers", "sources", ".locks")
+    return [p for p in root.iterdir() if p.is_dir() and p.name not in kept]
 
 
 def test_cache_key_follows_vocab_and_text(tmp_path):
@@ -179,7 +180,7 @@ def test_cache_key_follows_vocab_and_text(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_corrupt_shard_is_reported(tmp_path, damage):
     cfg = _cfg(tmp_path, _corpus(tmp_path))
-    shard = prepare_data(cfg, log=lambda _: None).cache_dir / "train-00000.bin"
+    shard = prepare_data(cfg, log=lambda _: None).cache_dir / "tokens-00000.bin"
     data = bytearray(shard.read_bytes())
     if damage == "truncate":
         shard.write_bytes(data[:-2])
@@ -188,7 +189,7 @@ def test_corrupt_shard_is_reported(tmp_path, damage):
         shard.write_bytes(data)
     else:
         shard.unlink()
-    with pytest.raises(DataError, match="train-00000.bin is corrupt or truncated.*delete"):
+    with pytest.raises(DataError, match="tokens-00000.bin is corrupt or truncated.*delete"):
         prepare_data(cfg, log=lambda _: None)
 
 

@@ -97,6 +97,27 @@ def test_acc_norm_and_stderr_follow_definitions():
     assert res["n"] == 2
 
 
+def test_lambada_accuracy_perplexity_and_their_stderr_by_hand():
+    """Cloze (LAMBADA): acc = share of greedy-exact last words; perplexity = exp(−mean ll),
+    its stderr by the delta method = perplexity × stderr of the lls."""
+    task = tasks.TASKS["lambada_openai"]
+    docs = [{"text": "he said hello"}, {"text": "she ran far"}, {"text": "we sat down"}]
+    examples = [task.format(d) for d in docs]
+    table = {("he said", " hello"): (-1.0, True), ("she ran", " far"): (-3.0, False),
+             ("we sat", " down"): (-2.0, True)}  # fmt: skip
+
+    class Fake:
+        def loglikelihood(self, reqs):
+            return [table[r] for r in reqs]
+
+    res = harness.score_choices(Fake(), task, examples)
+    assert res["n"] == 3
+    assert res["acc"] == pytest.approx(2 / 3)
+    assert res["acc_stderr"] == pytest.approx(1 / 3)  # sd of (1, 0, 1) is 1/√3, ÷ √3
+    assert res["perplexity"] == pytest.approx(math.exp(2.0))
+    assert res["perplexity_stderr"] == pytest.approx(math.exp(2.0) / math.sqrt(3))  # sd 1
+
+
 def test_acc_norm_divides_by_characters_not_tokens(tok):
     task = tasks.Task("t", "multiple_choice", None, ("acc", "acc_norm"))
     ex = [tasks.Example(["q"], ["long answer", "no"], 1)]

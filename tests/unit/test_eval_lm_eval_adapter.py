@@ -9,7 +9,9 @@ from kiln.interop.load import save_kiln
 from kiln.models.gpt import GPT, GPTConfig
 from kiln.train.load import LoadedModel
 
-pytest.importorskip("lm_eval")
+pytest.importorskip(
+    "lm_eval", reason="lm-eval is not installed (it is in the dev extra: pip install -e '.[dev]')"
+)
 
 
 def test_adapter_matches_scorer(tmp_path):

@@ -196,9 +196,16 @@ def test_measure_cpu_peak_upgrades_an_old_single_sample_cache(tmp_path, monkeypa
     assert hardware.measure_cpu_peak("bf16", cache_path=cache, size=64, refine=True) == 7.0e11
 
 
-def test_measure_cpu_peak_tiny_real_matmul(tmp_path):
-    flops = hardware.measure_cpu_peak("fp32", cache_path=tmp_path / "hw.json", size=64, reps=2)
-    assert flops > 1e6
+def test_measure_cpu_peak_tiny_real_matmul(tmp_path, monkeypatch):
+    """2·n³ FLOPs over the fastest timed matmul: with a clock that advances 1 ms per reading,
+    a 64² matmul is 2·64³ / 1 ms; the value is cached."""
+    clock = iter(range(10_000))
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: next(clock) * 1e-3)
+    cache = tmp_path / "hw.json"
+    flops = hardware.measure_cpu_peak("fp32", cache_path=cache, size=64, reps=2)
+    assert flops == pytest.approx(2 * 64**3 / 1e-3)
+    ((_, entry),) = json.loads(cache.read_text()).items()
+    assert entry["flops"] == flops and entry["samples"] == 1
 
 
 def test_planning_import_is_light():
@@ -207,3 +214,48 @@ def test_planning_import_is_light():
     code = "import sys, kiln.planning; print(sorted({'torch','numpy','scipy'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_precision_auto_is_measured_not_assumed(monkeypatch):
+    """'auto' picks the faster of bf16 and fp32 matmuls on this CPU (AVX2-only CPUs emulate
+    bf16 ~10x slower; AMX/AVX512-BF16 ones run it faster than fp32); explicit values pass."""
+    from kiln.planning import hardware
+
+    peaks = {"bf16": 0.3e9, "fp32": 4e9}
+    monkeypatch.setattr(hardware, "measure_cpu_peak", lambda p, **kw: peaks[p])
+    pick, why = hardware.resolve_precision("auto", "cpu")
+    assert pick == "fp32" and "bf16 matmul 0.3 vs fp32 4.0 GFLOP/s" in why
+    peaks["bf16"] = 2000e9
+    assert hardware.resolve_precision("auto", "cpu")[0] == "bf16"
+    assert hardware.resolve_precision("fp32", "cpu") == ("fp32", "train.precision fp32")
+    assert hardware.resolve_precision("bf16", "cpu")[0] == "bf16"
+
+
+def test_default_warmup_serves_short_runs_and_keeps_5_percent_for_long_ones(monkeypatch):
+    """One rule for kiln plan and kiln train: a 20-step run warms up over 5 steps (5% alone gave
+    it 1 step at the full peak LR and a gradient-norm spike), long runs keep Cerebras-GPT's 5%."""
+    from types import SimpleNamespace
+
+    from kiln.config import JobConfig, TrainConfig
+    from kiln.models.gpt import GPTConfig
+    from kiln.planning.plan import default_warmup_steps
+    from kiln.train import plan as train_plan
+    from kiln.train.optim import LRSchedule
+
+    expected = {1: 1, 2: 1, 8: 2, 20: 5, 60: 15, 100: 25, 400: 25, 500: 25, 1000: 50, 9037: 452}
+    assert {s: default_warmup_steps(s) for s in expected} == expected
+    assert all(1 <= default_warmup_steps(s) <= s for s in range(1, 3000))
+    # the first update of a 20-step run is a fifth of the peak, not the peak
+    schedule = LRSchedule(2e-3, default_warmup_steps(20), 20, 0.1, "cosine")
+    assert schedule(0) == pytest.approx(2e-3 / 5)
+    # both plans call it
+    plan = make_plan(preset="cerebras-gpt-111m")
+    assert plan.warmup_steps == default_warmup_steps(plan.steps) == 452
+    monkeypatch.setattr(train_plan, "device_peak", lambda *a: (1e12, "test"))  # no measuring
+    dims = SimpleNamespace(dp_size=1, world_size=1, device=torch.device("cpu"))
+    job = JobConfig(train=TrainConfig(max_steps=20))
+    shape = GPTConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, d_head=16, d_ffn=64,
+                      vocab_size=300, max_seq_len=256)  # fmt: skip
+    assert train_plan.make_training_plan(shape, job, dims).warmup_steps == 5
+    job = JobConfig(train=TrainConfig(max_steps=20, warmup_steps=0))
+    assert train_plan.make_training_plan(shape, job, dims).warmup_steps == 0

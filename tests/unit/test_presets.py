@@ -13,8 +13,22 @@ NOMINAL = {"111m": 111e6, "256m": 256e6, "590m": 590e6, "1.3b": 1.3e9, "2.7b": 2
            "6.7b": 6.7e9, "13b": 12.85e9}  # fmt: skip
 
 
-def test_seven_cerebras_presets():
-    assert len(CEREBRAS) == 7
+# Cerebras-GPT (Dey et al. 2023, table 1; the released configs): layers, width, heads, d_ffn
+CEREBRAS_SHAPES = {
+    "111m": (10, 768, 12, 3072), "256m": (14, 1088, 17, 4352), "590m": (18, 1536, 12, 6144),
+    "1.3b": (24, 2048, 16, 8192), "2.7b": (32, 2560, 32, 10240), "6.7b": (32, 4096, 32, 16384),
+    "13b": (40, 5120, 40, 20480),
+}  # fmt: skip
+
+
+def test_seven_cerebras_presets_have_the_published_shapes():
+    assert sorted(CEREBRAS) == sorted(f"cerebras-gpt-{s}" for s in CEREBRAS_SHAPES)
+    for size, (layers, width, heads, ffn) in CEREBRAS_SHAPES.items():
+        cfg = PRESETS[f"cerebras-gpt-{size}"]
+        got = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_ffn, cfg.d_head * cfg.n_heads)
+        assert got == (layers, width, heads, ffn, width), size
+        assert (cfg.vocab_size, cfg.max_seq_len, cfg.position) == (50257, 2048, "learned")
+        assert (cfg.norm, cfg.activation, cfg.tie_embeddings) == ("layernorm", "gelu", True)
 
 
 @pytest.mark.parametrize("name", CEREBRAS + ["smollm2-135m"])

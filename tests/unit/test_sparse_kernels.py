@@ -1,5 +1,7 @@
 """Sparse kernels match dense-times-mask for outputs and all gradients (bf16 tolerance)."""
 
+import os
+
 import pytest
 import torch
 
@@ -15,7 +17,21 @@ from kiln.sparsity.kernels import (
 )
 from kiln.sparsity.patterns import block_mask
 
-BACKENDS = ["torch"] + (["cpp"] if kernels.cpp_extension() is not None else [])
+
+def _cpp_skip_reason() -> str:
+    if os.environ.get("KILN_SPARSE_CPP", "1") == "0":
+        return "the C++ block-sparse kernels are off (KILN_SPARSE_CPP=0)"
+    if not kernels._cpu_has_avx512_bf16():
+        return "the C++ block-sparse kernels need a CPU with avx512_bf16; this one has none"
+    return "the C++ block-sparse kernels failed to build here (see the warning logged above)"
+
+
+# the C++ cases stay in the list and say why they are skipped where the kernels are missing
+BACKENDS = [
+    "torch",
+    pytest.param("cpp", marks=pytest.mark.skipif(kernels.cpp_extension() is None,
+                                                  reason=_cpp_skip_reason())),
+]  # fmt: skip
 CASES = [  # out, in, block, density, axis, input shape prefix
     (64, 96, 32, 1 / 3, "rows", (5,)),
     (96, 64, 32, 0.5, "rows", (2, 7)),
@@ -115,22 +131,108 @@ def test_layout_rejects_non_block_mask():
 
 def test_choose_kernel_block_returns_valid_kernel():
     name, fn = choose_kernel(64, 128, 32, "block", 0.5, reps=1)
-    assert name.startswith("block") or name == "masked-dense"
+    reason = kernels.kernel_choice_reason(64, 128, 32, "block", 0.5, torch.bfloat16, "cpu")
+    timed = [part.rsplit(" ", 2)[0] for part in reason.split(" < ")]
+    assert timed[0] == name  # the reason starts with the winner, then every other candidate
+    assert {"dense", "masked-dense", "block32-torch", "block64-torch"} <= set(timed)
+    assert len(timed) == len(set(timed))  # no candidate named twice
     b = int(name[5:].split("-")[0]) if name.startswith("block") else 32
     mask = kernels._try_block_mask(torch.rand(64, 128), 0.5, b)  # an axis that fits this b
     w = torch.randn(64, 128, dtype=torch.bfloat16) * mask
     x = torch.randn(4, 128, dtype=torch.bfloat16)
     y = fn(x, w, None, mask)
     assert rel_err(y, masked_linear(x.float(), w.float(), None, mask)) < 2e-2
-    assert "ms vs masked-dense" in kernels.kernel_choice_reason(
-        64, 128, 32, "block", 0.5, torch.bfloat16, "cpu"
+
+
+def _inject(monkeypatch, times: dict[str, float]) -> list[str]:
+    """Replace the timer by fixed times per candidate; returns the candidates timed."""
+    seen: list[str] = []
+
+    def fake(name, fn, x, weight, bias, mask, reps):
+        seen.append(name)
+        return times[name]
+
+    monkeypatch.setattr(kernels, "_time_candidate", fake)
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("times", "winner"),
+    [
+        ({"dense": 6.0, "masked-dense": 6.3, "block32-torch": 9.0}, "dense"),
+        ({"dense": 6.0, "masked-dense": 5.0, "block32-torch": 9.0}, "masked-dense"),
+        ({"dense": 6.0, "masked-dense": 6.3, "block32-torch": 2.0}, "block32-torch"),
+        ({"dense": 6.0, "masked-dense": 6.0, "block32-torch": 6.0}, "dense"),  # ties: dense
+    ],
+)
+def test_chooser_picks_fastest_and_logs_every_candidate(monkeypatch, caplog, times, winner):
+    monkeypatch.setattr(kernels, "_EXT", None)
+    monkeypatch.setattr(kernels, "_EXT_TRIED", True)
+    times = {k: v / 1e3 for k, v in times.items()}
+    seen = _inject(monkeypatch, times)
+    with caplog.at_level("INFO", logger="kiln.sparsity.kernels"):
+        name, fn = choose_kernel(64, 128, 32, "block32", 0.5)
+    assert sorted(seen) == sorted(times) and name == winner
+    reason = kernels.kernel_choice_reason(64, 128, 32, "block32", 0.5, torch.bfloat16, "cpu")
+    expected = " < ".join(
+        f"{n} {times[n] * 1e3:.1f} ms" for n in sorted(times, key=lambda n: times[n])
     )
+    assert reason == expected and expected in caplog.text
+    if winner == "dense":
+        assert fn is kernels.dense_linear
+
+
+def test_pick_kernel_maps_a_dense_choice_to_the_dense_kernel(monkeypatch):
+    from kiln.sparsity.apply import pick_kernel
+
+    monkeypatch.setattr(kernels, "_EXT", None)
+    monkeypatch.setattr(kernels, "_EXT_TRIED", True)
+    _inject(monkeypatch, {"dense": 1e-3, "masked-dense": 2e-3, "block32-torch": 3e-3})
+    kernel, fn, reason = pick_kernel("auto", "block", 32, (64, 128), 0.5, 32, "bf16", "cpu")
+    assert (kernel, fn) == ("dense", None) and reason.startswith("dense 1.0 ms <")
+    # fp32: the C++ kernels compute in bf16, so dense, masked-dense and the fp32 torch kernel
+    monkeypatch.setattr(kernels, "_EXT", object())  # even where the C++ kernels exist
+    seen = _inject(monkeypatch, {"dense": 2e-3, "masked-dense": 1e-3, "block32-torch": 3e-3})
+    kernel, _, reason = pick_kernel("auto", "block", 32, (64, 128), 0.5, 32, "fp32", "cpu")
+    assert kernel == "masked" and sorted(seen) == ["block32-torch", "dense", "masked-dense"]
+    assert reason == "masked-dense 1.0 ms < dense 2.0 ms < block32-torch 3.0 ms"
+    seen = _inject(monkeypatch, {"dense": 2e-3, "masked-dense": 1e-3})
+    kernel, _, reason = pick_kernel("auto", "2:4", 32, (64, 128), 0.5, 32, "fp32", "cpu")
+    assert kernel == "masked" and reason.startswith("no sparse kernel for pattern '2:4' in fp32")
+
+
+def test_torch_block_kernel_computes_in_fp32_for_fp32_inputs():
+    """An fp32 run's block kernel stays fp32 (equal to masked-dense to float rounding), so
+    CPUs without bf16 matmul hardware can gain from sparsity too."""
+    torch.manual_seed(0)
+    mask = block_mask(torch.rand(64, 96), 1 / 3, 32)
+    lay = BlockLayout.from_mask(mask, 32)
+    w = (torch.randn(64, 96) * mask).requires_grad_()
+    b = torch.randn(64, requires_grad=True)
+    x = torch.randn(5, 96, requires_grad=True)
+    y = block_sparse_linear(x, w, b, lay, "torch")
+    assert y.dtype == torch.float32
+    g = torch.randn_like(y)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), g)
+    want = masked_linear(x, w, b, mask)
+    ex, ew, eb = torch.autograd.grad(want, (x, w, b), g)
+    for got, ref in ((y, want), (dx, ex), (dw, ew), (db, eb)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: bf16 like F.linear
+        assert block_sparse_linear(x, w, b, lay, "torch").dtype == torch.bfloat16
+
+
+def test_rank_candidates_needs_a_candidate():
+    with pytest.raises(ValueError):
+        kernels.rank_candidates({})
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_choose_kernel_falls_back_to_masked(pattern):
+def test_choose_kernel_without_sparse_kernel_times_dense_and_masked(pattern):
     name, fn = choose_kernel(64, 128, 32, pattern, 0.5, reps=1)
-    assert name == "masked-dense" and fn is masked_linear
+    assert name in ("dense", "masked-dense")
+    assert fn is (kernels.dense_linear if name == "dense" else masked_linear)
     assert not kernels.semi_structured_available("cpu")
 
 

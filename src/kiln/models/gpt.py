@@ -122,23 +122,15 @@ class GPTConfig:
         return self
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        """Parameter count from the shape alone (equals the module's count).
+        """Parameter count from the shape alone (equals the module's count), summed over the
+        op-level description of the model (kiln.planning.ops).
 
         "Embeddings" are the token and learned-position tables; an untied head counts as
         non-embedding (it is a matmul in every forward, unlike a table lookup).
         """
-        d, f, b = self.d_model, self.d_ffn, int(self.bias)
-        q_out, kv_out = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
-        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
-        attn = d * q_out + 2 * d * kv_out + q_out * d + b * (q_out + 2 * kv_out + d)
-        n_up = 2 if self.activation == "swiglu" else 1
-        mlp = n_up * (d * f + b * f) + f * d + b * d
-        block = attn + mlp + norm * (1 if self.parallel_block else 2)
-        body = self.n_layers * block + norm + (0 if self.tie_embeddings else self.vocab_size * d)
-        if not include_embeddings:
-            return body
-        pos = self.max_seq_len * d if self.position == "learned" else 0
-        return body + self.vocab_size * d + pos
+        from kiln.planning.ops import param_count
+
+        return param_count(self, include_embeddings)
 
     def replace(self, **changes: Any) -> GPTConfig:
         """A copy with some fields changed (dataclasses.replace)."""

@@ -41,6 +41,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from kiln.planning import ops
+
 
 class ShapeLike(Protocol):
     """What the counts read from a model shape (kiln.models.gpt's shape satisfies it)."""
@@ -92,57 +94,25 @@ def _d_attn(s: Any) -> int:
     return s.n_heads * _d_head(s)
 
 
-def embedding_params(shape: ShapeLike) -> int:
-    """Token embedding V·d plus learned positions S·d (a tied head is counted here, once)."""
-    d = shape.d_model
-    pos = shape.max_seq_len * d if getattr(shape, "position", "learned") == "learned" else 0
-    return shape.vocab_size * d + pos
-
-
-def layer_params(shape: ShapeLike) -> int:
-    """One block: q, k, v, o projections, the MLP, biases when ``bias``, and its norms."""
-    d, f, dh = shape.d_model, shape.d_ffn, _d_head(shape)
-    q, kv = shape.n_heads * dh, _kv_heads(shape) * dh
-    bias = bool(getattr(shape, "bias", True))
-    attn = d * q + 2 * d * kv + q * d + ((q + 2 * kv + d) if bias else 0)
-    n_mats = 3 if getattr(shape, "activation", "gelu") == "swiglu" else 2
-    mlp = n_mats * d * f + (((n_mats - 1) * f + d) if bias else 0)
-    n_norms = 1 if getattr(shape, "parallel_block", False) else 2
-    return attn + mlp + n_norms * _norm_params(shape)
-
-
-def _norm_params(shape: ShapeLike) -> int:
-    """LayerNorm with bias has a scale and a shift; RMSNorm (or no bias) only a scale."""
-    layernorm_bias = getattr(shape, "norm", "layernorm") == "layernorm" and getattr(
-        shape, "bias", True
-    )
-    return (2 if layernorm_bias else 1) * shape.d_model
-
-
 def param_count(shape: ShapeLike, include_embeddings: bool = True) -> int:
-    """Analytic parameter count.
+    """Parameter count, summed over the op-level description (kiln.planning.ops).
 
     ``N = V·d + S·d (learned positions) + L·layer + final norm + V·d (untied head only)``.
     An untied head counts as non-embedding (it is a matmul); ``include_embeddings=False``
     drops only the token and position tables.
     """
-    n = shape.n_layers * layer_params(shape) + _norm_params(shape)
-    if not getattr(shape, "tie_embeddings", True):
-        n += shape.vocab_size * shape.d_model
-    if include_embeddings:
-        n += embedding_params(shape)
-    return n
+    return ops.param_count(shape, include_embeddings)
 
 
 def matmul_params(shape: ShapeLike) -> int:
     """Parameters used in a matmul per token: non-embedding plus the output head V·d."""
-    head = 0 if not getattr(shape, "tie_embeddings", True) else shape.vocab_size * shape.d_model
-    return param_count(shape, include_embeddings=False) + head
+    return ops.matmul_params(shape)
 
 
 def flops_6nd_plus_attention(shape: ShapeLike, seq_len: int) -> float:
-    """Model FLOPs per token, PaLM/Megatron convention: 6·N_mm + 12·L·S·d_attn."""
-    return 6.0 * matmul_params(shape) + 12.0 * shape.n_layers * seq_len * _d_attn(shape)
+    """Model FLOPs per token, PaLM/Megatron convention: 6·N_mm + 12·L·S·d_attn, both terms
+    summed over the op-level description (the attention term is its QKᵀ and A·V ops)."""
+    return ops.model_flops_per_token(shape, seq_len)
 
 
 def flops_per_token(shape: ShapeLike, seq_len: int) -> float:
@@ -152,7 +122,8 @@ def flops_per_token(shape: ShapeLike, seq_len: int) -> float:
 
 def cerebras_flops_per_token(shape: ShapeLike, seq_len: int) -> float:
     """FLOPs per token in the convention of the published Cerebras-GPT table: 6N + 30·L·S·d."""
-    return 6.0 * param_count(shape) + 30.0 * shape.n_layers * seq_len * _d_attn(shape)
+    # 30·L·S·d = 2.5 × the 12·L·S·d of the attention matmuls in the op description
+    return 6.0 * param_count(shape) + 2.5 * ops.attention_flops_per_token(shape, seq_len)
 
 
 def chinchilla_flops_per_token(

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import ConfigError
@@ -133,7 +134,7 @@ PEAK_SAMPLES = 3
 def measure_cpu_peak(
     precision: str = "bf16",
     cache_path: str | Path | None = None,
-    size: int = 2048,
+    size: int | None = None,
     reps: int = 5,
     refine: bool = False,
 ) -> float:
@@ -146,14 +147,11 @@ def measure_cpu_peak(
         )
     import torch
 
+    if size is None:  # 2048², or 512² where a probe finds no fast path (minutes otherwise)
+        size = _calibration_size(precision)
     path = Path(cache_path) if cache_path else cache_file()
     key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|{precision}|n={size}"
-    cache: dict = {}
-    if path.is_file():
-        try:
-            cache = json.loads(path.read_text())
-        except (json.JSONDecodeError, OSError):
-            cache = {}  # a corrupt cache is re-measured and rewritten, not an error
+    cache = _read_cache(path)  # a corrupt cache is re-measured and rewritten, not an error
     entry = cache.get(key) if isinstance(cache.get(key), dict) else {}
     best, samples = float(entry.get("flops", 0) or 0), int(entry.get("samples", 1 if entry else 0))
     if best > 0 and (samples >= PEAK_SAMPLES or not refine):
@@ -187,3 +185,233 @@ def device_peak(device: str, precision: str = "bf16") -> tuple[float, str]:
                 pass
         return _measure_matmul(device, precision, 4096, 10), f"measured {precision} on {name}"
     return peak_flops(device, precision)
+
+
+# -- the performance-model hardware table ---------------------------------------------------
+@dataclass(frozen=True)
+class Device:
+    """What the performance model (kiln.planning.perf) needs of one device, with sources.
+
+    ``None`` marks a number the vendor has not published; the entry's ``source`` says so.
+    Bandwidths are bytes/s, memories bytes, peaks dense FLOP/s (no 2:4 sparsity).
+    """
+
+    name: str
+    peak_bf16: float | None
+    """Dense bf16 matmul peak."""
+    vector_flops: float | None
+    """Peak of element-wise (non-matmul) arithmetic, fp32; None = use peak_bf16."""
+    offchip_bw: float | None
+    """Off-chip memory bandwidth (HBM, DDR, or the weight-streaming link for CS-2)."""
+    onchip_bytes: float | None
+    """On-chip memory a fused kernel can keep data in (L2 / Infinity Cache / SRAM)."""
+    link_bw: float | None
+    """Device-to-device link bandwidth (NVLink, Infinity Fabric), total per device."""
+    source: str
+    """Where each number comes from (datasheet name and year, or 'measured')."""
+    matmul_efficiency: float = 0.8
+    """Fraction of peak_bf16 large matmuls reach (an assumption for datasheet peaks; 1.0 for
+    a measured peak, which already is an achieved rate)."""
+    fresh_write_bw: float | None = None
+    """Bandwidth of writing freshly allocated memory (first touch: page faults). Eager CPU
+    kernels write activations and gradients into new allocations; None = offchip_bw (GPU
+    caching allocators reuse memory)."""
+    kernel_overhead_s: float = 0.0
+    """Fixed cost of one kernel (dispatch, launch, waking worker threads). Not a datasheet
+    number, so 0 in the table entries; measured for the CPU (:func:`measure_kernel_overhead`)."""
+
+
+DEVICES: dict[str, Device] = {
+    d.name: d
+    for d in [
+        Device("A100", 312e12, 19.5e12, 2.039e12, 40e6, 600e9,
+               "NVIDIA A100 Tensor Core GPU datasheet (2021, SXM4 80GB: 312 TFLOPS bf16, "
+               "19.5 fp32, 2,039 GB/s HBM2e, NVLink 600 GB/s); 40 MB L2 from the NVIDIA A100 "
+               "Tensor Core GPU Architecture whitepaper (2020)"),
+        Device("H100", 989e12, 67e12, 3.35e12, 50e6, 900e9,
+               "NVIDIA H100 Tensor Core GPU datasheet (2023, SXM5: 989 TFLOPS bf16 dense, 67 "
+               "fp32, 3.35 TB/s HBM3, NVLink 900 GB/s); 50 MB L2 from the NVIDIA H100 Tensor "
+               "Core GPU Architecture whitepaper (2022)"),
+        Device("H200", 989e12, 67e12, 4.8e12, 50e6, 900e9,
+               "NVIDIA H200 Tensor Core GPU datasheet (2024, SXM: 989 TFLOPS bf16 dense, 67 "
+               "fp32, 4.8 TB/s HBM3e, NVLink 900 GB/s); L2 as H100 (same GH100 die, H100 "
+               "architecture whitepaper 2022). Not calibrated: no GPU was available"),
+        Device("MI300X", 1307.4e12, 163.4e12, 5.3e12, 256e6, 896e9,
+               "AMD Instinct MI300X data sheet (2023: 1,307.4 TFLOPS bf16 dense, 163.4 fp32, "
+               "5.3 TB/s HBM3, 256 MB Infinity Cache, 7 Infinity Fabric links × 128 GB/s)"),
+        Device("SN30", 640e12, None, None, 640e6, None,
+               "SN10 RDU: >320 TFLOPS bf16 and 320 MB on-chip SRAM (SambaNova, Hot Chips 33, "
+               "2021); SN30 RDU = two SN10 dies (The Next Platform, 2022-09-17), so 2× each. "
+               "DDR4 bandwidth and link bandwidth are not published"),
+        Device("SN40L", 638e12, None, 1.6e12, 520e6, None,
+               "SambaNova SN40L RDU, Hot Chips 2024 (Prabhakar): 638 TFLOPS bf16, 520 MB "
+               "on-chip SRAM, 64 GB HBM; HBM 25.6 TB/s per 16 sockets (1.6 TB/s each). DDR "
+               "(1.6 TB/s per 16 sockets) and link bandwidths per socket are not separately "
+               "published"),
+        Device("CS-2", None, None, 150e9, 40e9, None,
+               "Cerebras CS-2 datasheet (2021): WSE-2 with 40 GB on-chip SRAM (20 PB/s), "
+               "system I/O 1.2 Tb/s (12 × 100 GbE), which weight streaming uses to bring "
+               "weights in from MemoryX; no dense bf16 peak is published"),
+    ]
+}  # fmt: skip
+
+
+def measure_cpu_bandwidth(
+    cache_path: str | Path | None = None, mbytes: int = 256, reps: int = 5
+) -> float:
+    """Off-chip memory bandwidth of this CPU in bytes/s: the best of ``reps`` copies of an
+    ``mbytes`` MB fp32 tensor (read + write = 2 × size), far larger than any cache; cached
+    next to the matmul peak."""
+    import torch
+
+    path = Path(cache_path) if cache_path else cache_file()
+    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|copy-bandwidth|mb={mbytes}"
+    cache = _read_cache(path)
+    if isinstance(cache.get(key), dict) and cache[key].get("bytes_per_s", 0) > 0:
+        return float(cache[key]["bytes_per_s"])
+    n = mbytes * 2**20 // 4
+    src, dst = torch.randn(n), torch.empty(n)
+    best = float("inf")
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    bw = 2 * n * 4 / best
+    cache[key] = {"bytes_per_s": bw, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(path, cache)
+    return bw
+
+
+def measure_fresh_write_bandwidth(
+    cache_path: str | Path | None = None, mbytes: int = 256, reps: int = 3
+) -> float:
+    """Bytes/s of writing into new memory: the best ``clone()`` of an ``mbytes`` MB tensor
+    (fresh output pages) less its read at the copy bandwidth; cached."""
+    import torch
+
+    path = Path(cache_path) if cache_path else cache_file()
+    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|fresh-write|mb={mbytes}"
+    cache = _read_cache(path)
+    if isinstance(cache.get(key), dict) and cache[key].get("bytes_per_s", 0) > 0:
+        return float(cache[key]["bytes_per_s"])
+    copy_bw = measure_cpu_bandwidth(cache_path, mbytes)
+    src = torch.randn(mbytes * 2**20 // 4)
+    best = float("inf")
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        out = src.clone()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+        del out
+    size = src.numel() * 4
+    bw = size / max(best - size / copy_bw, 1e-9)
+    cache[key] = {"bytes_per_s": bw, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(path, cache)
+    return bw
+
+
+def measure_kernel_overhead(cache_path: str | Path | None = None, reps: int = 200) -> float:
+    """Seconds one small element-wise kernel costs regardless of its size: the median of
+    ``reps`` adds of 64K fp32 elements (256 KB, cache-resident), which on an idle machine is
+    dispatch plus waking the worker threads, and on a loaded one also waiting for them."""
+    import statistics
+
+    import torch
+
+    path = Path(cache_path) if cache_path else cache_file()
+    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|kernel-overhead"
+    cache = _read_cache(path)
+    if isinstance(cache.get(key), dict) and cache[key].get("seconds", 0) > 0:
+        return float(cache[key]["seconds"])
+    a, b, c = torch.randn(1 << 16), torch.randn(1 << 16), torch.empty(1 << 16)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.add(a, b, out=c)
+        times.append(time.perf_counter() - t0)
+    secs = statistics.median(times)
+    cache[key] = {"seconds": secs, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(path, cache)
+    return secs
+
+
+def _read_cache(path: Path) -> dict:
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (json.JSONDecodeError, OSError):
+            return {}
+    return {}
+
+
+def cpu_matrix_flags() -> str:
+    """Which bf16 matrix instructions /proc/cpuinfo reports (for the record; the calibration
+    measures rather than assumes): 'AMX', 'AVX512-BF16' or 'no bf16 instructions'."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split()
+    if "amx_bf16" in flags:
+        return "AMX"
+    return "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 instructions"
+
+
+def cpu_device(cache_path: str | Path | None = None) -> Device:
+    """This CPU as a Device: bf16 and fp32 matmul peaks and copy bandwidth, measured and
+    cached. On-chip memory and links are left out (caches are not managed memory)."""
+    sizes = {p: _calibration_size(p) for p in ("bf16", "fp32")}
+    bf16 = measure_cpu_peak("bf16", cache_path, size=sizes["bf16"])
+    fp32 = measure_cpu_peak("fp32", cache_path, size=sizes["fp32"])
+    bw = measure_cpu_bandwidth(cache_path)
+    overhead = measure_kernel_overhead(cache_path)
+    fresh = measure_fresh_write_bandwidth(cache_path)
+    src = (f"measured on {cpu_model_name()} ({cpu_matrix_flags()}): best bf16 "
+           f"{sizes['bf16']}² and fp32 {sizes['fp32']}² matmuls, and a 256 MB copy; cached in "
+           f"{Path(cache_path or cache_file())}")  # fmt: skip
+    return Device("cpu", bf16, fp32, bw, None, None, src, 1.0, fresh, overhead)
+
+
+def _calibration_size(precision: str) -> int:
+    """2048, unless a 256² probe shows the precision has no fast path here (bf16 on a CPU
+    without AVX512-BF16 or AMX runs at well under 1 GFLOP/s): then 512, so that calibrating
+    takes seconds, not many minutes."""
+    return 2048 if _measure_matmul("cpu", precision, 256, 1) > 5e9 else 512
+
+
+def perf_device(name: str, cache_path: str | Path | None = None) -> Device:
+    """A DEVICES entry by (case-insensitive) name, or 'cpu' (measured)."""
+    if name.lower() == "cpu":
+        return cpu_device(cache_path)
+    for key, dev in DEVICES.items():
+        if _norm(key) == _norm(name):
+            return dev
+    raise ConfigError(f"device {name!r} is not in the hardware table; use cpu or one of "
+                      f"{', '.join(DEVICES)}.")  # fmt: skip
+
+
+def resolve_precision(requested: str, device_type: str) -> tuple[str, str]:
+    """``train.precision`` → ('bf16' | 'fp32', why). 'auto' measures instead of assuming:
+
+    * CUDA: bf16 where the GPU supports it (Ampere and newer), else fp32;
+    * CPU: the faster of bf16 and fp32 matmuls, timed once per machine (512² probes, cached
+      with the CPU peak). CPUs differ by an order of magnitude: with AMX or AVX512-BF16 bf16 is
+      2–5× faster than fp32, but a CPU with AVX2 only emulates bf16 and runs it ~10× slower.
+    """
+    if requested != "auto":
+        return requested, f"train.precision {requested}"
+    if device_type == "cuda":
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this GPU has bf16"
+        return "fp32", "auto: this GPU has no bf16"
+    bf16 = measure_cpu_peak("bf16", size=512, reps=2)
+    fp32 = measure_cpu_peak("fp32", size=512, reps=2)
+    pick = "bf16" if bf16 >= fp32 else "fp32"
+    return pick, (
+        f"auto: bf16 matmul {bf16 / 1e9:,.1f} vs fp32 {fp32 / 1e9:,.1f} GFLOP/s measured on "
+        f"this CPU"
+    )

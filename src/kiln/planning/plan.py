@@ -3,7 +3,8 @@
 Exactly one of ``flops`` (a budget C: N = sqrt(C / (6·ratio))), ``params`` (N) or ``preset``
 (a Cerebras-GPT name) fixes the model; tokens = ``tokens_per_param`` × N of the chosen shape.
 Batch and peak LR follow the Cerebras-GPT table (log-log interpolation in N, clamped at its
-ends); warm-up is 5% of steps and decay linear to 10% of the peak, as Cerebras-GPT trained.
+ends); decay is linear to 10% of the peak, as Cerebras-GPT trained, and warm-up is
+``default_warmup_steps`` (5% of steps for long runs, as Cerebras-GPT; more for short ones).
 ``flops`` is the training compute as Cerebras-GPT publishes it (6·N·D plus an attention term,
 30·L·S·d per token; see kiln.planning.flops.cerebras_flops_per_token), so the seven presets
 reproduce their table; ``flops_model`` is the 6N + 12·L·S·d "model FLOPs" that MFU uses, and
@@ -78,6 +79,23 @@ class Plan:
         return d
 
 
+WARMUP_FRACTION = 0.05
+"""Warm-up as a fraction of training for long runs (Cerebras-GPT's recipe)."""
+SHORT_RUN_WARMUP = 25
+"""Warm-up steps a short run still gets (at most a quarter of its steps)."""
+
+
+def default_warmup_steps(steps: int) -> int:
+    """Linear warm-up steps when none are given: max(5% of steps, min(steps / 4, 25)), ≥ 1.
+
+    5% alone gives a 20-step run one warm-up step, so its first Adam updates (each ≈ the peak
+    LR per weight) arrive at full size and the loss spikes; a quarter of the run, up to 25
+    steps, lets short runs learn. From 500 steps on, 5% is larger and the rule is Cerebras-GPT's.
+    """
+    quarter = min(round(steps / 4), SHORT_RUN_WARMUP)
+    return min(steps, max(1, round(WARMUP_FRACTION * steps), quarter))
+
+
 def _positive(name: str, value: float | None) -> None:
     if value is None:
         return
@@ -146,7 +164,7 @@ def make_plan(
         flops_model=flops_per_token(shape, seq_len) * tokens, flops_6nd=6.0 * n * tokens,
         steps=steps,
         batch_size=batch_size, seq_len=seq_len, lr=default_lr(n),
-        warmup_steps=max(1, round(0.05 * steps)), tokens_per_param=float(tokens_per_param),
+        warmup_steps=default_warmup_steps(steps), tokens_per_param=float(tokens_per_param),
         flops_budget=float(flops) if flops else None, preset=preset_name, count=int(count),
         mfu=float(mfu), notes=notes,
     )  # fmt: skip

@@ -13,6 +13,8 @@ Kernels (one per layer, chosen when its mask is built or changes density):
   dense switch) and, for one step, at RigL updates (the dense weight gradient ``dyᵀ·x`` is what
   RigL grows by; the forward is identical because masked weights are exactly zero).
 * ``masked``: :func:`kiln.sparsity.kernels.masked_linear` (dense × mask), any pattern.
+* ``dense`` is also what a sparse layer runs when it is the fastest measured choice: the
+  weights outside the mask are exactly zero, and the callback masks the weight gradient.
 * ``block-cpp`` / ``block-torch``: :func:`kiln.sparsity.kernels.block_sparse_linear`, cost ∝
   kept blocks.
 * ``semi-2:4``: torch's 2:4 semi-structured matmul (CUDA, via choose_kernel).
@@ -26,8 +28,8 @@ through the per-linear kernels. Only exact (erf) GELU is fused: the kernel imple
 approximation, so ``gelu_tanh`` models keep the per-linear path.
 
 ``kernel: auto`` asks :func:`kiln.sparsity.kernels.choose_kernel` (timed once per shape and
-density) and only when training in bf16: the block kernel computes in bf16, so an fp32 run gets
-``masked`` unless ``kernel: block`` is asked for explicitly.
+density; every candidate's time is logged). The C++ block kernel computes in bf16, so an fp32
+run chooses among ``dense``, ``masked`` and ``block-torch`` (which computes in fp32 there).
 """
 
 from __future__ import annotations
@@ -174,27 +176,34 @@ def pick_kernel(
     precision: str,
     device: torch.device,
 ) -> tuple[str, Callable | None, str]:
-    """(kernel, fn for semi-2:4 else None, reason) for one layer at ``density``."""
+    """(kernel, fn for semi-2:4 else None, reason) for one layer at ``density``.
+
+    ``auto`` times every candidate on this shape (:func:`choose_kernel`): the dense matmul,
+    masked-dense and the sparse kernels the pattern allows in this precision (in fp32 only the
+    torch block kernel: the C++ kernels compute in bf16). The fastest wins, so a sparse layer
+    never runs measurably slower than its dense twin.
+    """
     if density >= 1.0:
         return "dense", None, "mask keeps every weight"
-    if requested == "masked":
-        return "masked", None, "sparsity.kernel is 'masked'"
+    if requested in ("masked", "dense"):
+        return requested, None, f"sparsity.kernel is {requested!r}"
     if requested == "block":
         backend = "block-cpp" if cpp_extension() is not None else "block-torch"
         return backend, None, "sparsity.kernel is 'block'"
-    if precision != "bf16":
-        return "masked", None, "fp32 training (the block kernel computes in bf16)"
     is_block = pattern == "block" and block_size % 32 == 0
-    if not (is_block or pattern == "2:4"):
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if is_block or (pattern == "2:4" and precision == "bf16"):
+        name_pattern, why = (f"block{block_size}" if is_block else pattern), ""
+    else:
+        name_pattern = "unstructured"
         detail = f"block size {block_size}" if pattern == "block" else f"pattern {pattern!r}"
-        return "masked", None, f"no sparse kernel for {detail}"
-    name_pattern = f"block{block_size}" if is_block else pattern
+        why = f"no sparse kernel for {detail} in {precision}; "
     out_f, in_f = shape
-    args = (out_f, in_f, tokens, name_pattern, density, torch.bfloat16, device)
+    args = (out_f, in_f, tokens, name_pattern, density, dtype, device)
     name, fn = choose_kernel(*args)
-    reason = kernel_choice_reason(*args) or name
+    reason = why + (kernel_choice_reason(*args) or name)
     if name.startswith("block"):
         return "block-" + name.split("-", 1)[1], None, reason
     if name.startswith("semi"):
         return "semi-2:4", fn, reason
-    return "masked", None, reason
+    return ("dense" if name == "dense" else "masked"), None, reason

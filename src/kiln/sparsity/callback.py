@@ -33,7 +33,7 @@ from torch import nn
 from kiln.config import SparsityConfig
 from kiln.errors import ConfigError
 from kiln.sparsity import algorithms as alg
-from kiln.sparsity.apply import SparseLinear, fuse_mlps, pick_kernel, swap_in
+from kiln.sparsity.apply import SparseGeluMLP, SparseLinear, fuse_mlps, pick_kernel, swap_in
 from kiln.sparsity.masks import (
     UnitSpec,
     distribute,
@@ -107,6 +107,9 @@ class SparsityCallback(Callback):
         self.stale = True
         """A mask changed since weights and moments were last zeroed outside the masks."""
         self._reasons: dict[tuple, str] = {}
+        self.mlps: list[SparseGeluMLP] = []
+        """GELU MLPs with both linears sparse (fused while both chose block-cpp)."""
+        self._fused_reported: int | None = None
 
     # -- building and applying masks -------------------------------------------------------
     def build_masks(self) -> None:
@@ -148,12 +151,25 @@ class SparsityCallback(Callback):
         layer.module.set_mask(mask, kernel, fn)
         self.changed = self.stale = True
 
+    def _report_fusion(self) -> None:
+        """Say how many GELU MLPs really run fused, after the kernels were chosen (and again
+        whenever that number changes)."""
+        fused = sum(mlp.fused for mlp in self.mlps)
+        if self.mlps and fused != self._fused_reported:
+            self._fused_reported = fused
+            why = "both linears chose block-cpp" if fused else "their linears chose other kernels"
+            self.log(
+                f"sparsity: {fused} of {len(self.mlps)} GELU MLPs run fc1 → GELU → fc2 fused "
+                f"({why})"
+            )
+
     @torch.no_grad()
     def _enforce(self, grown: dict[str, torch.Tensor] | None = None) -> None:
         """Zero masked (and newly grown) weights and their AdamW moments."""
         if not self.masked:
             return
         self.stale = False
+        self._report_fusion()
         tensors, keeps = [], []  # one foreach multiply over all weights and moments
         for layer in self.layers:
             keep = layer.module.keep
@@ -336,16 +352,12 @@ def build_sparsity(
         kept = torch.ones(specs[name].scores(linear.weight).shape, dtype=torch.bool)
         layers.append(Layer(name, module.weight, module, specs[name], densities[name], kept))
     fused = fuse_mlps(model)
-    if fused:
-        log(
-            f"sparsity: {len(fused)} GELU MLPs run fc1 → GELU → fc2 fused while both "
-            "linears use block-cpp"
-        )
     flops_params = sum(m.weight.numel() for _, m in linear_weights(model).values())
     flops_params += sum(m.weight.numel() for m in model.modules() if isinstance(m, SparseLinear))
     if getattr(model, "head", 0) is None and hasattr(model, "tok_emb"):  # tied output head
         flops_params += model.tok_emb.weight.numel()
     callback = SparsityCallback(cfg, layers, optimizer, runtime, flops_params, log)
+    callback.mlps = [model.get_submodule(path) for path in fused]
     if cfg.algorithm != "gmp" and cfg.mask_step == 0:
         callback.build_masks()  # raises (naming the parameter) if a level is not achievable
         callback._enforce()

@@ -23,18 +23,22 @@ Backends (same layout, same numbers up to bf16 rounding):
   CSC lists: no gathers, no scatter-adds, any block placement. A linear is 2 parallel regions
   (pack W and W^T, then forward; token-tiled backward, then dW). Used when the CPU has avx512_bf16
   and compilation succeeds; otherwise (or with ``KILN_SPARSE_CPP=0``) ``torch``.
-* ``torch``: pure torch. The layout is padded to the same number of blocks per block-row
-  (``rows``) or per block-column (``cols``, via ``W^T``), whichever pads less; forward /
-  grad-weight are one ``bmm`` over gathered activation blocks, grad-input a ``bmm`` followed by
-  ``index_add_``.
+* ``torch``: pure torch, in the dtype ``F.linear`` would compute in (bf16 under autocast,
+  fp32 in an fp32 run — the only block kernel for CPUs without bf16 matmul hardware, whose
+  bf16 matmuls are an order of magnitude slower than fp32). The layout is padded to the same
+  number of blocks per block-row (``rows``) or per block-column (``cols``, via ``W^T``),
+  whichever pads less; forward / grad-weight are one ``bmm`` over gathered activation blocks,
+  grad-input a ``bmm`` followed by ``index_add_``.
 
 :func:`block_sparse_mlp` (``W2 gelu(W1 x + b1) + b2``, both weights block-sparse) fuses the
 exact GELU into the C++ kernels' epilogues and runs fc1 -> fc2 per token tile with the hidden
 activations in L2: 2 parallel regions per fwd+bwd (see :class:`BlockSparseMLPFn`).
 
-Also here: :func:`masked_linear` (dense times mask, the always-valid fallback), 2:4
-semi-structured on CUDA (guarded), and :func:`choose_kernel`, which times the candidates once
-per shape/pattern/density/dtype/device and keeps the fastest.
+Also here: :func:`masked_linear` (dense times mask, the always-valid fallback),
+:func:`dense_linear` (plain ``F.linear`` on the zero-filled weight, the gradient masked by the
+caller), 2:4 semi-structured on CUDA (guarded), and :func:`choose_kernel`, which times every
+candidate — dense ones included — once per shape/pattern/density/dtype/device, keeps the
+fastest and says what each took.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ __all__ = [
     "block_sparse_mlp",
     "choose_kernel",
     "cpp_extension",
+    "dense_linear",
     "masked_linear",
     "semi_structured_available",
 ]
@@ -193,11 +198,11 @@ def _cpp_backward(ext: CppKernels, dy2, x2, wt, w_dtype, lay: BlockLayout, *need
 # --------------------------------------------------------------------------- torch backend
 
 
-def _weight_blocks(weight: torch.Tensor, lay: BlockLayout) -> torch.Tensor:
-    """Kept blocks of A (W for axis rows, W^T for cols) as bf16 ``[lines, k, b, b]``."""
+def _weight_blocks(weight: torch.Tensor, lay: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Kept blocks of A (W for axis rows, W^T for cols) as ``dtype`` ``[lines, k, b, b]``."""
     axis, idx, valid = lay.padded
     b = lay.block_size
-    w = weight.to(torch.bfloat16)
+    w = weight.to(dtype)
     if axis == "cols":
         w = w.t()
     lines = torch.arange(idx.shape[0]).unsqueeze(1).expand_as(idx)
@@ -235,7 +240,7 @@ def _grad_blocks(u: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, b: int) ->
 
 def _torch_forward(x2, weight, bias, lay: BlockLayout):
     axis, idx, _ = lay.padded
-    blocks = _weight_blocks(weight, lay)
+    blocks = _weight_blocks(weight, lay, x2.dtype)
     y = (
         _gather_mm(x2, blocks, idx)
         if axis == "rows"
@@ -249,7 +254,7 @@ def _torch_backward(dy2, x2, weight, lay: BlockLayout, need_x: bool, need_w: boo
     b = lay.block_size
     dx = dw = None
     if need_x:
-        blocks = _weight_blocks(weight, lay)
+        blocks = _weight_blocks(weight, lay, dy2.dtype)
         if axis == "rows":
             dx = _scatter_mm(dy2, blocks, idx, lay.in_features)
         else:
@@ -279,7 +284,9 @@ class BlockSparseLinearFn(torch.autograd.Function):
         if backend == "cpp" and ext is None:
             raise ConfigError("block-sparse backend 'cpp' is unavailable on this machine.")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        # C++: bf16 always; torch: the dtype F.linear would compute in (fp32 runs stay fp32)
+        ctx.dtype = torch.bfloat16 if ext is not None else compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(ctx.dtype).contiguous()
         if ext is not None:
             y, wt = _cpp_forward(ext, x2, weight, bias, layout)
             ctx.save_for_backward(x2, wt)  # the packed W^T blocks stand in for W
@@ -295,7 +302,7 @@ class BlockSparseLinearFn(torch.autograd.Function):
     def backward(ctx, grad):
         x2, weight = ctx.saved_tensors  # weight: packed W^T blocks for the C++ backend
         lay = ctx.layout
-        dy2 = grad.reshape(-1, lay.out_features).to(torch.bfloat16).contiguous()
+        dy2 = grad.reshape(-1, lay.out_features).to(ctx.dtype).contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.ext is not None:
             needs = (need_x, need_w, need_b)
@@ -460,16 +467,63 @@ def _block_kernel(block_size: int, backend: str) -> Callable:
     return fn
 
 
-def _time_fwd_bwd(fn, x, weight, bias, mask, reps: int) -> float:
+def dense_linear(x, weight, bias, mask):
+    """Plain ``F.linear``: valid for a sparse layer because its weights outside the mask are
+    exactly zero; the caller masks the weight gradient after backward (the sparsity callback
+    does, for every kernel whose gradient is not masked already). Often the fastest choice where
+    the dense matmul is very fast (AMX) and the sparse kernels are not."""
+    return F.linear(x, weight, bias)
+
+
+def _time_candidate(name: str, fn, x, weight, bias, mask, reps: int) -> float:
+    """Fastest of ``reps`` fwd + bwd runs of candidate ``name`` (after one warm-up). The
+    ``dense`` candidate also pays the weight-gradient masking it costs a training step."""
+    keep, mask_grad = mask.to(weight.dtype), name == "dense"
     times = []
     for i in range(reps + 1):
         xi = x.detach().requires_grad_()
         start = time.perf_counter()
         fn(xi, weight, bias, mask).sum().backward()
+        if mask_grad:
+            weight.grad.mul_(keep)
         if i:  # the first call warms up (and builds layouts)
             times.append(time.perf_counter() - start)
         weight.grad = bias.grad = None
     return min(times)  # noise on a shared machine only adds time: the fastest run is the cost
+
+
+def rank_candidates(timings: dict[str, float]) -> tuple[str, str]:
+    """(fastest candidate, reason listing every candidate with its time, fastest first).
+
+    E.g. ``"block64-cpp 3.1 ms < dense 5.8 ms < masked-dense 6.3 ms < block64-torch 9.0 ms"``.
+    Ties go to the candidate listed first (dense before masked-dense before sparse kernels, as
+    :func:`choose_kernel` lists them), so a sparse kernel must be strictly faster to be chosen.
+    """
+    if not timings:
+        raise ValueError("rank_candidates needs at least one timed candidate")
+    order = sorted(timings, key=lambda n: timings[n])  # stable: ties keep the listing order
+    reason = " < ".join(f"{n} {timings[n] * 1e3:.1f} ms" for n in order)
+    return order[0], reason
+
+
+def _candidates(pat, density: float, dtype: torch.dtype, device: torch.device, scores):
+    """(name, fn, mask) for every kernel that can run this pattern in ``dtype`` on this device;
+    the dense kernels first, so that on a tie the chooser keeps the simple path. The C++
+    kernels compute in bf16, so an fp32 problem gets only the torch block kernel."""
+    sparse: list[tuple[str, Callable, torch.Tensor]] = []
+    if pat.kind == "block" and device.type == "cpu":
+        sizes = [pat.block_size] if pat.block_size else [32, 64, 128]
+        for b in sizes:
+            mask = _try_block_mask(scores, density, b)
+            if mask is None:
+                continue
+            if dtype == torch.bfloat16 and cpp_extension() is not None:
+                sparse.append((f"block{b}-cpp", _block_kernel(b, "cpp"), mask))
+            sparse.append((f"block{b}-torch", _block_kernel(b, "torch"), mask))
+    if pat.kind == "nm" and (pat.n, pat.m) == (2, 4) and semi_structured_available(device):
+        sparse.append(("semi-structured-2:4", _semi_structured_linear, nm_mask(scores, 2, 4)))
+    mask = sparse[0][2] if sparse else unstructured_mask(scores, density)
+    return [("dense", dense_linear, mask), ("masked-dense", masked_linear, mask), *sparse]
 
 
 def choose_kernel(
@@ -484,9 +538,12 @@ def choose_kernel(
 ) -> tuple[str, Callable]:
     """Pick the fastest fwd+bwd kernel ``fn(x, weight, bias, mask) -> y`` for this problem.
 
-    Candidates are timed once per (shape, tokens, pattern, density, dtype, device) and cached
-    in-process; the reason ("block64-cpp: 3.1 ms vs masked-dense 12.0 ms") is logged and kept
-    in :func:`kernel_choice_reason`. Patterns without a sparse kernel here get masked-dense.
+    Every candidate is timed on the real shape — ``dense`` (plain ``F.linear`` plus the weight
+    gradient masking it needs), ``masked-dense``, and each sparse kernel the pattern and device
+    allow — once per (shape, tokens, pattern, density, dtype, device), cached in-process. The
+    fastest wins, so the chosen path is never slower than the dense layer as measured; the
+    reason names every candidate with its time (see :func:`rank_candidates`), is logged, and is
+    kept in :func:`kernel_choice_reason`.
     """
     pat = parse_pattern(pattern)
     device = torch.device(device)
@@ -496,43 +553,23 @@ def choose_kernel(
         return name, fn
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(out_features, in_features, generator=gen)
-    candidates: list[tuple[str, Callable, torch.Tensor]] = []
-    if pat.kind == "block" and device.type == "cpu":
-        sizes = [pat.block_size] if pat.block_size else [32, 64, 128]
-        for b in sizes:
-            mask = _try_block_mask(scores, density, b)
-            if mask is None:
-                continue
-            if cpp_extension() is not None:
-                candidates.append((f"block{b}-cpp", _block_kernel(b, "cpp"), mask))
-            candidates.append((f"block{b}-torch", _block_kernel(b, "torch"), mask))
-    if pat.kind == "nm" and (pat.n, pat.m) == (2, 4) and semi_structured_available(device):
-        candidates.append(("semi-structured-2:4", _semi_structured_linear, nm_mask(scores, 2, 4)))
-    fallback_mask = candidates[0][2] if candidates else unstructured_mask(scores, density)
-    candidates.append(("masked-dense", masked_linear, fallback_mask))
-    if len(candidates) == 1:
-        reason = f"no sparse kernel for pattern {pat.name!r} on {device.type}"
-        _CHOICES[key] = ("masked-dense", masked_linear, reason)
-        log.info("choose_kernel %s: masked-dense (%s)", key[:5], reason)
-        return "masked-dense", masked_linear
+    candidates = _candidates(pat, density, dtype, device, scores)
     x = torch.randn(tokens, in_features, generator=gen).to(device, dtype)
     weight = torch.randn(out_features, in_features, generator=gen).to(device, dtype)
     bias = torch.zeros(out_features, device=device, dtype=dtype)
     weight.requires_grad_(), bias.requires_grad_()
-    timed = []
+    timings, fns = {}, {}
     for name, fn, mask in candidates:
         mask = mask.to(device)
         try:
-            timed.append((_time_fwd_bwd(fn, x, weight, bias, mask, reps), name, fn))
+            timings[name] = _time_candidate(name, fn, x, weight, bias, mask, reps)
+            fns[name] = fn
         except (RuntimeError, ConfigError) as err:
             log.info("choose_kernel: candidate %s failed: %s", name, err)
-    timed.sort(key=lambda t: t[0])
-    best_t, name, fn = timed[0]
-    dense_t = next(t for t, n, _ in timed if n == "masked-dense")
-    reason = f"{name}: {best_t * 1e3:.1f} ms vs masked-dense {dense_t * 1e3:.1f} ms"
-    _CHOICES[key] = (name, fn, reason)
+    name, reason = rank_candidates(timings)
+    _CHOICES[key] = (name, fns[name], reason)
     log.info("choose_kernel %s: %s", key[:5], reason)
-    return name, fn
+    return name, fns[name]
 
 
 def kernel_choice_reason(out_features, in_features, tokens, pattern, density, dtype, device):

@@ -17,11 +17,19 @@ use ``weights_only=True``. :class:`SafeReader` unpickles ``.metadata`` with an a
 metadata classes, ``torch.Size``, dtypes, paths) and :class:`SafePlanner` loads non-tensor values
 with ``weights_only=True``, so a tampered checkpoint fails with a CheckpointError instead of
 running code. Plain counters live in kiln.json, tensors in DCP.
+
+Faults of the machine end in one sentence, never a traceback: a write that fails (disk full, I/O
+error) removes its partial ``.tmp-step-*`` and raises :class:`StorageError` naming the cause, the
+size needed and free, and the intact previous checkpoint; a damaged or tampered checkpoint
+(:func:`verify_checkpoint`: unparseable kiln.json, ``.metadata`` unreadable or asking for a
+refused global, a shard missing or shorter than the metadata says) raises a CheckpointError
+naming the file and the newest older checkpoint that is intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -51,9 +59,18 @@ from torch.distributed.checkpoint.state_dict import (
 
 from kiln import __version__
 from kiln.errors import CheckpointError
-from kiln.train.faults import crash_point
+from kiln.train.faults import crash_point, fault_point, free_bytes
 
 META = "kiln.json"
+MiB = 2**20
+TENSOR_OVERHEAD = 2048  # bytes DCP's torch.save adds per tensor (1.8 KiB measured on 2.13)
+
+
+class StorageError(Exception):
+    """A checkpoint could not be written (disk full, I/O error): the machine, not the user;
+    the message is one sentence and ``kiln train`` exits 3."""
+
+
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
@@ -116,6 +133,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+REFUSED = "refusing to unpickle "
+
+
 class _AllowListUnpickler(pickle.Unpickler):
     """Unpickles DCP's metadata and nothing else: any other global is refused."""
 
@@ -130,7 +150,7 @@ class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if not (module in self.MODULES or (module, name) in self.GLOBALS or dtype):
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+            raise pickle.UnpicklingError(f"{REFUSED}{module}.{name}")
         return super().find_class(module, name)
 
 
@@ -221,34 +241,107 @@ def save_checkpoint(
     root = Path(root)
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
+    state = tensor_state(model, optimizer, extra)
+    try:
+        if _rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _barrier()
+        _write(tmp, final, state, meta, step)
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failure(root, step, state_bytes(state), exc) from exc
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier()
-    with _quiet_single_process():
-        writer = FileSystemWriter(str(tmp), sync_files=True)
-        dcp.save(tensor_state(model, optimizer, extra), storage_writer=writer)
-    _barrier()
-    if _rank() == 0:
-        meta = dict(meta, step=step, kiln_version=__version__, torch_version=torch.__version__)
-        meta_tmp = tmp / (META + ".tmp")
-        with open(meta_tmp, "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(meta_tmp, tmp / META)
-        _fsync_dir(tmp)
-        crash_point(f"save:{step}")  # test-only: SIGKILL here leaves a complete .tmp dir
-        if final.exists():  # re-saving the same step: move the old copy aside first
-            _discard(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
         for old in list_checkpoints(root)[:-keep]:
             _discard(old)
     _barrier()
     return final
+
+
+def _write(tmp: Path, final: Path, state: dict[str, Any], meta: dict[str, Any], step: int) -> None:
+    """DCP shards (every rank), then kiln.json and the rename (rank 0)."""
+    with _quiet_single_process():
+        writer = FileSystemWriter(str(tmp), sync_files=True)
+        dcp.save(state, storage_writer=writer)
+    fault_point(f"save:{step}")  # test-only: a full disk after the shards are written
+    _barrier()
+    if _rank() != 0:
+        return
+    meta = dict(meta, step=step, kiln_version=__version__, torch_version=torch.__version__)
+    meta_tmp = tmp / (META + ".tmp")
+    with open(meta_tmp, "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(meta_tmp, tmp / META)
+    _fsync_dir(tmp)
+    crash_point(f"save:{step}")  # test-only: SIGKILL here leaves a complete .tmp dir
+    if final.exists():  # re-saving the same step: move the old copy aside first
+        _discard(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def state_bytes(state: Any) -> int:
+    """About the bytes a (nested) state dict takes on disk: each tensor's data and DCP's
+    per-tensor record."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size() + TENSOR_OVERHEAD
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _write_failure(root: Path, step: int, need: int, exc: BaseException) -> StorageError:
+    """One sentence for a failed write: cause, size needed and free, what is still intact."""
+    free = free_bytes(root)
+    code = _errno_of(exc)
+    if code == errno.ENOSPC or (code is None and free < need):
+        cause = f"no space left on the device holding {root}"
+    else:
+        cause = f"the write failed ({_first_line(exc)})"
+    prev = latest_checkpoint(root)
+    kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+    return StorageError(
+        f"checkpoint step {step} could not be written: {cause} (it needs about "
+        f"{need / MiB:.1f} MiB, {free / MiB:.1f} MiB are free); {kept} and the partial write "
+        "was removed — free space or lower --checkpoint.keep, then continue with --resume."
+    )
+
+
+def check_space(root: Path, need: int, keep: int, log) -> None:
+    """At start: refuse if ``root`` cannot hold one more checkpoint of ``need`` bytes; say so
+    if it cannot hold the ``keep`` + 1 that exist while the newest is written."""
+    free = free_bytes(root)
+    held = sum(_dir_bytes(c) for c in list_checkpoints(root))
+    size = f"a checkpoint needs about {need / MiB:.1f} MiB and {free / MiB:.1f} MiB are free"
+    if free < need:
+        raise StorageError(
+            f"the device holding {root} has no room for a checkpoint ({size}); free space or "
+            "choose another --run.dir."
+        )
+    if free + held < (keep + 1) * need:
+        log(
+            f"warning: {root} cannot hold checkpoint.keep + 1 = {keep + 1} checkpoints ({size}); "
+            "the run will stop at the checkpoint that does not fit, keeping the previous one."
+        )
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
 def load_checkpoint(
@@ -259,20 +352,98 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load ``path`` into ``model`` / ``optimizer`` / ``extra`` in place (any world size);
     return its kiln.json."""
+    verify_checkpoint(path)
     meta = read_meta(path)
     state = tensor_state(model, optimizer)
     if extra:
         state["extra"] = extra
     try:
-        with _quiet_single_process():
+        with _quiet_single_process(), _no_dcp_logs():
             dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
     except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
         raise CheckpointError(
-            f"Checkpoint {path} cannot be loaded into this model and optimizer: it is "
-            f"incomplete or from another shape ({_first_line(exc)})."
+            f"Checkpoint {path} cannot be loaded into this model and optimizer: it holds other "
+            f"tensors than this run's ({_first_line(exc)})."
         ) from exc
     _set_state(model, optimizer, state)
     return meta
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise a CheckpointError naming the damaged file (and the newest older intact checkpoint
+    to continue from) unless ``path`` is readable: kiln.json parses, ``.metadata`` unpickles
+    through the allow-list, every shard is at least as long as the metadata says."""
+    path = Path(path)
+    if not (path / META).is_file():
+        read_meta(path)  # an incomplete directory (no kiln.json) keeps its own sentence
+    problem = _problem(path)
+    if problem:
+        raise CheckpointError(f"Checkpoint {path} is damaged: {problem}; {_way_on(path)}")
+
+
+def _problem(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` (the file and why), or None if nothing."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{META} does not parse ({_first_line(exc)})"
+    if not isinstance(meta, dict) or not {"step", "model_shape"} <= meta.keys():
+        return f"{META} lacks step or model_shape"
+    try:
+        metadata = SafeReader(str(path)).read_metadata()
+    except FileNotFoundError:
+        return ".metadata is missing"
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith(REFUSED):
+            culprit = str(exc)[len(REFUSED) :]
+            return (
+                f".metadata was refused: unpickling it would call {culprit} (it was tampered with)"
+            )
+        return f".metadata is unreadable ({_first_line(exc)})"
+    except Exception as exc:  # EOFError, ValueError, ... from a truncated pickle
+        return f".metadata is unreadable or truncated ({type(exc).__name__}: {_first_line(exc)})"
+    ends: dict[str, int] = {}
+    for info in getattr(metadata, "storage_data", {}).values():
+        name = info.relative_path
+        ends[name] = max(ends.get(name, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        if not (path / name).is_file():
+            return f"shard {name} is missing"
+        size = (path / name).stat().st_size
+        if size < end:
+            return f"shard {name} is truncated ({size:,} bytes, the metadata needs {end:,})"
+    return None
+
+
+def _way_on(path: Path) -> str:
+    """How to go on after checkpoint ``path`` proved damaged: the newest older intact one."""
+    step = int(STEP_DIR.match(path.name).group(1)) if STEP_DIR.match(path.name) else None
+    older = [c for c in list_checkpoints(path.parent) if c != path]
+    if step is not None:
+        older = [c for c in older if int(STEP_DIR.match(c.name).group(1)) < step]
+    for candidate in reversed(older):
+        if _problem(candidate) is None:
+            return (
+                f"the older checkpoint {candidate.name} is intact — continue from it with "
+                f"'kiln train --resume {candidate.name}', or give {candidate} to kiln generate."
+            )
+    return f"no older intact checkpoint is left in {path.parent}."
+
+
+@contextlib.contextmanager
+def _no_dcp_logs():
+    """DCP logs its own tracebacks (e.g. 'Global metadata is not found') before raising; the
+    error Kiln raises says what is wrong, so those stay off the terminal (torch 2.13 logs them
+    on the root logger)."""
+    import logging
+
+    logger = logging.getLogger()
+    previous = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = previous
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -27,20 +27,37 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give a run directory or a checkpoint.")
     if ckpt.STEP_DIR.match(path.name):
-        ckpt.read_meta(path)  # raises if incomplete
+        ckpt.verify_checkpoint(path)  # raises if incomplete, damaged or tampered
         return path, path.parent.parent
     latest = ckpt.latest_checkpoint(path / "checkpoints")
     if latest is None:
         raise CheckpointError(
             f"{path} holds no complete checkpoint (looked in {path}/checkpoints)."
         )
+    ckpt.verify_checkpoint(latest)
     return latest, path
 
 
-def load_kiln(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def missing_tokenizer(path: str | Path) -> CheckpointError:
+    """The one sentence for a model that has weights but no tokenizer (a weights-only import)."""
+    return CheckpointError(
+        f"{path} has no tokenizer, so text cannot be turned into tokens for it; attach one with "
+        "'kiln convert SOURCE NEW_DIR --tokenizer PATH' (a folder, a tokenizer.json, or GPT-2 "
+        f"vocab.json + merges.txt) or copy a tokenizer.json into {path}."
+    )
+
+
+def load_kiln(
+    path: str | Path, device: str | torch.device = "cpu", need_tokenizer: bool = True
+) -> LoadedModel:
+    """Model + tokenizer of a run; ``need_tokenizer=False`` gives ``tokenizer=None`` for a run
+    converted without one (``kiln convert`` of weights only) instead of an error."""
     from kiln.data.tokenizer import Tokenizer
 
     checkpoint, run_dir = resolve_checkpoint(path)
+    tok_path = run_dir / "tokenizer.json"
+    if need_tokenizer and not tok_path.is_file():
+        raise missing_tokenizer(run_dir)
     meta = ckpt.read_meta(checkpoint)
     shape = GPTConfig(**meta["model_shape"])
     with torch.device("meta"):
@@ -49,10 +66,8 @@ def load_kiln(path: str | Path, device: str | torch.device = "cpu") -> LoadedMod
     model.init_weights()  # buffers (RoPE tables); parameters are overwritten by the checkpoint
     ckpt.load_checkpoint(checkpoint, model, None)
     model.eval()
-    tok_path = run_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise CheckpointError(f"{run_dir} has no tokenizer.json next to its checkpoints.")
-    return LoadedModel(model, Tokenizer.load(tok_path), shape, checkpoint, meta)
+    tok = Tokenizer.load(tok_path) if tok_path.is_file() else None
+    return LoadedModel(model, tok, shape, checkpoint, meta)
 
 
 def generate_text(

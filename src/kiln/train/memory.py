@@ -45,6 +45,7 @@ import torch
 
 from kiln.models.gpt import GPTConfig, uses_matmul_attention
 from kiln.models.loss import chunk_rows
+from kiln.planning.ops import block_params
 
 
 @dataclass
@@ -80,12 +81,7 @@ class MemoryEstimate:
 
 
 def _block_params(shape: GPTConfig) -> int:
-    return (shape.num_params(include_embeddings=False) - _head_params(shape)) // shape.n_layers
-
-
-def _head_params(shape: GPTConfig) -> int:
-    norm = shape.d_model * (2 if shape.norm == "layernorm" and shape.bias else 1)
-    return norm + (0 if shape.tie_embeddings else shape.vocab_size * shape.d_model)
+    return block_params(shape)
 
 
 def activation_bytes(
@@ -184,10 +180,11 @@ def estimate_for_job(job, world_size: int) -> tuple[str, list[MemoryEstimate]]:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from kiln.planning.hardware import resolve_precision
+
+    precision, _ = resolve_precision(job.train.precision, device)
     estimates = [
-        estimate_memory(
-            shape, micro, job.data.seq_len, job.train.precision, world_size, m, ac, device
-        )
+        estimate_memory(shape, micro, job.data.seq_len, precision, world_size, m, ac, device)
         for m in modes
         for ac in (False, True)
     ]
@@ -195,6 +192,6 @@ def estimate_for_job(job, world_size: int) -> tuple[str, list[MemoryEstimate]]:
     text = (
         f"model: {n:,} parameters ({shape.n_layers} layers, d_model {shape.d_model}, vocab "
         f"{shape.vocab_size}); micro-batch {micro} × {job.data.seq_len} tokens, "
-        f"{job.train.precision}, {world_size} rank(s)"
+        f"{precision}, {world_size} rank(s)"
     )
     return text, estimates

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from kiln.config import JobConfig
 from kiln.planning.flops import flops_per_token
 from kiln.planning.hardware import device_peak
+from kiln.planning.plan import default_warmup_steps
 
 
 @dataclass
@@ -78,7 +79,7 @@ def make_training_plan(shape, job: JobConfig, dims, data=None) -> TrainingPlan:
         length_from = f"train.tokens_per_param {t.tokens_per_param:g}"
     steps = max(1, steps)
     micro = t.micro_batch_size or t.batch_size // dims.dp_size
-    warmup = t.warmup_steps if t.warmup_steps is not None else max(1, round(0.05 * steps))
+    warmup = t.warmup_steps if t.warmup_steps is not None else default_warmup_steps(steps)
     peak, source = device_peak(dims.device.type, t.precision)
     return TrainingPlan(
         params=params,

@@ -8,11 +8,14 @@ resumed or replaced there.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ import torch
 import yaml
 
 from kiln import __version__
-from kiln.config import JobConfig, job_config_from_dict
+from kiln.config import JobConfig, ParallelConfig, job_config_from_dict
 from kiln.distributed.parallel_dims import (
     ParallelDims,
     RankFailure,
@@ -34,7 +37,7 @@ from kiln.errors import CheckpointError, ConfigError
 from kiln.fsio import atomic_write
 from kiln.models.gpt import GPT, GPTConfig
 from kiln.models.presets import resolve_model
-from kiln.planning.hardware import measure_cpu_peak
+from kiln.planning.hardware import measure_cpu_peak, resolve_precision
 from kiln.train import checkpoint as ckpt
 from kiln.train.callbacks import Callback, split_state
 from kiln.train.malloc import keep_freed_memory
@@ -71,29 +74,143 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())[:160]
 
 
+# Fields a resumed run takes from the command line instead of its saved config.yaml: where the
+# run lives and on which device, what it logs, how long it trains. The one list both --resume
+# (a given flag outside it must equal the saved value) and --resume auto (is the directory's run
+# this command's run?) read. The layout (parallel.*) always comes from the command that resumes:
+# DCP reshards model and optimizer to it, and the loader's position is global.
+CHANGEABLE_ON_RESUME = ("run.*", "log.*", "train.max_steps", "parallel.*")
+LAYOUT_FIELDS = tuple(f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig))
+
+
+def changeable_on_resume(name: str) -> bool:
+    """True for a ``section.field`` a resumed run may take from the command line."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in CHANGEABLE_ON_RESUME)
+
+
+def _flat(job: JobConfig) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, fields in job.to_dict().items() for k, v in fields.items()}
+
+
+def config_conflicts(
+    saved: JobConfig, job: JobConfig, names: Iterable[str] | None = None
+) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, given value) for each field of ``names`` (every field when None)
+    that differs between the resolved configs and may not change on resume."""
+    old, new = _flat(saved), _flat(job)
+    keys = new if names is None else [n for n in names if n in new]
+    return [
+        (k, old.get(k), new[k])
+        for k in keys
+        if not changeable_on_resume(k) and old.get(k) != new[k]
+    ]
+
+
+def holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_FILES)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` if needed and prove a file can be written there (every rank, before
+    any data or tokenizer work)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".kiln-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"run.dir {run_dir} cannot be written ({exc.strerror or exc}"
+            f"{f': {exc.filename}' if exc.filename else ''}); choose a directory you can write."
+        ) from exc
+
+
 def prepare_run_dir(job: JobConfig, resume: bool, dims: ParallelDims) -> Path:
     """Create, or check, the run directory. Refuses to mix two different runs in one place."""
     run_dir = Path(job.run.dir)
-    holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_FILES)
+    held = holds_run(run_dir)
+    check_writable(run_dir)
     if resume:
         return run_dir
-    if holds_run and not job.run.overwrite:
+    if held and not job.run.overwrite:
         raise ConfigError(
             f"Run directory {run_dir} already holds a run; pass --resume to continue it or "
             "--run.overwrite true to replace it."
         )
-    if dims.is_main:
-        if holds_run:
-            for name in RUN_FILES:
-                target = run_dir / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if dims.is_main and held:
+        for name in RUN_FILES:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     if dims.distributed:
         torch.distributed.barrier()
     return run_dir
+
+
+def resolve_resume(
+    job: JobConfig, resume: str | None, given: Iterable[str], log
+) -> tuple[JobConfig, bool, Path | None]:
+    """(config to train, resuming?, checkpoint to load) for ``--resume`` MODE: None (a new
+    run), 'latest' (bare --resume), 'auto', or a checkpoint (step-NNNNNNN or its path)."""
+    run_dir = Path(job.run.dir)
+    if resume is None:
+        return job, False, None
+    if resume == "auto" and not holds_run(run_dir):
+        log(f"--resume auto: {run_dir} holds no run yet, so a new run starts.")
+        return job, False, None
+    if resume != "auto" and not holds_run(run_dir):
+        raise CheckpointError(
+            f"--resume was given but {run_dir} holds no run and "
+            f"{run_dir / 'checkpoints'} no complete checkpoint."
+        )
+    saved = load_run_config(run_dir)
+    names = None if resume == "auto" else set(given)
+    _refuse_conflicts(run_dir, resume, config_conflicts(saved, job, names))
+    # The run lives where it is now (it may have been moved or copied) and on the device this
+    # process already chose; the changeable fields given come from the command line.
+    for name in _flat(job) if names is None else {"run.dir", "run.device", *LAYOUT_FIELDS, *names}:
+        if changeable_on_resume(name) and "." in name:
+            section, field = name.split(".", 1)
+            setattr(getattr(saved, section), field, getattr(getattr(job, section), field))
+    return saved, True, _pick_checkpoint(run_dir, resume)
+
+
+def _refuse_conflicts(run_dir: Path, resume: str, conflicts: list) -> None:
+    if not conflicts:
+        return
+    name, old, new = conflicts[0]
+    if resume == "auto":
+        raise ConfigError(
+            f"--resume auto: {run_dir} holds a different run ({name} is {old!r} there and "
+            f"{new!r} in this command), so nothing was started or changed; give another "
+            "--run.dir for a new run."
+        )
+    raise ConfigError(
+        f"--resume continues the run saved in {run_dir}, whose {name} is {old!r}, so --{name} "
+        f"{new!r} cannot be given (only {', '.join('--' + p for p in CHANGEABLE_ON_RESUME)} "
+        "may change)."
+    )
+
+
+def _pick_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint ``--resume`` names: the newest complete one, or the one given."""
+    root = run_dir / "checkpoints"
+    if resume in ("latest", "auto"):
+        latest = ckpt.latest_checkpoint(root)
+        if latest is not None:  # a damaged one is named before any data work
+            ckpt.verify_checkpoint(latest)
+        return latest
+    given = root / resume if ckpt.STEP_DIR.match(resume) else Path(resume)
+    found = ckpt.list_checkpoints(root)
+    if given.resolve() not in [c.resolve() for c in found]:
+        names = ", ".join(c.name for c in found) or "none"
+        raise CheckpointError(
+            f"--resume {resume} is not a complete checkpoint of the run in {run_dir}; "
+            f"give 'auto', nothing (the newest), or one of: {names}."
+        )
+    ckpt.verify_checkpoint(given)
+    return given
 
 
 def build_model(shape: GPTConfig, device: torch.device, seed: int) -> GPT:
@@ -114,15 +231,17 @@ def _lr_multiplier(shape: GPTConfig, parametrization: str):
     return lr_multiplier(shape)
 
 
-def run_training(job: JobConfig, resume: bool = False, max_steps: int | None = None) -> dict:
+def run_training(job: JobConfig, resume: str | None = None, given: Iterable[str] = ()) -> dict:
     """Train ``job`` (or resume the run in ``job.run.dir``); return summary.json's content.
 
+    ``resume``: None (a new run), 'latest', 'auto' or a checkpoint (see :func:`resolve_resume`);
+    ``given``: the ``section.field`` names the command line set (flags and --config files).
     Under torchrun a collective that fails (a rank died, or stayed silent past
     ``parallel.timeout_s``) becomes a :class:`RankFailure` with one readable sentence.
     """
     dims = init_distributed(job.parallel, job.run.device)
     try:
-        return _run(job, resume, max_steps, dims)
+        return _run(job, resume, set(given), dims)
     except RuntimeError as exc:  # gloo raises RuntimeError, NCCL/c10d DistError (a subclass)
         if dims.distributed and looks_like_rank_failure(exc):
             raise RankFailure(
@@ -135,31 +254,20 @@ def run_training(job: JobConfig, resume: bool = False, max_steps: int | None = N
         shutdown(abort=sys.exc_info()[0] is not None)
 
 
-def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims) -> dict:
+def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims) -> dict:
     from kiln.data import TokenLoader, prepare_data, val_batches
 
     started = time.perf_counter()
     log = print if dims.is_main else (lambda *_: None)
-    run_dir = Path(job.run.dir)
-    latest = None
-    if resume:
-        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-        if latest is None and not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(
-                f"--resume was given but {run_dir} holds no run and "
-                f"{run_dir / 'checkpoints'} no complete checkpoint."
-            )
-        saved = load_run_config(run_dir)
-        # The run lives where it is now (it may have been moved or copied) and on the device
-        # this process already chose; everything else comes from the saved config.
-        saved.run = dataclasses.replace(saved.run, dir=job.run.dir, device=job.run.device)
-        job = saved
-        if latest is None:  # killed before its first checkpoint: start again, same config
-            log(f"{run_dir} has no complete checkpoint yet: restarting its run from step 0.")
-        if max_steps is not None:
-            job.train.max_steps = max_steps
+    job, resuming, latest = resolve_resume(job, resume, given, log)
+    if resuming and latest is None:  # killed before its first checkpoint: same config, step 0
+        log(f"{job.run.dir} has no complete checkpoint yet: restarting its run from step 0.")
     job.validate(dims.dp_size)
-    run_dir = prepare_run_dir(job, resume, dims)
+    run_dir = prepare_run_dir(job, resuming, dims)
+    config_text = yaml.safe_dump(job.to_dict(), sort_keys=False)  # as asked: 'auto' stays auto
+    precision, why = resolve_precision(job.train.precision, dims.device.type)
+    job.train = dataclasses.replace(job.train, precision=precision)
+    log(f"precision: {precision} ({why})")
 
     data = prepare_data(job.data, log=log)
     shape, notes = resolve_model(job.model, data.tokenizer.vocab_size)
@@ -176,9 +284,11 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
     for note in notes:
         log(f"note: {note}")
     log(plan.describe())
+    size = checkpoint_bytes(shape)
+    ckpt.check_space(run_dir / "checkpoints", size, job.checkpoint.keep, log)
 
     if dims.is_main and latest is None:  # a new run, or a restart from step 0
-        atomic_write(run_dir / "config.yaml", yaml.safe_dump(job.to_dict(), sort_keys=False))
+        atomic_write(run_dir / "config.yaml", config_text)
         data.tokenizer.save(run_dir)
         atomic_write(run_dir / "run.json", json.dumps(_provenance(dims, shape), indent=2))
 
@@ -270,7 +380,7 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
     if latest is not None:
         _restore(latest, shape_dict, model_parts, trainer, log)
     if dims.is_main:  # only after the checkpoint proved loadable: a bad one changes nothing
-        if resume:
+        if resuming:
             truncate_metrics(run_dir, trainer.state.step)
         for name in ckpt.clean_partial(run_dir / "checkpoints"):
             log(f"removed {name}, left by an interrupted checkpoint write")
@@ -291,9 +401,18 @@ def _run(job: JobConfig, resume: bool, max_steps: int | None, dims: ParallelDims
     return summary
 
 
+def checkpoint_bytes(shape: GPTConfig) -> int:
+    """About a checkpoint's size on disk: each fp32 parameter with AdamW's two moments and step
+    (the model built on the meta device, so nothing is allocated)."""
+    with torch.device("meta"):
+        params = list(GPT(shape).parameters())
+    return ckpt.state_bytes({"p": params}) * 3 + len(params) * ckpt.TENSOR_OVERHEAD
+
+
 def _restore(latest, shape_dict, model, trainer: Trainer, log) -> None:
     """Load model, optimizer, counters, loader position, LR schedule, RNG and callback state."""
     optimizer, callbacks = trainer.optimizer, trainer.callbacks
+    ckpt.verify_checkpoint(latest)  # a damaged one is named before anything else reads it
     meta = ckpt.read_meta(latest)
     if meta.get("model_shape") != shape_dict:
         raise CheckpointError(

@@ -1,0 +1,451 @@
+"""One training step of a GPT, operator by operator: FLOPs and the bytes each operator moves.
+
+This is the single description of a model that the other numbers derive from: the parameter
+count (:func:`param_count`, behind ``GPTConfig.num_params`` and ``planning.flops``), the FLOP
+conventions (:func:`model_flops_per_token`, 6·N_mm + 12·L·S·d_attn), the memory estimate's
+per-block parameters and the performance model (kiln.planning.perf).
+
+The description is a plain list of :class:`Op` dataclasses, built by :func:`training_ops`:
+forward, backward and optimizer, each op with the tensors it reads and writes (name, bytes,
+kind). Another kind of block (an MoE router and experts, a layout planner's communication ops)
+is another builder function appending more ``Op`` rows; nothing else needs to change.
+
+Conventions, for M = B·T tokens of a micro-batch, with element sizes ``a`` (compute dtype: 2
+for bf16 autocast, 4 for fp32), ``r`` = 4 (the residual stream and norms stay fp32 under
+autocast) and ``w`` = 4 (fp32 master weights and gradients):
+
+* a linear ``y = x Wᵀ + b`` (W: n × k, density ρ for a sparse W) costs ``2·M·k·n·ρ`` FLOPs
+  forward (+ M·n for the bias), and two matmuls backward of the same size each: dgrad
+  ``dx = dy W`` and wgrad ``dW = dyᵀ x`` (+ M·n for the bias gradient). It reads x and the
+  (kept part of the) compute-dtype copy of W and writes y.
+* attention is counted over the full T × T score matrix (``2·M·T·d_attn`` per matmul, as the
+  PaLM/Megatron convention does and as the CPU matmul path computes it); the softmax reads and
+  writes the B·H·T² scores.
+* norms, GELU, softmax, residual adds and casts are element-wise: a handful of FLOPs per element
+  (the constants are in ``_EW``) and one read of every input and one write of every output.
+* AdamW (torch's fused step) reads parameter, gradient and both moments and writes three of
+  them: 28 bytes per parameter, over the dense tensors (Kiln keeps sparse weights dense with a
+  mask).
+
+An op's ``fuse`` names the group it may run fused with (``mlp``: GEMM → GELU → GEMM, ``attn``:
+scores → softmax → values, ``attn_in``/``mlp_in``: residual add → norm → cast). A tensor whose
+writer and readers all share one group never leaves the chip under fused execution; a
+fused backward that reads such a tensor recomputes it (kiln.planning.perf.fused_ops).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kiln.errors import ConfigError
+
+PHASES = ("fwd", "bwd", "opt")
+KINDS = ("matmul", "attention", "softmax", "norm", "activation", "elementwise", "cast",
+         "copy", "embedding", "loss", "optimizer", "fused")  # fmt: skip
+_EW = {"layernorm": 8, "rmsnorm": 5, "layernorm_bwd": 14, "rmsnorm_bwd": 9, "gelu": 14,
+       "gelu_bwd": 20, "swiglu": 6, "swiglu_bwd": 10, "softmax": 5, "softmax_bwd": 4,
+       "rope": 3, "adamw": 15, "loss": 8}  # fmt: skip
+"""FLOPs per element of the element-wise ops (erf/tanh/exp counted as a few FLOPs each)."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor an op touches: a name unique within its scope, its size and its role."""
+
+    name: str
+    bytes: float
+    kind: str = "act"
+    """'act' (activations and their gradients), 'weight', 'grad' (parameter gradients),
+    'state' (optimizer moments)."""
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operator of a training step (one instance; ``count`` instances per step)."""
+
+    name: str
+    """Dotted, e.g. 'mlp.w1' or 'attn.softmax'; the backward of 'mlp.w1' is 'mlp.w1.dgrad'."""
+    kind: str
+    """One of KINDS."""
+    phase: str
+    """'fwd', 'bwd' or 'opt'."""
+    flops: float
+    """FLOPs of one instance (multiply-add = 2)."""
+    reads: tuple[Tensor, ...] = ()
+    writes: tuple[Tensor, ...] = ()
+    count: int = 1
+    """Instances per step (n_layers for a block op)."""
+    scope: str = "model"
+    """'block' for ops repeated per layer, else 'model'; tensor names are unique per scope."""
+    params: int = 0
+    """Parameters this op owns (its forward op only), for the parameter count."""
+    embedding: bool = False
+    """The params are a lookup table (token or position embedding), not a matmul."""
+    tied_params: int = 0
+    """Weight elements this matmul uses but another op owns (a tied output head)."""
+    fuse: str | None = None
+    """Fusion group: ops sharing it may keep the tensors they pass between them on chip."""
+    sparse: bool = False
+    """The op's weight is one of the sparse matrices (its FLOPs and weight bytes scale by ρ)."""
+
+    @property
+    def bytes_read(self) -> float:
+        return sum(t.bytes for t in self.reads)
+
+    @property
+    def bytes_written(self) -> float:
+        return sum(t.bytes for t in self.writes)
+
+    @property
+    def bytes(self) -> float:
+        """Off-chip bytes of one instance under kernel-by-kernel execution."""
+        return self.bytes_read + self.bytes_written
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "phase": self.phase, "flops": self.flops,
+                "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
+                "count": self.count, "fuse": self.fuse}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one step processes: micro-batch, sequence, precision and weight sparsity."""
+
+    batch: int = 1
+    seq_len: int = 2048
+    precision: str = "bf16"
+    """'bf16' (autocast: bf16 compute, fp32 masters and residual) or 'fp32'."""
+    density: float = 1.0
+    """Kept fraction of the sparse matrices (1 - sparsity)."""
+    sparse_attn: bool = True
+    """Whether the attention projections are sparse too (Kiln's default include list)."""
+    optimizer: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+
+# -- shape helpers (GPTConfig and planning.flops.Shape both satisfy them) ------------------
+def dims(shape: Any) -> dict[str, Any]:
+    """The resolved sizes of a shape: d, f, q (= n_heads·d_head), kv, h, L, V, S and flags."""
+    d_head = getattr(shape, "d_head", None) or shape.d_model // shape.n_heads
+    kv_heads = getattr(shape, "n_kv_heads", None) or shape.n_heads
+    return {
+        "d": shape.d_model, "f": shape.d_ffn, "h": shape.n_heads, "dh": d_head,
+        "q": shape.n_heads * d_head, "kv": kv_heads * d_head, "L": shape.n_layers,
+        "V": shape.vocab_size, "S": shape.max_seq_len,
+        "bias": bool(getattr(shape, "bias", True)),
+        "act": getattr(shape, "activation", "gelu"),
+        "norm": getattr(shape, "norm", "layernorm"),
+        "learned_pos": getattr(shape, "position", "learned") == "learned",
+        "tied": bool(getattr(shape, "tie_embeddings", True)),
+        "parallel": bool(getattr(shape, "parallel_block", False)),
+    }  # fmt: skip
+
+
+def norm_params(shape: Any) -> int:
+    """LayerNorm with bias has a scale and a shift; RMSNorm (or no bias) only a scale."""
+    z = dims(shape)
+    return (2 if z["norm"] == "layernorm" and z["bias"] else 1) * z["d"]
+
+
+class _Builder:
+    """Appends forward ops in order and their backward ops in reverse, per scope."""
+
+    def __init__(self, shape: Any, step: StepShape, scope: str, count: int) -> None:
+        self.z, self.step, self.scope, self.count = dims(shape), step, scope, count
+        self.M = step.tokens
+        self.a = 2 if step.precision == "bf16" else 4
+        self.fwd: list[Op] = []
+        self.bwd: list[Op] = []
+
+    def t(self, name: str, elems: float, size: float, kind: str = "act") -> Tensor:
+        return Tensor(name, float(elems) * size, kind)
+
+    def op(self, phase: str, name: str, kind: str, flops: float, reads, writes, **kw) -> None:
+        o = Op(name, kind, phase, float(flops), tuple(reads), tuple(writes), self.count,
+               self.scope, **kw)  # fmt: skip
+        (self.fwd if phase == "fwd" else self.bwd).append(o)
+
+    def linear(self, name, x: Tensor, k: int, n: int, y: str, sparse: bool, fuse=None,
+               bias=None, tied: bool = False) -> Tensor:  # fmt: skip
+        """y = x Wᵀ + b: the forward op now, dgrad and wgrad (and the grad cast) for backward."""
+        M, a, z = self.M, self.a, self.z
+        rho = self.step.density if sparse else 1.0
+        b = z["bias"] if bias is None else bias
+        w = self.t(f"{name}.w", k * n * rho, a, "weight")
+        out = self.t(y, M * n, a)
+        params = 0 if tied else k * n + (n if b else 0)
+        kw = {"fuse": fuse, "sparse": sparse}
+        self.op("fwd", name, "matmul", 2 * M * k * n * rho + (M * n if b else 0), (x, w), (out,),
+                params=params, tied_params=k * n if tied else 0, **kw)  # fmt: skip
+        dy, dx = self.t("d" + y, M * n, a), self.t("d" + x.name, M * k, a)
+        dw = self.t(f"{name}.dw", k * n * rho, a)
+        self.bwd.append([
+            Op(f"{name}.wgrad", "matmul", "bwd", 2 * M * k * n * rho + (M * n if b else 0),
+               (dy, x), (dw,), self.count, self.scope, **kw),
+            Op(f"{name}.dgrad", "matmul", "bwd", 2 * M * k * n * rho, (dy, w), (dx,),
+               self.count, self.scope, **kw),
+        ])  # fmt: skip
+        if a != 4:  # the bf16 weight gradient is cast into the fp32 .grad
+            self.bwd[-1].append(Op(f"{name}.grad_cast", "cast", "bwd", 0.0, (dw,),
+                                   (self.t(f"{name}.grad", k * n * rho, 4, "grad"),),
+                                   self.count, self.scope))  # fmt: skip
+        return out
+
+    def ops(self) -> list[Op]:
+        back = [o for group in reversed(self.bwd) for o in group]
+        return self.fwd + back
+
+
+def _ew(b: _Builder, name: str, kind: str, fl: str, ins, out: Tensor, elems: float, **kw):
+    """Element-wise op with ``elems`` output elements (FLOP constants from _EW)."""
+    per_f, per_b = _EW.get(fl, 1), _EW.get(fl + "_bwd", 1)
+    fuse, params = kw.get("fuse"), kw.get("params", 0)
+    b.op("fwd", name, kind, per_f * elems, ins, (out,), fuse=fuse, params=params)
+    saved = tuple(i for i in ins if i.kind == "act") if kw.get("saves", True) else ()
+    grads_in = tuple(Tensor("d" + i.name, i.bytes, "act") for i in ins if i.kind == "act")
+    reads = (
+        (Tensor("d" + out.name, out.bytes),) + saved + tuple(i for i in ins if i.kind == "weight")
+    )
+    b.bwd.append([Op(f"{name}.bwd", kind, "bwd", per_b * elems, reads, grads_in, b.count,
+                     b.scope, fuse=fuse)])  # fmt: skip
+
+
+def _norm(b: _Builder, name: str, x: Tensor, fuse: str) -> Tensor:
+    """Norm (fp32 under autocast) then, in bf16, the cast of its output for the matmuls."""
+    z, M = b.z, b.M
+    p = 2 if z["norm"] == "layernorm" and z["bias"] else 1
+    w = b.t(f"{name}.w", p * z["d"], 4, "weight")
+    out = b.t(f"{name}.out", M * z["d"], 4)
+    _ew(b, name, "norm", z["norm"], (x, w), out, M * z["d"], fuse=fuse, params=p * z["d"])
+    if b.a == 4:
+        return out
+    low = b.t(f"{name}.out16", M * z["d"], b.a)
+    _ew(b, f"{name}.cast", "cast", "cast", (out,), low, 0, fuse=fuse, saves=False)
+    return low
+
+
+def _attention(b: _Builder, x: Tensor) -> Tensor:
+    """q, k, v projections, scores → softmax → values, head merge and output projection."""
+    z, M, a, T = b.z, b.M, b.a, b.step.seq_len
+    sp = b.step.sparse_attn
+    q = b.linear("attn.wq", x, z["d"], z["q"], "q", sp)
+    k = b.linear("attn.wk", x, z["d"], z["kv"], "k", sp)
+    v = b.linear("attn.wv", x, z["d"], z["kv"], "v", sp)
+    if not z["learned_pos"]:
+        q2, k2 = b.t("q_rope", M * z["q"], a), b.t("k_rope", M * z["kv"], a)
+        _ew(b, "attn.rope_q", "elementwise", "rope", (q,), q2, M * z["q"])
+        _ew(b, "attn.rope_k", "elementwise", "rope", (k,), k2, M * z["kv"])
+        q, k = q2, k2
+    scores = b.t("scores", b.step.batch * z["h"] * T * T, a)
+    probs = b.t("probs", b.step.batch * z["h"] * T * T, a)
+    ctx = b.t("ctx", M * z["q"], a)
+    mm = 2.0 * M * T * z["q"]
+    b.op("fwd", "attn.scores", "attention", mm, (q, k), (scores,), fuse="attn")
+    b.op("fwd", "attn.softmax", "softmax", _EW["softmax"] * scores.bytes / a, (scores,),
+         (probs,), fuse="attn")  # fmt: skip
+    b.op("fwd", "attn.values", "attention", mm, (probs, v), (ctx,), fuse="attn")
+    dctx, dp, ds = b.t("dctx", M * z["q"], a), b.t("dprobs", probs.bytes / a, a), None
+    ds = b.t("dscores", scores.bytes / a, a)
+    dq, dk, dv = (b.t("d" + t.name, t.bytes / a, a) for t in (q, k, v))
+    sc = b.scope
+    b.bwd.append([
+        Op("attn.values.bwd", "attention", "bwd", 2 * mm, (dctx, probs, v), (dp, dv), b.count,
+           sc, fuse="attn"),
+        Op("attn.softmax.bwd", "softmax", "bwd", _EW["softmax_bwd"] * probs.bytes / a,
+           (dp, probs), (ds,), b.count, sc, fuse="attn"),
+        Op("attn.scores.bwd", "attention", "bwd", 2 * mm, (ds, q, k), (dq, dk), b.count, sc,
+           fuse="attn"),
+    ])  # fmt: skip
+    merged = b.t("ctx_merged", M * z["q"], a)
+    _ew(b, "attn.merge_heads", "copy", "copy", (ctx,), merged, 0, saves=False)
+    return b.linear("attn.wo", merged, z["q"], z["d"], "attn_out", sp)
+
+
+def _mlp(b: _Builder, x: Tensor) -> Tensor:
+    """GEMM → GELU → GEMM (or SwiGLU's two up-projections and gate), fusion group 'mlp'."""
+    z, M, a = b.z, b.M, b.a
+    h = b.linear("mlp.w1", x, z["d"], z["f"], "h", True, "mlp")
+    g = b.t("g", M * z["f"], a)
+    if z["act"] == "swiglu":
+        u = b.linear("mlp.w3", x, z["d"], z["f"], "u", True, "mlp")
+        _ew(b, "mlp.swiglu", "activation", "swiglu", (h, u), g, M * z["f"], fuse="mlp")
+    else:
+        _ew(b, "mlp.gelu", "activation", "gelu", (h,), g, M * z["f"], fuse="mlp")
+    return b.linear("mlp.w2", g, z["f"], z["d"], "mlp_out", True, "mlp")
+
+
+def _residual(b: _Builder, name: str, x: Tensor, branch: Tensor, out: str, fuse):
+    """x + branch (fp32 residual stream plus the compute-dtype branch output)."""
+    y = b.t(out, b.M * b.z["d"], 4)
+    _ew(b, name, "elementwise", "add", (x, branch), y, b.M * b.z["d"], fuse=fuse, saves=False)
+    return y
+
+
+def block_ops(shape: Any, step: StepShape) -> list[Op]:
+    """One transformer block (pre-norm, or parallel attention + MLP), ``count`` = n_layers."""
+    b = _Builder(shape, step, "block", dims(shape)["L"])
+    x = b.t("x", b.M * b.z["d"], 4)
+    n1 = _norm(b, "attn_norm", x, "attn_in")
+    att = _attention(b, n1)
+    if b.z["parallel"]:
+        mlp = _mlp(b, n1)
+        mid = _residual(b, "residual_attn", x, att, "x_mid", "attn_in")
+        _residual(b, "residual_mlp", mid, mlp, "x_out", None)
+        return b.ops()
+    x2 = _residual(b, "residual_attn", x, att, "x_mid", "mlp_in")
+    n2 = _norm(b, "mlp_norm", x2, "mlp_in")
+    _residual(b, "residual_mlp", x2, _mlp(b, n2), "x_out", None)
+    return b.ops()
+
+
+def _weight_cast_ops(block: list[Op], step: StepShape) -> list[Op]:
+    """bf16 autocast casts every fp32 weight a matmul uses once per forward."""
+    if step.precision != "bf16":
+        return []
+    out = []
+    for o in block:
+        if o.kind == "matmul" and o.phase == "fwd":
+            w = next(t for t in o.reads if t.kind == "weight")
+            src = Tensor(w.name + "32", w.bytes * 2, "weight")
+            out.append(Op(o.name + ".weight_cast", "cast", "fwd", 0.0, (src,), (w,), o.count,
+                          o.scope))  # fmt: skip
+    return out
+
+
+def embedding_ops(shape: Any, step: StepShape) -> list[Op]:
+    """Token (+ learned position) embedding lookup and add; backward scatters into the table."""
+    b = _Builder(shape, step, "model", 1)
+    d, V, M = b.z["d"], b.z["V"], b.M
+    table = b.t("tok_emb.w", V * d, 4, "weight")
+    x = b.t("x_emb", M * d, 4)
+    reads = (b.t("tokens", M, 8), table)
+    b.op("fwd", "embed", "embedding", M * d if b.z["learned_pos"] else 0, reads, (x,),
+         params=V * d, embedding=True)  # fmt: skip
+    b.bwd.append([Op("embed.bwd", "embedding", "bwd", M * d, (b.t("dx_emb", M * d, 4),),
+                     (b.t("tok_emb.grad", V * d, 4, "grad"),), 1, "model")])  # fmt: skip
+    if b.z["learned_pos"]:
+        b.op("fwd", "pos_embed", "embedding", 0, (), (), params=b.z["S"] * d, embedding=True)
+    return b.ops()
+
+
+def head_ops(shape: Any, step: StepShape) -> list[Op]:
+    """Final norm, then the chunked head + cross entropy of kiln.models.loss: the loss's
+    forward already writes d loss / d logits (M × V in the compute dtype); backward is the
+    head's two matmuls."""
+    b = _Builder(shape, step, "model", 1)
+    z, M, a = b.z, b.M, b.a
+    d, V = z["d"], z["V"]
+    n = _norm(b, "final_norm", b.t("x_final", M * d, 4), "head")
+    wv = b.t("head.w", V * d, a, "weight")
+    logits, glog = b.t("logits", M * V, a), b.t("dlogits", M * V, a)
+    b.op("fwd", "head", "matmul", 2 * M * d * V, (n, wv), (logits,),
+         params=0 if z["tied"] else V * d, tied_params=V * d if z["tied"] else 0,
+         fuse="head")  # fmt: skip
+    b.op("fwd", "loss", "loss", _EW["loss"] * M * V, (logits,), (glog,), fuse="head")
+    b.bwd.append([
+        Op("head.wgrad", "matmul", "bwd", 2 * M * d * V, (glog, n), (b.t("head.dw", V * d, a),),
+           1, "model"),
+        Op("head.dgrad", "matmul", "bwd", 2 * M * d * V, (glog, wv), (b.t("dfinal", M * d, a),),
+           1, "model"),
+    ])  # fmt: skip
+    grad = b.t("head.grad", V * d, 4, "grad")
+    if a != 4:
+        b.bwd[-1].append(Op("head.grad_cast", "cast", "bwd", 0.0, (b.t("head.dw", V * d, a),),
+                            (grad,), 1, "model"))  # fmt: skip
+    if z["tied"]:  # autograd adds the head's and the embedding's gradients of the one table
+        b.bwd[-1].append(Op("tied_grad_add", "elementwise", "bwd", V * d,
+                            (grad, b.t("tok_emb.grad", V * d, 4, "grad")),
+                            (b.t("tok_emb.grad_sum", V * d, 4, "grad"),), 1, "model"))  # fmt: skip
+    return b.ops()
+
+
+def optimizer_ops(n_params: int, step: StepShape) -> list[Op]:
+    """Fused AdamW over every parameter: reads p, g, m, v; writes p, m, v (28 bytes each)."""
+    if not step.optimizer:
+        return []
+    rw = lambda *names: tuple(Tensor(n, 4.0 * n_params, k) for n, k in names)  # noqa: E731
+    reads = rw(("params", "weight"), ("grads", "grad"), ("exp_avg", "state"),
+               ("exp_avg_sq", "state"))  # fmt: skip
+    writes = rw(("params", "weight"), ("exp_avg", "state"), ("exp_avg_sq", "state"))
+    return [Op("adamw", "optimizer", "opt", _EW["adamw"] * n_params, reads, writes)]
+
+
+def model_ops(shape: Any, step: StepShape | None = None) -> list[Op]:
+    """Forward then backward of one step: embeddings, n_layers blocks (``count``), head + loss;
+    in bf16 the weight casts autocast makes once per forward come first."""
+    step = step or StepShape()
+    parts = [embedding_ops(shape, step), block_ops(shape, step), head_ops(shape, step)]
+    casts = [c for p in parts for c in _weight_cast_ops(p, step)]
+    fwd = [o for p in parts for o in p if o.phase == "fwd"]
+    bwd = [o for p in reversed(parts) for o in p if o.phase == "bwd"]
+    return casts + fwd + bwd
+
+
+def training_ops(shape: Any, step: StepShape | None = None) -> list[Op]:
+    """Every op of one training step: :func:`model_ops` plus the optimizer."""
+    step = step or StepShape()
+    check_step(shape, step)
+    ops = model_ops(shape, step)
+    return ops + optimizer_ops(param_count(shape), step)
+
+
+def check_step(shape: Any, step: StepShape) -> None:
+    """One-sentence ConfigErrors for a step the model cannot describe."""
+    for name in ("batch", "seq_len"):
+        if int(getattr(step, name)) < 1:
+            raise ConfigError(f"{name} is {getattr(step, name)} but must be a positive integer.")
+    if step.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"precision {step.precision!r} is unknown; use bf16 or fp32.")
+    if not 0 < step.density <= 1:
+        raise ConfigError(f"density {step.density} must be in (0, 1] (sparsity in [0, 1)).")
+
+
+# -- numbers derived from the description --------------------------------------------------
+def param_count(shape: Any, include_embeddings: bool = True) -> int:
+    """Parameters owned by the forward ops (× count), plus the final norm; embeddings (token
+    and position tables) are dropped with ``include_embeddings=False``."""
+    ops = model_ops(shape, StepShape(batch=1, seq_len=1, precision="fp32"))
+    n = sum(o.params * o.count for o in ops if include_embeddings or not o.embedding)
+    return n
+
+
+def matmul_params(shape: Any) -> int:
+    """Weights that take part in a matmul per token: non-embedding params + a tied head."""
+    ops = model_ops(shape, StepShape(batch=1, seq_len=1, precision="fp32"))
+    return param_count(shape, False) + sum(o.tied_params * o.count for o in ops)
+
+
+def attention_flops_per_token(shape: Any, seq_len: int) -> float:
+    """FLOPs of QKᵀ and attention·V, forward and backward, per token: 12·L·S·d_attn."""
+    step = StepShape(batch=1, seq_len=seq_len, precision="fp32", optimizer=False)
+    ops = block_ops(shape, step)
+    return sum(o.flops * o.count for o in ops if o.kind == "attention") / seq_len
+
+
+def model_flops_per_token(shape: Any, seq_len: int) -> float:
+    """PaLM/Megatron model FLOPs: 6·N_mm + 12·L·S·d_attn (see kiln.planning.flops)."""
+    return 6.0 * matmul_params(shape) + attention_flops_per_token(shape, seq_len)
+
+
+def block_params(shape: Any) -> int:
+    """Parameters of one transformer block."""
+    step = StepShape(batch=1, seq_len=1, precision="fp32", optimizer=False)
+    return sum(o.params for o in block_ops(shape, step))
+
+
+def totals(ops: list[Op]) -> dict[str, float]:
+    """FLOPs and kernel-by-kernel bytes of a list of ops (each × count)."""
+    return {
+        "flops": sum(o.flops * o.count for o in ops),
+        "bytes": sum(o.bytes * o.count for o in ops),
+    }
+
+
+__all__ = ["KINDS", "PHASES", "Op", "StepShape", "Tensor", "attention_flops_per_token",
+           "block_ops", "block_params", "check_step", "dims", "embedding_ops", "head_ops",
+           "matmul_params", "model_flops_per_token", "model_ops", "optimizer_ops",
+           "param_count", "totals", "training_ops"]  # fmt: skip

@@ -224,8 +224,14 @@ def _set_state(model, optimizer, state: dict[str, Any]) -> None:
         own_model, own_optim = get_state_dict(part, [] if opt is None else opt, options=FLAT)
         model_sd = {k: state["model"][k] for k in own_model}
         optim_sd = {k: state["optim"][k] for k in own_optim} if opt is not None else {}
+        # fused/foreach are this layout's kernel choice (no fused AdamW over DTensors), not state
+        kernels = (
+            [] if opt is None else [(g.get("fused"), g.get("foreach")) for g in opt.param_groups]
+        )
         set_state_dict(part, [] if opt is None else opt, model_state_dict=model_sd,
                        optim_state_dict=optim_sd, options=FLAT)  # fmt: skip
+        for group, (fused, foreach) in zip([] if opt is None else opt.param_groups, kernels):
+            group["fused"], group["foreach"] = fused, foreach
 
 
 def save_checkpoint(

@@ -365,12 +365,33 @@ class LogConfig:
         check_positive("log", "every", self.every)
 
 
+PIPELINE_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
+                      "ZBVZeroBubble", "DualPipeV")  # fmt: skip
+"""torch.distributed.pipelining's schedules, by the names its get_schedule_class takes."""
+
+
 @dataclass
 class ParallelConfig:
     """Parallel degrees, applied from outside the model (kiln.distributed)."""
 
     data: str = "fsdp"
     """Data parallelism under torchrun: 'fsdp' (FSDP2 fully_shard, ZeRO-3 style) or 'ddp'."""
+    tensor: int = 1
+    """Tensor-parallel degree (Megatron-style column/row sharding inside each block)."""
+    pipeline: int = 1
+    """Pipeline-parallel degree (the blocks cut into stages, one group of ranks per stage)."""
+    sequence_parallel: bool = True
+    """With parallel.tensor > 1, also split the norms and residual stream along the sequence."""
+    pipeline_schedule: str = "1F1B"
+    """With parallel.pipeline > 1: GPipe, 1F1B, Interleaved1F1B, LoopedBFS,
+    InterleavedZeroBubble, ZBVZeroBubble or DualPipeV (torch.distributed.pipelining)."""
+    microbatches: int | None = None
+    """Micro-batches per step in the pipeline (None = the number of stages)."""
+    stages_per_rank: int | None = None
+    """Pipeline stages one rank holds (None = 2 for the interleaved and V schedules, else 1)."""
+    data_replicate: int = 1
+    """Replicated data-parallel degree (HSDP: FSDP shards within, replicas across); the
+    data-shard degree is what remains of the world size after tensor × pipeline × this."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
     timeout_s: float = 300.0
@@ -382,6 +403,10 @@ class ParallelConfig:
         check_choice("parallel", "data", self.data, ["fsdp", "ddp"])
         check_positive("parallel", "timeout_s", self.timeout_s)
         check_positive("parallel", "expert", self.expert)
+        for name in ("tensor", "pipeline", "data_replicate", "microbatches", "stages_per_rank"):
+            check_positive("parallel", name, getattr(self, name))
+        schedules = list(PIPELINE_SCHEDULES)
+        check_choice("parallel", "pipeline_schedule", self.pipeline_schedule, schedules)
 
 
 SPARSE_DEFAULT_INCLUDE = ["blocks.*.attn.w*.weight", "blocks.*.mlp.w*.weight"]

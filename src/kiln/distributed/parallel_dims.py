@@ -9,23 +9,113 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from kiln.config import ParallelConfig
+
+MESH_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+"""The device mesh's axes, outermost first (an ``ep`` axis for expert parallelism would borrow
+from ``dp_shard`` × ``tp`` as torchtitan does, without changing these four)."""
 
 
 @dataclass
 class ParallelDims:
-    """Who this process is and where it computes."""
+    """Who this process is, where it computes, and the ONE device mesh every parallel layout
+    and every collective takes its group from.
+
+    The world is laid out as ``pp × dp_replicate × dp_shard × tp`` (tp innermost, so a tensor-
+    parallel group is the closest ranks). ``dp_shard`` is what the other degrees leave of the
+    world size. With ``parallel.data ddp`` the data-parallel ranks (dp_replicate × dp_shard)
+    replicate the model; with ``fsdp`` the model is sharded along dp_shard and replicated along
+    dp_replicate (HSDP when both are > 1)."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    tp: int = 1
+    pp: int = 1
+    dp_replicate: int = 1
+
+    def __post_init__(self) -> None:
+        fixed = self.tp * self.pp * self.dp_replicate
+        if self.world_size % fixed != 0:
+            from kiln.errors import ConfigError
+
+            raise ConfigError(
+                f"parallel.tensor {self.tp} × parallel.pipeline {self.pp} × "
+                f"parallel.data_replicate {self.dp_replicate} = {fixed} does not divide the "
+                f"world size {self.world_size}; choose degrees whose product divides it (what "
+                "remains becomes the data-shard degree)."
+            )
+        self._mesh: DeviceMesh | None = None
+        self._flat: dict[str, DeviceMesh] = {}
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, rank: int, world_size: int, local_rank: int,
+                    device: torch.device) -> ParallelDims:  # fmt: skip
+        return cls(rank, world_size, local_rank, device, cfg.tensor, cfg.pipeline,
+                   cfg.data_replicate)  # fmt: skip
+
+    @property
+    def dp_shard(self) -> int:
+        return self.world_size // (self.tp * self.pp * self.dp_replicate)
 
     @property
     def dp_size(self) -> int:
-        """Data-parallel degree (every process is a data-parallel rank for now)."""
-        return self.world_size
+        """Data-parallel degree: how many different batches one step sees (replicate × shard)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return dict(zip(MESH_AXES, (self.pp, self.dp_replicate, self.dp_shard, self.tp)))
+
+    @property
+    def mesh(self) -> DeviceMesh | None:
+        """The device mesh (None in a single process), built on first use with the flattened
+        ``dp`` (replicate × shard) axis that the loader, the loss and DDP use."""
+        if self._mesh is None and self.distributed:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            degrees = self.degrees
+            mesh = init_device_mesh(
+                self.device.type, tuple(degrees.values()), mesh_dim_names=tuple(degrees)
+            )
+            self._flat = {"dp": mesh["dp_replicate", "dp_shard"]._flatten("dp")}
+            self._mesh = mesh
+        return self._mesh
+
+    def _coordinate(self, axis: str) -> int:
+        mesh = self.submesh(axis)
+        return 0 if mesh is None else mesh.get_local_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel ranks (which slice of a batch it reads)."""
+        return self._coordinate("dp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self._coordinate("pp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self._coordinate("tp")
+
+    def group(self, axis: str) -> dist.ProcessGroup | None:
+        """The process group along ``axis`` ('pp', 'dp', 'dp_replicate', 'dp_shard', 'tp');
+        None in a single process."""
+        mesh = self.submesh(axis)
+        return None if mesh is None else mesh.get_group()
+
+    def submesh(self, *axes: str) -> DeviceMesh | None:
+        """The mesh along ``axes`` (a flattened one, like 'dp', kept as it was made)."""
+        mesh = self.mesh
+        if mesh is None:
+            return None
+        if len(axes) == 1 and axes[0] in self._flat:
+            return self._flat[axes[0]]
+        return mesh[axes]
 
     @property
     def is_main(self) -> bool:
@@ -55,10 +145,12 @@ def init_distributed(cfg: ParallelConfig, device_preference: str = "auto") -> Pa
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
+    dims = ParallelDims.from_config(cfg, rank, world, local_rank, device)  # checks the degrees
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
-    return ParallelDims(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    _ = dims.mesh  # every rank builds it now (creating its groups is collective)
+    return dims
 
 
 class RankFailure(Exception):

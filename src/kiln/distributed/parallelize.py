@@ -1,9 +1,11 @@
-"""Apply parallelism to a plain GPT from outside, in order: activation checkpointing →
-compile → data parallel (FSDP2 or DDP). Each step is a short function that says what it did."""
+"""Apply parallelism to a plain GPT from outside, in order (as torchtitan does): tensor
+parallel → activation checkpointing → compile → data parallel (FSDP2 or DDP). Each step is a
+short function that says what it did."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,19 +40,25 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None])
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
+    # HSDP when there are replicas: shard within dp_shard, replicate across dp_replicate
+    axes = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
+    kwargs["mesh"] = dims.submesh(*axes)
     for block in model.blocks.values():
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    log(f"FSDP2: fully_shard over {dims.world_size} ranks")
+    replicas = f", replicated × {dims.dp_replicate} (HSDP)" if dims.dp_replicate > 1 else ""
+    log(f"FSDP2: fully_shard over {dims.dp_shard} ranks{replicas}")
 
 
 def apply_ddp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None]) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(
-        model, device_ids=[dims.device.index] if dims.device.type == "cuda" else None
+        model,
+        device_ids=[dims.device.index] if dims.device.type == "cuda" else None,
+        process_group=dims.group("dp"),
     )
-    log(f"DDP over {dims.world_size} ranks")
+    log(f"DDP over {dims.dp_size} data-parallel ranks")
     return ddp
 
 
@@ -62,13 +70,96 @@ def parallelize(
     log: Callable[[str], None] = print,
 ) -> nn.Module:
     """Return the module to train (the same object, or a DDP wrapper around it)."""
+    if dims.tp > 1:
+        from kiln.distributed.tensor_parallel import apply_tensor_parallel
+
+        # Under PP a later stage gets T / tp tokens and could not place its positions.
+        sp = cfg.sequence_parallel and dims.pp == 1
+        apply_tensor_parallel(model, dims.submesh("tp"), sp, log)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, log)
     if compile:
         apply_compile(model, log)
-    if not dims.distributed:
+    if dims.dp_size == 1:
         return model
     if cfg.data == "ddp":
         return apply_ddp(model, dims, log)
     apply_fsdp(model, dims, log)
     return model
+
+
+def loss_component(dims: ParallelDims):
+    """The loss the trainer (or the pipeline schedule) applies to the model's hidden states:
+    loss-parallel under TP, else the fused chunked head + cross entropy."""
+    if dims.tp > 1:
+        from kiln.distributed.tensor_parallel import LossParallelHead
+
+        return LossParallelHead(dims.submesh("tp"))
+    return None
+
+
+@dataclass
+class Parallelized:
+    """What training receives: the plain modules this rank holds (one per pipeline stage; what
+    checkpoints save, with the parameter names of the whole model), the module the trainer
+    calls, and the pipeline that drives the stages (None without PP)."""
+
+    model_parts: list[nn.Module]
+    train_model: nn.Module
+    pipeline: object | None
+    loss: object | None
+
+
+def parallelize_model(
+    model: nn.Module,
+    dims: ParallelDims,
+    cfg: ParallelConfig,
+    compile: bool,
+    log: Callable[[str], None] = print,
+) -> Parallelized:
+    """Apply the whole layout to an initialised GPT, in the documented order: pipeline cut →
+    (per stage) tensor parallel → activation checkpointing → compile → FSDP2/HSDP or DDP."""
+    loss = loss_component(dims)
+    if dims.pp == 1:
+        return Parallelized([model], parallelize(model, dims, cfg, compile, log), None, loss)
+    from kiln.distributed.pipeline import build_pipeline
+    from kiln.models.loss import head_loss
+
+    wrapped: list[nn.Module] = []
+
+    def wrap(part: nn.Module) -> nn.Module:
+        wrapped.append(parallelize(part, dims, cfg, compile, log))
+        return wrapped[-1]
+
+    pipeline = build_pipeline(model, dims, cfg, loss or head_loss, log, wrap=wrap)
+    return Parallelized(pipeline.parts, nn.ModuleList(wrapped), pipeline, loss)
+
+
+def check_layout(shape, cfg: ParallelConfig, dims: ParallelDims, local_batch: int,
+                 sparse: bool) -> None:  # fmt: skip
+    """Refuse, before any training work, a layout that cannot run with this model and batch."""
+    from kiln.distributed.pipeline import check_pipeline, stages_per_rank
+    from kiln.distributed.tensor_parallel import check_tensor_parallel
+    from kiln.errors import ConfigError
+
+    check_tensor_parallel(shape, dims.tp)
+    check_pipeline(shape, dims.pp, cfg.pipeline_schedule, cfg.microbatches, cfg.stages_per_rank)
+    if sparse and (dims.tp > 1 or dims.pp > 1):
+        raise ConfigError(
+            "sparsity with parallel.tensor or parallel.pipeline > 1 is not supported yet; "
+            "train sparse models with data parallelism only."
+        )
+    if getattr(shape, "moe", None) is not None and (dims.tp > 1 or dims.pp > 1):
+        raise ConfigError(
+            "MoE models with parallel.tensor or parallel.pipeline > 1 are not supported yet; "
+            "train them with data parallelism only."
+        )
+    if dims.pp > 1:
+        n_micro = cfg.microbatches or dims.pp * stages_per_rank(
+            cfg.pipeline_schedule, cfg.stages_per_rank
+        )
+        if local_batch % n_micro:
+            raise ConfigError(
+                f"parallel.microbatches {n_micro} does not divide the {local_batch} sequences "
+                "each pipeline gets per step; choose a divisor of it."
+            )

@@ -35,7 +35,7 @@ from torch import nn
 
 from kiln.config import MoEConfig
 from kiln.errors import ConfigError, check_choice
-from kiln.models.loss import linear_cross_entropy
+from kiln.models.loss import head_loss
 from kiln.models.moe import MoE
 from kiln.planning.moe import expert_width, is_moe_layer, params_delta
 
@@ -323,6 +323,12 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, kv_out, bias=cfg.bias)
         self.wo = nn.Linear(q_out, cfg.d_model, bias=cfg.bias)
 
+    @torch.no_grad()
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        """q/k/v N(0, init_std), the output projection N(0, out_std), biases 0."""
+        init_linears(self, [self.wq, self.wk, self.wv], init_std)
+        init_linears(self, [self.wo], out_std)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -361,6 +367,11 @@ class GeluMLP(nn.Module):
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.bias)
         self.w2 = nn.Linear(cfg.d_ffn, cfg.d_model, bias=cfg.bias)
 
+    @torch.no_grad()
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        init_linears(self, [self.w1], init_std)
+        init_linears(self, [self.w2], out_std)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.gelu(self.w1(x), approximate=self.approximate))
 
@@ -374,8 +385,22 @@ class SwiGLUMLP(nn.Module):
         self.w2 = nn.Linear(cfg.d_ffn, cfg.d_model, bias=cfg.bias)
         self.w3 = nn.Linear(cfg.d_model, cfg.d_ffn, bias=cfg.bias)
 
+    @torch.no_grad()
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        init_linears(self, [self.w1], init_std)  # parameter order w1, w2, w3 (the RNG order)
+        init_linears(self, [self.w2], out_std)
+        init_linears(self, [self.w3], init_std)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def init_linears(_owner: nn.Module, linears: list[nn.Linear], std: float) -> None:
+    """Weights N(0, std), biases 0, in list order (the order fixes the RNG stream)."""
+    for linear in linears:
+        nn.init.normal_(linear.weight, 0.0, std)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -402,6 +427,14 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = make_mlp(cfg, layer)
 
+    @torch.no_grad()
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        """Each sub-layer initialises itself, in parameter order (see GPT.init_weights)."""
+        self.attn_norm.reset_parameters()
+        self.attn.init_weights(init_std, out_std)
+        self.mlp_norm.reset_parameters()
+        self.mlp.init_weights(init_std, out_std)
+
     def forward(self, x, rope, cache, start_pos, attn_mask=None):
         x = x + self.attn(self.attn_norm(x), rope, cache, start_pos, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
@@ -415,6 +448,12 @@ class ParallelBlock(nn.Module):
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
         self.mlp = make_mlp(cfg, layer)
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.attn.init_weights(init_std, out_std)
+        self.mlp.init_weights(init_std, out_std)
 
     def forward(self, x, rope, cache, start_pos, attn_mask=None):
         h = self.attn_norm(x)
@@ -444,28 +483,29 @@ class GPT(nn.Module):
             half = cfg.d_head // 2
             self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False)
             self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False)
+        self.output_hidden = False
+        """True: forward returns the final-normed hidden states and a loss component applies
+        the head (kiln.models.loss.head_loss, or loss-parallel under TP), as training does."""
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """GPT-2 init: linears N(0, init_std), output projections (attn.wo, mlp.w2, experts'
-        and shared experts' w2) N(0, init_std / sqrt(2 n_layers)), embeddings
-        N(0, embed_init_std), biases 0, norms 1; MoE layers initialise their own tensors.
-        Deterministic under torch.manual_seed; recomputes the RoPE tables."""
+        """GPT-2 init: linears N(0, init_std), output projections (attn.wo, mlp.w2)
+        N(0, init_std / sqrt(2 n_layers)), embeddings N(0, embed_init_std), biases 0, norms 1.
+        Each block initialises itself (a new block class brings its own init_weights), in
+        parameter order, so the result is deterministic under torch.manual_seed; a pipeline
+        stage skips what it does not hold. Recomputes the RoPE tables."""
         cfg = self.config
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, MoE):
-                module.init_weights(cfg.init_std, out_std)
-            elif isinstance(module, nn.Linear):
-                is_out = name.endswith(("attn.wo", "mlp.w2", "mlp.shared.w2"))
-                nn.init.normal_(module.weight, 0.0, out_std if is_out else cfg.init_std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, cfg.embed_init_std)
-            elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
-                module.reset_parameters()
+        for emb in (self.tok_emb, self.pos_emb):
+            if emb is not None:
+                nn.init.normal_(emb.weight, 0.0, cfg.embed_init_std)
+        for block in self.blocks.values():
+            block.init_weights(cfg.init_std, out_std)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, 0.0, cfg.init_std)
         if cfg.position == "rope":
             inv_freq = rope_inv_freq(cfg).to(self.rope_cos.device)
             t = torch.arange(cfg.max_seq_len, device=inv_freq.device, dtype=torch.float32)
@@ -486,14 +526,21 @@ class GPT(nn.Module):
             h = h * self.config.embedding_multiplier
         return h
 
-    def output(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm, then one matmul to logits (× output_multiplier)."""
-        h = self.norm(h)
-        weight = self.head.weight if self.head is not None else self.tok_emb.weight
-        logits = F.linear(h, weight)
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head's [vocab, d_model] matrix (the token embedding when tied)."""
+        return self.head.weight if self.head is not None else self.tok_emb.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states → logits (one matmul, × output_multiplier)."""
+        logits = F.linear(h, self.head_weight)
         if self.config.output_multiplier != 1.0:
             logits = logits * self.config.output_multiplier
         return logits
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, then logits."""
+        return self.logits(self.norm(h))
 
     def forward(
         self,
@@ -505,11 +552,13 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] (or hidden states [B, T, d] when tok_emb is None) → logits
-        [B, T, vocab] in the compute dtype (hidden states when norm is None).
+        [B, T, vocab] in the compute dtype (hidden states when norm is None; final-normed hidden
+        states when ``output_hidden``, the training contract: the loss component applies the
+        head).
 
         With ``targets`` [B, T] (int, -100 = ignore), returns the mean next-token cross entropy
-        instead (fp32 scalar), through :func:`kiln.models.loss.linear_cross_entropy`: the head
-        and the loss fused a chunk of tokens at a time, never holding fp32 [B, T, vocab] logits.
+        instead (fp32 scalar), through :func:`kiln.models.loss.head_loss`: the head and the
+        loss fused a chunk of tokens at a time, never holding fp32 [B, T, vocab] logits.
 
         With ``kv_cache``, the tokens sit at positions start_pos .. start_pos+T-1 and attend to
         the cached keys before them (prefill, chunked prefill and one-token decode alike).
@@ -550,11 +599,10 @@ class GPT(nn.Module):
             if targets is not None:
                 raise ValueError("targets need the final norm and head (this stage has none).")
             return h
+        h = self.norm(h)
         if targets is not None:
-            weight = self.head.weight if self.head is not None else self.tok_emb.weight
-            mult = self.config.output_multiplier
-            return linear_cross_entropy(self.norm(h), weight, targets, mult)
-        return self.output(h)
+            return head_loss(self, h, targets)
+        return h if self.output_hidden else self.logits(h)
 
 
 def cross_entropy(

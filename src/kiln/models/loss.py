@@ -110,3 +110,21 @@ def linear_cross_entropy(
     return LinearCrossEntropyFn.apply(
         h2, weight, targets.reshape(-1), float(multiplier), ignore_index, rows
     )
+
+
+def head_loss(model, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    """The loss component: a GPT's (or its last pipeline stage's) final-normed hidden states
+    ``h`` [B, T, d] → mean next-token cross entropy through its head, fused and chunked
+    (:func:`linear_cross_entropy`). Training calls it on ``model(x)`` with
+    ``model.output_hidden`` set; ``model(x, targets=y)`` calls it too."""
+    mult = model.config.output_multiplier
+    return linear_cross_entropy(h, model.head_weight, targets, mult, ignore_index)
+
+
+def logits_loss(model, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    """Unfused twin of :func:`head_loss` (logits, then an fp32 cross entropy): the graph
+    torch.compile fuses by itself."""
+    logits = model.logits(h).float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
+    )

@@ -184,16 +184,54 @@ class SafePlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = obj
 
 
-def tensor_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The DCP state: model and optimizer keyed by parameter name (so any sharding reloads),
-    plus extra tensors (RNG state, sparsity masks, ...)."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+"""Optimizer state keyed by parameter name (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``):
+the same keys whichever stage, shard or optimizer holds a parameter, so any layout reloads it."""
+
+
+def _parts(model, optimizer) -> list[tuple[nn.Module, Any]]:
+    """(model part, its optimizer) pairs: one per pipeline stage this rank holds."""
+    parts = list(model) if isinstance(model, list | tuple) else [model]
+    if optimizer is None:
+        return [(p, None) for p in parts]
+    optimizers = getattr(optimizer, "optimizers", [optimizer])
+    return list(zip(parts, optimizers, strict=True))
+
+
+def tensor_state(model, optimizer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DCP state: model and optimizer keyed by parameter name (so any sharding and any
+    pipeline split reloads), plus extra tensors (RNG state, sparsity masks, ...). ``model`` is a
+    module or the list of model parts this rank holds, ``optimizer`` one optimizer or a
+    kiln.train.optim.Optimizers with one per part."""
+    model_sd: dict[str, Any] = {}
+    optim_sd: dict[str, Any] = {}
+    for part, opt in _parts(model, optimizer):
+        if opt is None:
+            model_sd.update(get_state_dict(part, [], options=FLAT)[0])
+            continue
+        m, o = get_state_dict(part, opt, options=FLAT)
+        model_sd.update(m)
+        optim_sd.update(o)
+    state = {"model": model_sd} if optimizer is None else {"model": model_sd, "optim": optim_sd}
     if extra:
         state["extra"] = extra
     return state
+
+
+def _set_state(model, optimizer, state: dict[str, Any]) -> None:
+    """Give each part (and its optimizer) its own keys of the loaded state."""
+    for part, opt in _parts(model, optimizer):
+        own_model, own_optim = get_state_dict(part, [] if opt is None else opt, options=FLAT)
+        model_sd = {k: state["model"][k] for k in own_model}
+        optim_sd = {k: state["optim"][k] for k in own_optim} if opt is not None else {}
+        # fused/foreach are this layout's kernel choice (no fused AdamW over DTensors), not state
+        kernels = (
+            [] if opt is None else [(g.get("fused"), g.get("foreach")) for g in opt.param_groups]
+        )
+        set_state_dict(part, [] if opt is None else opt, model_state_dict=model_sd,
+                       optim_state_dict=optim_sd, options=FLAT)  # fmt: skip
+        for group, (fused, foreach) in zip([] if opt is None else opt.param_groups, kernels):
+            group["fused"], group["foreach"] = fused, foreach
 
 
 def save_checkpoint(
@@ -322,11 +360,7 @@ def load_checkpoint(
     return its kiln.json."""
     verify_checkpoint(path)
     meta = read_meta(path)
-    if optimizer is None:
-        model_sd = get_state_dict(model, [], options=StateDictOptions())[0]
-        state: dict[str, Any] = {"model": model_sd}
-    else:
-        state = tensor_state(model, optimizer)
+    state = tensor_state(model, optimizer)
     if extra:
         state["extra"] = extra
     try:
@@ -337,12 +371,7 @@ def load_checkpoint(
             f"Checkpoint {path} cannot be loaded into this model and optimizer: it holds other "
             f"tensors than this run's ({_first_line(exc)})."
         ) from exc
-    if optimizer is None:
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
-    else:
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
+    _set_state(model, optimizer, state)
     return meta
 
 

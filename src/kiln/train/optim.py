@@ -115,3 +115,23 @@ class LRSchedule:
         # The step lives in the trainer state; a resumed run may extend ``total`` on purpose.
         self.peak, self.warmup = state["peak"], state["warmup"]
         self.min_ratio, self.decay = state["min_ratio"], state["decay"]
+
+
+class Optimizers:
+    """One optimizer per model part (pipeline stage), stepped as one: checkpoints save each
+    with its own part, keyed by parameter name, so any layout can reload them."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from kiln import __version__
-from kiln.config import JobConfig, job_config_from_dict
+from kiln.config import JobConfig, ParallelConfig, job_config_from_dict
 from kiln.distributed.parallel_dims import (
     ParallelDims,
     RankFailure,
@@ -32,7 +32,7 @@ from kiln.distributed.parallel_dims import (
     looks_like_rank_failure,
     shutdown,
 )
-from kiln.distributed.parallelize import parallelize
+from kiln.distributed.parallelize import check_layout, parallelize_model
 from kiln.errors import CheckpointError, ConfigError
 from kiln.fsio import atomic_write
 from kiln.models.gpt import GPT, GPTConfig
@@ -42,7 +42,7 @@ from kiln.train import checkpoint as ckpt
 from kiln.train.callbacks import Callback, split_state
 from kiln.train.malloc import keep_freed_memory
 from kiln.train.metrics import MetricsWriter, plot_loss, truncate_metrics
-from kiln.train.optim import LRSchedule, build_optimizer
+from kiln.train.optim import LRSchedule, Optimizers, build_optimizer
 from kiln.train.plan import TrainingPlan, make_training_plan
 from kiln.train.trainer import Hooks, Trainer
 
@@ -77,8 +77,10 @@ def _one_line(exc: Exception) -> str:
 # Fields a resumed run takes from the command line instead of its saved config.yaml: where the
 # run lives and on which device, what it logs, how long it trains. The one list both --resume
 # (a given flag outside it must equal the saved value) and --resume auto (is the directory's run
-# this command's run?) read.
-CHANGEABLE_ON_RESUME = ("run.*", "log.*", "train.max_steps")
+# this command's run?) read. The layout (parallel.*) always comes from the command that resumes:
+# DCP reshards model and optimizer to it, and the loader's position is global.
+CHANGEABLE_ON_RESUME = ("run.*", "log.*", "train.max_steps", "parallel.*")
+LAYOUT_FIELDS = tuple(f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig))
 
 
 def changeable_on_resume(name: str) -> bool:
@@ -167,7 +169,7 @@ def resolve_resume(
     _refuse_conflicts(run_dir, resume, config_conflicts(saved, job, names))
     # The run lives where it is now (it may have been moved or copied) and on the device this
     # process already chose; the changeable fields given come from the command line.
-    for name in _flat(job) if names is None else {"run.dir", "run.device", *names}:
+    for name in _flat(job) if names is None else {"run.dir", "run.device", *LAYOUT_FIELDS, *names}:
         if changeable_on_resume(name) and "." in name:
             section, field = name.split(".", 1)
             setattr(getattr(saved, section), field, getattr(getattr(job, section), field))
@@ -296,15 +298,21 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
             "memory: malloc reuses freed blocks instead of page-faulting them in every step "
             "(KILN_MALLOC_TUNING=0 turns this off)"
         )
+    local_batch = job.train.batch_size // dims.dp_size
+    check_layout(shape, job.parallel, dims, local_batch, job.sparsity.enabled)
     model = build_model(shape, dims.device, job.train.seed)
     # One process: compile model + loss as one graph (the trainer does it). Under torchrun:
     # compile block by block before FSDP/DDP wrap them, as torchtitan does.
     compile_whole = job.train.compile and not dims.distributed
     compile_blocks = job.train.compile and dims.distributed
-    train_model = parallelize(model, dims, job.parallel, compile_blocks, log=log)
+    built = parallelize_model(model, dims, job.parallel, compile_blocks, log=log)
+    model_parts = built.model_parts
+    model = model_parts[0]  # without PP, the one plain model (sparsity and callbacks use it)
     if compile_whole:
         log("torch.compile: model and loss as one graph")
-    optimizer = build_optimizer(model, job.train, _lr_multiplier(shape, job.model.parametrization))
+    lr_mult = _lr_multiplier(shape, job.model.parametrization)
+    optimizers = [build_optimizer(part, job.train, lr_mult) for part in model_parts]
+    optimizer = optimizers[0] if len(optimizers) == 1 else Optimizers(optimizers)
     schedule = LRSchedule(
         job.train.lr, plan.warmup_steps, plan.steps, job.train.min_lr_ratio, job.train.decay
     )
@@ -313,14 +321,14 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
         job.data.seq_len,
         job.train.batch_size,
         job.train.seed,
-        dp_rank=dims.rank,
+        dp_rank=dims.dp_rank,
         dp_size=dims.dp_size,
     )
     vals = val_batches(data.val, job.data.seq_len, job.train.batch_size, job.train.eval_batches)
 
     callbacks = build_callbacks(job, model, optimizer, log)
     trainer = Trainer(
-        train_model,
+        built.train_model,
         optimizer,
         schedule,
         loader,
@@ -339,6 +347,9 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
         progress=job.log.progress and dims.is_main,
         callbacks=callbacks,
         compile_loss=compile_whole,
+        dims=dims,
+        loss=built.loss,
+        pipeline=built.pipeline,
     )
     shape_dict = dataclasses.asdict(shape)
 
@@ -348,6 +359,7 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
             "config_hash": ckpt.config_hash({k: v for k, v in job.to_dict().items() if k != "run"}),
             "model_shape": shape_dict,
             "world_size": dims.world_size,
+            "layout": dims.degrees,
             "trainer": trainer.state.state_dict(),
             "loader": loader.state_dict(),
             "schedule": schedule.state_dict(),
@@ -359,7 +371,7 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
         ckpt.save_checkpoint(
             run_dir / "checkpoints",
             trainer.state.step,
-            model,
+            model_parts,
             optimizer,
             meta,
             extra=extra,
@@ -367,7 +379,7 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
         )
 
     if latest is not None:
-        _restore(latest, shape_dict, model, trainer, log)
+        _restore(latest, shape_dict, model_parts, trainer, log)
     if dims.is_main:  # only after the checkpoint proved loadable: a bad one changes nothing
         if resuming:
             truncate_metrics(run_dir, trainer.state.step)

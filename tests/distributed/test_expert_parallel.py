@@ -33,6 +33,13 @@ SHAPE = GPTConfig(
 STEPS, BATCH, SEQ, WORLD = 10, 4, 16, 2
 
 
+def _meta(model) -> dict:
+    """What kiln train writes into kiln.json (a checkpoint without it counts as damaged)."""
+    import dataclasses
+
+    return {"step": 2, "model_shape": dataclasses.asdict(model.config)}
+
+
 def _batches():
     g = torch.Generator().manual_seed(0)
     return [torch.randint(0, 64, (BATCH, SEQ + 1), generator=g) for _ in range(STEPS)]
@@ -159,7 +166,7 @@ def _reshard_worker(rank, port, root, phase):
                 _sync_grads(model, WORLD)
                 opt.step()
                 opt.zero_grad()
-            ckpt.save_checkpoint(root / "ep2", 2, model, opt, {})
+            ckpt.save_checkpoint(root / "ep2", 2, model, opt, _meta(model))
         else:  # load the EP1 checkpoint into EP2
             model.blocks["0"].mlp.router.expert_bias.fill_(7.0)
             opt.step()  # creates (zero) state to load into
@@ -188,7 +195,7 @@ def test_checkpoints_reshard_ep2_to_ep1_to_ep2_with_optimizer_state(tmp_path):
         assert torch.equal(t, saved["params"][name]), name
     for name, (m, v) in _adam_state(model, opt).items():
         assert torch.equal(m, saved["adam"][name][0]) and torch.equal(v, saved["adam"][name][1])
-    ckpt.save_checkpoint(tmp_path / "ep1", 2, model, opt, {})
+    ckpt.save_checkpoint(tmp_path / "ep1", 2, model, opt, _meta(model))
     mp.start_processes(_reshard_worker, args=(free_port(), tmp_path, "load"), nprocs=WORLD,
                        start_method="spawn")  # fmt: skip
     loaded = torch.load(tmp_path / "load.pt")

@@ -403,11 +403,13 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
 
 
 def checkpoint_bytes(shape: GPTConfig) -> int:
-    """About a checkpoint's size on disk: each fp32 parameter with AdamW's two moments and step
-    (the model built on the meta device, so nothing is allocated)."""
+    """About a checkpoint's size on disk: each fp32 parameter with AdamW's two moments and step,
+    and its param group's values, which the name-keyed (flattened) optimizer state stores per
+    parameter (the model built on the meta device, so nothing is allocated)."""
     with torch.device("meta"):
         params = list(GPT(shape).parameters())
-    return ckpt.state_bytes({"p": params}) * 3 + len(params) * ckpt.TENSOR_OVERHEAD
+    groups = len(params) * ckpt.GROUP_ENTRIES * ckpt.GROUP_ENTRY_BYTES
+    return ckpt.state_bytes({"p": params}) * 3 + len(params) * ckpt.TENSOR_OVERHEAD + groups
 
 
 def _restore(latest, shape_dict, model, trainer: Trainer, log) -> None:

@@ -266,6 +266,10 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
     run_dir = prepare_run_dir(job, resuming, dims)
     config_text = yaml.safe_dump(job.to_dict(), sort_keys=False)  # as asked: 'auto' stays auto
     precision, why = resolve_precision(job.train.precision, dims.device.type)
+    if dims.distributed:  # every rank trains in rank 0's measured choice
+        choice = [precision, why]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        precision, why = choice
     job.train = dataclasses.replace(job.train, precision=precision)
     log(f"precision: {precision} ({why})")
 

@@ -259,3 +259,22 @@ def test_default_warmup_serves_short_runs_and_keeps_5_percent_for_long_ones(monk
     assert train_plan.make_training_plan(shape, job, dims).warmup_steps == 5
     job = JobConfig(train=TrainConfig(max_steps=20, warmup_steps=0))
     assert train_plan.make_training_plan(shape, job, dims).warmup_steps == 0
+
+
+def test_calibration_size_is_probed_once_per_machine(tmp_path, monkeypatch):
+    """A start-up whose peaks are cached measures nothing: the probe that picks the
+    calibration size is cached too."""
+    probes = []
+
+    def fake(device, precision, size, reps):
+        probes.append(size)
+        return 1.0e9 if precision == "bf16" else 1.0e10
+
+    monkeypatch.setattr(hardware, "_measure_matmul", fake)
+    cache = tmp_path / "hw.json"
+    assert hardware.calibration_size("bf16", cache) == 512
+    assert hardware.calibration_size("fp32", cache) == 2048
+    assert len(probes) == 2
+    hardware.measure_cpu_peak("bf16", cache_path=cache)
+    hardware.measure_cpu_peak("bf16", cache_path=cache)
+    assert probes == [256, 256, 512]

@@ -148,7 +148,7 @@ def measure_cpu_peak(
     import torch
 
     if size is None:  # 2048², or 512² where a probe finds no fast path (minutes otherwise)
-        size = _calibration_size(precision)
+        size = calibration_size(precision, cache_path)
     path = Path(cache_path) if cache_path else cache_file()
     key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|{precision}|n={size}"
     cache = _read_cache(path)  # a corrupt cache is re-measured and rewritten, not an error
@@ -362,7 +362,7 @@ def cpu_matrix_flags() -> str:
 def cpu_device(cache_path: str | Path | None = None) -> Device:
     """This CPU as a Device: bf16 and fp32 matmul peaks and copy bandwidth, measured and
     cached. On-chip memory and links are left out (caches are not managed memory)."""
-    sizes = {p: _calibration_size(p) for p in ("bf16", "fp32")}
+    sizes = {p: calibration_size(p, cache_path) for p in ("bf16", "fp32")}
     bf16 = measure_cpu_peak("bf16", cache_path, size=sizes["bf16"])
     fp32 = measure_cpu_peak("fp32", cache_path, size=sizes["fp32"])
     bw = measure_cpu_bandwidth(cache_path)
@@ -374,11 +374,22 @@ def cpu_device(cache_path: str | Path | None = None) -> Device:
     return Device("cpu", bf16, fp32, bw, None, None, src, 1.0, fresh, overhead)
 
 
-def _calibration_size(precision: str) -> int:
+def calibration_size(precision: str, cache_path: str | Path | None = None) -> int:
     """2048, unless a 256² probe shows the precision has no fast path here (bf16 on a CPU
     without AVX512-BF16 or AMX runs at well under 1 GFLOP/s): then 512, so that calibrating
-    takes seconds, not many minutes."""
-    return 2048 if _measure_matmul("cpu", precision, 256, 1) > 5e9 else 512
+    takes seconds, not many minutes. The answer is cached per machine like the peaks, so a
+    start-up that finds its peaks cached measures nothing."""
+    import torch
+
+    path = Path(cache_path) if cache_path else cache_file()
+    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|{precision}|calibration_size"
+    cache = _read_cache(path)
+    if isinstance(cache.get(key), int):
+        return cache[key]
+    size = 2048 if _measure_matmul("cpu", precision, 256, 1) > 5e9 else 512
+    cache[key] = size
+    atomic_write_json(path, cache)
+    return size
 
 
 def perf_device(name: str, cache_path: str | Path | None = None) -> Device:

@@ -39,11 +39,12 @@ from kiln.models.gpt import GPT, GPTConfig
 from kiln.models.presets import resolve_model
 from kiln.planning.hardware import measure_cpu_peak, resolve_precision
 from kiln.train import checkpoint as ckpt
-from kiln.train.callbacks import Callback, split_state
+from kiln.train.callbacks import Callback
 from kiln.train.malloc import keep_freed_memory
 from kiln.train.metrics import MetricsWriter, plot_loss, truncate_metrics
 from kiln.train.optim import LRSchedule, Optimizers, build_optimizer
 from kiln.train.plan import TrainingPlan, make_training_plan
+from kiln.train.state import CPURng, ModelParts, TrainingState
 from kiln.train.trainer import Hooks, Trainer
 
 RUN_FILES = (
@@ -356,34 +357,16 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
         pipeline=built.pipeline,
     )
     shape_dict = dataclasses.asdict(shape)
+    state = training_state(model_parts, optimizer, trainer)
+    facts = run_facts(job, shape_dict, dims)
 
     def save() -> None:
-        meta = {
-            "tokens": trainer.state.tokens,
-            "config_hash": ckpt.config_hash({k: v for k, v in job.to_dict().items() if k != "run"}),
-            "model_shape": shape_dict,
-            "world_size": dims.world_size,
-            "layout": dims.degrees,
-            "trainer": trainer.state.state_dict(),
-            "loader": loader.state_dict(),
-            "schedule": schedule.state_dict(),
-            "callbacks": {},
-        }
-        extra = {"rng_cpu": torch.get_rng_state()}
-        for cb in callbacks:
-            extra[f"cb.{cb.name}"], meta["callbacks"][cb.name] = split_state(cb.state_dict())
-        ckpt.save_checkpoint(
-            run_dir / "checkpoints",
-            trainer.state.step,
-            model_parts,
-            optimizer,
-            meta,
-            extra=extra,
-            keep=job.checkpoint.keep,
-        )
+        root = run_dir / "checkpoints"
+        state.save(root, trainer.state.step, job.checkpoint.keep,
+                   {**facts, "tokens": trainer.state.tokens})  # fmt: skip
 
     if latest is not None:
-        _restore(latest, shape_dict, model_parts, trainer, log)
+        _restore(latest, shape_dict, state, trainer, log)
     if dims.is_main:  # only after the checkpoint proved loadable: a bad one changes nothing
         if resuming:
             truncate_metrics(run_dir, trainer.state.step)
@@ -416,9 +399,34 @@ def checkpoint_bytes(shape: GPTConfig) -> int:
     return ckpt.state_bytes({"p": params}) * 3 + len(params) * ckpt.TENSOR_OVERHEAD + groups
 
 
-def _restore(latest, shape_dict, model, trainer: Trainer, log) -> None:
-    """Load model, optimizer, counters, loader position, LR schedule, RNG and callback state."""
-    optimizer, callbacks = trainer.optimizer, trainer.callbacks
+def training_state(model_parts: list, optimizer, trainer: Trainer) -> TrainingState:
+    """Every stateful part of a run, registered once: checkpoints save and resumes restore
+    exactly these (see kiln.train.state for where each lives on disk)."""
+    state = TrainingState()
+    state.register("model", ModelParts(model_parts, optimizer), dcp=(), json=None)
+    state.register("rng", CPURng(), dcp=("extra",), json=None)
+    for cb in trainer.callbacks:  # tensors in extra.cb.NAME, the rest in callbacks.NAME
+        state.register(f"cb.{cb.name}", cb, json=("callbacks", cb.name))
+    state.register("trainer", trainer.state)
+    state.register("loader", trainer.loader)
+    # warm-up, peak and floor as saved; the total follows the (possibly extended) plan
+    state.register("schedule", trainer.schedule)
+    return state
+
+
+def run_facts(job: JobConfig, shape_dict: dict, dims: ParallelDims) -> dict[str, Any]:
+    """kiln.json fields that describe the run rather than restore a part."""
+    return {
+        "config_hash": ckpt.config_hash({k: v for k, v in job.to_dict().items() if k != "run"}),
+        "model_shape": shape_dict,
+        "world_size": dims.world_size,
+        "layout": dims.degrees,
+    }
+
+
+def _restore(latest, shape_dict, state: TrainingState, trainer: Trainer, log) -> None:
+    """Load every registered part from checkpoint ``latest`` (refused unless it was saved for
+    this model shape)."""
     ckpt.verify_checkpoint(latest)  # a damaged one is named before anything else reads it
     meta = ckpt.read_meta(latest)
     if meta.get("model_shape") != shape_dict:
@@ -426,17 +434,7 @@ def _restore(latest, shape_dict, model, trainer: Trainer, log) -> None:
             f"Checkpoint {latest} was saved for a different model shape; resume it with the "
             "config it was trained with."
         )
-    extra = {"rng_cpu": torch.get_rng_state()}
-    for cb in callbacks:  # current tensors are the templates DCP loads into
-        extra[f"cb.{cb.name}"] = split_state(cb.state_dict())[0]
-    ckpt.load_checkpoint(latest, model, optimizer, extra=extra)
-    torch.set_rng_state(extra["rng_cpu"])
-    for cb in callbacks:
-        cb.load_state_dict({**extra[f"cb.{cb.name}"], **meta["callbacks"][cb.name]})
-    trainer.state.load_state_dict(meta["trainer"])
-    trainer.loader.load_state_dict(meta["loader"])
-    # warm-up, peak and floor as saved; the total follows the (possibly extended) plan
-    trainer.schedule.load_state_dict(meta["schedule"])
+    state.restore(latest, verified=True)
     log(f"resumed from {latest} (step {trainer.state.step}, {trainer.state.tokens:,} tokens)")
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,11 @@ from torch.distributed.checkpoint.stateful import Stateful
 from kiln.errors import CheckpointError
 from kiln.train import checkpoint as ckpt
 from kiln.train.callbacks import split_state
+
+if TYPE_CHECKING:
+    from kiln.config import JobConfig
+    from kiln.distributed.parallel_dims import ParallelDims
+    from kiln.train.trainer import Trainer
 
 Where = tuple[str, ...]
 """A path of keys into the (nested) DCP state or kiln.json; ``()`` is the top level."""
@@ -151,6 +156,58 @@ class TrainingState:
             loaded = _at(tensors, entry.dcp) if entry.dcp is not None and to_dcp else {}
             entry.part.load_state_dict({**{k: loaded[k] for k in to_dcp}, **plain})
         return meta
+
+
+# -- the parts of a Kiln run ----------------------------------------------------------------
+
+
+def training_state(model_parts: list, optimizer, trainer: Trainer) -> TrainingState:
+    """Every stateful part of a run, registered once: checkpoints save and resumes restore
+    exactly these (see kiln.train.state for where each lives on disk)."""
+    state = TrainingState()
+    state.register("model", ModelParts(model_parts, optimizer), dcp=(), json=None)
+    state.register("rng", CPURng(), dcp=("extra",), json=None)
+    for cb in trainer.callbacks:  # tensors in extra.cb.NAME, the rest in callbacks.NAME
+        state.register(f"cb.{cb.name}", cb, json=("callbacks", cb.name))
+    state.register("trainer", trainer.state)
+    state.register("loader", trainer.loader)
+    # warm-up, peak and floor as saved; the total follows the (possibly extended) plan
+    state.register("schedule", trainer.schedule)
+    return state
+
+
+def checkpoint_saver(state: TrainingState, trainer: Trainer, root: Path, keep: int, facts):
+    """The trainer's save hook: every registered part at the trainer's step, with the run's
+    facts and its token count in kiln.json."""
+
+    def save() -> None:
+        state.save(root, trainer.state.step, keep, {**facts, "tokens": trainer.state.tokens})
+
+    return save
+
+
+def run_facts(job: JobConfig, shape_dict: dict, dims: ParallelDims) -> dict[str, Any]:
+    """kiln.json fields that describe the run rather than restore a part."""
+    return {
+        "config_hash": ckpt.config_hash({k: v for k, v in job.to_dict().items() if k != "run"}),
+        "model_shape": shape_dict,
+        "world_size": dims.world_size,
+        "layout": dims.degrees,
+    }
+
+
+def restore_run(latest, shape_dict, state: TrainingState, trainer: Trainer, log) -> None:
+    """Load every registered part from checkpoint ``latest`` (refused unless it was saved for
+    this model shape)."""
+    ckpt.verify_checkpoint(latest)  # a damaged one is named before anything else reads it
+    meta = ckpt.read_meta(latest)
+    if meta.get("model_shape") != shape_dict:
+        raise CheckpointError(
+            f"Checkpoint {latest} was saved for a different model shape; resume it with the "
+            "config it was trained with."
+        )
+    state.restore(latest, verified=True)
+    log(f"resumed from {latest} (step {trainer.state.step}, {trainer.state.tokens:,} tokens)")
 
 
 def _place(tree: dict[str, Any], where: Where, values: dict[str, Any]) -> None:

@@ -103,7 +103,7 @@ def test_same_values_from_a_yaml_file_are_accepted(base, capsys, monkeypatch):
     _refused(root, ["train", "--run.dir", str(root / "run"), "--config", str(bad), "--resume"],
              capsys, ["--checkpoint.every 5 cannot be given"])  # fmt: skip
     from kiln.cli import parse_job
-    from kiln.train.run import config_conflicts, load_run_config
+    from kiln.train.run_dir import config_conflicts, load_run_config
 
     job, resume, given = parse_job(["--config", str(good), "--resume"])
     assert resume == "latest" and {"checkpoint.every", "train.lr"} <= given

@@ -220,8 +220,8 @@ def tensor_state(model, optimizer, extra: dict[str, Any] | None = None) -> dict[
     return state
 
 
-def _set_state(model, optimizer, state: dict[str, Any]) -> None:
-    """Give each part (and its optimizer) its own keys of the loaded state."""
+def set_tensor_state(model, optimizer, state: dict[str, Any]) -> None:
+    """Give each part (and its optimizer) its own keys of a loaded :func:`tensor_state`."""
     for part, opt in _parts(model, optimizer):
         own_model, own_optim = get_state_dict(part, [] if opt is None else opt, options=FLAT)
         model_sd = {k: state["model"][k] for k in own_model}
@@ -245,11 +245,19 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 3,
 ) -> Path:
-    """Write checkpoint ``step`` atomically (all ranks call this) and prune to ``keep``."""
+    """Write checkpoint ``step`` of ``model``/``optimizer``/``extra`` atomically (all ranks
+    call this) and prune to ``keep``."""
+    return write_checkpoint(root, step, tensor_state(model, optimizer, extra), meta, keep)
+
+
+def write_checkpoint(
+    root: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int = 3
+) -> Path:
+    """Write checkpoint ``step`` atomically: ``state`` (nested dicts of tensors and values) to
+    DCP's shards, ``meta`` to kiln.json (all ranks call this); prune to ``keep``."""
     root = Path(root)
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
-    state = tensor_state(model, optimizer, extra)
     try:
         if _rank() == 0:
             root.mkdir(parents=True, exist_ok=True)
@@ -360,11 +368,22 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load ``path`` into ``model`` / ``optimizer`` / ``extra`` in place (any world size);
     return its kiln.json."""
-    verify_checkpoint(path)
-    meta = read_meta(path)
+    verify_checkpoint(path)  # before the optimizer's state is touched
     state = tensor_state(model, optimizer)
     if extra:
         state["extra"] = extra
+    meta = read_checkpoint(path, state, verified=True)
+    set_tensor_state(model, optimizer, state)
+    return meta
+
+
+def read_checkpoint(path: Path, state: dict[str, Any], verified: bool = False) -> dict[str, Any]:
+    """Load checkpoint ``path``'s DCP shards into ``state`` in place (its current tensors are
+    the templates, resharded to their layout); return its kiln.json. ``verified``: the caller
+    has just run :func:`verify_checkpoint`."""
+    if not verified:
+        verify_checkpoint(path)
+    meta = read_meta(path)
     try:
         with _quiet_single_process(), _no_dcp_logs():
             dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
@@ -373,8 +392,13 @@ def load_checkpoint(
             f"Checkpoint {path} cannot be loaded into this model and optimizer: it holds other "
             f"tensors than this run's ({_first_line(exc)})."
         ) from exc
-    _set_state(model, optimizer, state)
     return meta
+
+
+def stored_keys(path: Path) -> set[str]:
+    """The flattened names of everything in a checkpoint's DCP shards ("model.<fqn>",
+    "optim.state.<fqn>.exp_avg", "extra.rng_cpu", ...)."""
+    return set(SafeReader(str(path)).read_metadata().state_dict_metadata)
 
 
 def verify_checkpoint(path: Path) -> None:

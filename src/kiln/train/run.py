@@ -1,19 +1,19 @@
 """``kiln train``: config → plan → model → parallelize → train loop → checkpoint/metrics.
 
-This module assembles the parts (each built from its own config section) and hands them to
-:class:`kiln.train.trainer.Trainer`. It also owns the run directory: what may be created,
-resumed or replaced there.
+:func:`run_training` runs the data flow of one run, each step a named function below: resolve
+the config (and which checkpoint ``--resume`` names) → the run directory
+(kiln.train.run_dir) → data, model shape and plan → the model built and parallelized → optimizer,
+LR schedule, loader and callbacks (each built from its own config section) → the
+:class:`kiln.train.trainer.Trainer`, its state restored through the registry of stateful parts
+(kiln.train.state) → fit → summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,8 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from kiln import __version__
-from kiln.config import JobConfig, ParallelConfig, job_config_from_dict
+from kiln.config import JobConfig
 from kiln.distributed.parallel_dims import (
     ParallelDims,
     RankFailure,
@@ -32,185 +31,21 @@ from kiln.distributed.parallel_dims import (
     looks_like_rank_failure,
     shutdown,
 )
-from kiln.distributed.parallelize import check_layout, parallelize_model
-from kiln.errors import CheckpointError, ConfigError
+from kiln.distributed.parallelize import Parallelized, check_layout, parallelize_model
+from kiln.errors import ConfigError
 from kiln.fsio import atomic_write
 from kiln.models.gpt import GPT, GPTConfig
 from kiln.models.presets import resolve_model
 from kiln.planning.hardware import measure_cpu_peak, resolve_precision
 from kiln.train import checkpoint as ckpt
-from kiln.train.callbacks import Callback, split_state
+from kiln.train.callbacks import Callback
 from kiln.train.malloc import keep_freed_memory
 from kiln.train.metrics import MetricsWriter, plot_loss, truncate_metrics
 from kiln.train.optim import LRSchedule, Optimizers, build_optimizer
 from kiln.train.plan import TrainingPlan, make_training_plan
+from kiln.train.run_dir import prepare_run_dir, provenance, resolve_resume, write_run_files
+from kiln.train.state import checkpoint_saver, restore_run, run_facts, training_state
 from kiln.train.trainer import Hooks, Trainer
-
-RUN_FILES = (
-    "config.yaml",
-    "metrics.jsonl",
-    "summary.json",
-    "tokenizer.json",
-    "checkpoints",
-    "plots",
-    "tb",
-    "run.json",
-)
-
-
-def load_run_config(run_dir: Path) -> JobConfig:
-    """The resolved config a run directory was started with."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} holds no Kiln run (no config.yaml).")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} does not parse as YAML ({_one_line(exc)}).") from exc
-    return job_config_from_dict(raw)
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:160]
-
-
-# Fields a resumed run takes from the command line instead of its saved config.yaml: where the
-# run lives and on which device, what it logs, how long it trains. The one list both --resume
-# (a given flag outside it must equal the saved value) and --resume auto (is the directory's run
-# this command's run?) read. The layout (parallel.*) always comes from the command that resumes:
-# DCP reshards model and optimizer to it, and the loader's position is global.
-CHANGEABLE_ON_RESUME = ("run.*", "log.*", "train.max_steps", "parallel.*")
-LAYOUT_FIELDS = tuple(f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig))
-
-
-def changeable_on_resume(name: str) -> bool:
-    """True for a ``section.field`` a resumed run may take from the command line."""
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in CHANGEABLE_ON_RESUME)
-
-
-def _flat(job: JobConfig) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, fields in job.to_dict().items() for k, v in fields.items()}
-
-
-def config_conflicts(
-    saved: JobConfig, job: JobConfig, names: Iterable[str] | None = None
-) -> list[tuple[str, Any, Any]]:
-    """(field, saved value, given value) for each field of ``names`` (every field when None)
-    that differs between the resolved configs and may not change on resume."""
-    old, new = _flat(saved), _flat(job)
-    keys = new if names is None else [n for n in names if n in new]
-    return [
-        (k, old.get(k), new[k])
-        for k in keys
-        if not changeable_on_resume(k) and old.get(k) != new[k]
-    ]
-
-
-def holds_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_FILES)
-
-
-def check_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` if needed and prove a file can be written there (every rank, before
-    any data or tokenizer work)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".kiln-probe-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"run.dir {run_dir} cannot be written ({exc.strerror or exc}"
-            f"{f': {exc.filename}' if exc.filename else ''}); choose a directory you can write."
-        ) from exc
-
-
-def prepare_run_dir(job: JobConfig, resume: bool, dims: ParallelDims) -> Path:
-    """Create, or check, the run directory. Refuses to mix two different runs in one place."""
-    run_dir = Path(job.run.dir)
-    held = holds_run(run_dir)
-    check_writable(run_dir)
-    if resume:
-        return run_dir
-    if held and not job.run.overwrite:
-        raise ConfigError(
-            f"Run directory {run_dir} already holds a run; pass --resume to continue it or "
-            "--run.overwrite true to replace it."
-        )
-    if dims.is_main and held:
-        for name in RUN_FILES:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    if dims.distributed:
-        torch.distributed.barrier()
-    return run_dir
-
-
-def resolve_resume(
-    job: JobConfig, resume: str | None, given: Iterable[str], log
-) -> tuple[JobConfig, bool, Path | None]:
-    """(config to train, resuming?, checkpoint to load) for ``--resume`` MODE: None (a new
-    run), 'latest' (bare --resume), 'auto', or a checkpoint (step-NNNNNNN or its path)."""
-    run_dir = Path(job.run.dir)
-    if resume is None:
-        return job, False, None
-    if resume == "auto" and not holds_run(run_dir):
-        log(f"--resume auto: {run_dir} holds no run yet, so a new run starts.")
-        return job, False, None
-    if resume != "auto" and not holds_run(run_dir):
-        raise CheckpointError(
-            f"--resume was given but {run_dir} holds no run and "
-            f"{run_dir / 'checkpoints'} no complete checkpoint."
-        )
-    saved = load_run_config(run_dir)
-    names = None if resume == "auto" else set(given)
-    _refuse_conflicts(run_dir, resume, config_conflicts(saved, job, names))
-    # The run lives where it is now (it may have been moved or copied) and on the device this
-    # process already chose; the changeable fields given come from the command line.
-    for name in _flat(job) if names is None else {"run.dir", "run.device", *LAYOUT_FIELDS, *names}:
-        if changeable_on_resume(name) and "." in name:
-            section, field = name.split(".", 1)
-            setattr(getattr(saved, section), field, getattr(getattr(job, section), field))
-    return saved, True, _pick_checkpoint(run_dir, resume)
-
-
-def _refuse_conflicts(run_dir: Path, resume: str, conflicts: list) -> None:
-    if not conflicts:
-        return
-    name, old, new = conflicts[0]
-    if resume == "auto":
-        raise ConfigError(
-            f"--resume auto: {run_dir} holds a different run ({name} is {old!r} there and "
-            f"{new!r} in this command), so nothing was started or changed; give another "
-            "--run.dir for a new run."
-        )
-    raise ConfigError(
-        f"--resume continues the run saved in {run_dir}, whose {name} is {old!r}, so --{name} "
-        f"{new!r} cannot be given (only {', '.join('--' + p for p in CHANGEABLE_ON_RESUME)} "
-        "may change)."
-    )
-
-
-def _pick_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint ``--resume`` names: the newest complete one, or the one given."""
-    root = run_dir / "checkpoints"
-    if resume in ("latest", "auto"):
-        latest = ckpt.latest_checkpoint(root)
-        if latest is not None:  # a damaged one is named before any data work
-            ckpt.verify_checkpoint(latest)
-        return latest
-    given = root / resume if ckpt.STEP_DIR.match(resume) else Path(resume)
-    found = ckpt.list_checkpoints(root)
-    if given.resolve() not in [c.resolve() for c in found]:
-        names = ", ".join(c.name for c in found) or "none"
-        raise CheckpointError(
-            f"--resume {resume} is not a complete checkpoint of the run in {run_dir}; "
-            f"give 'auto', nothing (the newest), or one of: {names}."
-        )
-    ckpt.verify_checkpoint(given)
-    return given
 
 
 def build_model(shape: GPTConfig, device: torch.device, seed: int) -> GPT:
@@ -255,26 +90,82 @@ def run_training(job: JobConfig, resume: str | None = None, given: Iterable[str]
 
 
 def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims) -> dict:
-    from kiln.data import TokenLoader, prepare_data, val_batches
-
+    """The data flow of one run: config → run dir → data + shape + plan → model (parallelized)
+    → optimizer, loader, callbacks → trainer (restored) → fit → summary."""
     started = time.perf_counter()
     log = print if dims.is_main else (lambda *_: None)
+    job, resuming, latest = resolve_job(job, resume, given, dims, log)
+    run_dir = prepare_run_dir(job, resuming, dims)
+    config_text = yaml.safe_dump(job.to_dict(), sort_keys=False)  # as asked: 'auto' stays auto
+    job = settle_precision(job, dims, log)
+    data, shape, plan = plan_run(job, dims, run_dir, log)
+    if dims.is_main and latest is None:  # a new run, or a restart from step 0
+        write_run_files(run_dir, config_text, data.tokenizer, provenance(dims, shape))
+    built, compile_whole = build_parallel_model(job, shape, dims, log)
+    optimizer, schedule = build_optimizer_and_schedule(job, shape, plan, built.model_parts)
+    loader, vals = build_loaders(job, data, dims)
+    callbacks = build_callbacks(job, built.model_parts[0], optimizer, log)
+    trainer = build_trainer(job, plan, dims, built, optimizer, schedule, loader, vals, callbacks,
+                            compile_whole)  # fmt: skip
+    state = training_state(built.model_parts, optimizer, trainer)
+    shape_dict = dataclasses.asdict(shape)
+    if latest is not None:
+        restore_run(latest, shape_dict, state, trainer, log)
+    if dims.is_main:  # only after the checkpoint proved loadable: a bad one changes nothing
+        if resuming:
+            truncate_metrics(run_dir, trainer.state.step)
+        for name in ckpt.clean_partial(run_dir / "checkpoints"):
+            log(f"removed {name}, left by an interrupted checkpoint write")
+    save = checkpoint_saver(state, trainer, run_dir / "checkpoints", job.checkpoint.keep,
+                            run_facts(job, shape_dict, dims))  # fmt: skip
+    fit(trainer, job, dims, run_dir, save, log)
+    return finish_run(trainer, plan, data, started, job, dims, run_dir, log)
+
+
+def resolve_job(
+    job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims, log
+) -> tuple[JobConfig, bool, Path | None]:
+    """(config to train, resuming?, checkpoint to load), validated for this layout."""
     job, resuming, latest = resolve_resume(job, resume, given, log)
     if resuming and latest is None:  # killed before its first checkpoint: same config, step 0
         log(f"{job.run.dir} has no complete checkpoint yet: restarting its run from step 0.")
     job.validate(dims.dp_size)
-    run_dir = prepare_run_dir(job, resuming, dims)
-    config_text = yaml.safe_dump(job.to_dict(), sort_keys=False)  # as asked: 'auto' stays auto
+    return job, resuming, latest
+
+
+def settle_precision(job: JobConfig, dims: ParallelDims, log) -> JobConfig:
+    """``train.precision`` resolved ('auto' measured); under torchrun every rank takes rank 0's
+    choice, so a close race between bf16 and fp32 cannot split the ranks."""
     precision, why = resolve_precision(job.train.precision, dims.device.type)
-    if dims.distributed:  # every rank trains in rank 0's measured choice
+    if dims.distributed:
         choice = [precision, why]
         torch.distributed.broadcast_object_list(choice, src=0)
         precision, why = choice
     job.train = dataclasses.replace(job.train, precision=precision)
     log(f"precision: {precision} ({why})")
+    return job
+
+
+def plan_run(job: JobConfig, dims: ParallelDims, run_dir: Path, log):
+    """(data, model shape, training plan): the corpus prepared, the shape resolved for its
+    vocabulary, the plan printed, and room for a checkpoint checked."""
+    from kiln.data import prepare_data
 
     data = prepare_data(job.data, log=log)
-    shape, notes = resolve_model(job.model, data.tokenizer.vocab_size, job.moe)
+    shape, notes = resolve_shape(job, data.tokenizer.vocab_size)
+    plan = make_training_plan(shape, job, dims, data)
+    for note in notes:
+        log(f"note: {note}")
+    log(plan.describe())
+    size = checkpoint_bytes(shape)
+    ckpt.check_space(run_dir / "checkpoints", size, job.checkpoint.keep, log)
+    return data, shape, plan
+
+
+def resolve_shape(job: JobConfig, vocab_size: int) -> tuple[GPTConfig, list[str]]:
+    """The model shape to train (preset + overrides, MoE, μP) and notes about it; refuses a
+    shape this job cannot train."""
+    shape, notes = resolve_model(job.model, vocab_size, job.moe)
     check_moe_job(job, shape)
     if job.model.parametrization == "mup":
         from kiln.models.mup import apply_mup
@@ -285,18 +176,13 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
             f"data.seq_len {job.data.seq_len} exceeds the model's context "
             f"(max_seq_len {shape.max_seq_len}); lower data.seq_len or raise model.max_seq_len."
         )
-    plan = make_training_plan(shape, job, dims, data)
-    for note in notes:
-        log(f"note: {note}")
-    log(plan.describe())
-    size = checkpoint_bytes(shape)
-    ckpt.check_space(run_dir / "checkpoints", size, job.checkpoint.keep, log)
+    return shape, notes
 
-    if dims.is_main and latest is None:  # a new run, or a restart from step 0
-        atomic_write(run_dir / "config.yaml", config_text)
-        data.tokenizer.save(run_dir)
-        atomic_write(run_dir / "run.json", json.dumps(_provenance(dims, shape), indent=2))
 
+def build_parallel_model(
+    job: JobConfig, shape: GPTConfig, dims: ParallelDims, log
+) -> tuple[Parallelized, bool]:
+    """(the model built and parallelized for this layout, compile model + loss as one graph?)."""
     if dims.device.type == "cpu" and keep_freed_memory():
         log(
             "memory: malloc reuses freed blocks instead of page-faulting them in every step "
@@ -310,16 +196,28 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
     compile_whole = job.train.compile and not dims.distributed
     compile_blocks = job.train.compile and dims.distributed
     built = parallelize_model(model, dims, job.parallel, compile_blocks, log=log)
-    model_parts = built.model_parts
-    model = model_parts[0]  # without PP, the one plain model (sparsity and callbacks use it)
     if compile_whole:
         log("torch.compile: model and loss as one graph")
+    return built, compile_whole
+
+
+def build_optimizer_and_schedule(
+    job: JobConfig, shape: GPTConfig, plan: TrainingPlan, model_parts: list
+) -> tuple[Any, LRSchedule]:
+    """One optimizer per model part (pipeline stage), and the LR schedule of the plan."""
     lr_mult = _lr_multiplier(shape, job.model.parametrization)
     optimizers = [build_optimizer(part, job.train, lr_mult) for part in model_parts]
     optimizer = optimizers[0] if len(optimizers) == 1 else Optimizers(optimizers)
     schedule = LRSchedule(
         job.train.lr, plan.warmup_steps, plan.steps, job.train.min_lr_ratio, job.train.decay
     )
+    return optimizer, schedule
+
+
+def build_loaders(job: JobConfig, data, dims: ParallelDims):
+    """(this data-parallel rank's training loader, the fixed validation batches)."""
+    from kiln.data import TokenLoader, val_batches
+
     loader = TokenLoader(
         data.train,
         job.data.seq_len,
@@ -329,9 +227,22 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
         dp_size=dims.dp_size,
     )
     vals = val_batches(data.val, job.data.seq_len, job.train.batch_size, job.train.eval_batches)
+    return loader, vals
 
-    callbacks = build_callbacks(job, model, optimizer, log)
-    trainer = Trainer(
+
+def build_trainer(
+    job: JobConfig,
+    plan: TrainingPlan,
+    dims: ParallelDims,
+    built: Parallelized,
+    optimizer,
+    schedule: LRSchedule,
+    loader,
+    vals,
+    callbacks: list[Callback],
+    compile_whole: bool,
+) -> Trainer:
+    return Trainer(
         built.train_model,
         optimizer,
         schedule,
@@ -355,47 +266,23 @@ def _run(job: JobConfig, resume: str | None, given: set[str], dims: ParallelDims
         loss=built.loss,
         pipeline=built.pipeline,
     )
-    shape_dict = dataclasses.asdict(shape)
 
-    def save() -> None:
-        meta = {
-            "tokens": trainer.state.tokens,
-            "config_hash": ckpt.config_hash({k: v for k, v in job.to_dict().items() if k != "run"}),
-            "model_shape": shape_dict,
-            "world_size": dims.world_size,
-            "layout": dims.degrees,
-            "trainer": trainer.state.state_dict(),
-            "loader": loader.state_dict(),
-            "schedule": schedule.state_dict(),
-            "callbacks": {},
-        }
-        extra = {"rng_cpu": torch.get_rng_state()}
-        for cb in callbacks:
-            extra[f"cb.{cb.name}"], meta["callbacks"][cb.name] = split_state(cb.state_dict())
-        ckpt.save_checkpoint(
-            run_dir / "checkpoints",
-            trainer.state.step,
-            model_parts,
-            optimizer,
-            meta,
-            extra=extra,
-            keep=job.checkpoint.keep,
-        )
 
-    if latest is not None:
-        _restore(latest, shape_dict, model_parts, trainer, log)
-    if dims.is_main:  # only after the checkpoint proved loadable: a bad one changes nothing
-        if resuming:
-            truncate_metrics(run_dir, trainer.state.step)
-        for name in ckpt.clean_partial(run_dir / "checkpoints"):
-            log(f"removed {name}, left by an interrupted checkpoint write")
-
+def fit(trainer: Trainer, job: JobConfig, dims: ParallelDims, run_dir: Path, save, log) -> None:
+    """Train to the end of the plan, writing metrics (rank 0) and checkpoints."""
     metrics = MetricsWriter(run_dir, enabled=dims.is_main, tensorboard=job.log.tensorboard)
     trainer.hooks = Hooks(log=log, write_metrics=metrics.write, save_checkpoint=save)
     try:
         trainer.fit()
     finally:
         metrics.close()
+
+
+def finish_run(
+    trainer: Trainer, plan: TrainingPlan, data, started: float, job: JobConfig,
+    dims: ParallelDims, run_dir: Path, log,
+) -> dict[str, Any]:  # fmt: skip
+    """summary.json and the loss plot (rank 0); returns the summary."""
     summary = _summary(trainer, plan, data, started)
     if dims.is_main and dims.device.type == "cpu":  # sharpen a CPU peak cached under load
         measure_cpu_peak(job.train.precision, refine=True)
@@ -414,30 +301,6 @@ def checkpoint_bytes(shape: GPTConfig) -> int:
         params = list(GPT(shape).parameters())
     groups = len(params) * ckpt.GROUP_ENTRIES * ckpt.GROUP_ENTRY_BYTES
     return ckpt.state_bytes({"p": params}) * 3 + len(params) * ckpt.TENSOR_OVERHEAD + groups
-
-
-def _restore(latest, shape_dict, model, trainer: Trainer, log) -> None:
-    """Load model, optimizer, counters, loader position, LR schedule, RNG and callback state."""
-    optimizer, callbacks = trainer.optimizer, trainer.callbacks
-    ckpt.verify_checkpoint(latest)  # a damaged one is named before anything else reads it
-    meta = ckpt.read_meta(latest)
-    if meta.get("model_shape") != shape_dict:
-        raise CheckpointError(
-            f"Checkpoint {latest} was saved for a different model shape; resume it with the "
-            "config it was trained with."
-        )
-    extra = {"rng_cpu": torch.get_rng_state()}
-    for cb in callbacks:  # current tensors are the templates DCP loads into
-        extra[f"cb.{cb.name}"] = split_state(cb.state_dict())[0]
-    ckpt.load_checkpoint(latest, model, optimizer, extra=extra)
-    torch.set_rng_state(extra["rng_cpu"])
-    for cb in callbacks:
-        cb.load_state_dict({**extra[f"cb.{cb.name}"], **meta["callbacks"][cb.name]})
-    trainer.state.load_state_dict(meta["trainer"])
-    trainer.loader.load_state_dict(meta["loader"])
-    # warm-up, peak and floor as saved; the total follows the (possibly extended) plan
-    trainer.schedule.load_state_dict(meta["schedule"])
-    log(f"resumed from {latest} (step {trainer.state.step}, {trainer.state.tokens:,} tokens)")
 
 
 def check_moe_job(job: JobConfig, shape: GPTConfig) -> None:
@@ -479,34 +342,6 @@ def build_callbacks(job: JobConfig, model, optimizer, log) -> list[Callback]:
         runtime = Runtime(job.train.seed, job.train.max_steps, tokens, job.train.precision, device)
         callbacks.append(build_sparsity(job.sparsity, model, optimizer, runtime, log))
     return callbacks
-
-
-def _provenance(dims: ParallelDims, shape: GPTConfig) -> dict[str, Any]:
-    import platform
-    import subprocess
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "kiln_version": __version__,
-        "kiln_commit": commit,
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(dims.device),
-        "device_name": torch.cuda.get_device_name()
-        if dims.device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "world_size": dims.world_size,
-        "model_shape": dataclasses.asdict(shape),
-    }
 
 
 def _summary(trainer: Trainer, plan: TrainingPlan, data, started: float) -> dict[str, Any]:

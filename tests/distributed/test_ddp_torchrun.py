@@ -15,15 +15,11 @@ from tests.e2e.helpers import tiny_flags
 STEPS = 12
 
 
-@pytest.fixture
-def cache_env(kiln_env, monkeypatch):
-    monkeypatch.setenv("KILN_CACHE", kiln_env["KILN_CACHE"])
-
-
 def _losses(run) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.timeout(600)  # a run and a torchrun of 2 processes
 def test_ddp_under_torchrun_matches_one_process(tmp_path, corpus, kiln_env, cache_env, capsys):
     flags = lambda run: [*tiny_flags(run, corpus, steps=STEPS), "--log.every", "1",
                          "--train.eval_every", "0", "--train.eval_batches", "1",

@@ -19,11 +19,6 @@ from tests.e2e.helpers import tiny_flags
 STEPS = 8
 
 
-@pytest.fixture
-def cache_env(kiln_env, monkeypatch):
-    monkeypatch.setenv("KILN_CACHE", kiln_env["KILN_CACHE"])
-
-
 def _flags(run, corpus):
     return [*tiny_flags(run, corpus, steps=STEPS), "--train.precision", "bf16",
             "--model.n_layers", "1", "--checkpoint.every", "3", "--log.every", "1",
@@ -46,6 +41,7 @@ def _autocast_of_each_forward() -> tuple[list, object]:
     return seen, register_module_forward_pre_hook(record)
 
 
+@pytest.mark.timeout(600)  # three bf16 runs (emulated bf16 matmuls on CPUs without AVX512-BF16)
 def test_bf16_trains_and_resumes_bitwise(tmp_path, corpus, cache_env, monkeypatch, capsys):
     ref, run = tmp_path / "ref", tmp_path / "run"
     seen, hook = _autocast_of_each_forward()

@@ -13,11 +13,6 @@ from tests.e2e.helpers import tiny_flags
 PEAK, FLOOR = 1e-2, 0.1  # tiny_flags' train.lr; the default train.min_lr_ratio
 
 
-@pytest.fixture
-def cache_env(kiln_env, monkeypatch):
-    monkeypatch.setenv("KILN_CACHE", kiln_env["KILN_CACHE"])
-
-
 def _cosine(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return PEAK * (step + 1) / warmup

@@ -2,7 +2,7 @@
 
 import socket
 
-from tests.e2e.conftest import corpus, kiln_env  # noqa: F401  (re-exported fixtures)
+from tests.e2e.conftest import cache_env, corpus, kiln_env  # noqa: F401  (re-exported fixtures)
 
 
 def free_port() -> int:

@@ -27,3 +27,9 @@ def kiln_env(tmp_path_factory) -> dict:
     env["KILN_CACHE"] = str(tmp_path_factory.mktemp("kiln-cache"))
     env["OMP_NUM_THREADS"] = "2"
     return env
+
+
+@pytest.fixture
+def cache_env(kiln_env, monkeypatch):
+    """kiln_env's KILN_CACHE for commands run in-process (``kiln.cli.main``)."""
+    monkeypatch.setenv("KILN_CACHE", kiln_env["KILN_CACHE"])

@@ -49,11 +49,6 @@ def test_train_uses_mup_init_and_lr_multipliers(tmp_path, corpus, kiln_env):
         assert step_size(name) == pytest.approx(LR, rel=0.01), name
 
 
-@pytest.fixture
-def cache_env(kiln_env, monkeypatch):
-    monkeypatch.setenv("KILN_CACHE", kiln_env["KILN_CACHE"])
-
-
 def test_mup_coord_check_command(tmp_path, cache_env, capsys):
     out = tmp_path / "coord.png"
     assert main(["mup", "coord-check", "--widths", "32,64", "--steps", "1", "--out", str(out)]) == 0

@@ -175,17 +175,90 @@ def test_lm_eval_formats():
     assert copa.contexts == ["It rained therefore"] and copa.continuations[0] == " we got wet."
 
 
-def test_user_task_end_to_end_matches_scorer(tok, tmp_path, monkeypatch):
-    model = _model(tok)
-    task = tasks.resolve(_write_task(tmp_path, n=5))
-    s = Scorer(model, tok)
-    res = harness.score_choices(s, task, harness.build_examples(task, 0, None, 0))
-    right = 0
-    for i in range(5):
-        lls = [ll for ll, _ in s.loglikelihood([(f"question {i}", f" a{i}"),
-                                                (f"question {i}", f" b{i}")])]  # fmt: skip
-        right += int(max(range(2), key=lambda j: lls[j]) == i % 2)
-    assert res["acc"] == right / 5
+# A bigram model whose log-probabilities are known in closed form: one word per token, every
+# block zeroed (the residual stream passes the embedding through), embeddings one-hot, so the
+# logits after word a are the row BIGRAM[a] (0 where not listed) over the 8 words and <eos>.
+WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "far"]
+BIGRAM = {
+    ("the", "cat"): 2.0,
+    ("the", "mat"): 1.0,
+    ("cat", "sat"): 3.0,
+    ("cat", "ran"): 1.0,
+    ("sat", "on"): 1.0,
+    ("on", "the"): 2.0,
+    ("dog", "ran"): 3.0,
+    ("ran", "far"): 2.0,
+}
+
+
+def _lp(a: str, b: str) -> float:
+    """log p(b | a) = BIGRAM[a, b] - log Σ_w exp BIGRAM[a, w], over the 9 token ids."""
+    row = [BIGRAM.get((a, w), 0.0) for w in WORDS] + [0.0]  # + <eos>
+    return BIGRAM.get((a, b), 0.0) - math.log(sum(math.exp(v) for v in row))
+
+
+def _bigram_model():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from kiln.data.tokenizer import Tokenizer
+
+    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="the"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = Tokenizer(hf)
+    d = 16
+    cfg = GPTConfig(n_layers=1, d_model=d, n_heads=2, n_kv_heads=2, d_head=8, d_ffn=32,
+                    vocab_size=tok.vocab_size, max_seq_len=32, position="rope", norm="rmsnorm",
+                    activation="gelu", bias=False, tie_embeddings=False)  # fmt: skip
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.blocks.parameters():
+            p.zero_()
+        # RMSNorm(100·e_a) = √d·e_a (eps negligible), so head[b, a] = BIGRAM[a, b] / √d
+        model.tok_emb.weight.copy_(100 * torch.eye(tok.vocab_size, d))
+        model.head.weight.zero_()
+        for (a, b), v in BIGRAM.items():
+            model.head.weight[WORDS.index(b), WORDS.index(a)] = v / math.sqrt(d)
+    return model, tok
+
+
+@pytest.mark.parametrize("batch_size,max_length", [(8, None), (1, 3)])
+def test_user_task_scores_equal_hand_computed_loglikelihoods(tmp_path, batch_size, max_length):
+    """A user task file through build_examples and score_choices on the bigram model: every
+    request's log-likelihood, acc and acc_norm (per character) equal values computed by hand.
+    max_length 3 sends every request through the left-truncated path (a bigram model's scores
+    do not change when the context is cut to its last word)."""
+    rows = [("the dog sat on the cat", ["sat on", "ran far"], 0),  # acc right, acc_norm right
+            ("the cat sat on the", ["cat sat on", "mat"], 0),  # acc wrong, acc_norm right
+            ("sat on the", ["dog ran", "cat"], 0)]  # both wrong  # fmt: skip
+    (tmp_path / "items.jsonl").write_text(
+        "".join(json.dumps({"question": c, "options": o, "answer": g}) + "\n" for c, o, g in rows)
+    )
+    (tmp_path / "t.yaml").write_text(
+        "data: items.jsonl\ncontext: question\nchoices: options\ngold: answer\n"
+    )
+    want = {
+        (rows[0][0], " sat on"): _lp("cat", "sat") + _lp("sat", "on"),
+        (rows[0][0], " ran far"): _lp("cat", "ran") + _lp("ran", "far"),
+        (rows[1][0], " cat sat on"): _lp("the", "cat") + _lp("cat", "sat") + _lp("sat", "on"),
+        (rows[1][0], " mat"): _lp("the", "mat"),
+        (rows[2][0], " dog ran"): _lp("the", "dog") + _lp("dog", "ran"),
+        (rows[2][0], " cat"): _lp("the", "cat"),
+    }
+    mat, cat_sat_on = want[(rows[1][0], " mat")], want[(rows[1][0], " cat sat on")]
+    assert mat > cat_sat_on and mat / 3 < cat_sat_on / 10  # the design above holds
+    model, tok = _bigram_model()
+    scorer = Scorer(model, tok, batch_size=batch_size, max_length=max_length)
+    got = dict(zip(want, (ll for ll, _ in scorer.loglikelihood(list(want)))))
+    for request, ll in want.items():
+        assert got[request] == pytest.approx(ll, abs=1e-4), request
+    task = tasks.resolve(str(tmp_path / "t.yaml"))
+    res = harness.score_choices(scorer, task, harness.build_examples(task, 0, None, 0))
+    assert res["n"] == 3
+    assert res["acc"] == pytest.approx(1 / 3) and res["acc_norm"] == pytest.approx(2 / 3)
+    # per-example values (1, 0, 0) and (1, 1, 0): sample sd √(1/3), ÷ √3
+    assert res["acc_stderr"] == pytest.approx(1 / 3)
+    assert res["acc_norm_stderr"] == pytest.approx(1 / 3)
 
 
 def test_bad_tasks(tmp_path):

@@ -147,18 +147,21 @@ def measure(lay: Layout, steps: int, cache: Path, env: dict) -> dict:
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
 
-def predict(lay: Layout, link_gbps: float | None) -> dict:
-    p = predict_layout(SHAPE, lay, local_cluster(world(lay), link_gbps=link_gbps), SEQ)
+def predict(lay: Layout, link_gbps: float | None, latency_s: float | None) -> dict:
+    c = local_cluster(world(lay), link_gbps=link_gbps, latency_s=latency_s)
+    p = predict_layout(SHAPE, lay, c, SEQ)
     return {"mem": p.memory["peak"], "step_s": p.step_s}
 
 
-def gloo_bandwidth(env: dict) -> float:
-    """Bytes/s of a 2-process gloo all-reduce of 64 MB on this machine (bus bandwidth)."""
+def gloo_link(env: dict) -> tuple[float, float]:
+    """(bytes/s of a 64 MB all-reduce, median seconds of a 4-byte one) between 2 gloo
+    processes on this machine: the β and α of the local cluster's links."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", str(HERE), "--gloo-bw", tmp]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
-        return float(Path(tmp, "bw").read_text())
+        bw, alpha = json.loads(Path(tmp, "link.json").read_text())
+        return bw, alpha
 
 
 def _gloo_worker(out: str) -> None:
@@ -166,23 +169,29 @@ def _gloo_worker(out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
-    x = torch.ones(16 * 2**20)
-    times = []
+    big, small = torch.ones(16 * 2**20), torch.ones(1)
+    times, lat = [], []
     for _ in range(4):
         dist.barrier()
         t0 = time.perf_counter()
-        dist.all_reduce(x)
+        dist.all_reduce(big)
         times.append(time.perf_counter() - t0)
-    if dist.get_rank() == 0:  # ring all-reduce moves 2(n-1)/n of the buffer per rank
-        Path(out, "bw").write_text(str(x.numel() * 4 / min(times[1:])))
+    for _ in range(50):
+        t0 = time.perf_counter()
+        dist.all_reduce(small)
+        lat.append(time.perf_counter() - t0)
+    if dist.get_rank() == 0:
+        link = [big.numel() * 4 / min(times[1:]), statistics.median(lat)]
+        Path(out, "link.json").write_text(json.dumps(link))
     dist.destroy_process_group()
 
 
 def run_all(args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cache = Path(args.cache)
-    bw = gloo_bandwidth(env)
-    print(f"gloo all-reduce bus bandwidth, 2 processes: {bw / 1e9:.2f} GB/s", flush=True)
+    bw, alpha = gloo_link(env)
+    print(f"gloo between 2 processes: 64 MB all-reduce {bw / 1e9:.2f} GB/s, 4-byte all-reduce "
+          f"{alpha * 1e3:.2f} ms", flush=True)  # fmt: skip
     results: dict[str, dict] = {lay.name(): {"step_s": [], "mem": []} for lay in LAYOUTS}
     for rnd in range(args.repeats):
         order = LAYOUTS[rnd % len(LAYOUTS) :] + LAYOUTS[: rnd % len(LAYOUTS)]
@@ -200,22 +209,22 @@ def run_all(args) -> dict:
                 f"{[round(x / 2**20) for x in m['mem']]} ({m['wall_s']:.0f} s)",
                 flush=True,
             )
-    return {"gloo_bytes_per_s": bw, "results": results, "steps": args.steps,
-            "repeats": args.repeats}  # fmt: skip
+    return {"gloo_bytes_per_s": bw, "gloo_latency_s": alpha, "results": results,
+            "steps": args.steps, "repeats": args.repeats}  # fmt: skip
 
 
 def table(data: dict) -> tuple[str, dict]:
     """Markdown table of predicted vs measured, and the summary numbers."""
     from scipy.stats import spearmanr
 
-    link = data["gloo_bytes_per_s"] / 1e9
+    link, alpha = data["gloo_bytes_per_s"] / 1e9, data.get("gloo_latency_s")
     rows, pm, mm, pt, mt = [], [], [], [], []
     head = (
         "| layout | procs | memory predicted MiB | measured MiB (max rank; min) | error "
         "| step predicted s | measured s (median) |\n|---|---|---|---|---|---|---|"
     )
     for lay in LAYOUTS:
-        res, pred = data["results"][lay.name()], predict(lay, link)
+        res, pred = data["results"][lay.name()], predict(lay, link, alpha)
         mem, step = max(res["mem"]), statistics.median(res["step_s"])
         err = pred["mem"] / mem - 1
         pm.append(pred["mem"]), mm.append(mem), pt.append(pred["step_s"]), mt.append(step)
@@ -233,8 +242,8 @@ def table(data: dict) -> tuple[str, dict]:
     tail = (f"\nmemory: {summary['memory_within_25']} of {summary['layouts']} layouts within "
             f"25%, MAPE {summary['memory_mape']:.0%}; step time: MAPE "
             f"{summary['time_mape']:.0%}, Spearman rank correlation of predicted and measured "
-            f"step times {summary['spearman']:.2f} (scipy.stats.spearmanr); gloo all-reduce "
-            f"bandwidth measured {link:.2f} GB/s")  # fmt: skip
+            f"step times {summary['spearman']:.2f} (scipy.stats.spearmanr); gloo link measured "
+            f"{link:.2f} GB/s, {alpha * 1e3:.1f} ms per collective")  # fmt: skip
     return head + "\n" + "\n".join(rows) + "\n" + tail, summary
 
 

@@ -11,6 +11,7 @@ import yaml
 
 from kiln.cli import main
 from kiln.errors import ConfigError
+from kiln.planning import cluster as cluster_mod
 from kiln.planning import layout as lay_mod
 from kiln.planning.flops import Shape
 from kiln.planning.layout import (
@@ -210,15 +211,15 @@ def _fake_cpu(monkeypatch, fp32=20e9, bf16=1e9, memory=16e9):
     from kiln.planning.hardware import Device
 
     dev = Device("cpu", bf16, fp32, 10e9, None, None, "fake", 1.0, 5e9, 1e-5)
-    monkeypatch.setattr(lay_mod, "_one_thread_cpu", lambda cache_path: dev)
-    monkeypatch.setattr(lay_mod, "_host_memory", lambda: memory)
+    monkeypatch.setattr(cluster_mod, "_one_thread_cpu", lambda cache_path: dev)
+    monkeypatch.setattr(cluster_mod, "_host_memory", lambda: memory)
     return dev
 
 
 def test_local_cluster_is_this_machine_with_n_processes(monkeypatch):
     dev = _fake_cpu(monkeypatch)
-    two = lay_mod.local_cluster(2, cores=2)
-    four = lay_mod.local_cluster(4, cores=2, link_gbps=0.5)
+    two = cluster_mod.local_cluster(2, cores=2)
+    four = cluster_mod.local_cluster(4, cores=2, link_gbps=0.5)
     assert (two.world, two.nodes, two.memory_bytes, two.precision, two.memory_device) == (
         2, 1, 8e9, "fp32", "cpu")  # fmt: skip
     assert two.device.vector_flops == dev.vector_flops  # one core per rank
@@ -227,8 +228,8 @@ def test_local_cluster_is_this_machine_with_n_processes(monkeypatch):
     assert four.device.offchip_bw == pytest.approx(dev.offchip_bw / 2)
     assert four.device.kernel_overhead_s == pytest.approx(2 * dev.kernel_overhead_s)
     assert (four.memory_bytes, four.intra_bw, four.inter_bw) == (4e9, 0.5e9, 0.5e9)
-    assert lay_mod.local_cluster(2, cores=2, link_gbps=None).intra_bw == (
-        lay_mod.LOCAL_LINK_GBPS * 1e9)  # fmt: skip
+    assert cluster_mod.local_cluster(2, cores=2, link_gbps=None).intra_bw == (
+        cluster_mod.LOCAL_LINK_GBPS * 1e9)  # fmt: skip
     assert parse_cluster("local:3").world == 3
     for bad in ("local:0", "local:", "local:x"):
         with pytest.raises(ConfigError):
@@ -239,6 +240,15 @@ def test_local_cluster_is_this_machine_with_n_processes(monkeypatch):
     bf16_mem = lay_mod.layout_memory(TINY, fsdp, 64, "bf16", "cuda")["activations"]
     assert p.memory["activations"] > bf16_mem
     assert not any(x.layout.offload for x in recommend(TINY, two, 16, 64, top=100))
+    # every TP collective costs the latency; gloo on a CPU overlaps nothing with compute
+    slow = cluster_mod.local_cluster(2, cores=2, latency_s=0.01)
+    quick = cluster_mod.local_cluster(2, cores=2, latency_s=0.0)
+    tp2 = Layout(2, 1, 1, 1, 8, 2)  # 2 micro-batches × 4 layers × 8 collectives
+    tp = lambda c: predict_layout(TINY, tp2, c, 64).parts["tp"]  # noqa: E731
+    assert tp(slow) - tp(quick) == pytest.approx(0.01 * 2 * 4 * 8)
+    n = lay_mod.stage_shape(TINY, 1).stage_params
+    comm = (2 * 1 * 4 * n + 4 * n) / 2 / quick.intra_bw  # gathers fwd+bwd, one reduce-scatter
+    assert predict_layout(TINY, fsdp, quick, 64).parts["dp"] == pytest.approx(comm)
 
 
 def test_offload_only_when_memory_requires_it_or_it_wins():

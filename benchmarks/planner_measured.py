@@ -8,8 +8,9 @@ under torchrun (gloo, 2 or 4 processes on this machine's cores). For each layout
   over the steps after the first two;
 * the peak memory of each rank's training state: the peak resident set (VmHWM, reset through
   /proc/self/clear_refs just before the model is built) when the final checkpoint starts,
-  less the resident set just before the model is built (the process runtime, gloo, the
-  tokenizer and the data are already there), so it counts what kiln.train.memory counts;
+  less the resident set just before the model is built (the process runtime, the one-off
+  buffers of a first tiny forward/backward, gloo, the tokenizer and the data are already
+  there), so it counts what kiln.train.memory counts;
 
 and asks the planner for the same layout on ``local:N`` (this machine with N processes:
 :func:`kiln.planning.layout.local_cluster`) through :func:`kiln.planning.layout.predict_layout`
@@ -103,10 +104,20 @@ def _status(field: str) -> int:
 
 
 def worker(out: str, argv: list[str]) -> int:
-    """Run ``kiln train`` in this process, recording the training state's peak memory."""
+    """Run ``kiln train`` in this process, recording the training state's peak memory. A
+    tiny forward/backward first puts the one-off buffers of torch's first kernels (~45 MB on
+    this CPU) into the baseline, as tests/distributed/test_memory_estimate.py does."""
+    import torch
+
     from kiln.cli import main
+    from kiln.models.gpt import GPTConfig
     from kiln.train import run
     from kiln.train.trainer import Trainer
+
+    tiny = GPTConfig(n_layers=1, d_model=64, n_heads=1, n_kv_heads=1, d_head=64, d_ffn=64,
+                     vocab_size=256, max_seq_len=64)  # fmt: skip
+    x, y = torch.randint(0, 256, (2, 2, 32))
+    run.build_model(tiny, torch.device("cpu"), 0)(x, targets=y).backward()
 
     marks: dict[str, int] = {}
     build, checkpoint = run.build_model, Trainer._checkpoint

@@ -495,8 +495,10 @@ def cmd_plan(argv: list[str]) -> int:
     parser.add_argument(
         "--cluster",
         default=None,
-        help="recommend a parallel layout: 64xH100, 4x8xA100-80GB or a YAML file",
+        help="recommend a parallel layout: 64xH100, 4x8xA100-80GB, local:4 (this machine, 4 "
+        "processes) or a YAML file",
     )
+    _number(parser, "--price", float, None, POSITIVE, "USD per device-hour (with --cluster)")
     _number(parser, "--global-batch", int, None, POSITIVE, "sequences per step (with --cluster)")
     _number(parser, "--top", int, 5, POSITIVE, "layouts to print (with --cluster)")
     for name in ("tensor", "pipeline", "data-replicate"):
@@ -517,9 +519,9 @@ def cmd_plan(argv: list[str]) -> int:
                      count=args.count, mfu=args.mfu, shape=shape)  # fmt: skip
     if args.cluster:
         return _plan_layout(plan, args)
-    if any(args[k] for k in ("tensor", "pipeline", "data_replicate", "write_parallel")):
-        raise ConfigError("--tensor, --pipeline, --data-replicate and --write-parallel need "
-                          "--cluster.")  # fmt: skip
+    if any(args[k] for k in ("tensor", "pipeline", "data_replicate", "write_parallel", "price")):
+        raise ConfigError("--tensor, --pipeline, --data-replicate, --write-parallel and --price "
+                          "need --cluster.")  # fmt: skip
     if args.json:
         import json
 
@@ -540,6 +542,8 @@ def _plan_layout(plan, args) -> int:
     )
 
     cluster = parse_cluster(args.cluster)
+    if args.price:
+        cluster = dataclasses.replace(cluster, price_per_hour=args.price)
     if args.write_parallel and Path(args.write_parallel).exists():
         raise ConfigError(f"--write-parallel {args.write_parallel} exists; name a new file.")
     preds = recommend(plan.shape, cluster, plan.batch_size, plan.seq_len, plan.tokens,

@@ -398,6 +398,9 @@ class ParallelConfig:
     """Process-group timeout: a dead rank ends the job with an error after this long."""
     expert: int = 1
     """Expert-parallel degree: each MoE layer's experts are split over this many ranks."""
+    cpu_offload: bool = False
+    """Keep FSDP2's sharded parameters, gradients and optimizer state in host memory
+    (CPUOffloadPolicy; the optimizer steps on the CPU). Always on for FSDP2 on a CPU."""
 
     def __post_init__(self) -> None:
         check_choice("parallel", "data", self.data, ["fsdp", "ddp"])
@@ -555,6 +558,12 @@ class JobConfig:
             )
         self._validate_sparsity(dp_size)
         self._validate_experts(dp_size)
+        if self.parallel.cpu_offload and (self.parallel.data != "fsdp" or dp_size == 1):
+            raise ConfigError(
+                f"parallel.cpu_offload needs parallel.data fsdp over at least 2 data-parallel "
+                f"ranks (it is FSDP2's CPU offload) but data is {self.parallel.data} over "
+                f"{dp_size}; turn it off or shard over more ranks."
+            )
 
     def _validate_experts(self, dp_size: int) -> None:
         ep, experts = self.parallel.expert, self.moe.experts

@@ -3,6 +3,7 @@ tiny shapes, no processes started."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from kiln.cli import main
 from kiln.errors import ConfigError
+from kiln.planning import cluster as cluster_mod
 from kiln.planning import layout as lay_mod
 from kiln.planning.flops import Shape
 from kiln.planning.layout import (
@@ -174,11 +176,13 @@ def test_yaml_snippet_round_trips_into_parallel_config():
     if "tensor" not in ParallelConfig.__dataclass_fields__:
         pytest.skip("needs issue-12's ParallelConfig (tensor, pipeline, ... fields)")
     for x in (Layout(2, 2, 1, 2, 1, 4, "Interleaved1F1B", 2, True, "fsdp"),
-              Layout(8, 1, 2, 4, 3, 5), Layout(1, 1, 8, 1, 1, 2, data="ddp")):  # fmt: skip
+              Layout(8, 1, 2, 4, 3, 5), Layout(1, 1, 8, 1, 1, 2, data="ddp"),
+              Layout(2, 1, 1, 4, 1, 2, offload=True)):  # fmt: skip
         sec = yaml.safe_load(parallel_yaml(x))["parallel"]
         cfg = ParallelConfig(**sec)
-        assert (cfg.tensor, cfg.pipeline, cfg.data, cfg.activation_checkpointing) == (
-            x.tp, x.pp, x.data, x.activation_checkpointing)  # fmt: skip
+        assert (cfg.tensor, cfg.pipeline, cfg.data, cfg.activation_checkpointing,
+                cfg.cpu_offload) == (x.tp, x.pp, x.data, x.activation_checkpointing,
+                                     x.offload)  # fmt: skip
 
 
 def test_step_time_parts_follow_the_layout():
@@ -200,3 +204,97 @@ def test_step_time_parts_follow_the_layout():
         ac.parts["recompute"] > 0
         and ac.step_s > predict_layout(s, Layout(1, 1, 1, 8, 1, 4), one_node, 128).step_s
     )
+
+
+def _fake_cpu(monkeypatch, fp32=20e9, bf16=1e9, memory=16e9):
+    """A calibrated CPU without measuring anything (the calibration has its own tests)."""
+    from kiln.planning.hardware import Device
+
+    dev = Device("cpu", bf16, fp32, 10e9, None, None, "fake", 1.0, 5e9, 1e-5)
+    monkeypatch.setattr(cluster_mod, "_one_thread_cpu", lambda cache_path: dev)
+    monkeypatch.setattr(cluster_mod, "_host_memory", lambda: memory)
+    return dev
+
+
+def test_local_cluster_is_this_machine_with_n_processes(monkeypatch):
+    dev = _fake_cpu(monkeypatch)
+    two = cluster_mod.local_cluster(2, cores=2)
+    four = cluster_mod.local_cluster(4, cores=2, link_gbps=0.5)
+    assert (two.world, two.nodes, two.memory_bytes, two.precision, two.memory_device) == (
+        2, 1, 8e9, "fp32", "cpu")  # fmt: skip
+    assert two.device.vector_flops == dev.vector_flops  # one core per rank
+    # four ranks on two cores: half a core each, every rate halved, each kernel twice as long
+    assert four.device.vector_flops == pytest.approx(dev.vector_flops / 2)
+    assert four.device.offchip_bw == pytest.approx(dev.offchip_bw / 2)
+    assert four.device.kernel_overhead_s == pytest.approx(2 * dev.kernel_overhead_s)
+    assert (four.memory_bytes, four.intra_bw, four.inter_bw) == (4e9, 0.5e9, 0.5e9)
+    assert cluster_mod.local_cluster(2, cores=2, link_gbps=None).intra_bw == (
+        cluster_mod.LOCAL_LINK_GBPS * 1e9)  # fmt: skip
+    assert parse_cluster("local:3").world == 3
+    for bad in ("local:0", "local:", "local:x"):
+        with pytest.raises(ConfigError):
+            parse_cluster(bad)
+    # the plan computes in fp32 on this CPU: memory and time follow, and offload is not offered
+    fsdp = Layout(1, 1, 1, 2, 8, 1)
+    p = predict_layout(TINY, fsdp, two, 64)
+    bf16_mem = lay_mod.layout_memory(TINY, fsdp, 64, "bf16", "cuda")["activations"]
+    assert p.memory["activations"] > bf16_mem
+    assert not any(x.layout.offload for x in recommend(TINY, two, 16, 64, top=100))
+    # every TP collective costs the latency; gloo on a CPU overlaps nothing with compute
+    slow = cluster_mod.local_cluster(2, cores=2, latency_s=0.01)
+    quick = cluster_mod.local_cluster(2, cores=2, latency_s=0.0)
+    tp2 = Layout(2, 1, 1, 1, 8, 2)  # 2 micro-batches × 4 layers × 8 collectives
+    tp = lambda c: predict_layout(TINY, tp2, c, 64).parts["tp"]  # noqa: E731
+    assert tp(slow) - tp(quick) == pytest.approx(0.01 * 2 * 4 * 8)
+    n = lay_mod.stage_shape(TINY, 1).stage_params
+    comm = (2 * 1 * 4 * n + 4 * n) / 2 / quick.intra_bw  # gathers fwd+bwd, one reduce-scatter
+    assert predict_layout(TINY, fsdp, quick, 64).parts["dp"] == pytest.approx(comm)
+
+
+def test_offload_only_when_memory_requires_it_or_it_wins():
+    big = Shape(n_layers=8, d_model=1024, n_heads=8, d_ffn=4096, vocab_size=1000,
+                max_seq_len=512, tie_embeddings=False)  # fmt: skip
+    roomy = make_cluster("H100", 1, 8)
+    for x in enumerate_layouts(big, 8, 64, offload=True):
+        if x.offload:  # the same layout without offload is faster and holds more on the device
+            twin = predict_layout(big, dataclasses.replace(x, offload=False), roomy, 512)
+            p = predict_layout(big, x, roomy, 512)
+            assert p.step_s > twin.step_s and p.memory["peak"] < twin.memory["peak"]
+            assert p.parts["offload"] > 0 and p.memory["host"] > 0
+    best = recommend(big, roomy, 64, 512, top=1)[0]
+    assert not best.layout.offload
+    # memory so tight that only offload layouts fit: one of them is recommended
+    without = [predict_layout(big, x, roomy, 512) for x in enumerate_layouts(big, 8, 64)]
+    lean = min(p.memory["peak"] for p in without)
+    tight = make_cluster("H100", 1, 8, memory_gb=0.95 * lean / USABLE / 1e9)
+    picks = recommend(big, tight, 64, 512, top=50)
+    assert picks and all(p.layout.offload for p in picks)
+    assert all(p.memory["host"] <= USABLE * tight.host_memory_bytes for p in picks)
+    assert yaml.safe_load(parallel_yaml(picks[0].layout))["parallel"]["cpu_offload"] is True
+
+
+def test_cost_is_hours_times_devices_times_price(capsys):
+    c = make_cluster("H100", 2, 8)
+    p = predict_layout(TINY, Layout(1, 1, 1, 16, 1, 1), c, 64, tokens=1e9)
+    assert c.price_per_hour == pytest.approx(98.32 / 8)
+    assert p.cost_usd == pytest.approx(p.train_s / 3600 * 16 * c.price_per_hour)
+    assert predict_layout(TINY, Layout(1, 1, 1, 8, 1, 1), make_cluster("H200", 1, 8), 64,
+                          tokens=1e9).cost_usd is None  # no public price: no cost  # fmt: skip
+    argv = ["plan", "--preset", "cerebras-gpt-111m", "--cluster", "2x4xH100", "--top", "2",
+            "--global-batch", "64", "--price", "2.5", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    for x in json.loads(capsys.readouterr().out)["layouts"]:
+        assert x["cost_usd"] == pytest.approx(x["train_s"] / 3600 * 8 * 2.5)
+    assert main(argv[:-1]) == 0
+    out = capsys.readouterr().out
+    assert "cost $" in out and "$2.5/device-hour" in out
+
+
+def test_cpu_offload_config_needs_sharded_fsdp():
+    from kiln.config import JobConfig, ParallelConfig
+
+    assert ParallelConfig(cpu_offload=True).cpu_offload
+    job = JobConfig(parallel=ParallelConfig(data="ddp", cpu_offload=True))
+    with pytest.raises(ConfigError, match="parallel.cpu_offload needs"):
+        job.validate(2)
+    JobConfig(parallel=ParallelConfig(cpu_offload=True)).validate(2)

@@ -30,16 +30,20 @@ def apply_compile(model: nn.Module, log: Callable[[str], None]) -> None:
     log("torch.compile: each transformer block")
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None]) -> None:
-    """FSDP2 (ZeRO-3 style): shard each block, then the root (embeddings, head)."""
+def apply_fsdp(
+    model: nn.Module, dims: ParallelDims, log: Callable[[str], None], offload: bool = False
+) -> None:
+    """FSDP2 (ZeRO-3 style): shard each block, then the root (embeddings, head); with
+    ``offload`` the shards, their gradients and the optimizer state live in host memory."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {}
-    if dims.device.type == "cpu":
+    if dims.device.type == "cpu" or offload:
         # gloo has no reduce-scatter on device buffers; FSDP2 on CPU runs with CPU offload.
         from torch.distributed.fsdp import CPUOffloadPolicy
 
-        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
+        # pinned host memory speeds up GPU copies; on a CPU there is nothing to copy
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dims.device.type != "cpu")
     # HSDP when there are replicas: shard within dp_shard, replicate across dp_replicate
     axes = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
     kwargs["mesh"] = dims.submesh(*axes)
@@ -84,7 +88,7 @@ def parallelize(
         return model
     if cfg.data == "ddp":
         return apply_ddp(model, dims, log)
-    apply_fsdp(model, dims, log)
+    apply_fsdp(model, dims, log, cfg.cpu_offload)
     return model
 
 

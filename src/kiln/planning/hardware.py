@@ -219,6 +219,12 @@ class Device:
     kernel_overhead_s: float = 0.0
     """Fixed cost of one kernel (dispatch, launch, waking worker threads). Not a datasheet
     number, so 0 in the table entries; measured for the CPU (:func:`measure_kernel_overhead`)."""
+    host_link_bw: float | None = None
+    """Bytes/s between the device and host memory, one direction (PCIe); what CPU offload
+    moves parameters and gradients over. None = not published or no host link."""
+    price_per_hour: float | None = None
+    """Public on-demand cloud price of one device for one hour (USD); None where none is
+    published."""
 
 
 DEVICES: dict[str, Device] = {
@@ -227,18 +233,31 @@ DEVICES: dict[str, Device] = {
         Device("A100", 312e12, 19.5e12, 2.039e12, 40e6, 600e9,
                "NVIDIA A100 Tensor Core GPU datasheet (2021, SXM4 80GB: 312 TFLOPS bf16, "
                "19.5 fp32, 2,039 GB/s HBM2e, NVLink 600 GB/s); 40 MB L2 from the NVIDIA A100 "
-               "Tensor Core GPU Architecture whitepaper (2020)"),
+               "Tensor Core GPU Architecture whitepaper (2020); host link PCIe Gen4 x16, 32 GB/s "
+               "each way (same datasheet: 64 GB/s); price: AWS EC2 on-demand p4d.24xlarge "
+               "(8 × A100 40GB) $32.77/h, us-east-1 list price = $4.10 per GPU-hour (the 80GB "
+               "p4de lists higher)",
+               host_link_bw=32e9, price_per_hour=32.77 / 8),
         Device("H100", 989e12, 67e12, 3.35e12, 50e6, 900e9,
                "NVIDIA H100 Tensor Core GPU datasheet (2023, SXM5: 989 TFLOPS bf16 dense, 67 "
                "fp32, 3.35 TB/s HBM3, NVLink 900 GB/s); 50 MB L2 from the NVIDIA H100 Tensor "
-               "Core GPU Architecture whitepaper (2022)"),
+               "Core GPU Architecture whitepaper (2022); host link PCIe Gen5 x16, 64 GB/s each "
+               "way (same datasheet: 128 GB/s); price: AWS EC2 on-demand p5.48xlarge (8 × "
+               "H100) $98.32/h, us-east-1 list price = $12.29 per GPU-hour",
+               host_link_bw=64e9, price_per_hour=98.32 / 8),
         Device("H200", 989e12, 67e12, 4.8e12, 50e6, 900e9,
                "NVIDIA H200 Tensor Core GPU datasheet (2024, SXM: 989 TFLOPS bf16 dense, 67 "
                "fp32, 4.8 TB/s HBM3e, NVLink 900 GB/s); L2 as H100 (same GH100 die, H100 "
-               "architecture whitepaper 2022). Not calibrated: no GPU was available"),
+               "architecture whitepaper 2022). Not calibrated: no GPU was available; host link "
+               "PCIe Gen5 x16, 64 GB/s each way (same datasheet: 128 GB/s); no on-demand price "
+               "was found to cite",
+               host_link_bw=64e9),
         Device("MI300X", 1307.4e12, 163.4e12, 5.3e12, 256e6, 896e9,
                "AMD Instinct MI300X data sheet (2023: 1,307.4 TFLOPS bf16 dense, 163.4 fp32, "
-               "5.3 TB/s HBM3, 256 MB Infinity Cache, 7 Infinity Fabric links × 128 GB/s)"),
+               "5.3 TB/s HBM3, 256 MB Infinity Cache, 7 Infinity Fabric links × 128 GB/s, "
+               "PCIe Gen5 x16 host interface 64 GB/s each way); no on-demand price was found "
+               "to cite",
+               host_link_bw=64e9),
         Device("SN30", 640e12, None, None, 640e6, None,
                "SN10 RDU: >320 TFLOPS bf16 and 320 MB on-chip SRAM (SambaNova, Hot Chips 33, "
                "2021); SN30 RDU = two SN10 dies (The Next Platform, 2022-09-17), so 2× each. "

@@ -40,15 +40,14 @@ device-hours to train the plan's tokens follow. Expert parallelism: the enumerat
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from kiln.errors import ConfigError
 from kiln.planning import ops as opsmod
-from kiln.planning.hardware import DEVICES, Device
+from kiln.planning.cluster import Cluster, local_cluster, make_cluster, parse_cluster
+from kiln.planning.hardware import Device
 from kiln.planning.ops import StepShape
 
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble")
@@ -57,106 +56,6 @@ USABLE = 0.9
 """Fraction of device memory a layout may plan to use."""
 MICRO_BATCHES = tuple(range(1, 17))
 """Micro-batch sizes tried (those dividing the batch of a data-parallel rank)."""
-
-MEMORY_GB = {"A100": 80, "H100": 80, "H200": 141, "MI300X": 192}
-"""Default memory per device (GB, 1e9 bytes), from the datasheets cited in DEVICES; a
-'-40GB'-style suffix on the device name overrides it."""
-INTER_NODE_BW = {"A100": 25e9, "H100": 50e9, "H200": 50e9, "MI300X": 50e9}
-"""Default inter-node bytes/s per device: one 200 Gb/s HDR InfiniBand NIC per A100 (DGX
-A100), one 400 Gb/s NDR NIC per H100/H200 (DGX H100); 400 Gb/s assumed for MI300X."""
-
-
-# -- the cluster ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Cluster:
-    """Devices, how they are grouped into nodes, and the links between them."""
-
-    nodes: int
-    """Number of nodes."""
-    devices_per_node: int
-    """Devices in one node (sharing its fast links)."""
-    device: Device
-    """Performance-model entry of the device (kiln.planning.hardware.DEVICES)."""
-    memory_bytes: float
-    """Memory per device."""
-    intra_bw: float
-    """Bytes/s one device sends to another in its node (half the total NVLink bandwidth)."""
-    inter_bw: float
-    """Bytes/s one device sends to a device in another node (its NIC)."""
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.devices_per_node
-
-    def describe(self) -> str:
-        return (f"{self.nodes}×{self.devices_per_node}×{self.device.name} "
-                f"({self.memory_bytes / 1e9:g} GB, {self.intra_bw / 1e9:g} GB/s in a node, "
-                f"{self.inter_bw / 1e9:g} GB/s across)")  # fmt: skip
-
-
-def _device(name: str) -> tuple[Device, float | None]:
-    m = re.fullmatch(r"(.+?)(?:-(\d+)GB)?", name.strip(), re.IGNORECASE)
-    base, gb = m.group(1), m.group(2)
-    for key, dev in DEVICES.items():
-        if key.lower() == base.lower().replace("-sxm", ""):
-            if dev.peak_bf16 is None or dev.offchip_bw is None or key not in MEMORY_GB:
-                break
-            return dev, float(gb) * 1e9 if gb else None
-    known = ", ".join(k for k in DEVICES if k in MEMORY_GB)
-    raise ConfigError(f"device {name!r} cannot be planned for; use one of {known} (optionally "
-                      "with a memory suffix such as A100-40GB).")  # fmt: skip
-
-
-def make_cluster(
-    device: str,
-    nodes: int,
-    devices_per_node: int,
-    memory_gb: float | None = None,
-    intra_gbps: float | None = None,
-    inter_gbps: float | None = None,
-) -> Cluster:
-    """A Cluster with defaults from the hardware table for whatever is not given."""
-    dev, suffix_mem = _device(device)
-    for name, v in (("nodes", nodes), ("devices_per_node", devices_per_node)):
-        if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"cluster {name} is {v!r} but must be a positive integer.")
-    mem = memory_gb * 1e9 if memory_gb else suffix_mem or MEMORY_GB[dev.name] * 1e9
-    intra = intra_gbps * 1e9 if intra_gbps else dev.link_bw / 2
-    inter = inter_gbps * 1e9 if inter_gbps else INTER_NODE_BW[dev.name]
-    return Cluster(nodes, devices_per_node, dev, mem, intra, inter)
-
-
-def parse_cluster(spec: str) -> Cluster:
-    """``64xH100`` (8 per node), ``4x8xA100-80GB`` (nodes × per node) or a YAML file with
-    device, nodes, devices_per_node and optionally memory_gb, intra_node_gbps (GB/s),
-    inter_node_gbps."""
-    if spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
-        import yaml
-
-        try:
-            d = yaml.safe_load(Path(spec).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cluster file {spec!r} cannot be read ({e}).") from None
-        keys = {"device", "nodes", "devices_per_node", "memory_gb", "intra_node_gbps",
-                "inter_node_gbps"}  # fmt: skip
-        if not isinstance(d, dict) or "device" not in d or set(d) - keys:
-            raise ConfigError(f"cluster file {spec!r} must be a mapping with device and "
-                              f"optionally {', '.join(sorted(keys - {'device'}))}.")  # fmt: skip
-        return make_cluster(d["device"], d.get("nodes", 1), d.get("devices_per_node", 8),
-                            d.get("memory_gb"), d.get("intra_node_gbps"),
-                            d.get("inter_node_gbps"))  # fmt: skip
-    m = re.fullmatch(r"(\d+)x(?:(\d+)x)?(.+)", spec.strip())
-    if m and int(m.group(1)) > 0 and (m.group(2) is None or int(m.group(2)) > 0):
-        if m.group(2):
-            return make_cluster(m.group(3), int(m.group(1)), int(m.group(2)))
-        n = int(m.group(1))
-        per = min(n, 8)
-        if n % per:
-            raise ConfigError(f"cluster {spec!r}: {n} devices do not fill nodes of 8; write "
-                              "NODESxPERxDEVICE (e.g. 2x4xH100).")  # fmt: skip
-        return make_cluster(m.group(3), n // per, per)
-    raise ConfigError(f"cluster {spec!r} is not COUNTxDEVICE (64xH100), NODESxPERxDEVICE "
-                      "(4x8xA100-80GB) or a YAML file.")  # fmt: skip
 
 
 # -- layouts -----------------------------------------------------------------------------------
@@ -177,6 +76,8 @@ class Layout:
     data: str = "fsdp"
     """'fsdp' (sharded over dp_shard, HSDP with dp_replicate) or 'ddp' (dp_shard = 1)."""
     ep: int = 1
+    offload: bool = False
+    """FSDP2 CPU offload: sharded parameters, gradients and AdamW state in host memory."""
 
     @property
     def dp(self) -> int:
@@ -190,7 +91,8 @@ class Layout:
         dp = (f"DDP{self.dp}" if self.data == "ddp" else
               f"HSDP{self.dp_replicate}×{self.dp_shard}" if self.dp_replicate > 1 else
               f"FSDP{self.dp_shard}")  # fmt: skip
-        return f"{s} {dp} mb{self.micro_batch}{' +AC' if self.activation_checkpointing else ''}"
+        ac = " +AC" if self.activation_checkpointing else ""
+        return f"{s} {dp} mb{self.micro_batch}{ac}{' +offload' if self.offload else ''}"
 
 
 def divisors(n: int) -> list[int]:
@@ -221,6 +123,8 @@ def check_layout(
         return f"interleaved 1F1B needs micro-batches divisible by pp {lay.pp}"
     if lay.data == "ddp" and lay.dp_shard != 1:
         return "ddp has no shard degree"
+    if lay.offload and (lay.data != "fsdp" or lay.dp_shard == 1):
+        return "CPU offload is FSDP2's: it needs data fsdp over at least 2 shards"
     if lay.ep > 1 and lay.ep > getattr(shape, "n_experts", 0):
         return f"ep {lay.ep} needs a model with at least {lay.ep} experts"
     return None
@@ -235,8 +139,10 @@ def enumerate_layouts(
     pp: int | None = None,
     dp_replicate: int | None = None,
     tied_pp: bool = False,
+    offload: bool = False,
 ) -> list[Layout]:
-    """Every valid layout (check_layout is None), optionally with fixed degrees."""
+    """Every valid layout (check_layout is None), optionally with fixed degrees; with
+    ``offload``, each FSDP layout also with CPU offload."""
     fixed = [d for d in (tp, pp, dp_replicate) if d]
     if fixed and world % math.prod(fixed):
         names = " × ".join(
@@ -270,12 +176,18 @@ def enumerate_layouts(
                                 continue
                             m = global_batch // (dp * mb)
                             for sched, v in _schedules(p):
-                                for ac in (False, True):
-                                    lay = Layout(t, p, rep, shard, mb, m, sched, v, ac, data, ep)
+                                for ac, off in _flags(offload and data == "fsdp"):
+                                    lay = Layout(t, p, rep, shard, mb, m, sched, v, ac, data, ep,
+                                                 off)  # fmt: skip
                                     if check_layout(shape, lay, world, global_batch,
                                                     tied_pp) is None:  # fmt: skip
                                         out.append(lay)
     return sorted(set(out), key=lambda x: x.name())
+
+
+def _flags(offload: bool) -> list[tuple[bool, bool]]:
+    """(activation checkpointing, CPU offload) combinations tried."""
+    return [(ac, off) for ac in (False, True) for off in ((False, True) if offload else (False,))]
 
 
 def _schedules(pp: int) -> list[tuple[str, int]]:
@@ -352,18 +264,26 @@ def _memory_functions():
     )
 
 
-def layout_memory(shape: Any, lay: Layout, seq_len: int) -> dict[str, float]:
+def layout_memory(
+    shape: Any, lay: Layout, seq_len: int, precision: str = "bf16", device: str = "cuda"
+) -> dict[str, float]:
     """Bytes per device by component, and 'peak' (see the module docstring)."""
     estimate_memory, activation_bytes = _memory_functions()
     st = stage_shape(shape, lay.pp)
     world, data = (lay.dp_shard, "fsdp") if lay.data == "fsdp" else (lay.dp, "ddp")
-    e = estimate_memory(st, lay.micro_batch, seq_len, "bf16", world, data,
-                        lay.activation_checkpointing, "cuda")  # fmt: skip
-    act = activation_bytes(st, lay.micro_batch, seq_len, "bf16", lay.activation_checkpointing,
-                           "cuda") / lay.tp  # fmt: skip
+    e = estimate_memory(st, lay.micro_batch, seq_len, precision, world, data,
+                        lay.activation_checkpointing, device)  # fmt: skip
+    act = activation_bytes(st, lay.micro_batch, seq_len, precision, lay.activation_checkpointing,
+                           device) / lay.tp  # fmt: skip
     act *= in_flight(lay.schedule, lay.pp, lay.microbatches, lay.stages_per_rank)
     parts = {k: getattr(e, k) / lay.tp for k in ("params", "grads", "grad_buckets",
                                                  "optimizer", "optimizer_temps")}  # fmt: skip
+    parts["host"] = 0.0
+    if lay.offload:  # the shards live on the host; the device holds one gathered block
+        block = 4 * opsmod.block_params(shape) / lay.tp  # and its unsharded gradient
+        parts["host"] = sum(parts[k] for k in ("params", "grads", "optimizer", "optimizer_temps"))
+        parts["host"] -= 2 * block
+        parts |= {"params": block, "grads": block, "optimizer": 0.0, "optimizer_temps": 0.0}
     parts["activations"] = act
     resident = parts["params"] + parts["grad_buckets"] + parts["optimizer"] + parts["grads"]
     parts["peak"] = resident + max(act, parts["optimizer_temps"])
@@ -372,12 +292,15 @@ def layout_memory(shape: Any, lay: Layout, seq_len: int) -> dict[str, float]:
 
 # -- time ----------------------------------------------------------------------------------
 @lru_cache(maxsize=64)
-def _micro_times(shape: Any, micro: int, seq_len: int, dev: Device) -> tuple[float, float]:
+def _micro_times(
+    shape: Any, micro: int, seq_len: int, dev: Device, precision: str = "bf16"
+) -> tuple[float, float]:
     """(whole step, forward) seconds of one micro-batch of the whole model, fused, no
     optimizer, on one device."""
     from kiln.planning.perf import predict
 
-    r = predict(shape, StepShape(batch=micro, seq_len=seq_len, optimizer=False), dev)
+    step = StepShape(batch=micro, seq_len=seq_len, precision=precision, optimizer=False)
+    r = predict(shape, step, dev)
     return r.step_time_fused, sum(c.time_s for c in r.fused if c.phase == "fwd")
 
 
@@ -406,6 +329,8 @@ class Prediction:
     reason: str = ""
     train_s: float | None = None
     device_hours: float | None = None
+    cost_usd: float | None = None
+    """device_hours × the cluster's price per device-hour (None where no price is known)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -418,61 +343,105 @@ def predict_layout(
     shape: Any, lay: Layout, cluster: Cluster, seq_len: int, tokens: float | None = None
 ) -> Prediction:
     """Memory, step time, tokens/s and MFU of ``lay`` (see the module docstring)."""
-    from kiln.planning.perf import cost
+    from kiln.planning.perf import cost, matmul_peak
 
     dev, z = cluster.device, opsmod.dims(shape)
-    t_mb, t_fwd = _micro_times(shape, lay.micro_batch, seq_len, dev)
+    prec = cluster.precision
+    elt = 2 if prec == "bf16" else 4  # bytes of an activation / gathered weight
+    t_mb, t_fwd = _micro_times(shape, lay.micro_batch, seq_len, dev, prec)
     m, split = lay.microbatches, lay.tp * lay.pp
     compute = m * t_mb / split
     recompute = m * t_fwd / split if lay.activation_checkpointing else 0.0
     stage_layers = -(-z["L"] // lay.pp)
-    mem = layout_memory(shape, lay, seq_len)
+    mem = layout_memory(shape, lay, seq_len, prec, cluster.memory_device)
     n_local = stage_shape(shape, lay.pp).stage_params / lay.tp
     opt = sum(cost(o, dev).time_s for o in opsmod.optimizer_ops(
         int(n_local / lay.dp_shard), StepShape(batch=1, seq_len=1)))  # fmt: skip
     bubble_f = bubble_fraction(lay.schedule, lay.pp, m, lay.stages_per_rank)
     busy = compute + recompute
     bubble = busy * bubble_f / (1 - bubble_f)
-    act = lay.micro_batch * seq_len * z["d"] * 2  # one bf16 b·s·d activation
+    act = lay.micro_batch * seq_len * z["d"] * elt  # one b·s·d activation
     parts = {"compute": compute, "recompute": recompute, "bubble": bubble, "optimizer": opt}
-    t = lay.tp
+    t, alpha = lay.tp, cluster.latency_s
     n_coll = 8 + (4 if lay.activation_checkpointing else 0)
     tp_bytes = m * stage_layers * n_coll * (t - 1) / t * act
-    parts["tp"] = tp_bytes / _group_bw(cluster, t, 1) if t > 1 else 0.0
+    tp_calls = m * stage_layers * n_coll
+    parts["tp"] = tp_bytes / _group_bw(cluster, t, 1) + alpha * tp_calls if t > 1 else 0.0
     inner = t * lay.dp_shard * lay.dp_replicate
-    parts["pp"] = (2 * m * lay.stages_per_rank * act / t / _group_bw(cluster, 2, inner)
+    sends = 2 * m * lay.stages_per_rank
+    parts["pp"] = (sends * (act / t / _group_bw(cluster, 2, inner) + alpha)
                    if lay.pp > 1 else 0.0)  # fmt: skip
+    parts["dp"] = _dp_s(cluster, lay, n_local, busy, stage_layers, t_mb - t_fwd)
+    parts["offload"] = 0.0
+    if lay.offload:
+        parts["optimizer"], parts["offload"] = _offload_s(cluster, n_local / lay.dp_shard, m,
+                                                          busy, stage_layers)  # fmt: skip
+    step = sum(parts.values())
+    global_tokens = lay.dp * lay.micro_batch * m * seq_len
+    tps = global_tokens / step
+    flops = _flops_per_token(shape, seq_len) * global_tokens
+    mfu = flops / (step * cluster.world * matmul_peak(dev, prec))
+    fits = mem["peak"] <= USABLE * cluster.memory_bytes
+    if lay.offload:
+        fits = fits and mem["host"] <= USABLE * (cluster.host_memory_bytes or 0.0)
+    p = Prediction(lay, mem, fits, step, parts, tps, mfu)
+    if tokens:
+        p.train_s = tokens / tps
+        p.device_hours = p.train_s * cluster.world / 3600
+        if cluster.price_per_hour:
+            p.cost_usd = p.device_hours * cluster.price_per_hour
+    return p
+
+
+def _dp_s(
+    cluster: Cluster, lay: Layout, n_local: float, busy: float, layers: int, bwd_mb: float
+) -> float:
+    """Exposed seconds of data-parallel communication: FSDP's gathers (forward and backward
+    per micro-batch, compute precision) and one fp32 reduce-scatter per step per module (the
+    blocks and the root), exposed beyond the compute plus one block's share; HSDP's and DDP's
+    fp32 all-reduce (one per 25 MB bucket) beyond one micro-batch's backward. On a CPU none
+    of it overlaps. Each collective also costs the cluster's latency."""
+    m, t, split = lay.microbatches, lay.tp, lay.tp * lay.pp
+    elt = 2 if cluster.precision == "bf16" else 4
     dp_s = 0.0
     if lay.data == "fsdp" and lay.dp_shard > 1:
         s = lay.dp_shard
-        bw = _group_bw(cluster, s, t)
-        comm = (2 * m * 2 * n_local + 4 * n_local) * (s - 1) / s / bw
-        dp_s += max(0.0, comm - busy) + comm / (stage_layers * 2 * m + 1)
+        comm = (2 * m * elt * n_local + 4 * n_local) * (s - 1) / s / _group_bw(cluster, s, t)
+        comm += cluster.latency_s * (layers + 1) * (2 * m + 1)
+        dp_s += (max(0.0, comm - busy) + comm / (layers * 2 * m + 1) if cluster.overlaps
+                 else comm)  # fmt: skip
     ar_ranks = lay.dp_replicate if lay.data == "fsdp" else lay.dp
     if ar_ranks > 1:
         shard = n_local / (lay.dp_shard if lay.data == "fsdp" else 1)
         stride = t * (lay.dp_shard if lay.data == "fsdp" else 1)
         ar = 2 * (ar_ranks - 1) / ar_ranks * 4 * shard / _group_bw(cluster, ar_ranks, stride)
-        dp_s += max(0.0, ar - (t_mb - t_fwd) / split)
-    parts["dp"] = dp_s
-    step = sum(parts.values())
-    global_tokens = lay.dp * lay.micro_batch * m * seq_len
-    tps = global_tokens / step
-    flops = _flops_per_token(shape, seq_len) * global_tokens
-    mfu = flops / (step * cluster.world * dev.peak_bf16)
-    fits = mem["peak"] <= USABLE * cluster.memory_bytes
-    p = Prediction(lay, mem, fits, step, parts, tps, mfu)
-    if tokens:
-        p.train_s = tokens / tps
-        p.device_hours = p.train_s * cluster.world / 3600
-    return p
+        calls = (layers + 1) if lay.data == "fsdp" else math.ceil(4 * shard / 25e6)
+        ar += cluster.latency_s * calls
+        dp_s += max(0.0, ar - bwd_mb / split) if cluster.overlaps else ar
+    return dp_s
+
+
+def _offload_s(
+    cluster: Cluster, n_shard: float, m: int, busy: float, layers: int
+) -> tuple[float, float]:
+    """(optimizer, transfer) seconds of a step under FSDP2 CPU offload: AdamW on the host
+    (28 bytes per local parameter at the host's DRAM bandwidth, as the device's fused AdamW
+    reads p, g, m, v and writes p, m, v); each gather copies the fp32 shard host → device,
+    forward and backward per micro-batch, overlapped with compute as FSDP's gathers are
+    (except one block's worth), and the gradient shard goes back once per step, exposed."""
+    if not cluster.host_link_bw or not cluster.host_bw:
+        raise ConfigError(f"{cluster.device.name} has no host link in the hardware table, so "
+                          "CPU offload cannot be planned for it.")  # fmt: skip
+    h2d = 2 * m * 4 * n_shard / cluster.host_link_bw
+    exposed = max(0.0, h2d - busy) + h2d / (layers * 2 * m + 1)
+    return 28 * n_shard / cluster.host_bw, exposed + 4 * n_shard / cluster.host_link_bw
 
 
 def _reason(p: Prediction, best: Prediction, cluster: Cluster) -> str:
     """One line: what the layout loses its time to, and whether memory binds it."""
     labels = {"bubble": "pipeline bubble", "tp": "TP communication", "pp": "PP send/recv",
               "dp": "data-parallel communication", "recompute": "recomputation (AC)",
-              "optimizer": "optimizer step"}  # fmt: skip
+              "optimizer": "optimizer step", "offload": "host transfers (CPU offload)"}  # fmt: skip
     worst = max(labels, key=lambda k: p.parts[k])
     share = p.parts[worst] / p.step_s
     head = ("fastest" if p is best else
@@ -495,7 +464,8 @@ def recommend(
 ) -> list[Prediction]:
     """The ``top`` fastest layouts that fit, best first, each with its reason. Raises a
     one-sentence ConfigError when no layout fits (with the memory the leanest one needs)."""
-    layouts = enumerate_layouts(shape, cluster.world, global_batch, **fixed)
+    offload = cluster.host_link_bw is not None and cluster.memory_device != "cpu"
+    layouts = enumerate_layouts(shape, cluster.world, global_batch, offload=offload, **fixed)
     if not layouts:
         raise ConfigError(f"no layout of {cluster.world} devices divides global batch "
                           f"{global_batch} with the given degrees; choose a global batch that "
@@ -527,6 +497,8 @@ def parallel_yaml(lay: Layout) -> str:
     if lay.pp > 1:
         sec |= {"pipeline_schedule": lay.schedule, "microbatches": lay.microbatches,
                 "stages_per_rank": lay.stages_per_rank}  # fmt: skip
+    if lay.offload:
+        sec["cpu_offload"] = True
     batch = train_batch(lay)
     note = (
         f"# with train.batch_size {batch['batch_size']} and train.micro_batch_size "
@@ -548,18 +520,20 @@ def _gb(x: float) -> str:
 def format_recommendation(preds: list[Prediction], cluster: Cluster, header: str) -> str:
     """Aligned table of the best layouts, with the reason under each."""
     lines = [header, f"cluster: {cluster.describe()}", "",
-             f"{'#':>2}  {'layout':<44}{'step s':>9}{'tok/s':>12}{'MFU':>7}{'GB/dev':>8}"
-             f"{'train days':>11}{'dev-hours':>11}"]  # fmt: skip
+             f"{'#':>2}  {'layout':<52}{'step s':>9}{'tok/s':>12}{'MFU':>7}{'GB/dev':>8}"
+             f"{'train days':>11}{'dev-hours':>11}{'cost $':>13}"]  # fmt: skip
     for i, p in enumerate(preds, 1):
         days = f"{p.train_s / 86400:,.1f}" if p.train_s else "-"
         hours = f"{p.device_hours:,.0f}" if p.device_hours else "-"
-        lines.append(f"{i:>2}  {p.layout.name():<44}{p.step_s:>9.3f}{p.tokens_per_s:>12,.0f}"
-                     f"{p.mfu:>7.1%}{_gb(p.memory['peak']):>8}{days:>11}{hours:>11}")  # fmt: skip
+        usd = f"{p.cost_usd:,.0f}" if p.cost_usd else "-"
+        lines.append(f"{i:>2}  {p.layout.name():<52}{p.step_s:>9.3f}{p.tokens_per_s:>12,.0f}"
+                     f"{p.mfu:>7.1%}{_gb(p.memory['peak']):>8}{days:>11}{hours:>11}"
+                     f"{usd:>13}")  # fmt: skip
         lines.append(f"    {p.reason}")
     return "\n".join(lines)
 
 
 __all__ = ["SCHEDULES", "Cluster", "Layout", "Prediction", "bubble_fraction", "check_layout",
            "enumerate_layouts", "format_recommendation", "in_flight", "layout_memory",
-           "make_cluster", "parallel_yaml", "parse_cluster", "predict_layout", "recommend",
-           "stage_shape", "train_batch"]  # fmt: skip
+           "local_cluster", "make_cluster", "parallel_yaml", "parse_cluster", "predict_layout",
+           "recommend", "stage_shape", "train_batch"]  # fmt: skip

@@ -141,12 +141,14 @@ def group_options(device_type: str, timeout_s: float | None) -> tuple | None:
     pipeline's) wait on the timeout the group was born with."""
     if timeout_s is None:
         return None
+    from torch._C._distributed_c10d import Backend  # the options type DeviceMesh takes
+
+    timeout = datetime.timedelta(seconds=timeout_s)
     if device_type == "cuda":
-        backend, options = "nccl", dist.ProcessGroupNCCL.Options()
-    else:
-        backend, options = "gloo", dist.ProcessGroupGloo._Options()
-    options._timeout = datetime.timedelta(seconds=timeout_s)
-    return backend, options
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return "nccl", options
+    return "gloo", Backend.Options("gloo", timeout)  # gloo reads only the timeout
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:

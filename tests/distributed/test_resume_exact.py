@@ -3,12 +3,16 @@
 One run is killed three times — before its first checkpoint, between checkpoints, and inside a
 checkpoint write (after DCP and kiln.json are on disk, before the rename) — and resumed after
 each kill. Its final checkpoint must hold exactly the tensors (model, AdamW moments, RNG) of an
-uninterrupted run, and its metrics.jsonl exactly the same steps and losses.
+uninterrupted run, and its metrics.jsonl exactly the same steps and losses. The same holds under
+tensor parallel (TP2) and pipeline parallel (PP2) on two processes.
 """
 
 import json
 import signal
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from kiln.train.checkpoint import read_meta, read_tensors
@@ -63,3 +67,43 @@ def test_sigkill_anywhere_then_resume_is_bitwise_exact(tmp_path, corpus, kiln_en
         assert torch.equal(a[name], b[name]), name
     meta_a, meta_b = read_meta(final_ref), read_meta(final_run)
     assert meta_a["trainer"] == meta_b["trainer"] and meta_a["loader"] == meta_b["loader"]
+
+
+LAYOUTS = {
+    "tp2": ["--parallel.tensor", "2"],
+    "pp2": ["--parallel.pipeline", "2", "--model.tie_embeddings", "false"],
+}
+
+
+def _torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "kiln.cli", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+
+
+@pytest.mark.timeout(900)  # three torchrun launches
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigkill_then_resume_is_bitwise_exact_under_layout(tmp_path, corpus, kiln_env, layout):
+    """Both ranks of a TP2 / PP2 run SIGKILLed between checkpoints, resumed with the same
+    command plus --resume under the same layout: the same losses and the same final tensors
+    (model shards, AdamW moments, RNG) as an uninterrupted run of that layout."""
+    env = dict(kiln_env, OMP_NUM_THREADS="1")
+    flags = lambda run: ["train", *_flags(run, corpus), *LAYOUTS[layout]]  # noqa: E731
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    result = _torchrun(flags(ref), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _torchrun(flags(run), dict(env, KILN_TEST_CRASH_AT="step:6"))
+    assert result.returncode != 0 and not (run / "checkpoints/step-0000008").exists()
+    result = _torchrun([*flags(run), "--resume"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step-0000004" in result.stdout
+
+    want, got = _records(ref), _records(run)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    final_ref, final_run = ref / "checkpoints/step-0000012", run / "checkpoints/step-0000012"
+    a, b = read_tensors(final_ref), read_tensors(final_run)
+    assert a.keys() == b.keys() and any(k.endswith("exp_avg_sq") for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert read_meta(final_ref)["loader"] == read_meta(final_run)["loader"]

@@ -36,6 +36,8 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     dp_replicate: int = 1
+    timeout_s: float | None = None
+    """Timeout of every mesh group's collectives (None: torch's default for a new group)."""
 
     def __post_init__(self) -> None:
         fixed = self.tp * self.pp * self.dp_replicate
@@ -55,7 +57,7 @@ class ParallelDims:
     def from_config(cls, cfg: ParallelConfig, rank: int, world_size: int, local_rank: int,
                     device: torch.device) -> ParallelDims:  # fmt: skip
         return cls(rank, world_size, local_rank, device, cfg.tensor, cfg.pipeline,
-                   cfg.data_replicate)  # fmt: skip
+                   cfg.data_replicate, cfg.timeout_s)  # fmt: skip
 
     @property
     def dp_shard(self) -> int:
@@ -78,10 +80,13 @@ class ParallelDims:
             from torch.distributed.device_mesh import init_device_mesh
 
             degrees = self.degrees
+            options = group_options(self.device.type, self.timeout_s)
             mesh = init_device_mesh(
-                self.device.type, tuple(degrees.values()), mesh_dim_names=tuple(degrees)
-            )
-            self._flat = {"dp": mesh["dp_replicate", "dp_shard"]._flatten("dp")}
+                self.device.type, tuple(degrees.values()), mesh_dim_names=tuple(degrees),
+                backend_override=None if options is None else dict.fromkeys(degrees, options),
+            )  # fmt: skip
+            dp = mesh["dp_replicate", "dp_shard"]
+            self._flat = {"dp": dp._flatten("dp", backend_override=options)}
             self._mesh = mesh
         return self._mesh
 
@@ -124,6 +129,26 @@ class ParallelDims:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def group_options(device_type: str, timeout_s: float | None) -> tuple | None:
+    """The (backend, options) that give a mesh group the job's timeout, or None for torch's.
+
+    ``init_device_mesh`` creates the groups of the axes narrower than the world with torch's
+    default timeout (30 min on gloo, 10 on NCCL), not the one ``init_process_group`` was
+    given, so a silent rank would hold its tensor- or pipeline-parallel peers that long. The
+    timeout has to be given when a group is created: gloo's point-to-point receives (the
+    pipeline's) wait on the timeout the group was born with."""
+    if timeout_s is None:
+        return None
+    from torch._C._distributed_c10d import Backend  # the options type DeviceMesh takes
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device_type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return "nccl", options
+    return "gloo", Backend.Options("gloo", timeout)  # gloo reads only the timeout
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:

@@ -138,6 +138,32 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     ]
 
 
+def data_parallel_ignores(model: nn.Module) -> tuple[set[nn.Parameter], list[str]]:
+    """What data parallelism (FSDP2/DDP) must leave alone under expert parallelism: the sharded
+    expert parameters (finished by :func:`finish_expert_grads` instead), and by name for DDP
+    also the MoE layers' per-rank load counters (buffers DDP would overwrite with rank 0's)."""
+    from kiln.models.moe import MoE
+
+    params = set(expert_parameters(model))
+    names = [n for n, p in model.named_parameters() if p in params]
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            names += [f"{name}.{b}" for b, _ in module.named_buffers(recurse=False)]
+    return params, names
+
+
+class ExpertGrads:
+    """Called once per step after the last backward (before clipping): finishes the expert
+    gradients over the mesh's ``edp`` ranks (those holding the same experts)."""
+
+    def __init__(self, model: nn.Module, dims) -> None:
+        self.model, self.dp_size = model, dims.dp_size
+        self.replicas = dims.group("edp") if dims.dp_size > dims.ep else None
+
+    def __call__(self) -> None:
+        finish_expert_grads(self.model, self.dp_size, self.replicas)
+
+
 @torch.no_grad()
 def finish_expert_grads(model: nn.Module, dp_size: int, replica_group=None) -> None:
     """Turn summed expert gradients into the gradient of the global-batch mean loss: sum over

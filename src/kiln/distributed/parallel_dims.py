@@ -14,8 +14,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from kiln.config import ParallelConfig
 
 MESH_AXES = ("pp", "dp_replicate", "dp_shard", "tp")
-"""The device mesh's axes, outermost first (an ``ep`` axis for expert parallelism would borrow
-from ``dp_shard`` × ``tp`` as torchtitan does, without changing these four)."""
+"""The device mesh's axes, outermost first."""
+EXPERT_AXES = ("pp", "dp_replicate", "edp_shard", "ep", "tp")
+"""The expert region's mesh (``parallel.expert`` > 1): the same ranks, with ``dp_shard`` split
+into ``edp_shard`` × ``ep`` (ep innermost), as torchtitan borrows EP from the data-shard ranks."""
 
 
 @dataclass
@@ -27,7 +29,12 @@ class ParallelDims:
     parallel group is the closest ranks). ``dp_shard`` is what the other degrees leave of the
     world size. With ``parallel.data ddp`` the data-parallel ranks (dp_replicate × dp_shard)
     replicate the model; with ``fsdp`` the model is sharded along dp_shard and replicated along
-    dp_replicate (HSDP when both are > 1)."""
+    dp_replicate (HSDP when both are > 1).
+
+    Expert parallelism borrows its ``ep`` ranks from ``dp_shard``: the experts of each MoE layer
+    are split over ``ep``, and the ranks holding the same experts (``edp``: dp_replicate ×
+    dp_shard / ep) are that region's data-parallel replicas. Every rank stays a data-parallel
+    rank with its own slice of the batch; dense parameters are data-parallel over all of them."""
 
     rank: int
     world_size: int
@@ -36,6 +43,7 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
     dp_replicate: int = 1
+    ep: int = 1
     timeout_s: float | None = None
     """Timeout of every mesh group's collectives (None: torch's default for a new group)."""
 
@@ -50,6 +58,16 @@ class ParallelDims:
                 f"world size {self.world_size}; choose degrees whose product divides it (what "
                 "remains becomes the data-shard degree)."
             )
+        if self.ep > 1 and self.distributed and self.dp_shard % self.ep:
+            # (one process: JobConfig.validate names it, after the expert count)
+            from kiln.errors import ConfigError
+
+            raise ConfigError(
+                f"parallel.expert {self.ep} does not divide the data-shard degree "
+                f"{self.dp_shard} (the world size {self.world_size} over tensor × pipeline × "
+                "data_replicate); expert parallelism borrows its ranks from the data-shard "
+                "ranks, so choose a divisor of it."
+            )
         self._mesh: DeviceMesh | None = None
         self._flat: dict[str, DeviceMesh] = {}
 
@@ -57,7 +75,7 @@ class ParallelDims:
     def from_config(cls, cfg: ParallelConfig, rank: int, world_size: int, local_rank: int,
                     device: torch.device) -> ParallelDims:  # fmt: skip
         return cls(rank, world_size, local_rank, device, cfg.tensor, cfg.pipeline,
-                   cfg.data_replicate, cfg.timeout_s)  # fmt: skip
+                   cfg.data_replicate, cfg.expert, cfg.timeout_s)  # fmt: skip
 
     @property
     def dp_shard(self) -> int:
@@ -87,8 +105,22 @@ class ParallelDims:
             )  # fmt: skip
             dp = mesh["dp_replicate", "dp_shard"]
             self._flat = {"dp": dp._flatten("dp", backend_override=options)}
+            if self.ep > 1:
+                self._flat.update(self._expert_meshes(options))
             self._mesh = mesh
         return self._mesh
+
+    def _expert_meshes(self, options: tuple | None) -> dict[str, DeviceMesh]:
+        """'ep' (ranks splitting the experts) and 'edp' (ranks holding the same experts)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        sizes = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.tp)
+        mesh = init_device_mesh(
+            self.device.type, sizes, mesh_dim_names=EXPERT_AXES,
+            backend_override=None if options is None else dict.fromkeys(EXPERT_AXES, options),
+        )  # fmt: skip
+        edp = mesh["dp_replicate", "edp_shard"]._flatten("edp", backend_override=options)
+        return {"ep": mesh["ep"], "edp": edp}
 
     def _coordinate(self, axis: str) -> int:
         mesh = self.submesh(axis)
@@ -108,13 +140,14 @@ class ParallelDims:
         return self._coordinate("tp")
 
     def group(self, axis: str) -> dist.ProcessGroup | None:
-        """The process group along ``axis`` ('pp', 'dp', 'dp_replicate', 'dp_shard', 'tp');
-        None in a single process."""
+        """The process group along ``axis`` ('pp', 'dp', 'dp_replicate', 'dp_shard', 'tp', and
+        with parallel.expert > 1 'ep', 'edp'); None in a single process."""
         mesh = self.submesh(axis)
         return None if mesh is None else mesh.get_group()
 
     def submesh(self, *axes: str) -> DeviceMesh | None:
-        """The mesh along ``axes`` (a flattened one, like 'dp', kept as it was made)."""
+        """The mesh along ``axes`` (a flattened or expert one, like 'dp' or 'ep', kept as it
+        was made)."""
         mesh = self.mesh
         if mesh is None:
             return None

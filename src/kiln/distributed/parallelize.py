@@ -34,10 +34,16 @@ def apply_fsdp(
     model: nn.Module, dims: ParallelDims, log: Callable[[str], None], offload: bool = False
 ) -> None:
     """FSDP2 (ZeRO-3 style): shard each block, then the root (embeddings, head); with
-    ``offload`` the shards, their gradients and the optimizer state live in host memory."""
+    ``offload`` the shards, their gradients and the optimizer state live in host memory. Under
+    expert parallelism the experts (already split over ``ep``) are left out and stay whole on
+    the ranks that share them."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {}
+    if dims.ep > 1:
+        from kiln.distributed.expert_parallel import data_parallel_ignores
+
+        kwargs["ignored_params"] = data_parallel_ignores(model)[0]
     if dims.device.type == "cpu" or offload:
         # gloo has no reduce-scatter on device buffers; FSDP2 on CPU runs with CPU offload.
         from torch.distributed.fsdp import CPUOffloadPolicy
@@ -57,6 +63,11 @@ def apply_fsdp(
 def apply_ddp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None]) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
+    if dims.ep > 1:
+        from kiln.distributed.expert_parallel import data_parallel_ignores
+
+        ignored = data_parallel_ignores(model)[1]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     ddp = DistributedDataParallel(
         model,
         device_ids=[dims.device.index] if dims.device.type == "cuda" else None,
@@ -80,6 +91,10 @@ def parallelize(
         # Under PP a later stage gets T / tp tokens and could not place its positions.
         sp = cfg.sequence_parallel and dims.pp == 1
         apply_tensor_parallel(model, dims.submesh("tp"), sp, log)
+    if dims.ep > 1:
+        from kiln.distributed.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, dims.submesh("ep"), log)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, log)
     if compile:
@@ -112,6 +127,9 @@ class Parallelized:
     train_model: nn.Module
     pipeline: object | None
     loss: object | None
+    finish_grads: Callable[[], None] | None = None
+    """Called after the last backward of a step, before clipping (expert gradients under
+    expert parallelism); None when nothing needs it."""
 
 
 def parallelize_model(
@@ -125,7 +143,13 @@ def parallelize_model(
     (per stage) tensor parallel → activation checkpointing → compile → FSDP2/HSDP or DDP."""
     loss = loss_component(dims)
     if dims.pp == 1:
-        return Parallelized([model], parallelize(model, dims, cfg, compile, log), None, loss)
+        train_model = parallelize(model, dims, cfg, compile, log)
+        finish = None
+        if dims.ep > 1:
+            from kiln.distributed.expert_parallel import ExpertGrads
+
+            finish = ExpertGrads(model, dims)
+        return Parallelized([model], train_model, None, loss, finish)
     from kiln.distributed.pipeline import build_pipeline
     from kiln.models.loss import head_loss
 

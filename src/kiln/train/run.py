@@ -265,6 +265,7 @@ def build_trainer(
         dims=dims,
         loss=built.loss,
         pipeline=built.pipeline,
+        finish_grads=built.finish_grads,
     )
 
 
@@ -312,11 +313,6 @@ def check_moe_job(job: JobConfig, shape: GPTConfig) -> None:
         raise ConfigError(
             f"moe.experts {shape.moe.experts} is not divisible by parallel.expert {ep}; choose "
             f"an expert-parallel degree that divides {shape.moe.experts}."
-        )
-    if ep > 1:
-        raise ConfigError(
-            f"parallel.expert {ep} is not wired into kiln train yet (the expert-parallel "
-            "module kiln.distributed.expert_parallel is tested on its own); use 1."
         )
     if shape.moe is not None and job.sparsity.enabled:
         raise ConfigError(

@@ -114,27 +114,29 @@ def _no_sync(model: nn.Module, last: bool):
 
 
 def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
-    """Clip to ``max_norm`` by the norm over ALL of the model's gradients: sharded (DTensor,
-    FSDP2/TP) ones count once through their full norm, and under pipeline parallelism the
-    squared norms of the stages are summed over ``pp_group``. Returns that total norm."""
-    params = [p for p in parameters if p.grad is not None]
-    sharded = [p.grad for p in params if hasattr(p.grad, "full_tensor")]
-    plain = [p.grad for p in params if not hasattr(p.grad, "full_tensor")]
-    device = params[0].grad.device if params else torch.device("cpu")
+    """Clip to ``max_norm`` by the norm over ALL of the model's gradients. Sharded (DTensor)
+    ones count once through their full norm, computed per device mesh over that mesh's ranks
+    (FSDP2/TP shards on the data/tensor mesh, experts on the expert-parallel mesh), and plain
+    (replicated) ones locally: total² = Σ over meshes of its norm², plus the plain norm². Under
+    pipeline parallelism the stages' squared norms are summed over ``pp_group``. Returns that
+    total norm."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    device = next(iter(groups.values()))[0].device if groups else torch.device("cpu")
     sq = torch.zeros((), dtype=torch.float32, device=device)
-    for grads in (sharded, plain):
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            sq = sq + norm.float().to(device) ** 2
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        sq = sq + norm.float().to(device) ** 2
     if pp_group is not None:
         dist.all_reduce(sq, group=pp_group)
     total = sq.sqrt()
     coef = max_norm / (float(total) + 1e-6)
-    if coef < 1.0:  # as torch's clip_grads_with_norm_, per kind (DTensors and tensors don't mix)
-        for grads in (sharded, plain):
-            if grads:
-                torch._foreach_mul_(grads, coef)
+    if coef < 1.0:  # as torch's clip_grads_with_norm_, per mesh (DTensors don't mix meshes)
+        for grads in groups.values():
+            torch._foreach_mul_(grads, coef)
     return total
 
 
@@ -167,6 +169,7 @@ class Trainer:
         dims=None,
         loss=None,
         pipeline=None,
+        finish_grads: Callable[[], None] | None = None,
     ):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loader, self.val_batches, self.cfg = loader, val_batches, cfg
@@ -188,6 +191,9 @@ class Trainer:
         self.pipeline = pipeline
         """kiln.distributed.pipeline.Pipeline: runs forward + backward of a batch through this
         rank's stages (``model`` is then a ModuleList of them)."""
+        self.finish_grads = finish_grads
+        """Called once after the step's last backward, before clipping (expert gradients
+        under expert parallelism: kiln.distributed.parallelize.Parallelized.finish_grads)."""
         self.loss_context = getattr(loss, "context", contextlib.nullcontext)
         """Forward and backward of the loss run inside it (``loss_parallel`` under TP)."""
         self.state = TrainState()
@@ -210,6 +216,8 @@ class Trainer:
                 total = self.pipeline.step(x, y)
         else:
             total = self._accumulate(x, y)
+        if self.finish_grads is not None:
+            self.finish_grads()
         loss_value = _all_reduce_mean(total, self._dp_group).item()
         for cb in self.callbacks:
             cb.after_backward(self.state.step)

@@ -304,6 +304,9 @@ class TrainConfig:
     on CPUs whichever of bf16 and fp32 matmuls measures faster (AVX2-only CPUs emulate bf16)."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    fused_mlp: str = "off"
+    """Dense GELU MLPs through the token-tiled fused kernel (kiln.models.fused_mlp): 'off',
+    'auto' (time fused vs unfused on this run's shape at start; fused only if faster), 'on'."""
     seed: int = 0
     """Seed for initialisation, data order and sampling."""
     eval_every: int = 100
@@ -334,6 +337,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} is {getattr(self, name)} but must be in [0, 1).")
         check_choice("train", "decay", self.decay, ["cosine", "linear"])
         check_choice("train", "precision", self.precision, ["auto", "bf16", "fp32"])
+        check_choice("train", "fused_mlp", self.fused_mlp, ["off", "auto", "on"])
 
 
 @dataclass

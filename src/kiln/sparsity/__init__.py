@@ -3,7 +3,6 @@
 from kiln.sparsity.kernels import (
     BlockLayout,
     BlockSparseLinear,
-    BlockSparseLinearFn,
     block_sparse_linear,
     choose_kernel,
     masked_linear,
@@ -20,7 +19,6 @@ from kiln.sparsity.patterns import (
 __all__ = [
     "BlockLayout",
     "BlockSparseLinear",
-    "BlockSparseLinearFn",
     "Pattern",
     "block_mask",
     "block_sparse_linear",

@@ -7,7 +7,8 @@ the forward is swapped::
     layout = BlockLayout.from_mask(mask, block_size=64)
     y = block_sparse_linear(x, linear.weight, linear.bias, layout)   # x: [..., in]
 
-:class:`BlockSparseLinearFn` reads only the kept ``b x b`` blocks of the dense weight (packing
+:func:`block_sparse_linear` (op ``kiln::block_sparse_linear``, see :mod:`kiln.sparsity.ops`)
+reads only the kept ``b x b`` blocks of the dense weight (packing
 them to bf16 per call costs ``density * out * in`` reads, ~0.1-0.3 ms here) and returns a
 dense-shaped weight gradient that is zero outside kept blocks; only kept blocks are computed and
 the zeros are written in the same pass (so an optimizer step keeps the zeros exactly zero, and
@@ -32,7 +33,7 @@ Backends (same layout, same numbers up to bf16 rounding):
 
 :func:`block_sparse_mlp` (``W2 gelu(W1 x + b1) + b2``, both weights block-sparse) fuses the
 exact GELU into the C++ kernels' epilogues and runs fc1 -> fc2 per token tile with the hidden
-activations in L2: 2 parallel regions per fwd+bwd (see :class:`BlockSparseMLPFn`).
+activations in L2: 2 parallel regions per fwd+bwd (op ``kiln::block_sparse_mlp``).
 
 Also here: :func:`masked_linear` (dense times mask, the always-valid fallback),
 :func:`dense_linear` (plain ``F.linear`` on the zero-filled weight, the gradient masked by the
@@ -65,8 +66,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BlockLayout",
     "BlockSparseLinear",
-    "BlockSparseLinearFn",
-    "BlockSparseMLPFn",
     "block_sparse_linear",
     "block_sparse_mlp",
     "choose_kernel",
@@ -111,6 +110,11 @@ class BlockLayout:
                 f"block_size={b}) or use masked_linear."
             )
         return cls(out_f, in_f, b, kept)
+
+    @property
+    def nnzb(self) -> int:
+        """Number of kept blocks."""
+        return int(self.rows.numel())
 
     @property
     def density(self) -> float:
@@ -272,90 +276,24 @@ def _torch_backward(dy2, x2, weight, lay: BlockLayout, need_x: bool, need_w: boo
     return dx, dw
 
 
-# ------------------------------------------------------------------------- autograd + API
+# ------------------------------------------------------------------------------- API
+# The kernels run as torch.library custom ops (kiln.sparsity.ops, registered at the end of this
+# module): one opaque node each under torch.compile, with fake kernels and autograd formulas.
 
 
-class BlockSparseLinearFn(torch.autograd.Function):
-    """y = x @ W^T + b over the kept blocks of a dense-shaped W; grads for x, W (kept), b."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, layout: BlockLayout, backend: str = "auto"):
-        ext = cpp_extension() if backend in ("auto", "cpp") else None
-        if backend == "cpp" and ext is None:
-            raise ConfigError("block-sparse backend 'cpp' is unavailable on this machine.")
-        lead = x.shape[:-1]
-        # C++: bf16 always; torch: the dtype F.linear would compute in (fp32 runs stay fp32)
-        ctx.dtype = torch.bfloat16 if ext is not None else compute_dtype(x)
-        x2 = x.reshape(-1, x.shape[-1]).to(ctx.dtype).contiguous()
-        if ext is not None:
-            y, wt = _cpp_forward(ext, x2, weight, bias, layout)
-            ctx.save_for_backward(x2, wt)  # the packed W^T blocks stand in for W
-        else:
-            y = _torch_forward(x2, weight, bias, layout)
-            ctx.save_for_backward(x2, weight)
-        ctx.w_dtype = weight.dtype
-        ctx.layout, ctx.ext, ctx.x_dtype = layout, ext, x.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.view(*lead, layout.out_features).to(compute_dtype(x))
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, weight = ctx.saved_tensors  # weight: packed W^T blocks for the C++ backend
-        lay = ctx.layout
-        dy2 = grad.reshape(-1, lay.out_features).to(ctx.dtype).contiguous()
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if ctx.ext is not None:
-            needs = (need_x, need_w, need_b)
-            dx, dw, db = _cpp_backward(ctx.ext, dy2, x2, weight, ctx.w_dtype, lay, *needs)
-        else:
-            dx, dw = _torch_backward(dy2, x2, weight, lay, need_x, need_w)
-            db = dy2.sum(0, dtype=torch.float32) if need_b else None
-        if dx is not None:
-            dx = dx.view(*grad.shape[:-1], lay.in_features).to(ctx.x_dtype)
-        db = db.to(ctx.bias_dtype) if need_b else None
-        return dx, dw, db, None, None
+@torch.compiler.assume_constant_result
+def _cpp_available() -> bool:
+    """Whether the C++ kernels run here (a constant for torch.compile: it never changes)."""
+    return cpp_extension() is not None
 
 
-class BlockSparseMLPFn(torch.autograd.Function):
-    """``W2 gelu(W1 x + b1) + b2`` over kept blocks, fused in the C++ kernels.
-
-    Two parallel regions per step instead of ~14. Forward: pack both weights (for forward and
-    grad-input), then token tiles (fc1 with bias and exact GELU in its epilogue, g kept in L2
-    and consumed by fc2 at once). Backward: token tiles (fc2 grad-in times gelu'(h), fc1
-    grad-in, token-pair packing and bias gradients on the way), then both weight gradients.
-    Saved: x, gelu'(h) (computed in the forward epilogue from the same exp as gelu(h), so the
-    backward's GELU is one multiply) and g as token pairs: as much memory as the dense
-    autograd graph's x, h and g. Each region costs a wake-up of the worker threads, which on a
-    loaded machine can be longer than the region's work.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, lay1: BlockLayout, lay2: BlockLayout):
-        ext = cpp_extension()
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-        c1, c2 = (None if c is None else c.float().contiguous() for c in (b1, b2))
-        y, dgelu, gp, w1t, w2t = ext.mlp_forward(x2, w1, lay1, c1, w2, lay2, c2)
-        ctx.save_for_backward(x2, dgelu, gp, w1t, w2t)
-        ctx.layouts, ctx.x_dtype, ctx.w_dtypes = (lay1, lay2), x.dtype, (w1.dtype, w2.dtype)
-        ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
-        return y.view(*x.shape[:-1], lay2.out_features).to(compute_dtype(x))
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, dgelu, gp, w1t, w2t = ctx.saved_tensors
-        (lay1, lay2), ext, (dt1, dt2) = ctx.layouts, cpp_extension(), ctx.w_dtypes
-        nx, nw1, nb1, nw2, nb2 = ctx.needs_input_grad[:5]
-        dy2 = grad.reshape(-1, lay2.out_features).to(torch.bfloat16).contiguous()
-        f32s = (dt1 == torch.float32, dt2 == torch.float32)
-        dx, dw1, dw2, db1, db2 = ext.mlp_backward(
-            dy2, x2, dgelu, gp, w1t, lay1, w2t, lay2, nw1 or nw2, f32s, (nb1, nb2)
-        )
-        dw1 = dw1.to(dt1) if nw1 else None
-        dw2 = dw2.to(dt2) if nw2 else None
-        dx = dx.view(*grad.shape[:-1], lay1.in_features).to(ctx.x_dtype) if nx else None
-        db1 = None if db1 is None else db1.to(ctx.bias_dtypes[0])
-        db2 = None if db2 is None else db2.to(ctx.bias_dtypes[1])
-        return dx, dw1, db1, dw2, db2, None, None
+def _resolve_backend(backend: str) -> str:
+    """'auto' -> 'cpp' where the C++ kernels run, else 'torch'; 'cpp' must be available."""
+    if backend == "torch" or (backend == "auto" and not _cpp_available()):
+        return "torch"
+    if not _cpp_available():
+        raise ConfigError("block-sparse backend 'cpp' is unavailable on this machine.")
+    return "cpp"
 
 
 def _check_shapes(x, weight, layout: BlockLayout) -> None:
@@ -368,33 +306,42 @@ def _check_shapes(x, weight, layout: BlockLayout) -> None:
         )
 
 
-@torch.compiler.disable  # opaque to torch.compile: see block_sparse_linear
 def block_sparse_mlp(x, w1, b1, w2, b2, layout1, layout2, backend: str = "auto"):
     """``W2 gelu(W1 x + b1) + b2`` (exact erf GELU) with both weights block-sparse.
 
-    With the C++ kernels the GELU is fused (:class:`BlockSparseMLPFn`); otherwise (backend
-    'torch', or no extension) it is two :func:`block_sparse_linear` calls around ``F.gelu``.
+    With the C++ kernels the GELU is fused (op ``kiln::block_sparse_mlp``: two parallel
+    regions per fwd+bwd instead of ~14; fc1 with bias and GELU in its epilogue, g kept in L2 and
+    consumed by fc2 at once; saved: x, gelu'(h) and g as token pairs, as much memory as the
+    dense autograd graph's x, h and g); otherwise (backend 'torch', or no extension) it is two
+    :func:`block_sparse_linear` calls around ``F.gelu``.
     """
     _check_shapes(x, w1, layout1)
     _check_shapes(x.new_empty(0, layout1.out_features), w2, layout2)
-    ext = cpp_extension() if backend in ("auto", "cpp") else None
-    if backend == "cpp" and ext is None:
-        raise ConfigError("block-sparse backend 'cpp' is unavailable on this machine.")
-    if ext is None:
+    if _resolve_backend(backend) == "torch":
         h = block_sparse_linear(x, w1, b1, layout1, "torch")
         return block_sparse_linear(F.gelu(h), w2, b2, layout2, "torch")
-    return BlockSparseMLPFn.apply(x, w1, b1, w2, b2, layout1, layout2)
+    x2 = x.reshape(-1, layout1.in_features).to(compute_dtype(x))
+    y = _fused_mlp_call(x2, w1, b1, layout1, w2, b2, layout2)
+    return y.view(*x.shape[:-1], layout2.out_features)
 
 
-@torch.compiler.disable
+def _fused_mlp_call(x2, w1, b1, lay1: BlockLayout, w2, b2, lay2: BlockLayout):
+    """The fused C++ MLP op on 2-D ``x2`` (a seam for tests that count fused calls)."""
+    args = (x2, w1, b1, lay1.kept, lay1.block_size, lay1.nnzb)
+    return torch.ops.kiln.block_sparse_mlp(*args, w2, b2, lay2.kept, lay2.block_size, lay2.nnzb)[0]
+
+
 def block_sparse_linear(x, weight, bias, layout: BlockLayout, backend: str = "auto"):
-    """Functional form of :class:`BlockSparseLinearFn` (backend: 'auto', 'cpp' or 'torch').
-
-    Under ``torch.compile`` the call runs eagerly (a graph break around it): the C++ kernels
-    take raw pointers, so Dynamo must not trace the allocations around them into a graph whose
-    buffers Inductor may reuse or share (that corrupted the heap)."""
+    """``x @ W^T + b`` over the kept blocks of a dense-shaped W (backend 'auto', 'cpp' or
+    'torch'): op ``kiln::block_sparse_linear``, grads for x, W (kept blocks; zeros elsewhere
+    written in the same pass) and b. Computes in the dtype ``F.linear`` would (bf16 under
+    autocast) with the torch backend, in bf16 with the C++ one; returns that dtype."""
     _check_shapes(x, weight, layout)
-    return BlockSparseLinearFn.apply(x, weight, bias, layout, backend)
+    backend = _resolve_backend(backend)
+    x2 = x.reshape(-1, layout.in_features).to(compute_dtype(x))
+    args = (layout.kept, layout.block_size, layout.nnzb, backend)
+    y = torch.ops.kiln.block_sparse_linear(x2, weight, bias, *args)[0]
+    return y.view(*x.shape[:-1], layout.out_features)
 
 
 def masked_linear(x, weight, bias, mask):
@@ -601,3 +548,6 @@ def prebuild() -> None:
         print(f"kiln: block-sparse C++ kernels ready ({ext.lib._name})")
     else:
         print("kiln: no block-sparse C++ kernels on this machine; sparse runs use pure torch")
+
+
+from kiln.sparsity import ops as _ops  # noqa: E402,F401  registers the kiln:: custom ops

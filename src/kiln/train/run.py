@@ -34,6 +34,7 @@ from kiln.distributed.parallel_dims import (
 from kiln.distributed.parallelize import Parallelized, check_layout, parallelize_model
 from kiln.errors import ConfigError
 from kiln.fsio import atomic_write
+from kiln.models.fused_mlp import apply_fused_mlp
 from kiln.models.gpt import GPT, GPTConfig
 from kiln.models.presets import resolve_model
 from kiln.planning.hardware import measure_cpu_peak, resolve_precision
@@ -191,6 +192,13 @@ def build_parallel_model(
     local_batch = job.train.batch_size // dims.dp_size
     check_layout(shape, job.parallel, dims, local_batch, job.sparsity.enabled)
     model = build_model(shape, dims.device, job.train.seed)
+    if job.train.fused_mlp != "off" and (job.sparsity.enabled or dims.distributed):
+        raise ConfigError(
+            f"train.fused_mlp is {job.train.fused_mlp!r} but the fused MLP applies only to dense "
+            "single-process runs; set it to 'off' with sparsity or torchrun."
+        )
+    tokens = (job.train.micro_batch_size or local_batch) * job.data.seq_len
+    log(apply_fused_mlp(model, job.train.fused_mlp, tokens, job.train.precision))
     # One process: compile model + loss as one graph (the trainer does it). Under torchrun:
     # compile block by block before FSDP/DDP wrap them, as torchtitan does.
     compile_whole = job.train.compile and not dims.distributed

@@ -1,0 +1,110 @@
+"""Fused (token-tiled, recomputing) dense GELU MLP vs unfused eager vs torch.compile, fwd+bwd.
+
+    .venv/bin/python benchmarks/fused_mlp.py [--tokens 2048 --d 768 --ffn 3072 --rounds 5]
+
+The cerebras-gpt-111m MLP shape (d 768, d_ffn 3072) on 2048 tokens, fp32. The candidates run
+interleaved, round after round, and each keeps its fastest round (load only adds time), so the
+ratios are side by side. Also prints what the performance model (``kiln.planning.perf``, this
+machine's calibration) predicts for the unfused and the fused MLP. Writes the
+``fused_mlp`` section of BENCHMARKS.md with ``--write``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import write_section
+from kiln.models.fused_mlp import tiled_mlp
+
+
+def _timer(fn, x, params):
+    def run() -> float:
+        start = time.perf_counter()
+        y = fn(x)
+        torch.autograd.grad(y, (x, *params), torch.ones_like(y))
+        return time.perf_counter() - start
+
+    return run
+
+
+def measure(tokens: int, d: int, f: int, tiles: list[int], rounds: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, d, generator=gen).requires_grad_()
+    w1 = (torch.randn(f, d, generator=gen) * 0.02).requires_grad_()
+    w2 = (torch.randn(d, f, generator=gen) * 0.02).requires_grad_()
+    b1, b2 = torch.zeros(f, requires_grad=True), torch.zeros(d, requires_grad=True)
+    params = (w1, b1, w2, b2)
+
+    def unfused(t):
+        return F.linear(F.gelu(F.linear(t, w1, b1)), w2, b2)
+
+    runs = {"unfused eager": _timer(unfused, x, params)}
+    runs["unfused torch.compile"] = _timer(torch.compile(unfused), x, params)
+    for tile in tiles:
+        fn = lambda t, tile=tile: tiled_mlp(t, w1, b1, w2, b2, "none", tile)  # noqa: E731
+        runs[f"fused, tile {tile}"] = _timer(fn, x, params)
+    for run in runs.values():  # warm-up (and compile)
+        run()
+    best = {name: float("inf") for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            best[name] = min(best[name], run())
+    return best
+
+
+def predicted(tokens: int, d: int, f: int, tile: int) -> tuple[float, float]:
+    """(unfused, fused) fwd+bwd seconds the perf model predicts on this machine's calibration."""
+    from kiln.planning.perf import predict_mlp
+
+    return predict_mlp(tokens, d, f, None), predict_mlp(tokens, d, f, tile)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--ffn", type=int, default=3072)
+    ap.add_argument("--tiles", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    args = ap.parse_args()
+    best = measure(args.tokens, args.d, args.ffn, args.tiles, args.rounds)
+    base = best["unfused eager"]
+    flops = 6 * 2 * args.tokens * args.d * args.ffn  # fwd+bwd of two GEMMs, no recompute
+    lines = [
+        "| path | fwd+bwd ms | vs unfused eager | GFLOP/s (6·2·T·d·f) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, sec in best.items():
+        lines.append(f"| {name} | {sec * 1e3:.1f} | {base / sec:.2f}× | {flops / sec / 1e9:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    try:
+        pred = predicted(args.tokens, args.d, args.ffn, args.tiles[len(args.tiles) // 2])
+    except ImportError:
+        pred = None
+    model_line = ""
+    if pred is not None:
+        tile = args.tiles[len(args.tiles) // 2]
+        model_line = (
+            f"\n\nPerformance model on this machine's calibration: unfused {pred[0] * 1e3:.1f} ms, "
+            f"fused (tile {tile}) {pred[1] * 1e3:.1f} ms, predicted ratio "
+            f"{pred[0] / pred[1]:.2f}× (measured {base / best[f'fused, tile {tile}']:.2f}×)."
+        )
+        print(model_line.strip())
+    if args.write:
+        body = (
+            f"## Fused dense MLP (token-tiled GEMM → GELU → GEMM, recomputing backward), fp32\n\n"
+            f"cerebras-gpt-111m MLP shape: d {args.d}, d_ffn {args.ffn}, {args.tokens} tokens, "
+            f"fwd+bwd (grads of x, W1, b1, W2, b2), fastest of {args.rounds} interleaved "
+            f"rounds.\n\n{table}{model_line}"
+        )
+        write_section("fused_mlp", body)
+
+
+if __name__ == "__main__":
+    main()

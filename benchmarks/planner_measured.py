@@ -283,7 +283,10 @@ def main() -> None:
     if args.write:
         from benchmarks.common import replace_section, write_section
 
-        write_section("planner-measured", text)
+        write_section("planner-measured", "## Layout planner: predicted vs measured on this "
+                      "machine (gloo, 2–4 processes)\n\nSee docs/planner.md for the method. "
+                      f"Measured with --repeats {data['repeats']} --steps {data['steps']}.\n\n"
+                      + text)  # fmt: skip
         replace_section("planner-measured", text + _stamp(data), HERE.parent.parent /
                         "docs/planner.md")  # fmt: skip
 

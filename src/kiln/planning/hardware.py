@@ -343,8 +343,9 @@ def measure_kernel_overhead(cache_path: str | Path | None = None, reps: int = 20
 def measure_elementwise(elems: list[int], reps: int = 10) -> tuple[float, float]:
     """(bytes/s, seconds per kernel) of eager element-wise kernels, fitted as
     ``t = overhead + bytes / bw`` by least squares over an out-of-place add (3 passes), GELU
-    (2) and GELU backward (3) at each size in ``elems`` (use the step's own ``tokens × d`` and
-    ``tokens × d_ffn``: cache effects and first-touch page faults are then the step's own).
+    (2) and GELU backward (3) at each size in ``elems`` (use the step's own ``tokens × d``,
+    ``tokens × d_ffn`` and its largest tensor, e.g. the ``vocab × d`` embedding gradient: cache
+    effects and first-touch page faults are then the step's own).
 
     Each point is the *mean* of ``reps`` calls, each writing a new output, not the best: a step
     is measured once, so on a shared machine its kernels pay the average wait for worker
@@ -357,14 +358,15 @@ def measure_elementwise(elems: list[int], reps: int = 10) -> tuple[float, float]
     points = []
     for n in elems:
         a, b = torch.randn(n), torch.randn(n)
+        reps_n = max(2, min(reps, int(2e9 // (12 * n))))  # ≤ ~2 GB moved per kernel and size
         kernels = ((lambda a=a, b=b: torch.add(a, b), 3), (lambda a=a: F.gelu(a), 2),
                    (lambda a=a, b=b: torch.ops.aten.gelu_backward(a, b), 3))  # fmt: skip
         for fn, passes in kernels:
             fn()  # warm-up
             t0 = time.perf_counter()
-            for _ in range(reps):
+            for _ in range(reps_n):
                 fn()
-            points.append((passes * n * 4, (time.perf_counter() - t0) / reps))
+            points.append((passes * n * 4, (time.perf_counter() - t0) / reps_n))
     return fit_overhead_bandwidth(points)
 
 

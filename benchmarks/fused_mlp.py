@@ -57,10 +57,14 @@ def measure(tokens: int, d: int, f: int, tiles: list[int], rounds: int) -> dict[
 
 
 def predicted(tokens: int, d: int, f: int, tile: int) -> tuple[float, float]:
-    """(unfused, fused) fwd+bwd seconds the perf model predicts on this machine's calibration."""
+    """(unfused, fused) fwd+bwd seconds the perf model predicts, calibrated in this run as
+    benchmarks/perf_vs_measured.py does (refined model: element-wise kernels fitted at this
+    MLP's sizes)."""
     from kiln.planning.perf import predict_mlp
+    from perf_vs_measured import calibrate
 
-    return predict_mlp(tokens, d, f, None), predict_mlp(tokens, d, f, tile)
+    _, dev = calibrate("fp32", tokens, d, f)
+    return predict_mlp(tokens, d, f, None, dev), predict_mlp(tokens, d, f, tile, dev)
 
 
 def main() -> None:
@@ -83,19 +87,17 @@ def main() -> None:
         lines.append(f"| {name} | {sec * 1e3:.1f} | {base / sec:.2f}× | {flops / sec / 1e9:.0f} |")
     table = "\n".join(lines)
     print(table)
-    try:
-        pred = predicted(args.tokens, args.d, args.ffn, args.tiles[len(args.tiles) // 2])
-    except ImportError:
-        pred = None
-    model_line = ""
-    if pred is not None:
-        tile = args.tiles[len(args.tiles) // 2]
-        model_line = (
-            f"\n\nPerformance model on this machine's calibration: unfused {pred[0] * 1e3:.1f} ms, "
-            f"fused (tile {tile}) {pred[1] * 1e3:.1f} ms, predicted ratio "
-            f"{pred[0] / pred[1]:.2f}× (measured {base / best[f'fused, tile {tile}']:.2f}×)."
-        )
-        print(model_line.strip())
+    tile = args.tiles[len(args.tiles) // 2]
+    pred = predicted(args.tokens, args.d, args.ffn, tile)
+    measured_tile = best[f"fused, tile {tile}"]
+    model_line = (
+        f"\n\nPerformance model (`kiln.planning.perf.mlp_costs`, calibrated in this run): "
+        f"unfused {pred[0] * 1e3:.1f} ms (measured {base * 1e3:.1f}, "
+        f"{(pred[0] - base) / base:+.0%}), fused tile {tile} {pred[1] * 1e3:.1f} ms (measured "
+        f"{measured_tile * 1e3:.1f}, {(pred[1] - measured_tile) / measured_tile:+.0%}); "
+        f"predicted fused speed-up {pred[0] / pred[1]:.2f}×, measured {base / measured_tile:.2f}×."
+    )
+    print(model_line.strip())
     if args.write:
         body = (
             f"## Fused dense MLP (token-tiled GEMM → GELU → GEMM, recomputing backward), fp32\n\n"

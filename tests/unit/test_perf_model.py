@@ -166,3 +166,34 @@ def test_fresh_writes_cost_the_fresh_write_bandwidth():
     # reads and the in-place weight write at 1 GB/s, the new activation at 0.5 GB/s
     assert perf.cost(op, cpu).memory_s == pytest.approx(2e6 / 1e9 + 2e6 / 0.5e9)
     assert perf.cost(op, TOY).memory_s == pytest.approx(4e6 / 1e9)
+
+
+def test_elementwise_calibration_fit_recovers_line_and_clamps():
+    from kiln.planning.hardware import fit_overhead_bandwidth
+
+    pts = [(b, 2e-5 + b / 5e9) for b in (1e6, 4e6, 1.6e7)]
+    bw, overhead = fit_overhead_bandwidth(pts)
+    assert bw == pytest.approx(5e9) and overhead == pytest.approx(2e-5)
+    bw, overhead = fit_overhead_bandwidth([(1e6, 1e-4), (2e6, 3e-4)])  # intercept < 0
+    assert overhead == 0.0 and bw == pytest.approx((1e12 + 4e12) / (1e2 + 6e2))
+
+
+def test_elementwise_bandwidth_applies_to_elementwise_kinds_only():
+    dev = Device("x", 1e12, 1e12, 1e10, None, None, "test", 1.0, 1e9, 0.0, 2e9)
+    t = [ops.Tensor("a", 4e6), ops.Tensor("w", 4e6, "weight")]
+    assert perf.memory_seconds(t, [], dev, "activation") == pytest.approx(8e6 / 2e9)
+    assert perf.memory_seconds(t, [], dev, "matmul") == pytest.approx(8e6 / 1e10)
+
+
+def test_tiled_mlp_costs_recompute_and_per_tile_weight_traffic():
+    """Token-tiled MLP (kiln.models.fused_mlp): 7/6 of the unfused matmul FLOPs; activations
+    5 × T·d·4 off-chip, weights and weight gradients 9 × d·f·4 per tile; no T·f traffic."""
+    T, d, f, tile = 1000, 16, 64, 256
+    dev = Device("x", 1e12, 1e12, 1e10, None, None, "test", 1.0, None, 1e-6, 1e9)
+    unfused = perf.mlp_costs(T, d, f, None, dev)
+    tiled = perf.mlp_costs(T, d, f, tile, dev)
+    mm = lambda rows: sum(c.flops for c in rows if c.kind == "matmul")  # noqa: E731
+    assert mm(tiled) == pytest.approx(7 / 6 * (mm(unfused) - T * (f + d)))  # less bias adds
+    assert tiled[0].bytes == 5 * T * d * 4 + 4 * 9 * d * f * 4  # 4 tiles of ≤ 256 tokens
+    assert sum(c.bytes for c in unfused) > 8 * T * f * 4  # h, g, dg, dh written and read
+    assert tiled[0].overhead_s == pytest.approx(4 * 5 * 1e-6)

@@ -31,7 +31,9 @@ def test_hand_counts_of_one_linear_and_its_backward():
     assert w1.bytes_written == M * f * 2
     assert w1.count == TINY.n_layers and w1.params == d * f + f
     assert by_name(o, "mlp.w1.dgrad").flops == 2 * M * d * f
-    assert by_name(o, "mlp.w1.wgrad").flops == 2 * M * d * f + M * f
+    assert by_name(o, "mlp.w1.wgrad").flops == 2 * M * d * f
+    db = by_name(o, "mlp.w1.bias_grad")  # its own reduction kernel: reads dy, writes db
+    assert (db.flops, db.bytes_read, db.bytes_written) == (M * f, M * f * 2, f * 2)
     cast = by_name(o, "mlp.w1.weight_cast")  # fp32 master → bf16 copy, once per forward
     assert (cast.bytes_read, cast.bytes_written) == (4 * d * f, 2 * d * f)
     softmax = by_name(o, "attn.softmax")
@@ -95,3 +97,13 @@ def test_bad_step_is_one_sentence():
         ops.training_ops(TINY, ops.StepShape(density=0.0))
     with pytest.raises(ConfigError, match="precision"):
         ops.training_ops(TINY, ops.StepShape(precision="fp8"))
+
+
+def test_norm_backward_reads_dy_and_x_twice():
+    """dx in one pass, then the dγ/dβ reductions over tokens in another (the CPU kernel)."""
+    B, T, d = 2, 16, 32
+    M = B * T
+    o = ops.model_ops(TINY, ops.StepShape(batch=B, seq_len=T, precision="fp32"))
+    bwd = by_name(o, "mlp_norm.bwd")
+    assert bwd.bytes_read == 2 * (M * d * 4 + M * d * 4) + 2 * d * 4  # (dy, x) twice + γ, β
+    assert bwd.bytes_written == M * d * 4

@@ -225,6 +225,10 @@ class Device:
     price_per_hour: float | None = None
     """Public on-demand cloud price of one device for one hour (USD); None where none is
     published."""
+    elementwise_bw: float | None = None
+    """Effective bandwidth of eager element-wise kernels at a step's own tensor sizes, fitted
+    together with kernel_overhead_s (:func:`measure_elementwise`); None = charge them at
+    offchip_bw / fresh_write_bw like any other op."""
 
 
 DEVICES: dict[str, Device] = {
@@ -353,6 +357,51 @@ def measure_kernel_overhead(cache_path: str | Path | None = None, reps: int = 20
     cache[key] = {"seconds": secs, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(path, cache)
     return secs
+
+
+def measure_elementwise(elems: list[int], reps: int = 10) -> tuple[float, float]:
+    """(bytes/s, seconds per kernel) of eager element-wise kernels, fitted as
+    ``t = overhead + bytes / bw`` by least squares over an out-of-place add (3 passes), GELU
+    (2) and GELU backward (3) at each size in ``elems`` (use the step's own ``tokens × d``,
+    ``tokens × d_ffn`` and its largest tensor, e.g. the ``vocab × d`` embedding gradient: cache
+    effects and first-touch page faults are then the step's own).
+
+    Each point is the *mean* of ``reps`` calls, each writing a new output, not the best: a step
+    is measured once, so on a shared machine its kernels pay the average wait for worker
+    threads, which a best-of-N copy of 256 MB (offchip_bw) and the median of a tiny add
+    (kernel_overhead_s) both leave out. Not cached: it is meant to run next to the step it
+    calibrates."""
+    import torch
+    import torch.nn.functional as F
+
+    points = []
+    for n in elems:
+        a, b = torch.randn(n), torch.randn(n)
+        reps_n = max(2, min(reps, int(2e9 // (12 * n))))  # ≤ ~2 GB moved per kernel and size
+        kernels = ((lambda a=a, b=b: torch.add(a, b), 3), (lambda a=a: F.gelu(a), 2),
+                   (lambda a=a, b=b: torch.ops.aten.gelu_backward(a, b), 3))  # fmt: skip
+        for fn, passes in kernels:
+            fn()  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(reps_n):
+                fn()
+            points.append((passes * n * 4, (time.perf_counter() - t0) / reps_n))
+    return fit_overhead_bandwidth(points)
+
+
+def fit_overhead_bandwidth(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(bandwidth, overhead) of the least-squares line ``seconds = overhead + bytes / bw``
+    through (bytes, seconds) points; overhead is clamped at 0 (refitting through the origin)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    overhead = my - slope * mx
+    if overhead < 0 or slope <= 0:
+        overhead = 0.0
+        slope = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    return 1.0 / slope, overhead
 
 
 def _read_cache(path: Path) -> dict:

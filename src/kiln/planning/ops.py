@@ -16,13 +16,15 @@ autocast) and ``w`` = 4 (fp32 master weights and gradients):
 
 * a linear ``y = x Wᵀ + b`` (W: n × k, density ρ for a sparse W) costs ``2·M·k·n·ρ`` FLOPs
   forward (+ M·n for the bias), and two matmuls backward of the same size each: dgrad
-  ``dx = dy W`` and wgrad ``dW = dyᵀ x`` (+ M·n for the bias gradient). It reads x and the
+  ``dx = dy W`` and wgrad ``dW = dyᵀ x``; the bias gradient (M·n FLOPs) is its own reduction
+  kernel reading dy. It reads x and the
   (kept part of the) compute-dtype copy of W and writes y.
 * attention is counted over the full T × T score matrix (``2·M·T·d_attn`` per matmul, as the
   PaLM/Megatron convention does and as the CPU matmul path computes it); the softmax reads and
   writes the B·H·T² scores.
 * norms, GELU, softmax, residual adds and casts are element-wise: a handful of FLOPs per element
-  (the constants are in ``_EW``) and one read of every input and one write of every output.
+  (the constants are in ``_EW``) and one read of every input and one write of every output;
+  a norm's backward reads dy and x twice (dx, then the dγ/dβ reductions, as the CPU kernel does).
 * AdamW (torch's fused step) reads parameter, gradient and both moments and writes three of
   them: 28 bytes per parameter, over the dense tensors (Kiln keeps sparse weights dense with a
   mask).
@@ -184,11 +186,15 @@ class _Builder:
         dy, dx = self.t("d" + y, M * n, a), self.t("d" + x.name, M * k, a)
         dw = self.t(f"{name}.dw", k * n * rho, a)
         self.bwd.append([
-            Op(f"{name}.wgrad", "matmul", "bwd", 2 * M * k * n * rho + (M * n if b else 0),
-               (dy, x), (dw,), self.count, self.scope, **kw),
+            Op(f"{name}.wgrad", "matmul", "bwd", 2 * M * k * n * rho, (dy, x), (dw,),
+               self.count, self.scope, **kw),
             Op(f"{name}.dgrad", "matmul", "bwd", 2 * M * k * n * rho, (dy, w), (dx,),
                self.count, self.scope, **kw),
         ])  # fmt: skip
+        if b:  # the bias gradient is its own reduction kernel over dy (aten::sum on CPU)
+            self.bwd[-1].append(Op(f"{name}.bias_grad", "elementwise", "bwd", M * n, (dy,),
+                                   (self.t(f"{name}.db", n, a),), self.count, self.scope,
+                                   fuse=fuse))  # fmt: skip
         if a != 4:  # the bf16 weight gradient is cast into the fp32 .grad
             self.bwd[-1].append(Op(f"{name}.grad_cast", "cast", "bwd", 0.0, (dw,),
                                    (self.t(f"{name}.grad", k * n * rho, 4, "grad"),),
@@ -210,6 +216,8 @@ def _ew(b: _Builder, name: str, kind: str, fl: str, ins, out: Tensor, elems: flo
     reads = (
         (Tensor("d" + out.name, out.bytes),) + saved + tuple(i for i in ins if i.kind == "weight")
     )
+    passes = kw.get("bwd_passes", 1)  # a norm's backward reads dy and x again for dγ, dβ
+    reads = tuple(t for t in reads if t.kind != "weight") * (passes - 1) + reads
     b.bwd.append([Op(f"{name}.bwd", kind, "bwd", per_b * elems, reads, grads_in, b.count,
                      b.scope, fuse=fuse)])  # fmt: skip
 
@@ -220,7 +228,18 @@ def _norm(b: _Builder, name: str, x: Tensor, fuse: str) -> Tensor:
     p = 2 if z["norm"] == "layernorm" and z["bias"] else 1
     w = b.t(f"{name}.w", p * z["d"], 4, "weight")
     out = b.t(f"{name}.out", M * z["d"], 4)
-    _ew(b, name, "norm", z["norm"], (x, w), out, M * z["d"], fuse=fuse, params=p * z["d"])
+    _ew(
+        b,
+        name,
+        "norm",
+        z["norm"],
+        (x, w),
+        out,
+        M * z["d"],
+        fuse=fuse,
+        params=p * z["d"],
+        bwd_passes=2,
+    )
     if b.a == 4:
         return out
     low = b.t(f"{name}.out16", M * z["d"], b.a)

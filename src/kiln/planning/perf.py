@@ -136,9 +136,13 @@ def _check_device(dev: Device) -> None:
         )
 
 
-def memory_seconds(reads, writes, dev: Device) -> float:
+def memory_seconds(reads, writes, dev: Device, kind: str = "matmul") -> float:
     """Reads and in-place writes (weights, optimizer state) at the off-chip bandwidth; new
-    activations and gradients at the fresh-write bandwidth where the device has one."""
+    activations and gradients at the fresh-write bandwidth where the device has one. An
+    element-wise kernel (any kind but matmul, attention, optimizer) moves everything at the
+    device's fitted element-wise bandwidth where it has one (measured for a CPU)."""
+    if dev.elementwise_bw and kind not in (*MATMUL_KINDS, "optimizer", "fused"):
+        return (sum(t.bytes for t in reads) + sum(t.bytes for t in writes)) / dev.elementwise_bw
     fresh = dev.fresh_write_bw or dev.offchip_bw
     new = sum(t.bytes for t in writes if t.kind in ("act", "grad"))
     moved = sum(t.bytes for t in reads) + sum(t.bytes for t in writes) - new
@@ -149,7 +153,7 @@ def cost(op: Op, dev: Device, precision: str = "bf16") -> OpCost:
     """One op, KBK: compute at its kind's rate, memory as :func:`memory_seconds`."""
     return OpCost(op.name, op.kind, op.phase, op.count, op.flops * op.count,
                   op.bytes * op.count, op.flops * op.count / _rate(op.kind, dev, precision),
-                  memory_seconds(op.reads, op.writes, dev) * op.count, 0.0,
+                  memory_seconds(op.reads, op.writes, dev, op.kind) * op.count, 0.0,
                   dev.kernel_overhead_s * op.count)  # fmt: skip
 
 
@@ -400,3 +404,56 @@ def replace_step(step: StepShape, density: float) -> StepShape:
     from dataclasses import replace
 
     return replace(step, density=density, optimizer=False)
+
+
+# -- one MLP, unfused vs token-tiled (kiln.models.fused_mlp) -----------------------------------
+@dataclass(frozen=True)
+class _MLPShape:
+    """The fields :func:`kiln.planning.ops.dims` reads, for a lone GELU MLP."""
+
+    d_model: int
+    d_ffn: int
+    n_heads: int = 1
+    n_layers: int = 1
+    vocab_size: int = 1
+    max_seq_len: int = 1
+
+
+def mlp_costs(tokens: int, d: int, f: int, tile: int | None, dev: Device) -> list[OpCost]:
+    """fwd+bwd costs of one dense fp32 GELU MLP with biases: kernel by kernel (``tile`` None,
+    the ops of :mod:`kiln.planning.ops`), or token-tiled as kiln.models.fused_mlp runs it.
+
+    Tiled, per tile of n tokens: 3 forward kernels (fc1, GELU, fc2) and 8 backward (fc1
+    recomputed, GELU, dW2 += dyᵀg, dg = dy W2, GELU backward, dW1 += dhᵀx, db1, dx = dh W1),
+    plus db2 once. Off-chip: x twice, y, dy, dx once each; every tile reads the weights (2 in
+    the forward, 3 in the backward) and read-modify-writes both weight gradients; the tile's
+    h, g, dg stay in cache, so its element-wise kernels cost their FLOPs (at vector_flops)
+    and the kernel overhead, no memory traffic."""
+    step = StepShape(batch=1, seq_len=tokens, precision="fp32", optimizer=False)
+    if tile is None:
+        b = opsmod._Builder(_MLPShape(d, f), step, "mlp", 1)
+        opsmod._mlp(b, b.t("x", tokens * d, 4))
+        return [cost(o, dev, "fp32") for o in b.ops()]
+    n_tiles = -(-tokens // tile)
+    mm = matmul_peak(dev, "fp32") * dev.matmul_efficiency
+    vec = dev.vector_flops or dev.peak_bf16
+    act, w = 4.0 * tokens * d, 4.0 * d * f
+    rows = [  # name, kind, flops, off-chip bytes (whole step), kernels
+        ("tiled matmuls", "matmul", 7 * 2.0 * tokens * d * f, 5 * act + n_tiles * 9 * w,
+         5 * n_tiles),
+        ("tiled element-wise", "activation", (2 * 14 + 20 + 1) * tokens * f, 0.0,
+         4 * n_tiles),
+        ("db2", "elementwise", tokens * d, act, 1),
+    ]  # fmt: skip
+    return [OpCost(name, kind, "fwd+bwd", 1, fl, by, fl / (mm if kind == "matmul" else vec),
+                   by / dev.offchip_bw, 0.0, dev.kernel_overhead_s * k)
+            for name, kind, fl, by, k in rows]  # fmt: skip
+
+
+def predict_mlp(tokens: int, d: int, f: int, tile: int | None, dev: Device | None = None):
+    """Predicted fwd+bwd seconds of :func:`mlp_costs` (``dev`` default: this CPU, measured)."""
+    if dev is None:
+        from kiln.planning.hardware import cpu_device
+
+        dev = cpu_device()
+    return sum(c.time_s for c in mlp_costs(tokens, d, f, tile, dev))

@@ -1,7 +1,7 @@
 """The default training path and its options in one process, on the real loop (Trainer) with
 Kiln's AdamW: bf16 autocast trains, and follows fp32; activation checkpointing recomputes each
-block and changes no number. (--train.compile is left out: compiling even this model took over
-300 s on a loaded 2-core machine; tests/unit/test_sparse_training.py compiles the loss path.)"""
+block and changes no number. (--train.compile: tests/e2e/test_train_compile.py, through kiln
+train; bf16 through kiln train with an exact resume: tests/e2e/test_train_bf16.py.)"""
 
 import numpy as np
 import pytest

@@ -320,3 +320,11 @@ def test_rolling_task_reports_word_byte_token_perplexity(tok, tmp_path):
     assert res["word_perplexity"] == pytest.approx(math.exp(-ll / 17))  # 6 + 11 words
     assert res["byte_perplexity"] == pytest.approx(math.exp(-ll / sum(map(len, texts))))
     assert res["bits_per_byte"] == pytest.approx(-ll / sum(map(len, texts)) / math.log(2))
+
+
+def test_a_continuation_longer_than_the_window_is_one_sentence(tok):
+    """A continuation that cannot fit the scoring window is bad input, not a traceback."""
+    s = Scorer(_model(tok, max_seq_len=8), tok, max_length=2)
+    with pytest.raises(KilnError, match="continuation of 3 tokens is longer than the 2-token"):
+        s.score_tokens([([1, 2], [3, 4, 5])])
+    assert len(s.score_tokens([([1, 2], [3, 4])])) == 1

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kiln.errors import KilnError
 from kiln.models.gpt import GPT
 
 Pair = tuple[list[int], list[int]]
@@ -92,6 +93,13 @@ class Scorer:
     @torch.inference_mode()
     def score_tokens(self, pairs: Sequence[Pair]) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        longest = max((len(cont) for _, cont in pairs), default=0)
+        if longest > self.max_length:
+            raise KilnError(
+                f"a continuation of {longest} tokens is longer than the {self.max_length}-token "
+                f"window the model can score; give a larger --max-length (up to the model's "
+                f"max_seq_len {self.model.config.max_seq_len}) or shorter answer choices."
+            )
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:

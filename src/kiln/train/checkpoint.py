@@ -10,34 +10,19 @@ rename. Old checkpoints are renamed to ``.trash-step-*`` (atomic) before they ar
 crash while pruning never leaves a half-deleted directory that looks complete; leftovers of
 either kind are removed at the next start.
 
-Loading never unpickles arbitrary objects. On torch 2.13 DCP's ``FileSystemReader`` reads
-``.metadata`` with plain ``pickle.load`` and its ``DefaultLoadPlanner`` reads every non-tensor
-value (optimizer hyper-parameters) with ``torch.load(weights_only=False)``; tensors themselves
-use ``weights_only=True``. :class:`SafeReader` unpickles ``.metadata`` with an allow-list (DCP's
-metadata classes, ``torch.Size``, dtypes, paths) and :class:`SafePlanner` loads non-tensor values
-with ``weights_only=True``, so a tampered checkpoint fails with a CheckpointError instead of
-running code. Plain counters live in kiln.json, tensors in DCP.
-
-Faults of the machine end in one sentence, never a traceback: a write that fails (disk full, I/O
-error) removes its partial ``.tmp-step-*`` and raises :class:`StorageError` naming the cause, the
-size needed and free, and the intact previous checkpoint; a damaged or tampered checkpoint
-(:func:`verify_checkpoint`: unparseable kiln.json, ``.metadata`` unreadable or asking for a
-refused global, a shard missing or shorter than the metadata says) raises a CheckpointError
-naming the file and the newest older checkpoint that is intact.
+Reading a checkpoint without trusting it (listing, the allow-listed unpickling, verification)
+is kiln.train.checkpoint_read; disk space and the sentence a failed write ends in,
+kiln.train.checkpoint_space. Their public names are importable from here too. Which parts of a
+run go into a checkpoint is kiln.train.state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
-import io
 import json
 import os
-import pickle
-import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import (
-    CheckpointException,
-    DefaultLoadPlanner,
-    FileSystemReader,
-    FileSystemWriter,
-)
+from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -59,63 +39,62 @@ from torch.distributed.checkpoint.state_dict import (
 
 from kiln import __version__
 from kiln.errors import CheckpointError
-from kiln.train.faults import crash_point, fault_point, free_bytes
+from kiln.train.checkpoint_read import (
+    META,
+    STEP_DIR,
+    SafePlanner,
+    SafeReader,
+    first_line,
+    latest_checkpoint,
+    list_checkpoints,
+    quiet_single_process,
+    read_meta,
+    read_tensors,
+    step_dir,
+    stored_keys,
+    verify_checkpoint,
+)
+from kiln.train.checkpoint_space import (
+    GROUP_ENTRIES,
+    GROUP_ENTRY_BYTES,
+    TENSOR_OVERHEAD,
+    StorageError,
+    check_space,
+    state_bytes,
+    write_failure,
+)
+from kiln.train.faults import crash_point, fault_point
 
-META = "kiln.json"
-MiB = 2**20
-TENSOR_OVERHEAD = 2048  # bytes DCP's torch.save adds per tensor (1.8 KiB measured on 2.13)
-GROUP_ENTRY_BYTES = 1440  # one flattened param-group value (lr, betas, ...) on disk, measured
-GROUP_ENTRIES = 13  # AdamW's param-group keys (+ names, lr_mult), stored once per parameter
-
-
-class StorageError(Exception):
-    """A checkpoint could not be written (disk full, I/O error): the machine, not the user;
-    the message is one sentence and ``kiln train`` exits 3."""
-
-
-STEP_DIR = re.compile(r"^step-(\d{7,})$")
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"step-{step:07d}"
+__all__ = [
+    "GROUP_ENTRIES",
+    "GROUP_ENTRY_BYTES",
+    "META",
+    "STEP_DIR",
+    "TENSOR_OVERHEAD",
+    "StorageError",
+    "check_space",
+    "clean_partial",
+    "config_hash",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "read_checkpoint",
+    "read_meta",
+    "read_tensors",
+    "save_checkpoint",
+    "set_tensor_state",
+    "state_bytes",
+    "step_dir",
+    "stored_keys",
+    "tensor_state",
+    "verify_checkpoint",
+    "write_checkpoint",
+]
 
 
 def config_hash(shape: dict[str, Any]) -> str:
     """Short stable hash of a model shape (what must match for a checkpoint to load)."""
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints (a kiln.json present) under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = STEP_DIR.match(child.name)
-        if m and (child / META).is_file():
-            found.append((int(m.group(1)), child))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    ckpts = list_checkpoints(root)
-    return ckpts[-1] if ckpts else None
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """The kiln.json of a checkpoint directory, or a CheckpointError saying what is wrong."""
-    meta_path = Path(path) / META
-    if not meta_path.is_file():
-        raise CheckpointError(
-            f"Checkpoint {path} is incomplete (no {META}); use a complete step-* directory."
-        )
-    try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(
-            f"Checkpoint metadata {meta_path} is not valid JSON ({exc})."
-        ) from exc
 
 
 def _rank() -> int:
@@ -133,57 +112,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-REFUSED = "refusing to unpickle "
-
-
-class _AllowListUnpickler(pickle.Unpickler):
-    """Unpickles DCP's metadata and nothing else: any other global is refused."""
-
-    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    GLOBALS = {
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),
-        ("collections", "OrderedDict"),
-        *(("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath")),
-    }
-
-    def find_class(self, module: str, name: str):
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if not (module in self.MODULES or (module, name) in self.GLOBALS or dtype):
-            raise pickle.UnpicklingError(f"{REFUSED}{module}.{name}")
-        return super().find_class(module, name)
-
-
-class SafeReader(FileSystemReader):
-    """FileSystemReader whose ``.metadata`` is unpickled through an allow-list (the body
-    mirrors torch 2.13's ``read_metadata`` with ``pickle.load`` swapped for the allow-list)."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _AllowListUnpickler(f).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafePlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner that decodes non-tensor values with ``weights_only=True``."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        from torch.distributed.checkpoint._traverse import set_element
-
-        obj = torch.load(value, weights_only=True)
-        fqn = read_item.dest_index.fqn
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], obj)
-        else:
-            self.state_dict[fqn] = obj
 
 
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -269,7 +197,7 @@ def write_checkpoint(
     except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_failure(root, step, state_bytes(state), exc) from exc
+        raise write_failure(root, step, state_bytes(state), exc) from exc
     if _rank() == 0:
         for old in list_checkpoints(root)[:-keep]:
             _discard(old)
@@ -279,7 +207,7 @@ def write_checkpoint(
 
 def _write(tmp: Path, final: Path, state: dict[str, Any], meta: dict[str, Any], step: int) -> None:
     """DCP shards (every rank), then kiln.json and the rename (rank 0)."""
-    with _quiet_single_process():
+    with quiet_single_process():
         writer = FileSystemWriter(str(tmp), sync_files=True)
         dcp.save(state, storage_writer=writer)
     fault_point(f"save:{step}")  # test-only: a full disk after the shards are written
@@ -299,65 +227,6 @@ def _write(tmp: Path, final: Path, state: dict[str, Any], meta: dict[str, Any], 
         _discard(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
-
-
-def state_bytes(state: Any) -> int:
-    """About the bytes a (nested) state dict takes on disk: each tensor's data and DCP's
-    per-tensor record."""
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size() + TENSOR_OVERHEAD
-    if isinstance(state, dict):
-        return sum(state_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_bytes(v) for v in state)
-    return 0
-
-
-def _errno_of(exc: BaseException) -> int | None:
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno:
-            return exc.errno
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _write_failure(root: Path, step: int, need: int, exc: BaseException) -> StorageError:
-    """One sentence for a failed write: cause, size needed and free, what is still intact."""
-    free = free_bytes(root)
-    code = _errno_of(exc)
-    if code == errno.ENOSPC or (code is None and free < need):
-        cause = f"no space left on the device holding {root}"
-    else:
-        cause = f"the write failed ({_first_line(exc)})"
-    prev = latest_checkpoint(root)
-    kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
-    return StorageError(
-        f"checkpoint step {step} could not be written: {cause} (it needs about "
-        f"{need / MiB:.1f} MiB, {free / MiB:.1f} MiB are free); {kept} and the partial write "
-        "was removed — free space or lower --checkpoint.keep, then continue with --resume."
-    )
-
-
-def check_space(root: Path, need: int, keep: int, log) -> None:
-    """At start: refuse if ``root`` cannot hold one more checkpoint of ``need`` bytes; say so
-    if it cannot hold the ``keep`` + 1 that exist while the newest is written."""
-    free = free_bytes(root)
-    held = sum(_dir_bytes(c) for c in list_checkpoints(root))
-    size = f"a checkpoint needs about {need / MiB:.1f} MiB and {free / MiB:.1f} MiB are free"
-    if free < need:
-        raise StorageError(
-            f"the device holding {root} has no room for a checkpoint ({size}); free space or "
-            "choose another --run.dir."
-        )
-    if free + held < (keep + 1) * need:
-        log(
-            f"warning: {root} cannot hold checkpoint.keep + 1 = {keep + 1} checkpoints ({size}); "
-            "the run will stop at the checkpoint that does not fit, keeping the previous one."
-        )
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
 def load_checkpoint(
@@ -385,81 +254,14 @@ def read_checkpoint(path: Path, state: dict[str, Any], verified: bool = False) -
         verify_checkpoint(path)
     meta = read_meta(path)
     try:
-        with _quiet_single_process(), _no_dcp_logs():
+        with quiet_single_process(), _no_dcp_logs():
             dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
     except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
         raise CheckpointError(
             f"Checkpoint {path} cannot be loaded into this model and optimizer: it holds other "
-            f"tensors than this run's ({_first_line(exc)})."
+            f"tensors than this run's ({first_line(exc)})."
         ) from exc
     return meta
-
-
-def stored_keys(path: Path) -> set[str]:
-    """The flattened names of everything in a checkpoint's DCP shards ("model.<fqn>",
-    "optim.state.<fqn>.exp_avg", "extra.rng_cpu", ...)."""
-    return set(SafeReader(str(path)).read_metadata().state_dict_metadata)
-
-
-def verify_checkpoint(path: Path) -> None:
-    """Raise a CheckpointError naming the damaged file (and the newest older intact checkpoint
-    to continue from) unless ``path`` is readable: kiln.json parses, ``.metadata`` unpickles
-    through the allow-list, every shard is at least as long as the metadata says."""
-    path = Path(path)
-    if not (path / META).is_file():
-        read_meta(path)  # an incomplete directory (no kiln.json) keeps its own sentence
-    problem = _problem(path)
-    if problem:
-        raise CheckpointError(f"Checkpoint {path} is damaged: {problem}; {_way_on(path)}")
-
-
-def _problem(path: Path) -> str | None:
-    """What is wrong with checkpoint ``path`` (the file and why), or None if nothing."""
-    try:
-        meta = json.loads((path / META).read_text())
-    except (OSError, ValueError) as exc:
-        return f"{META} does not parse ({_first_line(exc)})"
-    if not isinstance(meta, dict) or not {"step", "model_shape"} <= meta.keys():
-        return f"{META} lacks step or model_shape"
-    try:
-        metadata = SafeReader(str(path)).read_metadata()
-    except FileNotFoundError:
-        return ".metadata is missing"
-    except pickle.UnpicklingError as exc:
-        if str(exc).startswith(REFUSED):
-            culprit = str(exc)[len(REFUSED) :]
-            return (
-                f".metadata was refused: unpickling it would call {culprit} (it was tampered with)"
-            )
-        return f".metadata is unreadable ({_first_line(exc)})"
-    except Exception as exc:  # EOFError, ValueError, ... from a truncated pickle
-        return f".metadata is unreadable or truncated ({type(exc).__name__}: {_first_line(exc)})"
-    ends: dict[str, int] = {}
-    for info in getattr(metadata, "storage_data", {}).values():
-        name = info.relative_path
-        ends[name] = max(ends.get(name, 0), info.offset + info.length)
-    for name, end in sorted(ends.items()):
-        if not (path / name).is_file():
-            return f"shard {name} is missing"
-        size = (path / name).stat().st_size
-        if size < end:
-            return f"shard {name} is truncated ({size:,} bytes, the metadata needs {end:,})"
-    return None
-
-
-def _way_on(path: Path) -> str:
-    """How to go on after checkpoint ``path`` proved damaged: the newest older intact one."""
-    step = int(STEP_DIR.match(path.name).group(1)) if STEP_DIR.match(path.name) else None
-    older = [c for c in list_checkpoints(path.parent) if c != path]
-    if step is not None:
-        older = [c for c in older if int(STEP_DIR.match(c.name).group(1)) < step]
-    for candidate in reversed(older):
-        if _problem(candidate) is None:
-            return (
-                f"the older checkpoint {candidate.name} is intact — continue from it with "
-                f"'kiln train --resume {candidate.name}', or give {candidate} to kiln generate."
-            )
-    return f"no older intact checkpoint is left in {path.parent}."
 
 
 @contextlib.contextmanager
@@ -476,35 +278,6 @@ def _no_dcp_logs():
         yield
     finally:
         logger.disabled = previous
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, keyed by DCP's flattened name ("model.blocks.0...",
-    "optim.state...", "extra.rng_cpu"), on CPU in one process (for tests and inspection)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = SafeReader(str(path)).read_metadata()
-    state = {
-        name: torch.empty(md.size, dtype=md.properties.dtype)
-        for name, md in metadata.state_dict_metadata.items()
-        if isinstance(md, TensorStorageMetadata)
-    }
-    with _quiet_single_process():
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=True)
-    return state
-
-
-@contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns when used without a process group; single-process use is intended here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def _discard(path: Path) -> None:

@@ -57,7 +57,7 @@ def _batches_read(loader_state: dict, dp: int, steps: int) -> list[set[int]]:
     return batches
 
 
-@pytest.mark.timeout(900)  # five launches, three of them 4-process torchrun
+@pytest.mark.timeout(1200)  # five launches, three of them 4-process torchrun
 def test_fsdp4_to_tp2pp2_to_pp2dp2_to_one_process(tmp_path, corpus, kiln_env):
     env = dict(kiln_env, OMP_NUM_THREADS="1")
     ref, run = tmp_path / "ref", tmp_path / "chain"

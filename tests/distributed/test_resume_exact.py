@@ -9,13 +9,12 @@ tensor parallel (TP2) and pipeline parallel (PP2) on two processes.
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from kiln.train.checkpoint import read_meta, read_tensors
+from tests.distributed.conftest import torchrun
 from tests.e2e.helpers import kiln, tiny_flags
 
 STEPS = 12
@@ -75,12 +74,6 @@ LAYOUTS = {
 }
 
 
-def _torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "kiln.cli", *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
-
-
 @pytest.mark.timeout(900)  # three torchrun launches
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sigkill_then_resume_is_bitwise_exact_under_layout(tmp_path, corpus, kiln_env, layout):
@@ -90,11 +83,11 @@ def test_sigkill_then_resume_is_bitwise_exact_under_layout(tmp_path, corpus, kil
     env = dict(kiln_env, OMP_NUM_THREADS="1")
     flags = lambda run: ["train", *_flags(run, corpus), *LAYOUTS[layout]]  # noqa: E731
     ref, run = tmp_path / "ref", tmp_path / "run"
-    result = _torchrun(flags(ref), env)
+    result = torchrun(2, flags(ref), env)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = _torchrun(flags(run), dict(env, KILN_TEST_CRASH_AT="step:6"))
+    result = torchrun(2, flags(run), dict(env, KILN_TEST_CRASH_AT="step:6"))
     assert result.returncode != 0 and not (run / "checkpoints/step-0000008").exists()
-    result = _torchrun([*flags(run), "--resume"], env)
+    result = torchrun(2, [*flags(run), "--resume"], env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "step-0000004" in result.stdout
 

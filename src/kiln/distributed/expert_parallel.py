@@ -147,19 +147,10 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def data_parallel_ignores(model: nn.Module) -> tuple[set[nn.Parameter], list[str]]:
-    """What data parallelism (FSDP2/DDP) must leave alone: the sharded expert parameters
-    (finished by :func:`finish_expert_grads` instead), and by name for DDP also the MoE layers'
-    per-rank load counters, buffers that DDP would otherwise overwrite with rank 0's before
-    every forward (so with gradient accumulation the summed load, and the bias update, would
-    be wrong). Empty for a dense model."""
-    from kiln.models.moe import MoE
-
+    """The sharded expert parameters, and their names, that data parallelism (FSDP2/DDP) must
+    leave alone: :func:`finish_expert_grads` averages their gradients instead."""
     params = set(expert_parameters(model))
-    names = [n for n, p in model.named_parameters() if p in params]
-    for name, module in model.named_modules():
-        if isinstance(module, MoE):
-            names += [f"{name}.{b}" for b, _ in module.named_buffers(recurse=False)]
-    return params, names
+    return params, [n for n, p in model.named_parameters() if p in params]
 
 
 class ExpertGrads:

@@ -59,10 +59,10 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None])
 def apply_ddp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None]) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    from kiln.distributed.expert_parallel import data_parallel_ignores
+    if dims.ep > 1:
+        from kiln.distributed.expert_parallel import data_parallel_ignores
 
-    ignored = data_parallel_ignores(model)[1]  # sharded experts, per-rank MoE load counters
-    if ignored:
+        ignored = data_parallel_ignores(model)[1]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     ddp = DistributedDataParallel(
         model,

@@ -35,3 +35,12 @@ def test_degrees_that_do_not_divide_the_world_are_refused(world, degrees):
 def test_non_positive_degree_is_refused():
     with pytest.raises(ConfigError, match="parallel.tensor is 0"):
         ParallelConfig(tensor=0)
+
+
+def test_expert_degree_borrows_from_the_data_shard_ranks():
+    d = dims(8, data_replicate=2, expert=2)
+    assert (d.ep, d.dp_shard, d.dp_size) == (2, 4, 8)  # the dense layout is unchanged
+    with pytest.raises(ConfigError, match=r"parallel.expert 4 does not divide the data-shard"):
+        dims(4, data_replicate=2, expert=4)  # dp_shard 2
+    with pytest.raises(ConfigError, match=r"parallel.expert 3 does not divide the data-shard"):
+        dims(4, expert=3)

@@ -18,16 +18,21 @@ sharded experts then
 Every rank makes the same collectives in the same order whatever it routed, so a rank that
 sends or receives no tokens takes part with zero-length splits instead of hanging.
 
-The group is an argument (a ProcessGroup or a 1-D DeviceMesh), so the mesh's ``ep`` axis can
-supply it. Gradients: the ep ranks are data-parallel ranks, each holding a different slice of
-the global batch, so dense parameters are averaged over the data-parallel ranks as usual
-(DDP/FSDP/all-reduce), while an expert's gradient already sums the contributions of all ep
-ranks' tokens through the reverse all-to-all: :func:`finish_expert_grads` divides it by the
-data-parallel size (and sums over ranks holding the same experts when dp > ep), so both equal
-the gradient of the mean loss over the global batch.
+The group is an argument (a ProcessGroup or a 1-D DeviceMesh); ``kiln train`` passes the
+mesh's ``ep`` axis (:class:`kiln.distributed.parallel_dims.ParallelDims`), leaves the experts out
+of FSDP2/DDP and calls :class:`ExpertGrads` after each step's backward.
+
+Gradients: the ep ranks are data-parallel ranks, each holding a different slice of the global
+batch, so dense parameters are averaged over the data-parallel ranks as usual (DDP/FSDP), while
+an expert's gradient already sums the contributions of all ep ranks' tokens through the reverse
+all-to-all: :func:`finish_expert_grads` divides it by the data-parallel size (and sums over the
+ranks holding the same experts when dp > ep), so both equal the gradient of the mean loss over
+the global batch.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -37,6 +42,10 @@ from torch.distributed.nn.functional import all_to_all_single as all_to_all_auto
 from kiln.models.moe import GroupedExperts, moe_layers
 
 EXPERT_TENSORS = ("w1", "w2", "w3", "b1", "b2")
+
+# torch 2.13 deprecates the autograd all-to-all for a private successor; it still works, and
+# every rank would otherwise print the warning at each layer's first dispatch.
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_to_all_single is deprecated")
 
 
 def _group(group_or_mesh) -> dist.ProcessGroup:
@@ -112,8 +121,7 @@ def apply_expert_parallel(model: nn.Module, group, log=print) -> int:
 
     Call on an initialised model (every rank holding the same full weights, e.g. the same
     seed) before wrapping it for data parallelism."""
-    group = _group(group)
-    size = dist.get_world_size(group)
+    size = dist.get_world_size(_group(group))
     layers = moe_layers(model)
     for layer in layers:
         if layer.experts.n_experts % size:
@@ -139,17 +147,10 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def data_parallel_ignores(model: nn.Module) -> tuple[set[nn.Parameter], list[str]]:
-    """What data parallelism (FSDP2/DDP) must leave alone under expert parallelism: the sharded
-    expert parameters (finished by :func:`finish_expert_grads` instead), and by name for DDP
-    also the MoE layers' per-rank load counters (buffers DDP would overwrite with rank 0's)."""
-    from kiln.models.moe import MoE
-
+    """The sharded expert parameters, and their names, that data parallelism (FSDP2/DDP) must
+    leave alone: :func:`finish_expert_grads` averages their gradients instead."""
     params = set(expert_parameters(model))
-    names = [n for n, p in model.named_parameters() if p in params]
-    for name, module in model.named_modules():
-        if isinstance(module, MoE):
-            names += [f"{name}.{b}" for b, _ in module.named_buffers(recurse=False)]
-    return params, names
+    return params, [n for n, p in model.named_parameters() if p in params]
 
 
 class ExpertGrads:

@@ -141,17 +141,15 @@ def table(results: dict[str, list[dict]]) -> str:
         loss_mean, loss_sd = mean_sd(losses)
         delta_mean, delta_sd = mean_sd([a - b for a, b in zip(losses, dense)])
         load = mean_sd([late_imbalance(r) for r in per_seed]) if first["imbalance"] else None
-        pm = (
-            (lambda m, sd: f"{m:.4f} ± {sd:.4f}")
-            if len(losses) > 1
-            else (lambda m, sd: f"{m:.4f} (seed 0)")
-        )
+        one = len(losses) == 1
+        loss_text = f"{loss_mean:.4f}" + (" (seed 0)" if one else f" ± {loss_sd:.4f}")
+        delta_text = f"{delta_mean:+.4f}" + (" (seed 0)" if one else f" ± {delta_sd:.4f}")
+        load_text = "—" if load is None else f"{load[0]:.2f}" + ("" if one else f" ± {load[1]:.2f}")
         rows.append(
             f"| {name} | {first['params'] / 1e6:.3f}M / "
             f"{first.get('active_params', first['params']) / 1e6:.3f}M | "
-            f"{first['flops'] / first['tokens'] / 1e6:.2f}M | {pm(loss_mean, loss_sd)} | "
-            f"{pm(delta_mean, delta_sd).replace(f'{delta_mean:.4f}', f'{delta_mean:+.4f}')} | "
-            f"{'—' if load is None else f'{load[0]:.2f} ± {load[1]:.2f}'} | "
+            f"{first['flops'] / first['tokens'] / 1e6:.2f}M | {loss_text} | {delta_text} | "
+            f"{load_text} | "
             f"{statistics.fmean(r['wall_s'] for r in per_seed):.0f} |"
         )
     return "\n".join(rows)
@@ -235,7 +233,9 @@ def main() -> None:
     body = (
         "### MoE quality study (equal active FLOPs, equal tokens)\n\n"
         f"{table(results)}\n\nFull setup, figure and reading: docs/moe-study.md. "
-        f"Whole study {total / 60:.1f} min, {args.jobs} runs at a time.\n\n"
+        f"{len(todo)} runs, {sum(r['wall_s'] for rs in results.values() for r in rs) / 60:.0f} "
+        f"min of training wall-clock in all (this call: {total / 60:.1f} min, {args.jobs} runs "
+        "at a time).\n\n"
         f"Command: `{command}`  \nMachine: {machine()}  \nDate: {date}"
     )
     replace_section("moe-study", body)

@@ -185,8 +185,10 @@ def test_perf_model_flops_are_plans_active_flops(name):
     shape, step = plan.shape, ops.StepShape(batch=2, seq_len=256)
     report = predict(shape, step, perf_device("H100"), name)
     assert report.model_flops == pytest.approx(plan.flops_model / plan.tokens * step.tokens)
-    # what the ops execute in matmuls is 6 FLOPs per active matmul weight per token (no
-    # biases in these shapes; norms hold parameters but no matmul) plus attention
+    # what the ops execute in matmuls is 6 FLOPs per active matmul weight per token (without
+    # biases, which cost 2 FLOPs per token; norms hold parameters but no matmul) + attention
+    shape = dataclasses.replace(shape, bias=False)
+    report = predict(shape, step, perf_device("H100"), name)
     executed = sum(o.flops * o.count for o in ops.training_ops(shape, step)
                    if o.kind in ("matmul", "attention"))  # fmt: skip
     norms = sum(o.params * o.count for o in ops.model_ops(shape, step) if o.kind == "norm")

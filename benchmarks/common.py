@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -62,3 +63,27 @@ def write_section(name: str, body: str) -> None:
         name,
         f"{body.rstrip()}\n\nCommand: `{command_line()}`  \nMachine: {machine()}  \nDate: {stamp}",
     )
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def train_run(run_dir: Path, flags: list[str], label: str, reuse: bool) -> tuple[dict, list[dict]]:
+    """One real ``kiln train`` subprocess into ``run_dir`` (skipped with ``reuse`` when it
+    finished before): its summary.json and the records of its metrics.jsonl."""
+    import json
+    import subprocess
+    import time
+
+    summary = run_dir / "summary.json"
+    if not (reuse and summary.is_file()):
+        args = [sys.executable, "-m", "kiln.cli", "train", "--run.dir", str(run_dir), *flags]
+        start = time.perf_counter()
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{label} failed:\n{done.stderr[-2000:]}")
+        print(f"{label}: {time.perf_counter() - start:.0f}s", flush=True)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return json.loads(summary.read_text()), records

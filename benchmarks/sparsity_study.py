@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine  # noqa: E402
+from common import machine, mean_sd, train_run  # noqa: E402
 
 BASE = [
     "--data.corpus", "builtin:shakespeare", "--data.vocab_size", "1024", "--data.seq_len", "64",
@@ -54,29 +51,14 @@ def runs() -> list[tuple[str, list[str]]]:
 
 
 def run_one(name: str, flags: list[str], root: Path, steps: int, seed: int, reuse: bool) -> dict:
-    run_dir = root / f"seed{seed}" / name
-    summary = run_dir / "summary.json"
-    if not (reuse and summary.is_file()):
-        args = [sys.executable, "-m", "kiln.cli", "train", "--run.dir", str(run_dir), *BASE]
-        args += ["--train.max_steps", str(steps), "--train.seed", str(seed), *flags]
-        start = time.perf_counter()
-        done = subprocess.run(args, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{name} (seed {seed}) failed:\n{done.stderr[-2000:]}")
-        print(f"{name} seed {seed}: {time.perf_counter() - start:.0f}s", flush=True)
-    result = json.loads(summary.read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    args = [*BASE, "--train.max_steps", str(steps), "--train.seed", str(seed), *flags]
+    result, records = train_run(root / f"seed{seed}" / name, args, f"{name} seed {seed}", reuse)
     result["curve"] = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     result["sparsity"] = records[-1].get("sparsity", 0.0)
     result["flops_ratio"] = records[-1].get("flops_per_token_sparse", 1) / records[-1].get(
         "flops_per_token_dense", 1
     )
     return result
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def finals(results: dict[str, list[dict]], name: str) -> list[float]:

@@ -283,11 +283,6 @@ def cmd_perf(argv: list[str]) -> int:
     # `given` holds the section.field names set by flags or --config files
     vocab = job.data.vocab_size if "data.vocab_size" in given else None
     shape, _ = resolve_model(job.model, vocab)
-    if shape.moe is not None:
-        raise ConfigError(
-            f"kiln perf does not model MoE layers yet, and {job.model.preset!r} has "
-            f"{shape.moe.experts} experts; kiln plan gives its total and active parameters."
-        )
     seq = job.data.seq_len if "data.seq_len" in given else shape.max_seq_len
     micro = job.train.micro_batch_size or (
         job.train.batch_size if "train.batch_size" in given else 1

@@ -158,6 +158,22 @@ def test_meta_build_then_to_empty_init_is_deterministic_with_the_right_stds():
     assert n == cfg.num_params() and cfg.num_params(active=True) < n
 
 
+def test_shared_expert_is_initialised_after_meta_build():
+    """kiln train builds on meta and calls init_weights: the shared MLP must be initialised
+    too (it was left as uninitialised memory, and training stopped on a NaN loss)."""
+    cfg = shape(shared_experts=1).replace(d_model=64, d_head=16)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.init_weights()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    shared = model.blocks["0"].mlp.shared
+    assert shared.w1.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
 def test_layer_placement_every_and_first_dense():
     model = GPT(shape(every=2, first_dense=1).replace(n_layers=5))
     kinds = [type(b.mlp).__name__ for b in model.blocks.values()]

@@ -3,15 +3,19 @@ numbers derived from it (parameters, model FLOPs)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from kiln.config import MoEConfig
 from kiln.errors import ConfigError
 from kiln.models.gpt import GPT, GPTConfig
+from kiln.models.moe import GroupedExperts
 from kiln.models.presets import PRESETS
 from kiln.planning import ops
-from kiln.planning.moe import params_delta
 
 TINY = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, d_head=8, d_ffn=64,
                  vocab_size=50, max_seq_len=16)  # fmt: skip
@@ -80,9 +84,7 @@ def test_param_count_equals_the_module(name, variant):
     cfg = PRESETS[name].replace(**variant)
     with torch.device("meta"):
         model = GPT(cfg)
-    # MoE layers are not ops yet: their experts are what planning.moe adds to the dense MLP
-    extra = params_delta(cfg, active=False)
-    assert ops.param_count(cfg) + extra == sum(p.numel() for p in model.parameters())
+    assert ops.param_count(cfg) == sum(p.numel() for p in model.parameters())
 
 
 def test_model_flops_convention_from_the_ops():
@@ -107,3 +109,98 @@ def test_norm_backward_reads_dy_and_x_twice():
     bwd = by_name(o, "mlp_norm.bwd")
     assert bwd.bytes_read == 2 * (M * d * 4 + M * d * 4) + 2 * d * 4  # (dy, x) twice + γ, β
     assert bwd.bytes_written == M * d * 4
+# -- mixture-of-experts layers -------------------------------------------------------------
+MOE_TINY = TINY.replace(bias=False, moe=MoEConfig(experts=4, top_k=2, d_expert=16))
+
+
+def test_moe_hand_counts():
+    B, T, d, E, k, fe = 2, 16, 32, 4, 2, 16
+    M, R = B * T, B * T * k
+    cfg = MOE_TINY.replace(bias=True, moe=MOE_TINY.moe)
+    o = ops.model_ops(cfg, ops.StepShape(batch=B, seq_len=T, precision="bf16"))
+    router = by_name(o, "moe.router")
+    assert (router.flops, router.params, router.count) == (2 * M * d * E, E * d, 2)
+    w1 = by_name(o, "moe.experts.w1")  # grouped GEMM over the M·k routed rows, + bias
+    assert w1.flops == 2 * R * d * fe + R * fe
+    assert w1.bytes_read == R * d * 2 + E * fe * d * 2  # routed rows + every expert's weight
+    assert (w1.params, w1.active_params) == (E * (d * fe + fe), k * (d * fe + fe))
+    assert by_name(o, "moe.experts.w2.dgrad").flops == 2 * R * fe * d
+    assert by_name(o, "moe.experts.w2.wgrad").flops == 2 * R * fe * d + R * d
+    assert by_name(o, "moe.router.scores").bytes_written == M * E * 4  # fp32 scores
+    assert by_name(o, "moe.dispatch").bytes_written == R * d * 2
+    assert by_name(o, "moe.combine").bytes_written == M * d * 2
+    assert not [x for x in o if x.name.startswith("mlp.")]  # every layer is MoE
+    # the weight gradients of all E experts are cast into fp32 .grad
+    assert by_name(o, "moe.experts.w1.grad_cast").bytes_written == E * fe * d * 4
+
+
+def test_moe_capacity_shared_experts_and_dense_layers():
+    B, T, d, E, fe = 2, 16, 32, 4, 16
+    M = B * T
+    moe = MoEConfig(experts=E, top_k=2, d_expert=fe, capacity_factor=0.5, shared_experts=2,
+                    first_dense=1)  # fmt: skip
+    o = ops.model_ops(MOE_TINY.replace(moe=moe), ops.StepShape(batch=B, seq_len=T))
+    R = E * math.ceil(0.5 * M * 2 / E)  # capacity slots: half of the M·k assignments
+    assert by_name(o, "moe.experts.w1").flops == 2 * R * d * fe
+    assert by_name(o, "moe.shared.w1").flops == 2 * M * d * 2 * fe  # all tokens, width 2·f_e
+    assert by_name(o, "mlp.w1").count == 1 and by_name(o, "moe.router").count == 1
+    # a capacity above the balanced load drops nothing: rows never exceed M·k
+    assert ops.routed_rows(M, dataclasses.replace(moe, capacity_factor=4.0)) == 2 * M
+    # FSDP gathers the largest block: the MoE one, with every expert
+    blocks = ops.block_ops(MOE_TINY.replace(moe=moe), ops.StepShape(batch=1, seq_len=1))
+    moe_block = sum(x.params for x in blocks if x.scope == "moe_block")
+    assert ops.block_params(MOE_TINY.replace(moe=moe)) == moe_block
+    assert moe_block > sum(x.params for x in blocks if x.scope == "block")
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [{}, {"shared_experts": 1}, {"every": 2, "first_dense": 1}, {"top_k": 1, "d_expert": None}],
+    ids=["top2", "shared", "mixed-layers", "top1-full-width"],
+)
+def test_moe_param_counts_equal_the_module(moe):
+    moe = MoEConfig(**{"experts": 4, "top_k": 2, "d_expert": 16, **moe})
+    cfg = MOE_TINY.replace(bias=True, activation="swiglu", n_layers=3, moe=moe)
+    model = GPT(cfg)
+    assert ops.param_count(cfg) == sum(p.numel() for p in model.parameters())
+    # active: all but the (E - k) experts a token skips
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    skipped = sum(p.numel() for m in experts for p in m.parameters()) * (
+        1 - cfg.moe.top_k / cfg.moe.experts
+    )
+    assert ops.param_count(cfg, active=True) == sum(p.numel() for p in model.parameters()) - skipped
+
+
+def test_moe_matmul_flops_agree_with_torch_flop_counter():
+    """torch._grouped_mm is not counted by FlopCounterMode (torch 2.13), so the layer runs the
+    per-expert loop, which computes the same M·k rows."""
+    cfg = MOE_TINY.replace(moe=MoEConfig(experts=4, top_k=2, d_expert=16, kernel="loop"))
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    with FlopCounterMode(display=False) as counter:
+        model(x, targets=x).backward()
+    o = ops.model_ops(cfg, ops.StepShape(batch=2, seq_len=16, precision="fp32"))
+    assert counter.get_total_flops() == sum(op.flops * op.count for op in o if op.kind == "matmul")
+
+
+@pytest.mark.parametrize("name", ["switch-cerebras-gpt-111m", "mixtral-8x7b", "tiny-moe"])
+def test_perf_model_flops_are_plans_active_flops(name):
+    from kiln.cli import _moe_plan_shape
+    from kiln.planning.hardware import perf_device
+    from kiln.planning.perf import predict
+    from kiln.planning.plan import make_plan
+
+    plan = make_plan(preset=name, shape=_moe_plan_shape(name), seq_len=256)
+    shape, step = plan.shape, ops.StepShape(batch=2, seq_len=256)
+    report = predict(shape, step, perf_device("H100"), name)
+    assert report.model_flops == pytest.approx(plan.flops_model / plan.tokens * step.tokens)
+    # what the ops execute in matmuls is 6 FLOPs per active matmul weight per token (without
+    # biases, which cost 2 FLOPs per token; norms hold parameters but no matmul) + attention
+    shape = dataclasses.replace(shape, bias=False)
+    report = predict(shape, step, perf_device("H100"), name)
+    executed = sum(o.flops * o.count for o in ops.training_ops(shape, step)
+                   if o.kind in ("matmul", "attention"))  # fmt: skip
+    norms = sum(o.params * o.count for o in ops.model_ops(shape, step) if o.kind == "norm")
+    assert executed == pytest.approx(report.model_flops - 6 * norms * step.tokens, rel=1e-12)
+    assert any("active" in n for n in report.notes)

@@ -37,7 +37,7 @@ from kiln.config import MoEConfig
 from kiln.errors import ConfigError, check_choice
 from kiln.models.loss import head_loss
 from kiln.models.moe import MoE
-from kiln.planning.moe import expert_width, is_moe_layer, params_delta
+from kiln.planning.moe import expert_width, is_moe_layer
 
 
 @dataclass(kw_only=True)
@@ -145,7 +145,7 @@ class GPTConfig:
         """
         from kiln.planning.ops import param_count
 
-        return param_count(self, include_embeddings) + params_delta(self, active)
+        return param_count(self, include_embeddings, active)
 
     def replace(self, **changes: Any) -> GPTConfig:
         """A copy with some fields changed (dataclasses.replace)."""

@@ -221,9 +221,12 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
-        """The router N(0, std) and bias 0, experts as the dense MLP, load counters 0."""
+        """The router N(0, std) and bias 0, experts and the shared MLP as the dense MLP, load
+        counters 0."""
         self.router.init_weights(std, out_std)
         self.experts.init_weights(std, out_std)
+        if self.shared is not None:
+            self.shared.init_weights(std, out_std)
         self.reset_load()
 
     @torch.no_grad()

@@ -125,7 +125,8 @@ def flops_per_token(shape: ShapeLike, seq_len: int) -> float:
 def cerebras_flops_per_token(shape: ShapeLike, seq_len: int) -> float:
     """FLOPs per token in the convention of the published Cerebras-GPT table: 6N + 30·L·S·d."""
     # 30·L·S·d = 2.5 × the 12·L·S·d of the attention matmuls in the op description
-    return 6.0 * param_count(shape) + 2.5 * ops.attention_flops_per_token(shape, seq_len)
+    n_active = ops.param_count(shape, active=True)  # an MoE token uses top_k of its experts
+    return 6.0 * n_active + 2.5 * ops.attention_flops_per_token(shape, seq_len)
 
 
 def chinchilla_flops_per_token(

@@ -37,6 +37,7 @@ fused backward that reads such a tensor recomputes it (kiln.planning.perf.fused_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,8 @@ class Op:
     """Fusion group: ops sharing it may keep the tensors they pass between them on chip."""
     sparse: bool = False
     """The op's weight is one of the sparse matrices (its FLOPs and weight bytes scale by ρ)."""
+    active_params: int | None = None
+    """Of ``params``, those one token multiplies with (routed experts: top_k of E); None = all."""
 
     @property
     def bytes_read(self) -> float:
@@ -158,6 +161,7 @@ class _Builder:
 
     def __init__(self, shape: Any, step: StepShape, scope: str, count: int) -> None:
         self.z, self.step, self.scope, self.count = dims(shape), step, scope, count
+        self.shape, self.moe = shape, getattr(shape, "moe", None)
         self.M = step.tokens
         self.a = 2 if step.precision == "bf16" else 4
         self.fwd: list[Op] = []
@@ -172,19 +176,26 @@ class _Builder:
         (self.fwd if phase == "fwd" else self.bwd).append(o)
 
     def linear(self, name, x: Tensor, k: int, n: int, y: str, sparse: bool, fuse=None,
-               bias=None, tied: bool = False) -> Tensor:  # fmt: skip
-        """y = x Wᵀ + b: the forward op now, dgrad and wgrad (and the grad cast) for backward."""
-        M, a, z = self.M, self.a, self.z
+               bias=None, tied: bool = False, rows: float | None = None,
+               experts: tuple[int, int] | None = None) -> Tensor:  # fmt: skip
+        """y = x Wᵀ + b: the forward op now, dgrad and wgrad (and the grad cast) for backward.
+
+        ``experts=(E, top_k)`` makes it a grouped GEMM over E stacked weights (each row of x
+        multiplies one expert's W; all E weights are read) on ``rows`` rows (default M)."""
+        M, a, z = (self.M if rows is None else rows), self.a, self.z
+        E, top_k = experts or (1, 1)
         rho = self.step.density if sparse else 1.0
         b = z["bias"] if bias is None else bias
-        w = self.t(f"{name}.w", k * n * rho, a, "weight")
+        w = self.t(f"{name}.w", E * k * n * rho, a, "weight")
         out = self.t(y, M * n, a)
-        params = 0 if tied else k * n + (n if b else 0)
+        one = k * n + (n if b else 0)
+        params = 0 if tied else E * one
         kw = {"fuse": fuse, "sparse": sparse}
         self.op("fwd", name, "matmul", 2 * M * k * n * rho + (M * n if b else 0), (x, w), (out,),
-                params=params, tied_params=k * n if tied else 0, **kw)  # fmt: skip
+                params=params, tied_params=k * n if tied else 0,
+                active_params=top_k * one if experts else None, **kw)  # fmt: skip
         dy, dx = self.t("d" + y, M * n, a), self.t("d" + x.name, M * k, a)
-        dw = self.t(f"{name}.dw", k * n * rho, a)
+        dw = self.t(f"{name}.dw", E * k * n * rho, a)
         self.bwd.append([
             Op(f"{name}.wgrad", "matmul", "bwd", 2 * M * k * n * rho, (dy, x), (dw,),
                self.count, self.scope, **kw),
@@ -197,7 +208,7 @@ class _Builder:
                                    fuse=fuse))  # fmt: skip
         if a != 4:  # the bf16 weight gradient is cast into the fp32 .grad
             self.bwd[-1].append(Op(f"{name}.grad_cast", "cast", "bwd", 0.0, (dw,),
-                                   (self.t(f"{name}.grad", k * n * rho, 4, "grad"),),
+                                   (self.t(f"{name}.grad", E * k * n * rho, 4, "grad"),),
                                    self.count, self.scope))  # fmt: skip
         return out
 
@@ -284,17 +295,69 @@ def _attention(b: _Builder, x: Tensor) -> Tensor:
     return b.linear("attn.wo", merged, z["q"], z["d"], "attn_out", sp)
 
 
-def _mlp(b: _Builder, x: Tensor) -> Tensor:
-    """GEMM → GELU → GEMM (or SwiGLU's two up-projections and gate), fusion group 'mlp'."""
-    z, M, a = b.z, b.M, b.a
-    h = b.linear("mlp.w1", x, z["d"], z["f"], "h", True, "mlp")
-    g = b.t("g", M * z["f"], a)
+def _mlp(b: _Builder, x: Tensor, name: str = "mlp", width: int | None = None, rows=None,
+         experts: tuple[int, int] | None = None, pre: str = "") -> Tensor:  # fmt: skip
+    """GEMM → GELU → GEMM (or SwiGLU's two up-projections and gate), fusion group ``name``;
+    with ``experts`` the grouped GEMMs of routed experts (biases on w1 and w2 only)."""
+    z, a, f = b.z, b.a, width or b.z["f"]
+    M = b.M if rows is None else rows
+    kw = {"rows": rows, "experts": experts}
+    sparse = experts is None  # MoE refuses sparsity (kiln.sparsity)
+    h = b.linear(f"{name}.w1", x, z["d"], f, pre + "h", sparse, name, **kw)
+    g = b.t(pre + "g", M * f, a)
     if z["act"] == "swiglu":
-        u = b.linear("mlp.w3", x, z["d"], z["f"], "u", True, "mlp")
-        _ew(b, "mlp.swiglu", "activation", "swiglu", (h, u), g, M * z["f"], fuse="mlp")
+        bias = False if experts else None
+        u = b.linear(f"{name}.w3", x, z["d"], f, pre + "u", sparse, name, bias=bias, **kw)
+        _ew(b, f"{name}.swiglu", "activation", "swiglu", (h, u), g, M * f, fuse=name)
     else:
-        _ew(b, "mlp.gelu", "activation", "gelu", (h,), g, M * z["f"], fuse="mlp")
-    return b.linear("mlp.w2", g, z["f"], z["d"], "mlp_out", True, "mlp")
+        _ew(b, f"{name}.gelu", "activation", "gelu", (h,), g, M * f, fuse=name)
+    return b.linear(f"{name}.w2", g, f, z["d"], pre + "mlp_out", sparse, name, **kw)
+
+
+def routed_rows(tokens: int, moe: Any) -> int:
+    """(token, expert) rows the experts compute for ``tokens`` tokens: tokens·top_k dropless;
+    with a capacity factor c at most E·ceil(c·tokens·top_k/E) (balanced routing assumed: Kiln
+    runs the kept rows only and never pads an expert up to its capacity)."""
+    rows = tokens * moe.top_k
+    if moe.capacity_factor is None:
+        return rows
+    return min(rows, moe.experts * math.ceil(moe.capacity_factor * rows / moe.experts))
+
+
+def _moe_mlp(b: _Builder, x: Tensor) -> Tensor:
+    """kiln.models.moe.MoE, for M tokens and R = routed_rows(M) rows:
+
+    router GEMM [M, d]·[d, E] → softmax/sigmoid (fp32) → top-k (M·E compares) → dispatch
+    (sort, then gather R rows of x) → grouped GEMMs of the experts over R rows (every expert's
+    weights read once) → gate multiply → combine (index_add of R rows into M) [+ the shared
+    MLP on all M tokens, and its add]. The router is costed as a compute-dtype linear (Kiln
+    runs it in fp32: its M·d·E FLOPs are ~E/(k·f) of the experts'); the balancing losses
+    (a few M·E element-wise FLOPs) are not counted."""
+    from kiln.planning.moe import expert_width
+
+    m, z, M, a = b.moe, b.z, b.M, b.a
+    E, R = m.experts, routed_rows(M, m)
+    logits = b.linear("moe.router", x, z["d"], E, "router_logits", False, "moe_router", False)
+    scores = b.t("router_scores", M * E, 4)
+    _ew(b, "moe.router.scores", "softmax", "softmax", (logits,), scores, M * E,
+        fuse="moe_router")  # fmt: skip
+    gates = b.t("gates", M * m.top_k, 4)
+    _ew(b, "moe.topk", "elementwise", "topk", (scores,), gates, M * E, fuse="moe_router",
+        saves=False)  # fmt: skip
+    xd = b.t("x_routed", R * z["d"], a)
+    _ew(b, "moe.dispatch", "copy", "copy", (x,), xd, 0, saves=False)
+    y = _mlp(b, xd, "moe.experts", expert_width(b.shape), R, (E, m.top_k), "e_")
+    yg = b.t("e_weighted", R * z["d"], a)
+    _ew(b, "moe.gate", "elementwise", "mul", (y, gates), yg, R * z["d"])
+    out = b.t("moe_out", M * z["d"], a)
+    _ew(b, "moe.combine", "copy", "add", (yg,), out, R * z["d"], saves=False)
+    if not m.shared_experts:
+        return out
+    shared = _mlp(b, x, "moe.shared", m.shared_experts * expert_width(b.shape), pre="s_")
+    total = b.t("moe_out_total", M * z["d"], a)
+    _ew(b, "moe.shared_add", "elementwise", "add", (out, shared), total, M * z["d"],
+        saves=False)  # fmt: skip
+    return total
 
 
 def _residual(b: _Builder, name: str, x: Tensor, branch: Tensor, out: str, fuse):
@@ -304,21 +367,35 @@ def _residual(b: _Builder, name: str, x: Tensor, branch: Tensor, out: str, fuse)
     return y
 
 
-def block_ops(shape: Any, step: StepShape) -> list[Op]:
-    """One transformer block (pre-norm, or parallel attention + MLP), ``count`` = n_layers."""
-    b = _Builder(shape, step, "block", dims(shape)["L"])
+def _block(shape: Any, step: StepShape, scope: str, count: int, mlp) -> _Builder:
+    """One transformer block (pre-norm, or parallel attention + MLP) with MLP ``mlp``."""
+    b = _Builder(shape, step, scope, count)
     x = b.t("x", b.M * b.z["d"], 4)
     n1 = _norm(b, "attn_norm", x, "attn_in")
     att = _attention(b, n1)
     if b.z["parallel"]:
-        mlp = _mlp(b, n1)
+        out = mlp(b, n1)
         mid = _residual(b, "residual_attn", x, att, "x_mid", "attn_in")
-        _residual(b, "residual_mlp", mid, mlp, "x_out", None)
-        return b.ops()
+        _residual(b, "residual_mlp", mid, out, "x_out", None)
+        return b
     x2 = _residual(b, "residual_attn", x, att, "x_mid", "mlp_in")
     n2 = _norm(b, "mlp_norm", x2, "mlp_in")
-    _residual(b, "residual_mlp", x2, _mlp(b, n2), "x_out", None)
-    return b.ops()
+    _residual(b, "residual_mlp", x2, mlp(b, n2), "x_out", None)
+    return b
+
+
+def block_ops(shape: Any, step: StepShape) -> list[Op]:
+    """The transformer blocks: dense ones (scope 'block', ``count`` = their number) and MoE
+    ones (scope 'moe_block', the MLP replaced by :func:`_moe_mlp`); forwards, then backwards
+    in reverse."""
+    from kiln.planning.moe import n_moe_layers
+
+    n_moe = n_moe_layers(shape)
+    n_dense = dims(shape)["L"] - n_moe
+    kinds = [("block", n_dense, _mlp), ("moe_block", n_moe, _moe_mlp)]
+    built = [_block(shape, step, s, n, mlp).ops() for s, n, mlp in kinds if n]
+    fwd = [o for ops in built for o in ops if o.phase == "fwd"]
+    return fwd + [o for ops in reversed(built) for o in ops if o.phase != "fwd"]
 
 
 def _weight_cast_ops(block: list[Op], step: StepShape) -> list[Op]:
@@ -424,18 +501,23 @@ def check_step(shape: Any, step: StepShape) -> None:
 
 
 # -- numbers derived from the description --------------------------------------------------
-def param_count(shape: Any, include_embeddings: bool = True) -> int:
+def param_count(shape: Any, include_embeddings: bool = True, active: bool = False) -> int:
     """Parameters owned by the forward ops (× count), plus the final norm; embeddings (token
-    and position tables) are dropped with ``include_embeddings=False``. MoE layers are not ops
-    here yet (they count as the dense MLP); kiln.planning.moe.params_delta adds their experts."""
+    and position tables) are dropped with ``include_embeddings=False``. ``active`` counts of
+    the routed experts only the top_k a token uses (total = every expert)."""
     ops = model_ops(shape, StepShape(batch=1, seq_len=1, precision="fp32"))
-    return sum(o.params * o.count for o in ops if include_embeddings or not o.embedding)
+    return sum(
+        (o.active_params if active and o.active_params is not None else o.params) * o.count
+        for o in ops
+        if include_embeddings or not o.embedding
+    )
 
 
 def matmul_params(shape: Any) -> int:
-    """Weights that take part in a matmul per token: non-embedding params + a tied head."""
+    """Weights that take part in a matmul per token: active non-embedding params (routed
+    experts: top_k of them) + a tied head."""
     ops = model_ops(shape, StepShape(batch=1, seq_len=1, precision="fp32"))
-    return param_count(shape, False) + sum(o.tied_params * o.count for o in ops)
+    return param_count(shape, False, active=True) + sum(o.tied_params * o.count for o in ops)
 
 
 def attention_flops_per_token(shape: Any, seq_len: int) -> float:
@@ -451,9 +533,11 @@ def model_flops_per_token(shape: Any, seq_len: int) -> float:
 
 
 def block_params(shape: Any) -> int:
-    """Parameters of one transformer block."""
+    """Parameters of one transformer block: the largest kind (an MoE block with all its
+    experts, when the shape has one), which is what FSDP gathers at its peak."""
     step = StepShape(batch=1, seq_len=1, precision="fp32", optimizer=False)
-    return sum(o.params for o in block_ops(shape, step))
+    ops = block_ops(shape, step)
+    return max(sum(o.params for o in ops if o.scope == s) for s in {o.scope for o in ops})
 
 
 def totals(ops: list[Op]) -> dict[str, float]:
@@ -467,4 +551,4 @@ def totals(ops: list[Op]) -> dict[str, float]:
 __all__ = ["KINDS", "PHASES", "Op", "StepShape", "Tensor", "attention_flops_per_token",
            "block_ops", "block_params", "check_step", "dims", "embedding_ops", "head_ops",
            "matmul_params", "model_flops_per_token", "model_ops", "optimizer_ops",
-           "param_count", "totals", "training_ops"]  # fmt: skip
+           "param_count", "routed_rows", "totals", "training_ops"]  # fmt: skip

@@ -267,6 +267,12 @@ def predict(shape: Any, step: StepShape, dev: Device, name: str = "", tile: int 
     fused = fused_costs(ops, dev, step.tokens, tile, step.precision)
     model = opsmod.model_flops_per_token(shape, step.seq_len) * step.tokens
     notes = []
+    moe = getattr(shape, "moe", None)
+    if moe is not None and moe.experts:
+        rows = "dropless" if moe.capacity_factor is None else "capped by the capacity factor"
+        notes.append(f"MoE: model FLOPs count active parameters (top-{moe.top_k} of "
+                     f"{moe.experts} experts, plus the router); expert GEMMs run on tokens × "
+                     f"top_k routed rows ({rows}, balanced routing assumed)")  # fmt: skip
     if step.density < 1:
         notes.append("MFU counts dense-equivalent model FLOPs; the sparse step executes fewer")
     return PerfReport(name, dev, step, model, kbk, fused, notes)

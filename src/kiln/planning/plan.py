@@ -35,7 +35,6 @@ from kiln.planning.flops import (
 )
 from kiln.planning.hardware import device_peak
 from kiln.planning.moe import param_count as moe_param_count
-from kiln.planning.moe import params_delta
 
 
 @dataclass
@@ -162,9 +161,8 @@ def make_plan(
     shape, preset_name = _choose_shape(
         flops, params, preset, vocab, seq_len, tokens_per_param, shape
     )
-    total = param_count(shape) + params_delta(shape, active=False)
+    total = param_count(shape)
     n = moe_param_count(shape, active=True)
-    extra = 6.0 * params_delta(shape, active=True)  # active MoE matmuls beyond the dense shape
     tokens = float(tokens_per_param) * n
     if batch_tokens:
         batch_size = max(1, round(batch_tokens / seq_len))
@@ -177,8 +175,8 @@ def make_plan(
     plan = Plan(
         shape=shape, params=total, active_params=n,
         non_embedding_params=moe_param_count(shape, include_embeddings=False), tokens=tokens,
-        flops=(cerebras_flops_per_token(shape, seq_len) + extra) * tokens,
-        flops_model=(flops_per_token(shape, seq_len) + extra) * tokens, flops_6nd=6.0 * n * tokens,
+        flops=cerebras_flops_per_token(shape, seq_len) * tokens,
+        flops_model=flops_per_token(shape, seq_len) * tokens, flops_6nd=6.0 * n * tokens,
         steps=steps,
         batch_size=batch_size, seq_len=seq_len, lr=default_lr(n),
         warmup_steps=default_warmup_steps(steps), tokens_per_param=float(tokens_per_param),

@@ -27,6 +27,12 @@ count, W the data-parallel size, b·T the tokens of one micro-batch:
                chunk_rows(V) tokens (compute dtype and fp32). On CPU in bf16, causal
                attention up to MATMUL_ATTENTION_MAX_LEN tokens also keeps its bf16
                probabilities: 2·H·T² bytes per sequence per layer (kiln.models.gpt.attention).
+               An MoE layer (:func:`moe_layer_bytes`) keeps, instead of the MLP's up
+               projections, the router scores (fp32, E), the k routed copies of the token and
+               the experts' outputs before and after the gate (3·k·d), the experts' up
+               projections (2·k·f_e, 4·k·f_e for SwiGLU), the k gates, the int64 choices and
+               dispatch indices, and the shared MLP's up projections; parameters, gradients
+               and optimizer state count every expert (the total parameter count).
 
 The peak is the larger of the backward peak — parameters + grad buckets + optimizer state +
 activations + gradients — and the optimizer-step peak, parameters + grad buckets + gradients +
@@ -45,6 +51,7 @@ import torch
 
 from kiln.models.gpt import GPTConfig, uses_matmul_attention
 from kiln.models.loss import chunk_rows
+from kiln.planning.moe import expert_width, n_moe_layers
 from kiln.planning.ops import block_params
 
 
@@ -84,6 +91,25 @@ def _block_params(shape: GPTConfig) -> int:
     return block_params(shape)
 
 
+def moe_layer_bytes(shape: GPTConfig, size: int) -> int:
+    """Bytes per token an MoE layer's MLP keeps for backward (elements of ``size`` bytes in
+    the compute dtype), measured against autograd's saved tensors in tests/unit/test_memory_moe.py:
+    router scores 4·E, routed input, expert output and gated output 3·k·d, expert up
+    projections k·up(f_e) (2·f_e, or 4·f_e for SwiGLU), gates k, int64 choices k and 2 or 3
+    dispatch indices of k (token, slot, and the expert of each row when experts have biases),
+    shared MLP up(f_s), the router logits and their logsumexp 4·(E + 1) with a z-loss; under
+    bf16 the router reads the fp32 norm output
+    (+(4 - size)·d). A few per-layer tensors of E elements are left out."""
+    m, d = shape.moe, shape.d_model
+    fe = expert_width(shape)
+    per_width = 4 if shape.activation == "swiglu" else 2  # SwiGLU: h, silu(h), u, product
+    up, shared = per_width * fe, per_width * m.shared_experts * fe
+    k = m.top_k
+    elems = k * (3 * d + up + 1) + shared
+    scores = 4 * m.experts + 4 * (m.experts + 1) * bool(m.z_loss_coef)
+    return size * elems + scores + 8 * k * (3 + bool(shape.bias)) + (4 - size) * d
+
+
 def activation_bytes(
     shape: GPTConfig,
     micro_batch: int,
@@ -107,10 +133,12 @@ def activation_bytes(
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if uses_matmul_attention(device, dtype, seq_len, gqa=shape.n_kv_heads != shape.n_heads):
         probs = micro_batch * shape.n_heads * seq_len**2 * 2
+    n_moe = n_moe_layers(shape)  # their routed experts keep other tensors than the MLP's
+    moe_extra = moe_layer_bytes(shape, size) - up * size if n_moe else 0
     if checkpointing:
-        body = tokens * (L * d * 4 + layer_bytes) + probs
+        body = tokens * (L * d * 4 + layer_bytes + max(moe_extra, 0)) + probs
     else:
-        body = L * (tokens * layer_bytes + probs)
+        body = L * (tokens * layer_bytes + probs) + n_moe * tokens * moe_extra
     return tokens * (embed + head) + body + chunk
 
 
@@ -189,8 +217,12 @@ def estimate_for_job(job, world_size: int) -> tuple[str, list[MemoryEstimate]]:
         for ac in (False, True)
     ]
     n = shape.num_params(include_embeddings=True)
+    active = shape.num_params(include_embeddings=True, active=True)
+    count = f"{n:,}"
+    if active != n:  # MoE: state for every expert, activations for the routed tokens
+        count += f" (all experts; {active:,} active per token)"
     text = (
-        f"model: {n:,} parameters ({shape.n_layers} layers, d_model {shape.d_model}, vocab "
+        f"model: {count} parameters ({shape.n_layers} layers, d_model {shape.d_model}, vocab "
         f"{shape.vocab_size}); micro-batch {micro} × {job.data.seq_len} tokens, "
         f"{precision}, {world_size} rank(s)"
     )

@@ -179,7 +179,7 @@ def test_elementwise_calibration_fit_recovers_line_and_clamps():
 
 
 def test_elementwise_bandwidth_applies_to_elementwise_kinds_only():
-    dev = Device("x", 1e12, 1e12, 1e10, None, None, "test", 1.0, 1e9, 0.0, 2e9)
+    dev = Device("x", 1e12, 1e12, 1e10, None, None, "test", 1.0, 1e9, 0.0, elementwise_bw=2e9)
     t = [ops.Tensor("a", 4e6), ops.Tensor("w", 4e6, "weight")]
     assert perf.memory_seconds(t, [], dev, "activation") == pytest.approx(8e6 / 2e9)
     assert perf.memory_seconds(t, [], dev, "matmul") == pytest.approx(8e6 / 1e10)
@@ -189,7 +189,7 @@ def test_tiled_mlp_costs_recompute_and_per_tile_weight_traffic():
     """Token-tiled MLP (kiln.models.fused_mlp): 7/6 of the unfused matmul FLOPs; activations
     5 × T·d·4 off-chip, weights and weight gradients 9 × d·f·4 per tile; no T·f traffic."""
     T, d, f, tile = 1000, 16, 64, 256
-    dev = Device("x", 1e12, 1e12, 1e10, None, None, "test", 1.0, None, 1e-6, 1e9)
+    dev = Device("x", 1e12, 1e12, 1e10, None, None, "test", 1.0, None, 1e-6, elementwise_bw=1e9)
     unfused = perf.mlp_costs(T, d, f, None, dev)
     tiled = perf.mlp_costs(T, d, f, tile, dev)
     mm = lambda rows: sum(c.flops for c in rows if c.kind == "matmul")  # noqa: E731

@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from kiln.config import ParallelConfig
 from kiln.models.gpt import GPTConfig
 from kiln.train.memory import estimate_layout_memory, estimate_memory
@@ -90,6 +92,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.timeout(900)  # four 2-process runs in one launch
 def test_layout_estimates_within_25_percent_of_measured_peaks():
     """Each rank's measured peak (ru_maxrss increase over kiln's own build → parallelize →
     Trainer.train_step path, kiln.train.memory_probe) is within 25% of the estimate for its

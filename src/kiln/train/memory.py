@@ -284,6 +284,7 @@ def estimate_layout_memory(
     from kiln.distributed.pipeline import stage_ids, stage_layers, stages_per_rank
     from kiln.planning.ops import StepShape, embedding_ops
 
+    shape = _as_gpt_config(shape)
     cfg = parallel or ParallelConfig()
     tp, pp, rep = cfg.tensor, cfg.pipeline, cfg.data_replicate
     shard = world_size // (tp * pp * rep)
@@ -330,6 +331,19 @@ def estimate_layout_memory(
     return out
 
 
+def _as_gpt_config(shape) -> GPTConfig:
+    """A GPTConfig with every size resolved (the planner passes kiln.planning.flops.Shape)."""
+    if isinstance(shape, GPTConfig):
+        return shape
+    from kiln.planning.ops import dims
+
+    z = dims(shape)
+    return GPTConfig(n_layers=z["L"], d_model=z["d"], n_heads=z["h"], n_kv_heads=z["kv"] // z["dh"],
+                     d_head=z["dh"], d_ffn=z["f"], vocab_size=z["V"], max_seq_len=z["S"],
+                     position="learned" if z["learned_pos"] else "rope", norm=z["norm"],
+                     activation=z["act"], bias=z["bias"], tie_embeddings=z["tied"])  # fmt: skip
+
+
 def _layout_name(cfg, world: int, shard: int, m: int, v: int) -> str:
     parts = [f"tp{cfg.tensor}"] if cfg.tensor > 1 else []
     if cfg.pipeline > 1:
@@ -358,10 +372,13 @@ def format_table(estimates: list[MemoryEstimate]) -> str:
     return "\n".join(lines)
 
 
-def estimate_for_job(job, world_size: int) -> tuple[str, list[MemoryEstimate]]:
-    """(description, estimates) for a JobConfig at ``world_size``: one process, or DDP and
-    FSDP2, each without and with activation checkpointing. The vocabulary is data.vocab_size
-    for a BPE tokenizer trained by Kiln (nothing is tokenised here), else the preset's."""
+def estimate_for_job(
+    job, world_size: int, layout: bool = False
+) -> tuple[str, list[MemoryEstimate]]:
+    """(description, estimates) for a JobConfig at ``world_size``: with ``layout``, the job's
+    ``parallel`` section (one column per pipeline rank); else one process, or DDP and FSDP2,
+    each without and with activation checkpointing. The vocabulary is data.vocab_size for a
+    BPE tokenizer trained by Kiln (nothing is tokenised here), else the preset's."""
     from kiln.models.presets import resolve_model
 
     vocab = job.data.vocab_size if job.data.tokenizer == "bpe" else None
@@ -384,15 +401,58 @@ def estimate_for_job(job, world_size: int) -> tuple[str, list[MemoryEstimate]]:
     from kiln.planning.hardware import resolve_precision
 
     precision, _ = resolve_precision(job.train.precision, device)
+    if layout:
+        estimates = _job_layout(shape, job, precision, world_size, device)
+        cfg = job.parallel
+        if cfg.pipeline > 1:  # the schedule's micro-batch
+            from kiln.distributed.pipeline import stages_per_rank
+
+            m = cfg.microbatches or cfg.pipeline * stages_per_rank(
+                cfg.pipeline_schedule, cfg.stages_per_rank
+            )
+            micro = job.train.batch_size // (world_size // (cfg.tensor * cfg.pipeline)) // m
+        return _describe(shape, job, micro, precision, world_size), estimates
+    from kiln.config import ParallelConfig
+
+    local = job.train.batch_size // world_size
     estimates = [
-        estimate_memory(shape, micro, job.data.seq_len, precision, world_size, m, ac, device)
+        estimate_layout_memory(shape, job.data.seq_len, local, precision, world_size,
+                               ParallelConfig(data="fsdp" if m == "none" else m,
+                                              activation_checkpointing=ac), micro, device)[0]
         for m in modes
         for ac in (False, True)
-    ]
+    ]  # fmt: skip
+    return _describe(shape, job, micro, precision, world_size), estimates
+
+
+def _describe(shape, job, micro: int, precision: str, world_size: int) -> str:
     n = shape.num_params(include_embeddings=True)
-    text = (
+    return (
         f"model: {n:,} parameters ({shape.n_layers} layers, d_model {shape.d_model}, vocab "
         f"{shape.vocab_size}); micro-batch {micro} × {job.data.seq_len} tokens, "
         f"{precision}, {world_size} rank(s)"
     )
-    return text, estimates
+
+
+def _job_layout(shape, job, precision: str, world: int, device: str) -> list[MemoryEstimate]:
+    """The job's own layout, refused in one sentence as `kiln train` would refuse it."""
+    from kiln.distributed.parallel_dims import ParallelDims
+    from kiln.distributed.pipeline import check_pipeline, stages_per_rank
+    from kiln.distributed.tensor_parallel import check_tensor_parallel
+    from kiln.errors import ConfigError
+
+    cfg = job.parallel
+    dims = ParallelDims.from_config(cfg, 0, world, 0, torch.device("cpu"))  # checks degrees
+    check_tensor_parallel(shape, dims.tp)
+    check_pipeline(shape, dims.pp, cfg.pipeline_schedule, cfg.microbatches, cfg.stages_per_rank)
+    local = job.train.batch_size // dims.dp_size
+    if dims.pp > 1:
+        m = cfg.microbatches or dims.pp * stages_per_rank(cfg.pipeline_schedule,
+                                                           cfg.stages_per_rank)  # fmt: skip
+        if local % m:
+            raise ConfigError(
+                f"parallel.microbatches {m} does not divide the {local} sequences each "
+                "pipeline gets per step; choose a divisor of it."
+            )
+    return estimate_layout_memory(shape, job.data.seq_len, local, precision, world, cfg,
+                                  job.train.micro_batch_size, device)  # fmt: skip

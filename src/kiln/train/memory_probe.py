@@ -78,10 +78,21 @@ def _warm_shape(shape: GPTConfig, cfg: ParallelConfig) -> GPTConfig:
                          n_kv_heads=t, d_head=16, d_ffn=16 * t, vocab_size=64)  # fmt: skip
 
 
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies (a killed probe leaves nothing)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _worker(rank: int, world: int, port: int, out: str, job: dict) -> None:
     from kiln.distributed.parallel_dims import ParallelDims
     from kiln.train.malloc import keep_freed_memory
 
+    _die_with_parent()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(job["threads"])
     keep_freed_memory()  # as kiln train does on CPU
@@ -110,6 +121,7 @@ def _launch(jobs: list[dict], out: str) -> None:
     import kiln.distributed.parallelize  # noqa: F401  (imported once, before the forks)
     import kiln.train.run  # noqa: F401
 
+    _die_with_parent()
     results = []
     for i, job in enumerate(jobs):
         with socket.socket() as s:
@@ -150,7 +162,11 @@ def measure_peaks(probes: list[Probe]) -> list[list[int]]:
         out = str(Path(tmp) / "peaks.json")
         proc = ctx.Process(target=_launch, args=(jobs, out))
         proc.start()
-        proc.join()
+        try:
+            proc.join()
+        finally:  # interrupted (a test timeout): its ranks die with it
+            if proc.is_alive():
+                proc.kill()
         if proc.exitcode != 0:
             raise RuntimeError(f"the memory probe exited with code {proc.exitcode}")
         return json.loads(Path(out).read_text())

@@ -74,11 +74,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--max-k", type=int, default=24)
     ap.add_argument("--estimate-only", action="store_true", help="no real runs")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = ap.parse_args()
     cap = int(args.cap_mib * 2**20)
     rows = []
-    for name, cfg in LAYOUTS.items():
+    for name in args.layouts.split(","):
+        cfg = LAYOUTS[name]
         k = largest(cfg, cap, args)
         shape = family(k, args.vocab, args.seq_len)
         est = estimate(shape, cfg, args.nproc, args.batch, args.seq_len)
@@ -99,14 +101,14 @@ def main() -> None:
     table = format_rows(rows, args)
     print(table)
     if args.write:
-        from common import command_line, machine, write_section
+        from common import write_section
 
-        write_section("Memory study: the largest GPT under a memory cap per process",
-                      f"`{command_line()}`\n\nMachine: {machine()}\n\n{table}\n")  # fmt: skip
+        write_section("memory-study", "## Memory study: the largest GPT under a memory cap per "
+                      f"process\n\n{table}\n")  # fmt: skip
 
 
 def format_rows(rows, args) -> str:
-    ddp = rows[0][3]
+    ddp = next((r[3] for r in rows if r[0] == "DDP"), rows[0][3])
     lines = [f"cap {args.cap_mib:g} MiB per process, {args.nproc} gloo processes, global batch "
              f"{args.batch} × {args.seq_len} tokens, fp32, AdamW\n",
              "| layout | largest size | parameters | × DDP | estimated peak/rank (MiB) | "

@@ -118,11 +118,14 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
     FSDP2/TP) ones count once through their full norm, and under pipeline parallelism the
     squared norms of the stages are summed over ``pp_group``. Returns that total norm."""
     params = [p for p in parameters if p.grad is not None]
-    sharded = [p.grad for p in params if hasattr(p.grad, "full_tensor")]
+    by_mesh: dict = {}  # DTensors on different meshes (TP × FSDP vs FSDP only) don't mix
+    for p in params:
+        if hasattr(p.grad, "full_tensor"):
+            by_mesh.setdefault(id(p.grad.device_mesh), []).append(p.grad)
     plain = [p.grad for p in params if not hasattr(p.grad, "full_tensor")]
     device = params[0].grad.device if params else torch.device("cpu")
     sq = torch.zeros((), dtype=torch.float32, device=device)
-    for grads in (sharded, plain):
+    for grads in [*by_mesh.values(), plain]:
         if grads:
             norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -132,7 +135,7 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
     total = sq.sqrt()
     coef = max_norm / (float(total) + 1e-6)
     if coef < 1.0:  # as torch's clip_grads_with_norm_, per kind (DTensors and tensors don't mix)
-        for grads in (sharded, plain):
+        for grads in [*by_mesh.values(), plain]:
             if grads:
                 torch._foreach_mul_(grads, coef)
     return total

@@ -1,5 +1,7 @@
 """Per-rank training memory from the shape alone: parameters, gradients, optimizer state,
-activations — for DDP or FSDP2, with or without activation checkpointing.
+activations — for DDP or FSDP2, with or without activation checkpointing, and for any layout
+(TP/SP, PP stages and schedules, FSDP2/HSDP, DDP) in :func:`estimate_layout_memory`, which
+`kiln estimate-memory` and the cluster planner (kiln.planning.layout) both call.
 
 A pure function of (model shape, micro-batch, sequence length, precision, world size, data
 parallel mode, activation checkpointing); nothing is allocated. Bytes, with N the parameter

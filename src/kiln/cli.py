@@ -27,7 +27,7 @@ commands:
   plan       print a compute-optimal training plan (--flops C | --params N | --preset NAME)
   scale      train a compute-optimal family and fit L(C); --predict C --fit FIT; --lr-sweep
   mup        μP checks (coord-check: activation size vs width, μP against SP)
-  estimate-memory  per-rank memory of a training config (same flags as train, --world-size N)
+  estimate-memory  per-rank memory of a training config and layout (train's flags, --nproc N)
   perf       per-operator time, bytes and MFU of a training step on a device (--device H100|cpu)
   convert    convert between Hugging Face folders, GGUF files and Kiln runs
   eval       score a model on lm-eval-style tasks (hellaswag, piqa, lambada_openai, ...)
@@ -219,23 +219,27 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_estimate_memory(argv: list[str]) -> int:
-    """``kiln estimate-memory [train flags] [--world-size N]``: print the per-rank table."""
+    """``kiln estimate-memory [train flags] [--world-size N | --nproc N]``: print the per-rank
+    table (the layout the ``parallel.*`` flags give, else DDP and FSDP2 with and without AC)."""
     argv = list(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     for i, arg in enumerate(argv):
-        if arg == "--world-size" or arg.startswith("--world-size="):
+        if arg.split("=", 1)[0] in ("--world-size", "--nproc"):
             value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1 : i + 2] or [""])[0]
             if not value.isdigit() or int(value) < 1:
-                raise ConfigError(f"--world-size must be a positive integer, got {value!r}.")
+                raise ConfigError(
+                    f"{arg.split('=', 1)[0]} must be a positive integer, got {value!r}."
+                )
             world = int(value)
             del argv[i : i + (1 if "=" in arg else 2)]
             break
-    job, resume, _ = parse_job(argv)
+    job, resume, given = parse_job(argv)
     if resume:
         raise ConfigError("estimate-memory takes a config, not --resume.")
     from kiln.train.memory import estimate_for_job, format_table
 
-    text, estimates = estimate_for_job(job, world)
+    layout = any(g.startswith("parallel.") and g != "parallel.timeout_s" for g in given)
+    text, estimates = estimate_for_job(job, world, layout=layout)
     print(text)
     print(format_table(estimates))
     return 0

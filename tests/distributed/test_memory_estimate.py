@@ -1,4 +1,5 @@
-"""`kiln estimate-memory` agrees with the peak memory of real training steps on this CPU.
+"""`kiln estimate-memory` agrees with the peak memory of real training steps on this CPU: one
+process, and DDP, FSDP2, TP2 and PP2 (GPipe, four micro-batches in flight) on 2 gloo ranks.
 
 A fresh subprocess warms up torch's kernels on a small model (their one-off buffers go into the
 baseline), records ru_maxrss, then runs three AdamW steps of a ~35M-parameter model the way the
@@ -10,8 +11,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from kiln.config import ParallelConfig
 from kiln.models.gpt import GPTConfig
-from kiln.train.memory import estimate_memory
+from kiln.train.memory import estimate_layout_memory, estimate_memory
+from kiln.train.memory_probe import Probe, measure_peaks
 from tests.e2e.helpers import kiln
 
 SHAPE = dict(
@@ -72,3 +77,31 @@ def test_estimate_memory_prints_a_table(kiln_env):
         assert label in result.stdout, label
     bad = kiln(["estimate-memory", "--world-size", "3"], kiln_env)
     assert bad.returncode == 2 and "divisible by data-parallel size 3" in bad.stderr
+
+
+LAYOUT_SHAPE = GPTConfig(
+    n_layers=4, d_model=192, n_heads=4, n_kv_heads=4, d_head=48, d_ffn=768, vocab_size=6144,
+    max_seq_len=128, position="learned", norm="layernorm", activation="gelu", bias=True,
+    tie_embeddings=False,
+)  # fmt: skip
+LAYOUTS = {
+    "ddp": ParallelConfig(data="ddp"),
+    "fsdp2": ParallelConfig(),
+    "tp2": ParallelConfig(tensor=2),
+    "pp2 gpipe": ParallelConfig(pipeline=2, pipeline_schedule="GPipe", microbatches=4),
+}
+
+
+@pytest.mark.timeout(900)  # four 2-process runs in one launch
+def test_layout_estimates_within_25_percent_of_measured_peaks():
+    """Each rank's measured peak (ru_maxrss increase over kiln's own build → parallelize →
+    Trainer.train_step path, kiln.train.memory_probe) is within 25% of the estimate for its
+    pipeline rank (the estimate includes the whole-model build every rank does first)."""
+    batch, seq = 8, 128
+    probes = [Probe(LAYOUT_SHAPE, cfg, 2, batch, seq) for cfg in LAYOUTS.values()]
+    for (name, cfg), measured in zip(LAYOUTS.items(), measure_peaks(probes)):
+        dp = 2 // (cfg.tensor * cfg.pipeline)
+        est = estimate_layout_memory(LAYOUT_SHAPE, seq, batch // dp, "fp32", 2, cfg)
+        want = [e.peak_with_build for e in est] * (2 // len(est))
+        ratios = [m / e for m, e in zip(measured, want)]
+        assert all(0.75 <= r <= 1.25 for r in ratios), (name, ratios, measured, want)

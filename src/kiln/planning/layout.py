@@ -6,16 +6,15 @@ ParallelDims lays it out, ``pp × dp_replicate × dp_shard × tp`` (tp innermost
 ranks are ``stride`` apart with stride the product of the inner degrees; a group whose ranks
 all sit in one node talks over the node's links (NVLink), any other over the per-device NIC.
 
-**Memory per device** (bf16 autocast with fp32 master weights, AdamW, as kiln.train.memory):
-the worst pipeline stage holds ceil(L/pp) blocks plus the embedding and head; its model state
-(parameters, gradients, optimizer moments, DDP buckets, FSDP's gathered block) is
-:func:`kiln.train.memory.estimate_memory` of that stage over the dp_shard ranks (FSDP) or the
-data-parallel ranks (DDP), divided by tp (every weight is split over the tensor group).
-Activations are :func:`kiln.train.memory.activation_bytes` of the stage for one micro-batch,
-divided by tp (sequence parallelism splits what tensor parallelism does not), times the
-micro-batches in flight on the first stage: GPipe m, 1F1B and zero-bubble V min(p, m),
-interleaved 1F1B p + (p−1)/v (Narayanan et al. 2021). A layout fits when this is at most
-``USABLE`` of the device memory (the estimate leaves out the CUDA context and fragmentation).
+**Memory per device** (bf16 autocast with fp32 master weights, AdamW): the training peak of
+:func:`kiln.train.memory.estimate_layout_memory` — the function `kiln estimate-memory` prints —
+on the pipeline rank that needs the most: the stages kiln's pipeline gives it, its parameters,
+gradients and optimizer moments split by tp and (FSDP) dp_shard plus one gathered block and
+the root module, DDP's buckets, and its activations split by tp/SP times the micro-batches the
+schedule keeps in flight (from torch's own schedule order). A layout fits when this is at most
+``USABLE`` of the device memory (the estimate leaves out the CUDA context and fragmentation,
+and the transient of kiln building the whole model on every rank before sharding it, which
+the estimate reports apart as ``build``).
 
 **Step time** = compute + exposed communication, per device:
 
@@ -253,40 +252,44 @@ def stage_shape(shape: Any, pp: int) -> _StageShape:
                        n - z["L"] * nb + layers * nb)  # fmt: skip
 
 
-@lru_cache(maxsize=1)
-def _memory_functions():
-    """kiln.train.memory's estimate_memory and activation_bytes, memoised (layouts repeat
-    the same stage, micro-batch and data-parallel size many times)."""
-    from kiln.train import memory
+@lru_cache(maxsize=4096)
+def _layout_estimates(
+    shape: Any, lay: Layout, seq_len: int, precision: str = "bf16", device: str = "cuda"
+) -> tuple:
+    """kiln.train.memory.estimate_layout_memory of the layout, one per pipeline rank (the same
+    function `kiln estimate-memory` prints), memoised: layouts repeat."""
+    from kiln.config import ParallelConfig
+    from kiln.train.memory import estimate_layout_memory
 
-    return lru_cache(maxsize=4096)(memory.estimate_memory), lru_cache(maxsize=4096)(
-        memory.activation_bytes
-    )
+    cfg = ParallelConfig(tensor=lay.tp, pipeline=lay.pp, data_replicate=lay.dp_replicate,
+                         data=lay.data, pipeline_schedule=lay.schedule,
+                         microbatches=lay.microbatches if lay.pp > 1 else None,
+                         stages_per_rank=lay.stages_per_rank if lay.pp > 1 else None,
+                         activation_checkpointing=lay.activation_checkpointing)  # fmt: skip
+    world = lay.tp * lay.pp * lay.dp
+    return tuple(estimate_layout_memory(shape, seq_len, lay.micro_batch * lay.microbatches,
+                                        precision, world, cfg, lay.micro_batch,
+                                        device))  # fmt: skip
 
 
 def layout_memory(
     shape: Any, lay: Layout, seq_len: int, precision: str = "bf16", device: str = "cuda"
 ) -> dict[str, float]:
-    """Bytes per device by component, and 'peak' (see the module docstring)."""
-    estimate_memory, activation_bytes = _memory_functions()
-    st = stage_shape(shape, lay.pp)
-    world, data = (lay.dp_shard, "fsdp") if lay.data == "fsdp" else (lay.dp, "ddp")
-    e = estimate_memory(st, lay.micro_batch, seq_len, precision, world, data,
-                        lay.activation_checkpointing, device)  # fmt: skip
-    act = activation_bytes(st, lay.micro_batch, seq_len, precision, lay.activation_checkpointing,
-                           device) / lay.tp  # fmt: skip
-    act *= in_flight(lay.schedule, lay.pp, lay.microbatches, lay.stages_per_rank)
-    parts = {k: getattr(e, k) / lay.tp for k in ("params", "grads", "grad_buckets",
-                                                 "optimizer", "optimizer_temps")}  # fmt: skip
+    """Bytes per device by component on the pipeline rank with the highest peak, and 'peak'
+    (see the module docstring)."""
+    worst = max(_layout_estimates(shape, lay, seq_len, precision, device), key=lambda e: e.peak)
+    keys = ("params", "grads", "grad_buckets", "optimizer", "optimizer_temps", "activations")
+    parts = {k: float(getattr(worst, k)) for k in keys}
     parts["host"] = 0.0
     if lay.offload:  # the shards live on the host; the device holds one gathered block
         block = 4 * opsmod.block_params(shape) / lay.tp  # and its unsharded gradient
         parts["host"] = sum(parts[k] for k in ("params", "grads", "optimizer", "optimizer_temps"))
         parts["host"] -= 2 * block
         parts |= {"params": block, "grads": block, "optimizer": 0.0, "optimizer_temps": 0.0}
-    parts["activations"] = act
-    resident = parts["params"] + parts["grad_buckets"] + parts["optimizer"] + parts["grads"]
-    parts["peak"] = resident + max(act, parts["optimizer_temps"])
+        resident = parts["params"] + parts["grad_buckets"] + parts["optimizer"] + parts["grads"]
+        parts["peak"] = resident + max(parts["activations"], parts["optimizer_temps"])
+    else:
+        parts["peak"] = float(worst.peak)
     return parts
 
 

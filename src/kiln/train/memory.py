@@ -1,5 +1,7 @@
 """Per-rank training memory from the shape alone: parameters, gradients, optimizer state,
-activations — for DDP or FSDP2, with or without activation checkpointing.
+activations — for DDP or FSDP2, with or without activation checkpointing, and for any layout
+(TP/SP, PP stages and schedules, FSDP2/HSDP, DDP) in :func:`estimate_layout_memory`, which
+`kiln estimate-memory` and the cluster planner (kiln.planning.layout) both call.
 
 A pure function of (model shape, micro-batch, sequence length, precision, world size, data
 parallel mode, activation checkpointing); nothing is allocated. Bytes, with N the parameter
@@ -46,6 +48,7 @@ Process overhead (the CUDA context or the CPython/torch runtime) is not included
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -68,6 +71,12 @@ class MemoryEstimate:
     world_size: int
     data: str
     activation_checkpointing: bool
+    build: int = 0
+    """Transient while the model is built: every rank builds the whole model (see below)."""
+    in_flight: float = 1.0
+    """Micro-batches of this rank's activations held at its peak (pipeline schedules)."""
+    layout: str = ""
+    """What the column is: e.g. 'fsdp×4', 'tp2 pp2 1F1B m4 fsdp×1 · pp rank 0'."""
 
     @property
     def peak(self) -> int:
@@ -75,8 +84,13 @@ class MemoryEstimate:
         resident = self.params + self.grad_buckets + self.optimizer
         return resident + self.grads + max(self.activations, self.optimizer_temps)
 
+    @property
+    def peak_with_build(self) -> int:
+        """The process's high-water mark: the training peak or the build transient."""
+        return max(self.peak, self.build)
+
     def rows(self) -> list[tuple[str, int]]:
-        return [
+        rows = [
             ("parameters (fp32)", self.params),
             ("gradients (fp32)", self.grads),
             ("DDP gradient buckets", self.grad_buckets),
@@ -85,6 +99,10 @@ class MemoryEstimate:
             ("activations", self.activations),
             ("peak", self.peak),
         ]
+        if self.build:
+            rows += [("model build (transient)", self.build),
+                     ("peak incl. build", self.peak_with_build)]  # fmt: skip
+        return rows
 
 
 def _block_params(shape: GPTConfig) -> int:
@@ -108,6 +126,23 @@ def moe_layer_bytes(shape: GPTConfig, size: int) -> int:
     elems = k * (3 * d + up + 1) + shared
     scores = 4 * m.experts + 4 * (m.experts + 1) * bool(m.z_loss_coef)
     return size * elems + scores + 8 * k * (3 + bool(shape.bias)) + (4 - size) * d
+LOSS_PARALLEL_TEMPS = 5
+"""Vocabulary-sharded fp32 logit-sized tensors loss_parallel's cross entropy holds at once
+beyond the two it keeps (the log-softmax's shifted and exponentiated copies, the gradients of
+the log-softmax and of the logits): measured on this CPU, TP2 on 2 gloo ranks, the peak exceeds
+the kept tensors by ~5 of them whatever the depth (tests/distributed/test_memory_estimate.py)."""
+
+
+def head_transient_bytes(shape: GPTConfig, tokens: int, precision: str, tp: int = 1) -> int:
+    """Bytes the loss holds only while it runs, once per rank however many micro-batches are
+    in flight: the fused loss's two chunk buffers (compute dtype and fp32) of chunk_rows(V)
+    tokens, or under TP loss_parallel's temporaries (LOSS_PARALLEL_TEMPS logit-sized fp32
+    tensors of V / tp columns)."""
+    V = shape.vocab_size
+    if tp > 1:
+        return int(LOSS_PARALLEL_TEMPS * tokens * V / tp * 4)
+    size = 2 if precision == "bf16" else 4
+    return min(chunk_rows(V), tokens) * V * (size + 4)
 
 
 def activation_bytes(
@@ -117,29 +152,47 @@ def activation_bytes(
     precision: str,
     checkpointing: bool,
     device: str = "cpu",
+    *,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    embedding: bool = True,
+    head: bool = True,
+    transient: bool = True,
 ) -> int:
-    """Bytes autograd keeps for backward on one rank (see the module docstring)."""
+    """Bytes autograd keeps for backward on one rank (see the module docstring) for one
+    micro-batch through ``shape.n_layers`` blocks, with or without the embedding and the head
+    (a pipeline stage). Under tensor parallelism (``tp`` > 1) q, k, v, the attention output
+    and the MLP's hidden units are split over the ranks; the norms' inputs and outputs are
+    whole, or with sequence parallelism the inputs are split along the sequence while the
+    outputs, all-gathered for the column-wise matmuls that save them, stay whole. The head
+    keeps the vocabulary-sharded fp32 logits and their log-softmax (loss_parallel), plus, with
+    ``transient``, what the loss holds only while it runs (:func:`head_transient_bytes`)."""
     d, f, L, V = shape.d_model, shape.d_ffn, shape.n_layers, shape.vocab_size
     q, kv = shape.n_heads * shape.d_head, shape.n_kv_heads * shape.d_head
     up = 3 * f if shape.activation == "swiglu" else 2 * f
-    per_token_layer = 4 * d + q + 2 * kv + 2 * q + up  # elements
+    norms = 2 * d / tp + 2 * d if sequence_parallel and tp > 1 else 4 * d
+    per_token_layer = norms + (q + 2 * kv + 2 * q + up) / tp  # elements
     size = 2 if precision == "bf16" else 4
     layer_bytes = per_token_layer * size + (2 * d * 4 if precision == "bf16" else 0)
     tokens = micro_batch * seq_len
-    embed = d * 4
-    head = d * 4 + (d + V) * size
-    chunk = min(chunk_rows(V), tokens) * V * (size + 4)
+    stream = d / tp if sequence_parallel and tp > 1 else d  # the residual stream per token
+    per_token = stream * 4 if embedding else 0
+    chunk = head_transient_bytes(shape, tokens, precision, tp) if head and transient else 0
+    if head and tp > 1:  # loss_parallel: gathered input, fp32 logits and log-softmax
+        per_token += stream * 4 + d * size + 2 * V / tp * 4
+    elif head:
+        per_token += d * 4 + (d + V) * size
     probs = 0  # per layer, not per token
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if uses_matmul_attention(device, dtype, seq_len, gqa=shape.n_kv_heads != shape.n_heads):
-        probs = micro_batch * shape.n_heads * seq_len**2 * 2
+        probs = micro_batch * shape.n_heads // tp * seq_len**2 * 2
     n_moe = n_moe_layers(shape)  # their routed experts keep other tensors than the MLP's
     moe_extra = moe_layer_bytes(shape, size) - up * size if n_moe else 0
-    if checkpointing:
-        body = tokens * (L * d * 4 + layer_bytes + max(moe_extra, 0)) + probs
+    if checkpointing and L:
+        body = tokens * (L * stream * 4 + layer_bytes + max(moe_extra, 0)) + probs
     else:
         body = L * (tokens * layer_bytes + probs) + n_moe * tokens * moe_extra
-    return tokens * (embed + head) + body + chunk
+    return int(tokens * per_token + body + chunk)
 
 
 def estimate_memory(
@@ -172,23 +225,188 @@ def estimate_memory(
     )
 
 
+FSDP_CPU_EXTRA = 1
+"""FSDP2 on CPU (gloo, CPU offload): the measured peak exceeds the sharded accounting by about
+one more unsharded copy of the rank's parameters, as parameters and as gradients (fit to
+2-rank runs on this CPU; the mechanism inside FSDP2 is not pinned down)."""
+
+
+@lru_cache(maxsize=256)
+def pipeline_order(schedule: str, pp: int, per_rank: int, microbatches: int) -> dict:
+    """pp rank → its compute actions in order, as ``(kind, stage, micro-batch)`` with kind F
+    (forward), B (full backward), I (input backward) or W (weight backward): the order torch's
+    own schedule class computes (its ``pipeline_order``), so the count of micro-batches in
+    flight is the schedule's, not a formula's. Built with stand-in stages (no process group)."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
+
+    from kiln.distributed.pipeline import stage_ids
+
+    cls = get_schedule_class(schedule)
+    multi = issubclass(cls, PipelineScheduleMulti)
+    ids = stage_ids(schedule, 0, pp, per_rank)
+    stages = [SimpleNamespace(num_stages=pp * per_rank, group_size=pp, group_rank=0,
+                              stage_index=i, is_first=i == 0, is_last=i == pp * per_rank - 1,
+                              submod=torch.nn.Module()) for i in ids]  # fmt: skip
+    order = cls(stages if multi else stages[0], n_microbatches=microbatches).pipeline_order
+    out = {}
+    for rank, actions in order.items():
+        flat = []
+        for a in actions:
+            for sub in (a.sub_actions or (a,)) if a is not None else ():
+                kind = str(sub.computation_type)
+                kind = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I",
+                        "BACKWARD_WEIGHT": "W"}.get(kind.split(".")[-1], kind)  # fmt: skip
+                if kind in ("F", "B", "I", "W"):
+                    flat.append((kind, sub.stage_index, sub.microbatch_index))
+        out[rank] = flat
+    return out
+
+
+def in_flight_peak(actions: list, stage_bytes: dict[int, int]) -> tuple[int, float]:
+    """(bytes, micro-batches) of activations one rank holds at its peak: a stage's forward
+    keeps its micro-batch's activations until its full backward (B) or, for the zero-bubble
+    schedules, its weight backward (W: torch's input backward keeps the graph for it)."""
+    live = dict.fromkeys(stage_bytes, 0)
+    best, count = 0, 0.0
+    for kind, stage, _ in actions:
+        live[stage] += 1 if kind == "F" else -1 if kind in ("B", "W") else 0
+        held = sum(n * stage_bytes[s] for s, n in live.items())
+        if held > best:
+            best, count = held, sum(live.values()) / len(live)
+    return best, count
+
+
+def estimate_layout_memory(
+    shape: GPTConfig,
+    seq_len: int,
+    local_batch: int,
+    precision: str = "fp32",
+    world_size: int = 1,
+    parallel=None,
+    micro_batch: int | None = None,
+    device: str = "cpu",
+) -> list[MemoryEstimate]:
+    """Per-rank memory of training ``shape`` under a layout (a ParallelConfig: tensor,
+    pipeline, data_replicate, data, schedule, micro-batches, activation checkpointing), one
+    estimate per pipeline rank (the tensor and data-parallel ranks of a stage are alike).
+    ``local_batch``: sequences each data-parallel rank gets per step; ``micro_batch``: the
+    trainer's micro-batch without a pipeline (None = the local batch). See the module
+    docstring for the formulas; this function splits them by layout:
+
+    - stage: a rank holds the blocks of its pipeline stage(s) (kiln.distributed.pipeline's
+      split, the embedding and head weighed as layers), N_rank parameters;
+    - tensor parallel divides the stage's parameters, gradients and optimizer state by tp,
+      and its activations as :func:`activation_bytes` says;
+    - FSDP2 divides them again by dp_shard and adds one gathered block plus the root module
+      (embedding, final norm, head: gathered for the whole forward and backward), as
+      parameters and as unsharded gradients; DDP adds its gradient buckets (4·N_rank);
+    - activations: each stage's activations for one micro-batch (local_batch / m sequences)
+      times the micro-batches the schedule keeps in flight (:func:`pipeline_order`): GPipe
+      all m, 1F1B pp − rank, interleaved and zero-bubble what their order says;
+    - build: every rank builds the whole model from the seed (the same initial weights under
+      every layout), 4·N, while it copies out what it keeps (its stages, or its shards).
+    """
+    from kiln.config import ParallelConfig
+    from kiln.distributed.pipeline import stage_ids, stage_layers, stages_per_rank
+    from kiln.planning.ops import StepShape, embedding_ops
+
+    shape = _as_gpt_config(shape)
+    cfg = parallel or ParallelConfig()
+    tp, pp, rep = cfg.tensor, cfg.pipeline, cfg.data_replicate
+    shard = world_size // (tp * pp * rep)
+    dp = rep * shard
+    fsdp = cfg.data == "fsdp" and shard > 1
+    ddp = cfg.data == "ddp" and dp > 1
+    sp = cfg.sequence_parallel and tp > 1 and pp == 1  # kiln turns SP off under PP
+    ac = cfg.activation_checkpointing
+    n, nb = shape.num_params(include_embeddings=True), _block_params(shape)
+    ne = sum(o.params * o.count for o in embedding_ops(shape, StepShape(batch=1, seq_len=1)))
+    nh = n - ne - shape.n_layers * nb  # final norm + untied head
+    v = stages_per_rank(cfg.pipeline_schedule, cfg.stages_per_rank) if pp > 1 else 1
+    stages, m = pp * v, (cfg.microbatches or pp * v) if pp > 1 else 1
+    mb = local_batch // m if pp > 1 else micro_batch or local_batch
+    order = pipeline_order(cfg.pipeline_schedule, pp, v, m) if pp > 1 else {0: []}
+    out = []
+    for rank in range(pp):
+        ids = stage_ids(cfg.pipeline_schedule, rank, pp, v) if pp > 1 else [0]
+        layers = {s: len(stage_layers(shape.n_layers, stages, s)) for s in ids}
+        first, last = 0 in ids, stages - 1 in ids
+        n_rank = sum(layers.values()) * nb + first * ne + last * nh
+        root = first * ne + last * nh
+        local = -(-n_rank // (tp * shard)) if fsdp else -(-n_rank // tp)
+        gathered = 4 * (nb + root) // tp if fsdp else 0
+        acts = {s: activation_bytes(shape.replace(n_layers=k), mb, seq_len, precision, ac,
+                                    device, tp=tp, sequence_parallel=sp, embedding=s == 0,
+                                    head=s == stages - 1, transient=False)
+                for s, k in layers.items()}  # fmt: skip
+        act, held = in_flight_peak(order[rank], acts) if pp > 1 else (acts[0], 1.0)
+        act += head_transient_bytes(shape, mb * seq_len, precision, tp) if last else 0
+        if fsdp and device == "cpu":
+            gathered += FSDP_CPU_EXTRA * 4 * (sum(layers.values()) * nb + root) // tp
+        # every rank builds the whole model; a pipeline stage is a deep copy of it, trimmed
+        kept = 4 * (n + n_rank) if pp > 1 else 4 * local if local < n_rank else 0
+        name = _layout_name(cfg, world_size, shard, m, v)
+        out.append(MemoryEstimate(
+            params=4 * local + gathered, grads=4 * local + gathered,
+            grad_buckets=4 * local if ddp else 0, optimizer=8 * local,
+            optimizer_temps=4 * local if fsdp or tp > 1 else 0, activations=act,
+            world_size=world_size, data=cfg.data if dp > 1 else "1 process",
+            activation_checkpointing=ac, build=4 * n + kept + (4 * local if ddp else 0),
+            in_flight=held, layout=name + (f" · pp rank {rank}" if pp > 1 else ""),
+        ))  # fmt: skip
+    return out
+
+
+def _as_gpt_config(shape) -> GPTConfig:
+    """A GPTConfig with every size resolved (the planner passes kiln.planning.flops.Shape)."""
+    if isinstance(shape, GPTConfig):
+        return shape
+    from kiln.planning.ops import dims
+
+    z = dims(shape)
+    return GPTConfig(n_layers=z["L"], d_model=z["d"], n_heads=z["h"], n_kv_heads=z["kv"] // z["dh"],
+                     d_head=z["dh"], d_ffn=z["f"], vocab_size=z["V"], max_seq_len=z["S"],
+                     position="learned" if z["learned_pos"] else "rope", norm=z["norm"],
+                     activation=z["act"], bias=z["bias"], tie_embeddings=z["tied"])  # fmt: skip
+
+
+def _layout_name(cfg, world: int, shard: int, m: int, v: int) -> str:
+    parts = [f"tp{cfg.tensor}"] if cfg.tensor > 1 else []
+    if cfg.pipeline > 1:
+        parts.append(f"pp{cfg.pipeline} {cfg.pipeline_schedule}{f' v{v}' if v > 1 else ''} m{m}")
+    dp = cfg.data_replicate * shard
+    if dp > 1:
+        hsdp = cfg.data == "fsdp" and cfg.data_replicate > 1 and shard > 1
+        parts.append(f"hsdp{cfg.data_replicate}×{shard}" if hsdp else f"{cfg.data}×{dp}")
+    name = " ".join(parts) or "1 process"
+    return name + (" +AC" if cfg.activation_checkpointing else "")
+
+
 def format_table(estimates: list[MemoryEstimate]) -> str:
     """One column per estimate, one row per component, in MiB."""
     heads = [
-        f"{e.data}×{e.world_size}{' +AC' if e.activation_checkpointing else ''}" for e in estimates
+        e.layout or f"{e.data}×{e.world_size}{' +AC' if e.activation_checkpointing else ''}"
+        for e in estimates
     ]
     width = max(12, *(len(h) + 2 for h in heads))
     lines = ["per-rank memory (MiB)".ljust(28) + "".join(h.rjust(width) for h in heads)]
-    for i, (label, _) in enumerate(estimates[0].rows()):
-        cells = "".join(f"{e.rows()[i][1] / 2**20:,.1f}".rjust(width) for e in estimates)
+    labels = max((e.rows() for e in estimates), key=len)
+    for label, _ in labels:
+        values = [dict(e.rows()).get(label) for e in estimates]
+        cells = "".join(("-" if b is None else f"{b / 2**20:,.1f}").rjust(width) for b in values)
         lines.append(f"  {label}".ljust(28) + cells)
     return "\n".join(lines)
 
 
-def estimate_for_job(job, world_size: int) -> tuple[str, list[MemoryEstimate]]:
-    """(description, estimates) for a JobConfig at ``world_size``: one process, or DDP and
-    FSDP2, each without and with activation checkpointing. The vocabulary is data.vocab_size
-    for a BPE tokenizer trained by Kiln (nothing is tokenised here), else the preset's."""
+def estimate_for_job(
+    job, world_size: int, layout: bool = False
+) -> tuple[str, list[MemoryEstimate]]:
+    """(description, estimates) for a JobConfig at ``world_size``: with ``layout``, the job's
+    ``parallel`` section (one column per pipeline rank); else one process, or DDP and FSDP2,
+    each without and with activation checkpointing. The vocabulary is data.vocab_size for a
+    BPE tokenizer trained by Kiln (nothing is tokenised here), else the preset's."""
     from kiln.models.presets import resolve_model
 
     vocab = job.data.vocab_size if job.data.tokenizer == "bpe" else None
@@ -211,19 +429,62 @@ def estimate_for_job(job, world_size: int) -> tuple[str, list[MemoryEstimate]]:
     from kiln.planning.hardware import resolve_precision
 
     precision, _ = resolve_precision(job.train.precision, device)
+    if layout:
+        estimates = _job_layout(shape, job, precision, world_size, device)
+        cfg = job.parallel
+        if cfg.pipeline > 1:  # the schedule's micro-batch
+            from kiln.distributed.pipeline import stages_per_rank
+
+            m = cfg.microbatches or cfg.pipeline * stages_per_rank(
+                cfg.pipeline_schedule, cfg.stages_per_rank
+            )
+            micro = job.train.batch_size // (world_size // (cfg.tensor * cfg.pipeline)) // m
+        return _describe(shape, job, micro, precision, world_size), estimates
+    from kiln.config import ParallelConfig
+
+    local = job.train.batch_size // world_size
     estimates = [
-        estimate_memory(shape, micro, job.data.seq_len, precision, world_size, m, ac, device)
+        estimate_layout_memory(shape, job.data.seq_len, local, precision, world_size,
+                               ParallelConfig(data="fsdp" if m == "none" else m,
+                                              activation_checkpointing=ac), micro, device)[0]
         for m in modes
         for ac in (False, True)
-    ]
+    ]  # fmt: skip
+    return _describe(shape, job, micro, precision, world_size), estimates
+
+
+def _describe(shape, job, micro: int, precision: str, world_size: int) -> str:
     n = shape.num_params(include_embeddings=True)
     active = shape.num_params(include_embeddings=True, active=True)
     count = f"{n:,}"
     if active != n:  # MoE: state for every expert, activations for the routed tokens
         count += f" (all experts; {active:,} active per token)"
-    text = (
+    return (
         f"model: {count} parameters ({shape.n_layers} layers, d_model {shape.d_model}, vocab "
         f"{shape.vocab_size}); micro-batch {micro} × {job.data.seq_len} tokens, "
         f"{precision}, {world_size} rank(s)"
     )
-    return text, estimates
+
+
+def _job_layout(shape, job, precision: str, world: int, device: str) -> list[MemoryEstimate]:
+    """The job's own layout, refused in one sentence as `kiln train` would refuse it."""
+    from kiln.distributed.parallel_dims import ParallelDims
+    from kiln.distributed.pipeline import check_pipeline, stages_per_rank
+    from kiln.distributed.tensor_parallel import check_tensor_parallel
+    from kiln.errors import ConfigError
+
+    cfg = job.parallel
+    dims = ParallelDims.from_config(cfg, 0, world, 0, torch.device("cpu"))  # checks degrees
+    check_tensor_parallel(shape, dims.tp)
+    check_pipeline(shape, dims.pp, cfg.pipeline_schedule, cfg.microbatches, cfg.stages_per_rank)
+    local = job.train.batch_size // dims.dp_size
+    if dims.pp > 1:
+        m = cfg.microbatches or dims.pp * stages_per_rank(cfg.pipeline_schedule,
+                                                           cfg.stages_per_rank)  # fmt: skip
+        if local % m:
+            raise ConfigError(
+                f"parallel.microbatches {m} does not divide the {local} sequences each "
+                "pipeline gets per step; choose a divisor of it."
+            )
+    return estimate_layout_memory(shape, job.data.seq_len, local, precision, world, cfg,
+                                  job.train.micro_batch_size, device)  # fmt: skip

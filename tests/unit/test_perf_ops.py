@@ -109,6 +109,8 @@ def test_norm_backward_reads_dy_and_x_twice():
     bwd = by_name(o, "mlp_norm.bwd")
     assert bwd.bytes_read == 2 * (M * d * 4 + M * d * 4) + 2 * d * 4  # (dy, x) twice + γ, β
     assert bwd.bytes_written == M * d * 4
+
+
 # -- mixture-of-experts layers -------------------------------------------------------------
 MOE_TINY = TINY.replace(bias=False, moe=MoEConfig(experts=4, top_k=2, d_expert=16))
 

@@ -126,6 +126,8 @@ def moe_layer_bytes(shape: GPTConfig, size: int) -> int:
     elems = k * (3 * d + up + 1) + shared
     scores = 4 * m.experts + 4 * (m.experts + 1) * bool(m.z_loss_coef)
     return size * elems + scores + 8 * k * (3 + bool(shape.bias)) + (4 - size) * d
+
+
 LOSS_PARALLEL_TEMPS = 5
 """Vocabulary-sharded fp32 logit-sized tensors loss_parallel's cross entropy holds at once
 beyond the two it keeps (the log-softmax's shifted and exponentiated copies, the gradients of

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from kiln.cli import main
 from tests.e2e.helpers import tiny_flags
@@ -21,13 +22,18 @@ def _losses(run) -> list[float]:
 
 
 @pytest.mark.timeout(900)  # the C++ builds of a cold Inductor cache, on a loaded machine
-def test_compiled_training_follows_eager(tmp_path, corpus, cache_env, capsys, monkeypatch):
+def test_compiled_training_follows_eager(tmp_path, corpus, cache_env, capsys):
     import torch._inductor.config
-    from torch._dynamo.utils import counters
 
     # g++ in this process, one kernel after another: no pool of compile workers, each of which
-    # would import torch first (the same kernels, built the same way)
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+    # would import torch first (the same kernels, built the same way). config.patch, not
+    # monkeypatch: monkeypatch's undo deletes the option from the config module.
+    with torch._inductor.config.patch(compile_threads=1):
+        _compiled_training_follows_eager(tmp_path, corpus, capsys)
+
+
+def _compiled_training_follows_eager(tmp_path, corpus, capsys):
+    from torch._dynamo.utils import counters
 
     flags = lambda run: [*tiny_flags(run, corpus, steps=STEPS), "--model.n_layers", "1",
                          "--log.every", "1", "--train.eval_every", "0",

@@ -70,7 +70,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2])  # 4 ranks: test_composition, test_reshard_chain
 def test_ddp_and_fsdp_match_one_process(tmp_path, world):
     want_losses, want_params = train("fsdp")  # one process: parallelize() leaves it plain
     out = str(tmp_path / "results.pt")

@@ -23,11 +23,10 @@ from tests.e2e.helpers import tiny_flags
 TIMEOUT_S = 60
 SILENT_TIMEOUT_S = 2
 SILENT_FOR_S = 60  # a group left at torch's default timeout waits this long
-LAYOUTS = {
-    "dp2": [],
-    "tp2": ["--parallel.tensor", "2"],
-    "pp2": ["--parallel.pipeline", "2", "--model.tie_embeddings", "false"],
-}
+# A killed peer resets its connections at once, so every layout ends the same way here (TP2 and
+# PP2 were checked and behave as DP2); a silent rank is the case that needs each mesh group's
+# own timeout: test_silent_rank_times_out_on_tensor_and_pipeline_groups below.
+LAYOUTS = {"dp2": []}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -7,7 +7,8 @@ times the density for sparse (both W1 and W2 sparse; biases and GELU dense).
 Dense baselines (the fastest is the reference for the speed-up): bf16 parameters with
 nn.Linear, fp32 parameters under bf16 autocast, and (``--compile``) torch.compile of the bf16
 one. Sparse: balanced b x b blocks along d_ffn (block-columns of W1 = [3072, 768], block-rows of
-W2 = [768, 3072]), bf16 parameters, block_sparse_mlp (backend "cpp": fused C++ kernels;
+W2 = [768, 3072]), bf16 parameters, block_sparse_mlp (backend "amx": fused C++ kernels on AMX
+tiles; "cpp": the same on AVX512-BF16;
 "cpp-unfused": two block_sparse_linear around F.gelu; "torch": pure torch). Every variant is
 timed once per round, rounds interleaved, median reported, so machine noise hits all of them
 alike; a second pass times each on one thread in CPU time (a proxy that a loaded machine
@@ -33,7 +34,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_name, replace_section  # noqa: E402
-from kiln.sparsity.kernels import BlockLayout, block_sparse_linear, block_sparse_mlp, cpp_extension
+from kiln.sparsity.kernels import (
+    BlockLayout,
+    amx_extension,
+    block_sparse_linear,
+    block_sparse_mlp,
+    cpp_extension,
+)
 from kiln.sparsity.patterns import block_mask
 
 D_MODEL, D_FFN = 768, 3072
@@ -80,7 +87,7 @@ class SparseMLP(DenseMLP):
         self.backend = backend
 
     def forward(self, x):
-        if self.backend == "cpp-unfused":  # two sparse linears around F.gelu
+        if self.backend == "cpp-unfused":  # two sparse linears around F.gelu (AVX512-BF16)
             h = block_sparse_linear(x, self.fc1.weight, self.fc1.bias, self.l1, "cpp")
             return block_sparse_linear(F.gelu(h), self.fc2.weight, self.fc2.bias, self.l2, "cpp")
         fc1, fc2 = self.fc1, self.fc2
@@ -119,8 +126,11 @@ def variants(args, x):
         out.append(
             ("dense bf16 torch.compile", 1.0, make_step(torch.compile(DenseMLP(torch.bfloat16)), x))
         )
-    have_cpp = cpp_extension() is not None
-    backends = [b for b in args.backends if b == "torch" or have_cpp] or ["torch"]
+    have = {"torch": True, "cpp": cpp_extension() is not None, "amx": amx_extension() is not None}
+    have["cpp-unfused"] = have["cpp"]
+    for missing in [b for b in args.backends if not have.get(b, False)]:
+        print(f"skip backend {missing}: not available on this machine")
+    backends = [b for b in args.backends if have.get(b, False)] or ["torch"]
     for density in args.densities:
         for block in args.block_sizes:
             if (D_FFN // block * density) % 1:  # balanced k must be whole: skip, say so
@@ -243,7 +253,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25, 0.125, 0.0625])
     ap.add_argument("--block-sizes", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--backends", nargs="+", default=["cpp"], help="cpp and/or torch")
+    ap.add_argument(
+        "--backends", nargs="+", default=["amx", "cpp"],
+        help="amx (AMX tiles), cpp (AVX512-BF16), cpp-unfused and/or torch; missing ones skipped",
+    )  # fmt: skip
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -278,7 +291,8 @@ def main(argv=None):
             f"rounds; 1-thread CPU time (time.thread_time, blind to time spent descheduled): "
             f"median of {args.cpu_reps} interleaved rounds. Sparse: balanced b x b blocks along "
             "d_ffn (block-columns of W1, block-rows of W2), bf16 params, exact GELU and biases "
-            "dense; 'cpp' is block_sparse_mlp (fused C++ kernels), 'cpp-unfused' two "
+            "dense; 'amx' is block_sparse_mlp on AMX tiles, 'cpp' the same fused C++ kernels on "
+            "AVX512-BF16, 'cpp-unfused' two "
             "block_sparse_linear calls around F.gelu, 'torch' the pure-torch fallback.",
             "",
             table(rows, best, args.threads),

@@ -67,6 +67,7 @@ __all__ = [
     "BlockLayout",
     "BlockSparseLinear",
     "block_sparse_linear",
+    "amx_extension",
     "block_sparse_mlp",
     "choose_kernel",
     "cpp_extension",
@@ -156,8 +157,18 @@ def _cpu_has_avx512_bf16() -> bool:
         return False
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_tile" in flags and "amx_bf16" in flags
+
+
 _EXT: CppKernels | None = None
 _EXT_TRIED = False
+_AMX: CppKernels | None = None
+_AMX_TRIED = False
 
 
 def cpp_extension() -> CppKernels | None:
@@ -179,6 +190,37 @@ def cpp_extension() -> CppKernels | None:
         )
         _EXT = None
     return _EXT
+
+
+def amx_extension() -> CppKernels | None:
+    """The AMX tile build of the kernels, or None: the CPU has no AMX (or no avx512_bf16, which
+    its leftover rows use), ``KILN_SPARSE_AMX=0``, the build failed (a compiler without
+    ``-mamx-tile``), or Linux refused the tile data permission. Each failure is logged once;
+    the AVX512-BF16 kernels (:func:`cpp_extension`) and the torch ones stay available."""
+    global _AMX, _AMX_TRIED
+    if _AMX_TRIED:
+        return _AMX
+    _AMX_TRIED = True
+    if os.environ.get("KILN_SPARSE_AMX", "1") == "0" or os.environ.get("KILN_SPARSE_CPP") == "0":
+        return None
+    if not (_cpu_has_amx() and _cpu_has_avx512_bf16()):
+        return None
+    try:
+        ext = CppKernels(build_library(amx=True), amx=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", b"") or b""
+        log.warning(
+            "kiln AMX block-sparse kernels unavailable (build failed), using AVX512-BF16: %s %s",
+            err,
+            detail.decode(errors="replace")[-500:],
+        )
+        return None
+    refused = ext.amx_init()
+    if refused is not None:
+        log.warning("kiln AMX block-sparse kernels unavailable (%s), using AVX512-BF16", refused)
+        return None
+    _AMX = ext
+    return _AMX
 
 
 def _cpp_forward(ext: CppKernels, x2, weight, bias, lay: BlockLayout):
@@ -287,13 +329,24 @@ def _cpp_available() -> bool:
     return cpp_extension() is not None
 
 
+@torch.compiler.assume_constant_result
+def _amx_available() -> bool:
+    """Whether the AMX tile kernels run here (a constant for torch.compile)."""
+    return amx_extension() is not None
+
+
 def _resolve_backend(backend: str) -> str:
-    """'auto' -> 'cpp' where the C++ kernels run, else 'torch'; 'cpp' must be available."""
-    if backend == "torch" or (backend == "auto" and not _cpp_available()):
+    """'auto' -> 'amx' (AMX tiles) where they run, else 'cpp' (AVX512-BF16) where that runs,
+    else 'torch'; an explicitly named 'amx' or 'cpp' must be available."""
+    if backend == "auto":
+        return "amx" if _amx_available() else "cpp" if _cpp_available() else "torch"
+    if backend == "torch":
         return "torch"
-    if not _cpp_available():
-        raise ConfigError("block-sparse backend 'cpp' is unavailable on this machine.")
-    return "cpp"
+    if backend not in ("cpp", "amx"):
+        raise ConfigError(f"unknown block-sparse backend {backend!r} (auto, amx, cpp or torch).")
+    if not (_amx_available() if backend == "amx" else _cpp_available()):
+        raise ConfigError(f"block-sparse backend {backend!r} is unavailable on this machine.")
+    return backend
 
 
 def _check_shapes(x, weight, layout: BlockLayout) -> None:
@@ -317,23 +370,26 @@ def block_sparse_mlp(x, w1, b1, w2, b2, layout1, layout2, backend: str = "auto")
     """
     _check_shapes(x, w1, layout1)
     _check_shapes(x.new_empty(0, layout1.out_features), w2, layout2)
-    if _resolve_backend(backend) == "torch":
+    backend = _resolve_backend(backend)
+    if backend == "torch":
         h = block_sparse_linear(x, w1, b1, layout1, "torch")
         return block_sparse_linear(F.gelu(h), w2, b2, layout2, "torch")
     x2 = x.reshape(-1, layout1.in_features).to(compute_dtype(x))
-    y = _fused_mlp_call(x2, w1, b1, layout1, w2, b2, layout2)
+    y = _fused_mlp_call(x2, w1, b1, layout1, w2, b2, layout2, backend)
     return y.view(*x.shape[:-1], layout2.out_features)
 
 
-def _fused_mlp_call(x2, w1, b1, lay1: BlockLayout, w2, b2, lay2: BlockLayout):
-    """The fused C++ MLP op on 2-D ``x2`` (a seam for tests that count fused calls)."""
+def _fused_mlp_call(x2, w1, b1, lay1: BlockLayout, w2, b2, lay2: BlockLayout, backend="cpp"):
+    """The fused C++ MLP op on 2-D ``x2`` (a seam for tests that count fused calls); backend
+    'cpp' (AVX512-BF16) or 'amx' (tiles)."""
     args = (x2, w1, b1, lay1.kept, lay1.block_size, lay1.nnzb)
-    return torch.ops.kiln.block_sparse_mlp(*args, w2, b2, lay2.kept, lay2.block_size, lay2.nnzb)[0]
+    lay = (lay2.kept, lay2.block_size, lay2.nnzb)
+    return torch.ops.kiln.block_sparse_mlp(*args, w2, b2, *lay, backend)[0]
 
 
 def block_sparse_linear(x, weight, bias, layout: BlockLayout, backend: str = "auto"):
-    """``x @ W^T + b`` over the kept blocks of a dense-shaped W (backend 'auto', 'cpp' or
-    'torch'): op ``kiln::block_sparse_linear``, grads for x, W (kept blocks; zeros elsewhere
+    """``x @ W^T + b`` over the kept blocks of a dense-shaped W (backend 'auto', 'amx', 'cpp'
+    or 'torch'): op ``kiln::block_sparse_linear``, grads for x, W (kept blocks; zeros elsewhere
     written in the same pass) and b. Computes in the dtype ``F.linear`` would (bf16 under
     autocast) with the torch backend, in bf16 with the C++ one; returns that dtype."""
     _check_shapes(x, weight, layout)
@@ -464,6 +520,8 @@ def _candidates(pat, density: float, dtype: torch.dtype, device: torch.device, s
             mask = _try_block_mask(scores, density, b)
             if mask is None:
                 continue
+            if dtype == torch.bfloat16 and amx_extension() is not None:
+                sparse.append((f"block{b}-amx", _block_kernel(b, "amx"), mask))
             if dtype == torch.bfloat16 and cpp_extension() is not None:
                 sparse.append((f"block{b}-cpp", _block_kernel(b, "cpp"), mask))
             sparse.append((f"block{b}-torch", _block_kernel(b, "torch"), mask))

@@ -15,13 +15,14 @@ Kernels (one per layer, chosen when its mask is built or changes density):
 * ``masked``: :func:`kiln.sparsity.kernels.masked_linear` (dense × mask), any pattern.
 * ``dense`` is also what a sparse layer runs when it is the fastest measured choice: the
   weights outside the mask are exactly zero, and the callback masks the weight gradient.
-* ``block-cpp`` / ``block-torch``: :func:`kiln.sparsity.kernels.block_sparse_linear`, cost ∝
-  kept blocks.
+* ``block-amx`` / ``block-cpp`` / ``block-torch``: :func:`kiln.sparsity.kernels.block_sparse_linear`
+  (AMX tiles, AVX512-BF16, pure torch), cost ∝ kept blocks.
 * ``semi-2:4``: torch's 2:4 semi-structured matmul (CUDA, via choose_kernel).
 
 A GELU MLP whose ``w1`` and ``w2`` are both sparse is swapped (:func:`fuse_mlps`) for a
 :class:`SparseGeluMLP` holding the same two SparseLinear children (names unchanged). While both
-use ``block-cpp`` (so bf16 compute, as the per-linear kernel) and neither runs dense this step,
+use the same C++ block kernel (``block-amx`` or ``block-cpp``: bf16 compute, as the per-linear
+kernel) and neither runs dense this step,
 it calls the fused fc1 → exact GELU → fc2 kernel :func:`kiln.sparsity.kernels.block_sparse_mlp`
 with the layouts the children rebuild on every mask change; otherwise it is ``w2(gelu(w1 x))``
 through the per-linear kernels. Only exact (erf) GELU is fused: the kernel implements no tanh
@@ -43,6 +44,7 @@ from torch import nn
 from kiln.models.gpt import GeluMLP
 from kiln.sparsity.kernels import (
     BlockLayout,
+    amx_extension,
     block_sparse_linear,
     block_sparse_mlp,
     choose_kernel,
@@ -51,7 +53,8 @@ from kiln.sparsity.kernels import (
     masked_linear,
 )
 
-KERNELS = ("dense", "masked", "block-cpp", "block-torch", "semi-2:4")
+KERNELS = ("dense", "masked", "block-amx", "block-cpp", "block-torch", "semi-2:4")
+_CPP_BLOCK = ("block-amx", "block-cpp")  # the C++ block kernels, which the fused MLP has too
 
 
 class SparseLinear(nn.Module):
@@ -86,7 +89,7 @@ class SparseLinear(nn.Module):
     def grad_is_masked(self) -> bool:
         """True when this step's weight gradient comes out exactly zero outside the mask (the
         masked and block kernels), so masking it again would change nothing."""
-        return not self.dense_now and self.kernel in ("masked", "block-cpp", "block-torch")
+        return not self.dense_now and (self.kernel == "masked" or self.kernel.startswith("block"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_now or self.kernel == "dense":
@@ -132,17 +135,19 @@ class SparseGeluMLP(nn.Module):
 
     @property
     def fused(self) -> bool:
-        """True when the next forward runs the fused kernel (both block-cpp, neither dense)."""
-        return all(
-            m.kernel == "block-cpp" and not m.dense_now and m._layout is not None
+        """True when the next forward runs the fused kernel (both the same C++ block kernel,
+        block-amx or block-cpp, neither dense)."""
+        return self.w1.kernel == self.w2.kernel and all(
+            m.kernel in _CPP_BLOCK and not m.dense_now and m._layout is not None
             for m in (self.w1, self.w2)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.w1, self.w2
         if self.fused:
+            backend = w1.kernel.split("-", 1)[1]
             return block_sparse_mlp(
-                x, w1.weight, w1.bias, w2.weight, w2.bias, w1._layout, w2._layout, "cpp"
+                x, w1.weight, w1.bias, w2.weight, w2.bias, w1._layout, w2._layout, backend
             )
         return w2(F.gelu(w1(x)))
 
@@ -188,7 +193,11 @@ def pick_kernel(
     if requested in ("masked", "dense"):
         return requested, None, f"sparsity.kernel is {requested!r}"
     if requested == "block":
-        backend = "block-cpp" if cpp_extension() is not None else "block-torch"
+        backend = "block-torch"
+        if amx_extension() is not None:
+            backend = "block-amx"
+        elif cpp_extension() is not None:
+            backend = "block-cpp"
         return backend, None, "sparsity.kernel is 'block'"
     is_block = pattern == "block" and block_size % 32 == 0
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

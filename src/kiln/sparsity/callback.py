@@ -108,7 +108,7 @@ class SparsityCallback(Callback):
         """A mask changed since weights and moments were last zeroed outside the masks."""
         self._reasons: dict[tuple, str] = {}
         self.mlps: list[SparseGeluMLP] = []
-        """GELU MLPs with both linears sparse (fused while both chose block-cpp)."""
+        """GELU MLPs with both linears sparse (fused while both chose one C++ block kernel)."""
         self._fused_reported: int | None = None
 
     # -- building and applying masks -------------------------------------------------------
@@ -157,7 +157,8 @@ class SparsityCallback(Callback):
         fused = sum(mlp.fused for mlp in self.mlps)
         if self.mlps and fused != self._fused_reported:
             self._fused_reported = fused
-            why = "both linears chose block-cpp" if fused else "their linears chose other kernels"
+            kinds = " or ".join(sorted({mlp.w1.kernel for mlp in self.mlps if mlp.fused}))
+            why = f"both linears chose {kinds}" if fused else "their linears chose other kernels"
             self.log(
                 f"sparsity: {fused} of {len(self.mlps)} GELU MLPs run fc1 → GELU → fc2 fused "
                 f"({why})"

@@ -601,9 +601,11 @@ def _try_block_mask(scores: torch.Tensor, density: float, b: int) -> torch.Tenso
 def prebuild() -> None:
     """Build (or find) the C++ kernels now and say which kernels this machine will use; run by
     ``make`` at install time so the first sparse run does not pay the few-second compile."""
-    ext = cpp_extension()
+    ext, amx = cpp_extension(), amx_extension()
+    if amx is not None:
+        print(f"kiln: block-sparse C++ kernels ready, AMX tiles ({amx.lib._name})")
     if ext is not None:
-        print(f"kiln: block-sparse C++ kernels ready ({ext.lib._name})")
+        print(f"kiln: block-sparse C++ kernels ready, AVX512-BF16 ({ext.lib._name})")
     else:
         print("kiln: no block-sparse C++ kernels on this machine; sparse runs use pure torch")
 

@@ -137,10 +137,13 @@ def _linear_setup(ctx, inputs, output):
     x, weight, bias, kept, block_size, _, backend = inputs
     ctx.save_for_backward(x, weight, output[1], kept)
     ctx.block_size, ctx.backend = block_size, backend
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the saved-W^T output
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _linear_backward(ctx, grad, _grad_saved):
+    if grad is None:  # y unused: no gradient flows
+        return (None,) * 7
     x, weight, saved, kept = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dx, dw, db = block_sparse_linear_backward_op(
@@ -247,11 +250,16 @@ def _mlp_setup(ctx, inputs, output):
     x, w1, b1, kept1, bs1, _, w2, b2, kept2, bs2, _, backend = inputs
     _, dgelu, gp, w1t, w2t = output
     ctx.save_for_backward(x, dgelu, gp, w1t, w2t, kept1, kept2)
+    # Autograd would otherwise fill a zero gradient for each of the four saved outputs nobody
+    # differentiates (gelu'(h) and g are [tokens, d_ffn]): ~8 ms per 111M MLP step measured.
+    ctx.set_materialize_grads(False)
     ctx.sizes, ctx.w_dtypes, ctx.backend = (bs1, bs2), (w1.dtype, w2.dtype), backend
     ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
 
 
 def _mlp_backward(ctx, grad, *_unused):
+    if grad is None:  # y unused (only the saved outputs were): no gradient flows
+        return (None,) * 12
     x, dgelu, gp, w1t, w2t, kept1, kept2 = ctx.saved_tensors
     (bs1, bs2), (dt1, dt2) = ctx.sizes, ctx.w_dtypes
     nx, nw1, nb1, _, _, _, nw2, nb2 = ctx.needs_input_grad[:8]

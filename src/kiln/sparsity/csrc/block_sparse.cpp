@@ -438,15 +438,15 @@ void pack_pairs_rows(const uint16_t* src, int64_t lds, int64_t N, int64_t b, int
 // The weight gradient's A side for tiles: rows [t0, t1) (t0 % 32 == 0) of a row-major [*, N]
 // bf16 matrix whose row t0 is at src, transposed into dst [N, Tk] (Tk = 2 Tp: tokens
 // contiguous; token T of an odd T is zero). colsum += column sums.
-void pack_rows_t(const uint16_t* src, int64_t lds, int64_t N, int64_t t0, int64_t t1,
-                 int64_t T, uint16_t* dst, float* colsum) {
+void pack_rows_t(const uint16_t* src, int64_t lds, int64_t N, int64_t b, int64_t t0,
+                 int64_t t1, int64_t T, uint16_t* dst, float* colsum, const uint8_t* used) {
   const int64_t Tp = (T + 1) / 2;
   uint32_t* d32 = reinterpret_cast<uint32_t*>(dst);
   const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40,
                                       8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
   for (int64_t c = 0; c < N; c += 32)
-    for (int64_t t = t0; t < t1; t += 32) {  // 16 token pairs x 32 columns
+    for (int64_t t = t0; t < t1 && (!used || used[c / b]); t += 32) {  // 16 pairs x 32 columns
       const int64_t np = std::min<int64_t>(16, (t1 - t + 1) / 2);
       __m512i vl[16], vh[16];
       for (int64_t i = 0; i < 16; ++i) {
@@ -482,14 +482,15 @@ void pack_rows_t(const uint16_t* src, int64_t lds, int64_t N, int64_t t0, int64_
 #endif
 
 // The weight gradient's A side (dY, dH): token pairs [N/b, Tp, b, 2] for the AVX512 kernel,
-// transposed [N, Tk] for tiles.
+// transposed [N, Tk] for tiles. used (if not null): per b-block of columns, 0 where the
+// columns are zero and unread (GradJob::live); left unwritten (AMX) or zero-filled (AVX512).
 void pack_a_side(const uint16_t* src, int64_t lds, int64_t N, int64_t b, int64_t t0,
-                 int64_t t1, int64_t T, uint16_t* dst, float* colsum) {
+                 int64_t t1, int64_t T, uint16_t* dst, float* colsum,
+                 const uint8_t* used = nullptr) {
 #ifdef KILN_AMX
-  (void)b;
-  pack_rows_t(src, lds, N, t0, t1, T, dst, colsum);
+  pack_rows_t(src, lds, N, b, t0, t1, T, dst, colsum, used);
 #else
-  pack_pairs_rows(src, lds, N, b, t0, t1, T, dst, colsum);
+  pack_pairs_rows(src, lds, N, b, t0, t1, T, dst, colsum, used);
 #endif
 }
 
@@ -511,6 +512,7 @@ struct GradJob {
   int64_t out_f, in_f, b;
   int fp32_out;
   char* grad;
+  const uint8_t* live;  // per block-row of dW, 0 where dY's block is all zero (null: all live)
   std::vector<int64_t> row_of;
   int64_t nnzb = 0, nchunk = 0, nbr = 0;
 
@@ -544,7 +546,11 @@ struct GradJob {
     const int64_t r = row_of[j], c = col[j];
     const uint16_t* A0 = dyp + r * Tp * b * 2;
     const uint16_t* B0 = xp + c * Tp * b * 2 + n0 * 2;
-    if (Tp == 0) std::fill(tile, tile + b * cw, 0.f);  // no tokens: a zero gradient
+    if (Tp == 0 || (live && !live[r])) {  // no tokens, or dY's block is zero: a zero gradient
+      std::fill(tile, tile + b * cw, 0.f);
+      store(r, c, n0, tile);
+      return;
+    }
 #ifdef KILN_AMX
     // A = dY^T rows (tokens contiguous): full 16-pair steps on tiles, leftover pairs below.
     const int64_t kt = Tp / 16 * 16, Tk = 2 * Tp;
@@ -574,6 +580,11 @@ struct GradJob {
       }
     }
 #endif
+    store(r, c, n0, tile);
+  }
+
+  void store(int64_t r, int64_t c, int64_t n0, const float* tile) const {
+    const int64_t cw = std::min<int64_t>(b, kCW), esz = fp32_out ? 4 : 2;
     for (int64_t m = 0; m < b; ++m) {
       char* dst = grad + ((r * b + m) * in_f + c * b + n0) * esz;
       if (fp32_out)
@@ -689,7 +700,7 @@ void bs_linear_backward(const uint16_t* dy, const uint16_t* x, int64_t T, int64_
   const int64_t ntiles = (T + kMT - 1) / kMT;
   std::vector<float> part(db ? ntiles * out_f : 0, 0.f);
   GradJob job{dyp, xp, (T + 1) / 2, ptr, col, out_f, in_f, b, fp32_out,
-              static_cast<char*>(grad), {}};
+              static_cast<char*>(grad), nullptr, {}};
   const auto [gtotal, bmax] = grad_jobs_init(&job, grad ? 1 : 0);
 #pragma omp parallel num_threads(nthreads)
   {
@@ -781,9 +792,16 @@ void bs_mlp_backward(const uint16_t* dy, const uint16_t* x, const uint16_t* h,
                      int nthreads) {
   const int64_t ntiles = (T + kMT - 1) / kMT, Tp = (T + 1) / 2;
   std::vector<float> p1(db1 ? ntiles * f : 0, 0.f), p2(db2 ? ntiles * d : 0, 0.f);
+  // dH is zero in the hidden columns no kept W2 block reads (as in the forward): fc1 lines
+  // (b1 blocks of them) covering none skip packing, and their dW1 blocks are zeros.
+  const int64_t nnz2 = ptr2[d / b2];
+  std::vector<uint8_t> used2(f / b2, 0), need1(f / b1, 0);
+  for (int64_t j = 0; j < nnz2; ++j) used2[col2[j]] = 1;
+  for (int64_t r = 0; r < f / b1; ++r)
+    for (int64_t c = r * b1 / b2; c <= ((r + 1) * b1 - 1) / b2; ++c) need1[r] |= used2[c];
   GradJob jobs[2] = {
-      {dhp, xp, Tp, ptr1, col1, f, d, b1, f32_1, static_cast<char*>(g1), {}},
-      {dyp, gp, Tp, ptr2, col2, d, f, b2, f32_2, static_cast<char*>(g2), {}}};
+      {dhp, xp, Tp, ptr1, col1, f, d, b1, f32_1, static_cast<char*>(g1), need1.data(), {}},
+      {dyp, gp, Tp, ptr2, col2, d, f, b2, f32_2, static_cast<char*>(g2), nullptr, {}}};
   const int njobs = g1 ? 2 : 0;
   const auto [gtotal, bmax] = grad_jobs_init(jobs, njobs);
 #pragma omp parallel num_threads(nthreads)
@@ -798,7 +816,8 @@ void bs_mlp_backward(const uint16_t* dy, const uint16_t* x, const uint16_t* h,
       for (int64_t line = 0; line < f / b2; ++line)
         line_task(dy + t0 * d, d, w2t, ccol2, crow2t, line, b2, n, tile.data(), 2, nullptr,
                   dh.data(), f, const_cast<uint16_t*>(h + t0 * f));
-      pack_a_side(dh.data(), f, f, b1, t0, t0 + n, T, dhp, db1 ? p1.data() + k * f : nullptr);
+      pack_a_side(dh.data(), f, f, b1, t0, t0 + n, T, dhp, db1 ? p1.data() + k * f : nullptr,
+                  need1.data());
       for (int64_t line = 0; line < d / b1; ++line)
         line_task(dh.data(), f, w1t, ccol1, crow1t, line, b1, n, tile.data(), 0, nullptr,
                   dx + t0 * d, d, nullptr);

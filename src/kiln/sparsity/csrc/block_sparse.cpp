@@ -189,6 +189,15 @@ inline void epilogue(int mode, uint16_t* dst, const float* src, const float* bia
   }
 }
 
+// n (a multiple of 32) bf16 zeros at p: streaming stores where p is 64-byte aligned (the
+// zeros are not read back soon, so they skip the cache and its read-for-ownership).
+inline void zero_bf16(uint16_t* p, int64_t n) {
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0)
+    for (int64_t i = 0; i < n; i += 32) _mm512_stream_si512((__m512i*)(p + i), _mm512_setzero_si512());
+  else
+    std::memset(p, 0, n * 2);
+}
+
 template <typename T>
 inline uint16_t bits(T v) {
   if constexpr (sizeof(T) == 4) return to_bf16(v);
@@ -414,8 +423,7 @@ void pack_pairs_rows(const uint16_t* src, int64_t lds, int64_t N, int64_t b, int
       const int64_t cb = b == 64 ? c >> 6 : b == 128 ? c >> 7 : c / b;  // no idiv for 64, 128
       uint16_t* o = dst + ((cb * Tp + p) * b + (c - cb * b)) * 2;
       if (used && !used[cb]) {  // nobody reads these pairs: zeros keep the output defined
-        _mm512_storeu_si512((void*)o, _mm512_setzero_si512());
-        _mm512_storeu_si512((void*)(o + 32), _mm512_setzero_si512());
+        zero_bf16(o, 64);
         continue;
       }
       _mm512_storeu_si512((void*)o, _mm512_permutex2var_epi16(a, lo, z));
@@ -766,12 +774,13 @@ void bs_mlp_forward(const uint16_t* x, int64_t T, int64_t d, int64_t f, const vo
           line_task(x + t0 * d, d, w1p, ptr1, cols1, line, b1, n, tile.data(), 1, bias1,
                     g.data(), f, h + t0 * f);
         else  // gelu' nobody reads: zeros keep the saved output defined
-          for (int64_t m = 0; m < n; ++m) std::memset(h + (t0 + m) * f + line * b1, 0, b1 * 2);
+          for (int64_t m = 0; m < n; ++m) zero_bf16(h + (t0 + m) * f + line * b1, b1);
       pack_pairs_rows(g.data(), f, f, b2, t0, t0 + n, T, gp, nullptr, used2.data());
       for (int64_t line = 0; line < d / b2; ++line)
         line_task(g.data(), f, w2p, ptr2, cols2, line, b2, n, tile.data(), 0, bias2, y + t0 * d,
                   d, nullptr);
     }
+    _mm_sfence();  // order the streaming stores before the results are handed back
   }
 }
 

@@ -343,9 +343,11 @@ constexpr int64_t kMT = 48;  // tokens per task (8 micro-tiles); 96-192 measured
 // One (line, token tile) of the output-stationary product:
 // out[t, line-block] = epilogue(sum_{j in ptr[line]..} act[t, idx[j]-block] @ packed[j]),
 // act / out / aux point at the tile's first row; rows < kMT.
+// live (if not null): per segment block index, 0 where act's block is all zero (skipped).
 void line_task(const uint16_t* act, int64_t lda, const uint16_t* packed, const int64_t* ptr,
                const int64_t* idx, int64_t line, int64_t b, int64_t rows_n, float* tile,
-               int mode, const float* bias, uint16_t* out, int64_t ldo, uint16_t* aux) {
+               int mode, const float* bias, uint16_t* out, int64_t ldo, uint16_t* aux,
+               const uint8_t* live = nullptr) {
   const int64_t j0 = ptr[line], nseg = ptr[line + 1] - j0;
   const int64_t cw = std::min<int64_t>(b, kCW), nr = cw / 16, bp = b / 2;
   const float* bb = bias ? bias + line * b : nullptr;
@@ -369,6 +371,7 @@ void line_task(const uint16_t* act, int64_t lda, const uint16_t* packed, const i
       const bool two = m + 32 <= m0;
       two ? amx_zero<2>() : amx_zero<1>();
       for (int64_t s = 0; s < nseg; ++s) {
+        if (live && !live[idx[j0 + s]]) continue;
         const uint16_t* a = act + m * lda + idx[j0 + s] * b;
         const uint16_t* bb = packed + (j0 + s) * b * b + boff;
         if (two)
@@ -382,8 +385,9 @@ void line_task(const uint16_t* act, int64_t lda, const uint16_t* packed, const i
 #else
   const int64_t m0 = 0;
 #endif
-  if (nseg == 0) std::fill(tile + m0 * b, tile + rows_n * b, 0.f);
+  bool started = false;  // a live segment has written the leftover rows' accumulators
   for (int64_t s = 0; s < nseg && m0 < rows_n; ++s) {  // segment-outer: B panel stays in L1
+    if (live && !live[idx[j0 + s]]) continue;
     const uint16_t* a0 = act + idx[j0 + s] * b;
     for (int64_t n0 = 0; n0 < b; n0 += cw) {
       const uint16_t* bpan = packed + (j0 + s) * b * b + (n0 / cw) * bp * cw * 2;
@@ -394,10 +398,12 @@ void line_task(const uint16_t* act, int64_t lda, const uint16_t* packed, const i
             for (int64_t c = 0; c < b; c += 32)
               _mm_prefetch((const char*)(a0 + (m + kMR + i) * lda + c), _MM_HINT_T0);
         mkernel((int)nr, rows, bp, a0 + m * lda, lda, 2, bpan, 2 * cw, tile + m * b + n0, b,
-                s > 0);
+                started);
       }
     }
+    started = true;
   }
+  if (!started) std::fill(tile + m0 * b, tile + rows_n * b, 0.f);
   for (int64_t m = 0; m < rows_n; ++m)
     epilogue(mode, out + m * ldo, tile + m * b, bb, aux ? aux + m * ldo : nullptr, (int)b);
 }
@@ -546,7 +552,8 @@ struct GradJob {
           continue;
         }
         for (int64_t o = 0; o < b; ++o)
-          std::memset(grad + ((r * b + o) * in_f + c * b) * esz, 0, b * esz);
+          zero_bf16(reinterpret_cast<uint16_t*>(grad + ((r * b + o) * in_f + c * b) * esz),
+                    b * esz / 2);
       }
       return;
     }
@@ -727,6 +734,7 @@ void bs_linear_backward(const uint16_t* dy, const uint16_t* x, int64_t T, int64_
                     nullptr, dx + t0 * in_f, in_f, nullptr);
     }  // implicit barrier: all token pairs are written
     grad_jobs_for(&job, gtotal, tile.data());
+    _mm_sfence();  // order the streaming zero stores before the results are handed back
   }
   if (db) reduce_partials(part, ntiles, out_f, db);
 }
@@ -829,10 +837,11 @@ void bs_mlp_backward(const uint16_t* dy, const uint16_t* x, const uint16_t* h,
                   need1.data());
       for (int64_t line = 0; line < d / b1; ++line)
         line_task(dh.data(), f, w1t, ccol1, crow1t, line, b1, n, tile.data(), 0, nullptr,
-                  dx + t0 * d, d, nullptr);
+                  dx + t0 * d, d, nullptr, need1.data());
       pack_pairs_rows(x + t0 * d, d, d, b1, t0, t0 + n, T, xp, nullptr);
     }  // implicit barrier: all token pairs are written
     grad_jobs_for(jobs, gtotal, tile.data());
+    _mm_sfence();  // order the streaming zero stores before the results are handed back
   }
   if (db1) reduce_partials(p1, ntiles, f, db1);
   if (db2) reduce_partials(p2, ntiles, d, db2);

@@ -24,6 +24,18 @@ Backends (same layout, same numbers up to bf16 rounding):
   CSC lists: no gathers, no scatter-adds, any block placement. A linear is 2 parallel regions
   (pack W and W^T, then forward; token-tiled backward, then dW). Used when the CPU has avx512_bf16
   and compilation succeeds; otherwise (or with ``KILN_SPARSE_CPP=0``) ``torch``.
+* ``amx``: the same source compiled a second time with ``-DKILN_AMX -mamx-tile -mamx-bf16``
+  (:func:`amx_extension`): every product's full 16-row slices run on AMX tiles (2 x 2 tiles of
+  16 x 16 fp32 accumulators, K in steps of 32 bf16; B tiles read the same VNNI-pair panels with a
+  row stride, the weight gradient's A side is packed transposed so tokens are contiguous), the
+  leftover rows (tokens % 16, token pairs % 16) on the AVX512-BF16 micro-kernel. Loaded only
+  where ``/proc/cpuinfo`` lists amx_tile and amx_bf16, cpuid agrees, and Linux grants the tile
+  data (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, asked once before the first tile
+  instruction); a refusal, a compiler without the AMX flags, or ``KILN_SPARSE_AMX=0`` leaves
+  ``cpp`` (logged once). ``auto`` prefers ``amx``, then ``cpp``, then ``torch``; the chooser times
+  ``blockN-amx`` and ``blockN-cpp`` as separate candidates. On the 111M MLP it runs the kept
+  blocks ~3-4x faster than ``cpp`` (BENCHMARKS.md). The pure-torch gather + ``bmm`` design
+  (``torch``, whose bmm oneDNN runs on AMX too) was measured against it side by side there.
 * ``torch``: pure torch, in the dtype ``F.linear`` would compute in (bf16 under autocast,
   fp32 in an fp32 run — the only block kernel for CPUs without bf16 matmul hardware, whose
   bf16 matmuls are an order of magnitude slower than fp32). The layout is padded to the same
@@ -33,7 +45,9 @@ Backends (same layout, same numbers up to bf16 rounding):
 
 :func:`block_sparse_mlp` (``W2 gelu(W1 x + b1) + b2``, both weights block-sparse) fuses the
 exact GELU into the C++ kernels' epilogues and runs fc1 -> fc2 per token tile with the hidden
-activations in L2: 2 parallel regions per fwd+bwd (op ``kiln::block_sparse_mlp``).
+activations in L2: 2 parallel regions per fwd+bwd (op ``kiln::block_sparse_mlp``). Hidden units
+whose fc2 column keeps no block never reach the output and get exactly zero gradients: their
+fc1 products, GELU, packing, dX contributions and dW1 blocks are skipped (zeros written).
 
 Also here: :func:`masked_linear` (dense times mask, the always-valid fallback),
 :func:`dense_linear` (plain ``F.linear`` on the zero-filled weight, the gradient masked by the

@@ -228,9 +228,12 @@ def estimate_memory(
 
 
 FSDP_CPU_EXTRA = 1
-"""FSDP2 on CPU (gloo, CPU offload): the measured peak exceeds the sharded accounting by about
-one more unsharded copy of the rank's parameters, as parameters and as gradients (fit to
-2-rank runs on this CPU; the mechanism inside FSDP2 is not pinned down)."""
+"""FSDP2 on CPU (gloo, CPU offload) with malloc keeping freed memory (kiln.train.malloc, the
+default): the measured peak exceeds the sharded accounting by about one more unsharded copy of
+the rank's parameters, as parameters and as gradients (fit to 2-rank runs on this CPU). It is
+heap fragmentation: FSDP2 frees and re-allocates every block's gathered parameters and gradients
+each step, and the kept heap does not fit the new blocks into the old holes. With
+``KILN_MALLOC_TUNING=memory`` (``heap_kept=False``) the term goes away."""
 
 
 @lru_cache(maxsize=256)
@@ -289,13 +292,16 @@ def estimate_layout_memory(
     parallel=None,
     micro_batch: int | None = None,
     device: str = "cpu",
+    heap_kept: bool = True,
 ) -> list[MemoryEstimate]:
     """Per-rank memory of training ``shape`` under a layout (a ParallelConfig: tensor,
     pipeline, data_replicate, data, schedule, micro-batches, activation checkpointing), one
     estimate per pipeline rank (the tensor and data-parallel ranks of a stage are alike).
     ``local_batch``: sequences each data-parallel rank gets per step; ``micro_batch``: the
-    trainer's micro-batch without a pipeline (None = the local batch). See the module
-    docstring for the formulas; this function splits them by layout:
+    trainer's micro-batch without a pipeline (None = the local batch); ``heap_kept``: malloc
+    keeps freed memory (kiln.train.malloc's default; False for ``KILN_MALLOC_TUNING=memory``,
+    see :data:`FSDP_CPU_EXTRA`). See the module docstring for the formulas; this function
+    splits them by layout:
 
     - stage: a rank holds the blocks of its pipeline stage(s) (kiln.distributed.pipeline's
       split, the embedding and head weighed as layers), N_rank parameters;
@@ -347,7 +353,7 @@ def estimate_layout_memory(
                 for s, k in layers.items()}  # fmt: skip
         act, held = in_flight_peak(order[rank], acts) if pp > 1 else (acts[0], 1.0)
         act += head_transient_bytes(shape, mb * seq_len, precision, tp) if last else 0
-        if fsdp and device == "cpu":
+        if fsdp and device == "cpu" and heap_kept:
             gathered += FSDP_CPU_EXTRA * 4 * (sum(layers.values()) * nb + root) // tp
         unit = max(nb, shape.vocab_size * shape.d_model)  # the largest unit built whole
         name = _layout_name(cfg, world_size, shard, m, v)

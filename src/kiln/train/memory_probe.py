@@ -95,6 +95,7 @@ def _worker(rank: int, world: int, port: int, out: str, job: dict) -> None:
     _die_with_parent()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(job["threads"])
+    os.environ["KILN_MALLOC_TUNING"] = job["malloc"]
     keep_freed_memory()  # as kiln train does on CPU
     cfg = ParallelConfig(**job["parallel"])
     shape = GPTConfig(**job["shape"])
@@ -149,6 +150,9 @@ class Probe:
     steps: int = 3
     threads: int = 1
     timeout_s: float = 600.0
+    malloc: str = "1"
+    """KILN_MALLOC_TUNING for the ranks (kiln.train.malloc): "1" keeps freed memory (kiln
+    train's default on CPU), "memory" returns large blocks to the kernel at once."""
 
 
 def measure_peaks(probes: list[Probe]) -> list[list[int]]:

@@ -252,29 +252,19 @@ def build_trainer(
     compile_whole: bool,
 ) -> Trainer:
     return Trainer(
-        built.train_model,
+        built,
         optimizer,
         schedule,
         loader,
         vals,
         job.train,
-        device=dims.device,
-        total_steps=plan.steps,
-        micro_batch_size=plan.micro_batch_size,
-        seq_len=job.data.seq_len,
-        global_batch=job.train.batch_size,
-        flops_per_token=plan.flops_per_token,
-        peak_flops=plan.peak_flops,
-        world_size=dims.world_size,
+        plan,
+        dims,
         log_every=job.log.every,
         checkpoint_every=job.checkpoint.every,
         progress=job.log.progress and dims.is_main,
         callbacks=callbacks,
         compile_loss=compile_whole,
-        dims=dims,
-        loss=built.loss,
-        pipeline=built.pipeline,
-        finish_grads=built.finish_grads,
     )
 
 

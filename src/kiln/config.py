@@ -122,6 +122,9 @@ class MoEConfig:
     """Rescale the k chosen scores to sum to 1 (Mixtral, DeepSeek-V3); never with top_k 1."""
     shared_experts: int = 0
     """Always-active shared experts (DeepSeek-MoE), run as one dense MLP of their total width."""
+    shared_gate: bool = False
+    """Scale the shared experts' output per token by sigmoid(x·w), w a learned [1, d] row
+    (Qwen2-MoE's shared_expert_gate); needs shared_experts > 0."""
     d_expert: int | None = None
     """Hidden width of one expert (None = model.d_ffn)."""
     every: int = 1
@@ -161,6 +164,11 @@ class MoEConfig:
         if self.experts and self.top_k > self.experts:
             raise ConfigError(
                 f"moe.top_k is {self.top_k} but must not exceed moe.experts {self.experts}."
+            )
+        if self.shared_gate and not self.shared_experts:
+            raise ConfigError(
+                "moe.shared_gate gates the shared experts but moe.shared_experts is 0; set "
+                "--moe.shared_experts 1 or more, or --moe.shared_gate false."
             )
         if self.experts and self.top_k == 1 and self.normalize_top_k:
             raise ConfigError(

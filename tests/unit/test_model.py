@@ -23,6 +23,9 @@ VARIANTS = {
     "parallel": dict(parallel_block=True),
     "mqa": dict(LLAMA, n_kv_heads=1),
     "wide-heads": dict(d_head=24, activation="gelu_tanh"),
+    "qk-norm-per-head": dict(LLAMA, qk_norm="head", d_head=24),
+    "qk-norm-full-width-qkv-bias": dict(LLAMA, qk_norm="full", qkv_bias=True),
+    "qk-norm-layernorm": dict(qk_norm="head"),
     "mup-hooks": dict(embedding_multiplier=10.0, output_multiplier=0.25, attn_scale=1 / 16),
 }
 

@@ -45,7 +45,10 @@ def reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
             y = y + g * (e.w2[j] @ h + (e.b2[j] if e.b2 is not None else 0))
         out.append(y)
     out = torch.stack(out)
-    return out + moe.shared(x) if moe.shared is not None else out
+    if moe.shared is None:
+        return out
+    gate = torch.sigmoid(x @ moe.shared_gate.weight.t()) if moe.shared_gate is not None else 1
+    return out + gate * moe.shared(x)
 
 
 CASES = {
@@ -53,6 +56,7 @@ CASES = {
     "top1-switch-gelu-bias": dict(top_k=1, activation="gelu"),
     "top2-sigmoid-normalized": dict(router="sigmoid", normalize_top_k=True),
     "shared-expert": dict(shared_experts=1, top_k=1),
+    "gated-shared-experts": dict(shared_experts=2, shared_gate=True),
 }
 
 
@@ -161,7 +165,7 @@ def test_meta_build_then_to_empty_init_is_deterministic_with_the_right_stds():
 def test_shared_expert_is_initialised_after_meta_build():
     """kiln train builds on meta and calls init_weights: the shared MLP must be initialised
     too (it was left as uninitialised memory, and training stopped on a NaN loss)."""
-    cfg = shape(shared_experts=1).replace(d_model=64, d_head=16)
+    cfg = shape(shared_experts=1, shared_gate=True).replace(d_model=64, d_head=16)
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")
@@ -172,6 +176,8 @@ def test_shared_expert_is_initialised_after_meta_build():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     shared = model.blocks["0"].mlp.shared
     assert shared.w1.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.blocks["0"].mlp.shared_gate.weight.std().item() == pytest.approx(0.02, rel=0.3)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
 
 
 def test_layer_placement_every_and_first_dense():

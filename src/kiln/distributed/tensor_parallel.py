@@ -10,6 +10,9 @@ Per block (the parameter names are the plan's keys)::
                                                        sequence (TP + SP)
     attn_norm, mlp_norm (SP only)    SequenceParallel  norms and the residual stream hold T / tp
                                                        tokens per rank
+    attn.q_norm / k_norm             SequenceParallel  qk_norm 'head': each rank normalises its
+                      (sequence_dim=2)                 own heads (dim 2 of [B, T, heads, d_head]);
+                                                       the weight's gradient is summed over ranks
 
 The token embedding is sharded by vocabulary rows (RowwiseParallel; a vocabulary no degree divides,
 e.g. GPT-2's 50257, is split unevenly), and so is an untied head. The head never gathers its
@@ -44,6 +47,11 @@ def check_tensor_parallel(shape, tp: int) -> None:
     """Refuse, before any work, a degree that cannot shard this shape (whole heads per rank)."""
     if tp == 1:
         return
+    if getattr(shape, "qk_norm", "none") == "full":
+        raise ConfigError(
+            f"model.qk_norm 'full' (OLMoE) normalises q and k across all heads, which "
+            f"parallel.tensor {tp} splits over ranks; use parallel.tensor 1 or qk_norm 'head'."
+        )
     for name in ("n_heads", "n_kv_heads", "d_ffn"):
         value = getattr(shape, name)
         if value % tp:
@@ -68,6 +76,9 @@ def block_plan(block: nn.Module, sequence_parallel: bool) -> dict[str, object]:
     }
     if hasattr(block.mlp, "w3"):
         plan["mlp.w3"] = colwise
+    if getattr(block.attn, "q_norm", None) is not None:  # qk_norm 'head' ('full' is refused)
+        heads = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["attn.q_norm"] = plan["attn.k_norm"] = heads
     if sequence_parallel:
         plan["attn_norm"] = SequenceParallel()
         if hasattr(block, "mlp_norm"):

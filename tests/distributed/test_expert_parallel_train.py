@@ -14,8 +14,9 @@ and every parameter within 1e-5.
 - the FSDP2 run stopped after step 5 and resumed from its checkpoint (expert bias and AdamW
   state included) under EP2, and in one process (EP2 → EP1 through DCP): the resumed steps
   equal those of the run never interrupted;
-- 4 processes, EP2 × 2 expert replicas with FSDP2 (dense sharded over 4, experts over 2 and
-  their gradients summed over the replica pairs).
+- 4 processes, EP2 × 2 expert replicas with FSDP2: dense parameters sharded over 4, each
+  layer's experts split over ep 2 and FSDP2-sharded over the 2 replicas (edp), stopped after
+  step 5 and resumed from its checkpoint under the same layout and in one process.
 """
 
 import numpy as np
@@ -81,10 +82,13 @@ def train(rank=0, world=1, data="fsdp", ep=1, micro=None, steps=STEPS, stop=None
         meta = {"model_shape": __import__("dataclasses").asdict(SHAPE), "loader":
                 loader.state_dict(), "trainer": trainer.state.state_dict()}  # fmt: skip
         ckpt.save_checkpoint(save, trainer.state.step, [model], optimizer, meta)
+    w1 = model.blocks["0"].mlp.experts.w1
+    local = w1.to_local() if hasattr(w1, "to_local") else w1
     return {
         "loss": [r["loss"] for r in records],
         "norm": [r["grad_norm"] for r in records],
         "params": full_params(model),
+        "experts": {"local": tuple(local.shape), "global": tuple(w1.shape)},
     }
 
 
@@ -130,12 +134,24 @@ def test_ep2_with_ddp_and_fsdp_matches_one_process_and_resumes_in_one(tmp_path):
                   want, "EP2 checkpoint resumed in one process")  # fmt: skip
 
 
-def _four(rank, world):
-    return train(rank, world, "fsdp", ep=2)
+def _four(rank, world, root):
+    first = train(rank, world, "fsdp", ep=2, stop=STEPS // 2, save=root / "ckpt")
+    layer = first["experts"]
+    return _joined(first, train(rank, world, "fsdp", ep=2, load=root / "ckpt")) | layer
 
 
 @pytest.mark.timeout(600)
 def test_ep2_times_two_replicas_with_fsdp_matches_one_process(tmp_path):
-    """4 processes: dense parameters FSDP2-sharded over 4, experts split over ep 2 and whole on
-    each pair of replicas (their gradients summed over the pair)."""
-    _assert_match(spawn(_four, 4, str(tmp_path / "out.pt")), train(micro=BATCH // 4), "EP2x2")
+    """4 processes: dense parameters FSDP2-sharded over 4, experts split over ep 2 and
+    FSDP2-sharded over each pair of replicas (edp); its step-5 checkpoint resumes under the
+    same layout and in one process."""
+    import functools
+
+    want = train(micro=BATCH // 4)
+    got = spawn(functools.partial(_four, root=tmp_path), 4, str(tmp_path / "out.pt"))
+    assert got["local"][0] * 4 == got["global"][0]  # 1 of 4 experts per rank: ep 2 × edp 2
+    _assert_match(got, want, "EP2 x 2 replicas, experts sharded over them, resumed")
+    half = STEPS // 2
+    one = train(micro=BATCH // 4, load=tmp_path / "ckpt")
+    _assert_match(_joined({"loss": want["loss"][:half], "norm": want["norm"][:half]}, one),
+                  want, "EP2 x 2 checkpoint resumed in one process")  # fmt: skip

@@ -255,3 +255,10 @@ def test_attention_uses_sdpa_outside_the_cpu_bf16_causal_case(monkeypatch):
     monkeypatch.setattr(gpt, "MATMUL_ATTENTION_MAX_LEN", 1024)
     gpt.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), None, True, None, False)
     assert len(calls) == 4  # the matmul path
+
+
+def test_unknown_qk_norm_is_one_sentence():
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.qk_norm"):
+        small(qk_norm="rms").validate()

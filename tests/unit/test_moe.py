@@ -194,6 +194,7 @@ def test_layer_placement_every_and_first_dense():
         (dict(experts=4, capacity_factor=0.0), "capacity_factor is 0.0"),
         (dict(experts=4, router="topk"), "moe.router is 'topk'"),
         (dict(experts=4, top_k=1, normalize_top_k=True), "normalize_top_k"),
+        (dict(experts=4, shared_gate=True), "shared_gate gates the shared experts but"),
     ],
 )
 def test_bad_moe_config_is_one_sentence(fields, words):

@@ -51,26 +51,27 @@ def _tokens() -> np.ndarray:
 
 
 def train(rank=0, world=1, data="fsdp", ep=1, micro=None, steps=STEPS, stop=None,
-          save=None, load=None) -> dict:  # fmt: skip
+          save=None, load=None, tp=1) -> dict:  # fmt: skip
     """Losses, gradient norms and full parameters after ``steps`` (or ``stop``) steps; ``save``
     / ``load``: a checkpoint directory written at the end / read before training."""
     from kiln.train import checkpoint as ckpt
 
-    dims = ParallelDims(rank, world, rank, torch.device("cpu"), ep=ep)
+    dims = ParallelDims(rank, world, rank, torch.device("cpu"), tp=tp, ep=ep)
     _ = dims.mesh
     model = build_model(SHAPE, dims.device, seed=0)
-    built = parallelize_model(model, dims, ParallelConfig(data=data, expert=ep), False,
-                              log=lambda _: None)  # fmt: skip
+    layout = ParallelConfig(data=data, expert=ep, tensor=tp, sequence_parallel=False)
+    built = parallelize_model(model, dims, layout, False, log=lambda _: None)
     optimizer = build_optimizer(model, TRAIN)
     records: list[dict] = []
-    loader = TokenLoader(_tokens(), SEQ, BATCH, seed=0, dp_rank=dims.dp_rank, dp_size=world)
+    loader = TokenLoader(_tokens(), SEQ, BATCH, seed=0, dp_rank=dims.dp_rank, dp_size=dims.dp_size)
     trainer = Trainer(
         built.train_model, optimizer, LRSchedule(LR, 0, steps, 1.0, "linear"), loader,
         val_batches(_tokens(), SEQ, BATCH, 1), TRAIN, device=dims.device,
-        total_steps=stop or steps, micro_batch_size=micro or BATCH // world, seq_len=SEQ,
+        total_steps=stop or steps, micro_batch_size=micro or BATCH // dims.dp_size, seq_len=SEQ,
         global_batch=BATCH, flops_per_token=1.0, peak_flops=1.0, world_size=world, log_every=1,
         hooks=Hooks(log=lambda _: None, write_metrics=records.append),
-        callbacks=[MoEBalance(model)], dims=dims, finish_grads=built.finish_grads,
+        callbacks=[MoEBalance(model, copies=tp)], dims=dims, finish_grads=built.finish_grads,
+        loss=built.loss,
     )  # fmt: skip
     if load is not None:
         ckpt.load_checkpoint(ckpt.latest_checkpoint(load), [model], optimizer)
@@ -87,6 +88,7 @@ def train(rank=0, world=1, data="fsdp", ep=1, micro=None, steps=STEPS, stop=None
     return {
         "loss": [r["loss"] for r in records],
         "norm": [r["grad_norm"] for r in records],
+        "load": [r["moe_load_max.0"] for r in records],
         "params": full_params(model),
         "experts": {"local": tuple(local.shape), "global": tuple(w1.shape)},
     }
@@ -95,6 +97,8 @@ def train(rank=0, world=1, data="fsdp", ep=1, micro=None, steps=STEPS, stop=None
 def _assert_match(got: dict, want: dict, label: str) -> None:
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5, atol=0, err_msg=label)
     np.testing.assert_allclose(got["norm"], want["norm"], rtol=1e-5, atol=0, err_msg=label)
+    if "load" in got:  # tokens routed per expert per step, as one process counts them
+        np.testing.assert_allclose(got["load"], want["load"], rtol=1e-5, err_msg=label)
     assert got["params"].keys() == want["params"].keys(), label
     for name, value in want["params"].items():
         diff = (got["params"][name] - value).abs().max().item()
@@ -155,3 +159,16 @@ def test_ep2_times_two_replicas_with_fsdp_matches_one_process(tmp_path):
     one = train(micro=BATCH // 4, load=tmp_path / "ckpt")
     _assert_match(_joined({"loss": want["loss"][:half], "norm": want["norm"][:half]}, one),
                   want, "EP2 x 2 checkpoint resumed in one process")  # fmt: skip
+
+
+def _tp_ep(rank, world):
+    return train(rank, world, "fsdp", ep=2, tp=2)
+
+
+@pytest.mark.timeout(600)
+def test_tensor_parallel_dense_parts_with_expert_parallel_experts_match_one_process(tmp_path):
+    """4 processes, TP2 × EP2: attention tensor-parallel over 2 ranks, each MoE layer whole on
+    both (sequence parallelism off) with its experts split over the 2 data-parallel ranks of
+    the same tensor coordinate, dense parameters FSDP2-sharded over those 2."""
+    got = spawn(_tp_ep, 4, str(tmp_path / "out.pt"))
+    _assert_match(got, train(micro=BATCH // 2), "TP2 x EP2")

@@ -303,3 +303,23 @@ def test_activation_checkpointing_records_each_micro_batch_once():
     (y.square().sum() + aux).backward()  # backward recomputes the forward
     assert moe.aux_loss is None and int(moe.step_load.sum()) == 12 * 2
     assert moe.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("layout", "words"),
+    [
+        (dict(tensor=2), "add --parallel.sequence_parallel false"),
+        (dict(pipeline=2), "MoE models with parallel.pipeline > 1"),
+    ],
+)
+def test_moe_layouts_that_do_not_compose_are_one_sentence(layout, words):
+    """MoE under TP runs whole on each tensor rank: it needs the whole sequence (no SP)."""
+    from kiln.distributed.parallel_dims import ParallelDims
+    from kiln.distributed.parallelize import check_layout
+
+    cfg = ParallelConfig(**layout)
+    dims = ParallelDims(0, 2, 0, torch.device("cpu"), tp=cfg.tensor, pp=cfg.pipeline)
+    with pytest.raises(ConfigError, match=words):
+        check_layout(shape(), cfg, dims, 8, sparse=False)
+    check_layout(shape(), ParallelConfig(tensor=2, sequence_parallel=False),
+                 ParallelDims(0, 2, 0, torch.device("cpu"), tp=2), 8, sparse=False)  # fmt: skip

@@ -181,10 +181,15 @@ def check_layout(shape, cfg: ParallelConfig, dims: ParallelDims, local_batch: in
             "sparsity with parallel.tensor or parallel.pipeline > 1 is not supported yet; "
             "train sparse models with data parallelism only."
         )
-    if getattr(shape, "moe", None) is not None and (dims.tp > 1 or dims.pp > 1):
+    if getattr(shape, "moe", None) is not None and dims.pp > 1:
         raise ConfigError(
-            "MoE models with parallel.tensor or parallel.pipeline > 1 are not supported yet; "
-            "train them with data parallelism only."
+            "MoE models with parallel.pipeline > 1 are not supported yet; train them with "
+            "data, expert or tensor parallelism."
+        )
+    if getattr(shape, "moe", None) is not None and dims.tp > 1 and cfg.sequence_parallel:
+        raise ConfigError(
+            "MoE layers under parallel.tensor run whole on each tensor-parallel rank and need "
+            "the whole sequence there; add --parallel.sequence_parallel false."
         )
     if dims.pp > 1:
         n_micro = cfg.microbatches or dims.pp * stages_per_rank(

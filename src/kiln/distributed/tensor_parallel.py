@@ -14,6 +14,12 @@ Per block (the parameter names are the plan's keys)::
                       (sequence_dim=2)                 own heads (dim 2 of [B, T, heads, d_head]);
                                                        the weight's gradient is summed over ranks
 
+An MoE layer (kiln.models.moe) is not split: without sequence parallelism its input is whole on
+every rank of the group, so each runs the same routing and experts on the same tokens (the
+experts split over the ``ep`` ranks instead, each tensor-parallel rank exchanging tokens with
+the ``ep`` ranks of its own tensor coordinate) and gets the same gradients. MoE under sequence
+parallelism is refused (kiln.distributed.parallelize.check_layout).
+
 The token embedding is sharded by vocabulary rows (RowwiseParallel; a vocabulary no degree divides,
 e.g. GPT-2's 50257, is split unevenly), and so is an untied head. The head never gathers its
 logits: :class:`LossParallelHead` multiplies the (gathered) hidden states by the vocabulary-sharded
@@ -71,9 +77,10 @@ def block_plan(block: nn.Module, sequence_parallel: bool) -> dict[str, object]:
         "attn.wk": colwise,
         "attn.wv": colwise,
         "attn.wo": RowwiseParallel(output_layouts=seq),
-        "mlp.w1": colwise,
-        "mlp.w2": RowwiseParallel(output_layouts=seq),
     }
+    if hasattr(block.mlp, "w1"):  # dense; an MoE layer runs whole on every rank (see below)
+        plan["mlp.w1"] = colwise
+        plan["mlp.w2"] = RowwiseParallel(output_layouts=seq)
     if hasattr(block.mlp, "w3"):
         plan["mlp.w3"] = colwise
     if getattr(block.attn, "q_norm", None) is not None:  # qk_norm 'head' ('full' is refused)

@@ -16,7 +16,8 @@ and every parameter within 1e-5.
   equal those of the run never interrupted;
 - 4 processes, EP2 × 2 expert replicas with FSDP2: dense parameters sharded over 4, each
   layer's experts split over ep 2 and FSDP2-sharded over the 2 replicas (edp), stopped after
-  step 5 and resumed from its checkpoint under the same layout and in one process.
+  step 5 and resumed from its checkpoint under the same layout and in one process;
+- 4 processes, TP2 × EP2 (MoE layers whole on each tensor rank, experts split over ep).
 """
 
 import numpy as np
@@ -141,34 +142,29 @@ def test_ep2_with_ddp_and_fsdp_matches_one_process_and_resumes_in_one(tmp_path):
 def _four(rank, world, root):
     first = train(rank, world, "fsdp", ep=2, stop=STEPS // 2, save=root / "ckpt")
     layer = first["experts"]
-    return _joined(first, train(rank, world, "fsdp", ep=2, load=root / "ckpt")) | layer
+    resumed = _joined(first, train(rank, world, "fsdp", ep=2, load=root / "ckpt")) | layer
+    return {"ep2x2": resumed, "tp2xep2": train(rank, world, "fsdp", ep=2, tp=2)}
 
 
 @pytest.mark.timeout(600)
-def test_ep2_times_two_replicas_with_fsdp_matches_one_process(tmp_path):
-    """4 processes: dense parameters FSDP2-sharded over 4, experts split over ep 2 and
-    FSDP2-sharded over each pair of replicas (edp); its step-5 checkpoint resumes under the
-    same layout and in one process."""
+def test_four_processes_ep2_with_sharded_expert_replicas_and_with_tensor_parallel(tmp_path):
+    """4 processes, two layouts, each equal to one process:
+
+    - EP2 × 2 replicas: dense parameters FSDP2-sharded over 4, experts split over ep 2 and
+      FSDP2-sharded over each pair of replicas (edp); its step-5 checkpoint resumes under the
+      same layout and in one process;
+    - TP2 × EP2: attention tensor-parallel over 2 ranks, each MoE layer whole on both (sequence
+      parallelism off) with its experts split over the 2 data-parallel ranks of the same tensor
+      coordinate, dense parameters FSDP2-sharded over those 2."""
     import functools
 
     want = train(micro=BATCH // 4)
-    got = spawn(functools.partial(_four, root=tmp_path), 4, str(tmp_path / "out.pt"))
+    both = spawn(functools.partial(_four, root=tmp_path), 4, str(tmp_path / "out.pt"))
+    got = both["ep2x2"]
     assert got["local"][0] * 4 == got["global"][0]  # 1 of 4 experts per rank: ep 2 × edp 2
     _assert_match(got, want, "EP2 x 2 replicas, experts sharded over them, resumed")
     half = STEPS // 2
     one = train(micro=BATCH // 4, load=tmp_path / "ckpt")
     _assert_match(_joined({"loss": want["loss"][:half], "norm": want["norm"][:half]}, one),
                   want, "EP2 x 2 checkpoint resumed in one process")  # fmt: skip
-
-
-def _tp_ep(rank, world):
-    return train(rank, world, "fsdp", ep=2, tp=2)
-
-
-@pytest.mark.timeout(600)
-def test_tensor_parallel_dense_parts_with_expert_parallel_experts_match_one_process(tmp_path):
-    """4 processes, TP2 × EP2: attention tensor-parallel over 2 ranks, each MoE layer whole on
-    both (sequence parallelism off) with its experts split over the 2 data-parallel ranks of
-    the same tensor coordinate, dense parameters FSDP2-sharded over those 2."""
-    got = spawn(_tp_ep, 4, str(tmp_path / "out.pt"))
-    _assert_match(got, train(micro=BATCH // 2), "TP2 x EP2")
+    _assert_match(both["tp2xep2"], train(micro=BATCH // 2), "TP2 x EP2")

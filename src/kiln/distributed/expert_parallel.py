@@ -117,7 +117,10 @@ class ShardedExperts(GroupedExperts):
         order = torch.argsort(local_expert, stable=True)
         y = super().forward(rows[order], recv.view(P, n).sum(0))
         back = torch.empty_like(y).index_copy(0, order, y)
-        return _exchange(back, send_splits, recv_splits, self.group)
+        # the autograd all-to-all returns a view of its output buffer; FSDP2 (experts sharded
+        # over edp) warns on a module returning a view, since an in-place op on it would skip
+        # its backward hook: a copy of the rows (cheap next to the expert GEMMs) rules that out
+        return _exchange(back, send_splits, recv_splits, self.group).clone()
 
 
 def apply_expert_parallel(model: nn.Module, group, log=print) -> int:

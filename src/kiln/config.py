@@ -65,6 +65,11 @@ class ModelConfig:
     """PaLM/GPT-J style: attention and MLP read the same normalised input and are summed."""
     rope_theta: float | None = None
     """RoPE base frequency."""
+    qkv_bias: bool | None = None
+    """Biases on the q, k and v projections even when ``bias`` is off (Qwen2)."""
+    qk_norm: str | None = None
+    """Normalise queries and keys after their projections: 'none', 'head' (each head, Qwen3)
+    or 'full' (the whole projected q and k widths, OLMoE)."""
     parametrization: str = "sp"
     """'sp' (standard, GPT-2 init) or 'mup' (maximal update parametrization, Cerebras-GPT rules)."""
     mup_base_width: int = 256
@@ -89,6 +94,8 @@ class ModelConfig:
             check_choice("model", "norm", self.norm, ["layernorm", "rmsnorm"])
         if self.activation is not None:
             check_choice("model", "activation", self.activation, ["gelu", "gelu_tanh", "swiglu"])
+        if self.qk_norm is not None:
+            check_choice("model", "qk_norm", self.qk_norm, ["none", "head", "full"])
         check_choice("model", "parametrization", self.parametrization, ["sp", "mup"])
 
     def overrides(self) -> dict[str, Any]:

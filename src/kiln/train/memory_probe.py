@@ -66,6 +66,7 @@ def _steps(shape: GPTConfig, cfg: ParallelConfig, dims, batch: int, seq_len: int
         device=dims.device, total_steps=steps, micro_batch_size=micro_batch or local,
         seq_len=seq_len, global_batch=batch, flops_per_token=1.0, peak_flops=1.0,
         world_size=dims.world_size, dims=dims, loss=built.loss, pipeline=built.pipeline,
+        finish_grads=built.finish_grads,
     )  # fmt: skip
     for _ in range(steps):
         trainer.train_step()

@@ -65,6 +65,11 @@ class ModelConfig:
     """PaLM/GPT-J style: attention and MLP read the same normalised input and are summed."""
     rope_theta: float | None = None
     """RoPE base frequency."""
+    qkv_bias: bool | None = None
+    """Biases on the q, k and v projections even when ``bias`` is off (Qwen2)."""
+    qk_norm: str | None = None
+    """Normalise queries and keys after their projections: 'none', 'head' (each head, Qwen3)
+    or 'full' (the whole projected q and k widths, OLMoE)."""
     parametrization: str = "sp"
     """'sp' (standard, GPT-2 init) or 'mup' (maximal update parametrization, Cerebras-GPT rules)."""
     mup_base_width: int = 256
@@ -89,6 +94,8 @@ class ModelConfig:
             check_choice("model", "norm", self.norm, ["layernorm", "rmsnorm"])
         if self.activation is not None:
             check_choice("model", "activation", self.activation, ["gelu", "gelu_tanh", "swiglu"])
+        if self.qk_norm is not None:
+            check_choice("model", "qk_norm", self.qk_norm, ["none", "head", "full"])
         check_choice("model", "parametrization", self.parametrization, ["sp", "mup"])
 
     def overrides(self) -> dict[str, Any]:
@@ -122,6 +129,9 @@ class MoEConfig:
     """Rescale the k chosen scores to sum to 1 (Mixtral, DeepSeek-V3); never with top_k 1."""
     shared_experts: int = 0
     """Always-active shared experts (DeepSeek-MoE), run as one dense MLP of their total width."""
+    shared_gate: bool = False
+    """Scale the shared experts' output per token by sigmoid(x·w), w a learned [1, d] row
+    (Qwen2-MoE's shared_expert_gate); needs shared_experts > 0."""
     d_expert: int | None = None
     """Hidden width of one expert (None = model.d_ffn)."""
     every: int = 1
@@ -161,6 +171,11 @@ class MoEConfig:
         if self.experts and self.top_k > self.experts:
             raise ConfigError(
                 f"moe.top_k is {self.top_k} but must not exceed moe.experts {self.experts}."
+            )
+        if self.shared_gate and not self.shared_experts:
+            raise ConfigError(
+                "moe.shared_gate gates the shared experts but moe.shared_experts is 0; set "
+                "--moe.shared_experts 1 or more, or --moe.shared_gate false."
             )
         if self.experts and self.top_k == 1 and self.normalize_top_k:
             raise ConfigError(

@@ -26,13 +26,13 @@ def test_ddp_under_torchrun_matches_one_process(tmp_path, corpus, kiln_env, cach
                          "--checkpoint.every", "0", "--log.tensorboard", "false"]  # fmt: skip
     one, ddp = tmp_path / "one", tmp_path / "ddp"
     assert main(["train", *flags(one)]) == 0
-    assert "1 rank(s) × micro-batch 8" in capsys.readouterr().out
+    assert "1 data-parallel rank(s) × micro-batch 8" in capsys.readouterr().out
     env = dict(kiln_env, OMP_NUM_THREADS="1")
     args = ["train", *flags(ddp), "--parallel.data", "ddp", "--parallel.timeout_s", "120"]
     result = _torchrun(2, args, env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DDP over 2 data-parallel ranks" in result.stdout
-    assert "2 rank(s) × micro-batch 4" in result.stdout
+    assert "2 data-parallel rank(s) × micro-batch 4" in result.stdout
     assert read_meta(ddp / f"checkpoints/step-{STEPS:07d}")["world_size"] == 2
     want, got = _losses(one), _losses(ddp)
     assert len(got) == STEPS and got[-1] < got[0] - 0.5, got

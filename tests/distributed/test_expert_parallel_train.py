@@ -14,8 +14,10 @@ and every parameter within 1e-5.
 - the FSDP2 run stopped after step 5 and resumed from its checkpoint (expert bias and AdamW
   state included) under EP2, and in one process (EP2 → EP1 through DCP): the resumed steps
   equal those of the run never interrupted;
-- 4 processes, EP2 × 2 expert replicas with FSDP2 (dense sharded over 4, experts over 2 and
-  their gradients summed over the replica pairs).
+- 4 processes, EP2 × 2 expert replicas with FSDP2: dense parameters sharded over 4, each
+  layer's experts split over ep 2 and FSDP2-sharded over the 2 replicas (edp), stopped after
+  step 5 and resumed from its checkpoint under the same layout and in one process;
+- 4 processes, TP2 × EP2 (MoE layers whole on each tensor rank, experts split over ep).
 """
 
 import numpy as np
@@ -50,25 +52,27 @@ def _tokens() -> np.ndarray:
 
 
 def train(rank=0, world=1, data="fsdp", ep=1, micro=None, steps=STEPS, stop=None,
-          save=None, load=None) -> dict:  # fmt: skip
+          save=None, load=None, tp=1, replicate=1) -> dict:  # fmt: skip
     """Losses, gradient norms and full parameters after ``steps`` (or ``stop``) steps; ``save``
     / ``load``: a checkpoint directory written at the end / read before training."""
     from kiln.train import checkpoint as ckpt
 
-    dims = ParallelDims(rank, world, rank, torch.device("cpu"), ep=ep)
+    dims = ParallelDims(rank, world, rank, torch.device("cpu"), tp=tp, dp_replicate=replicate,
+                        ep=ep)  # fmt: skip
     _ = dims.mesh
     model, seed = initial_model(SHAPE, dims)  # a layout: built on meta, allocated sharded
-    built = parallelize_model(model, dims, ParallelConfig(data=data, expert=ep), False,
-                              log=lambda _: None, seed=seed)  # fmt: skip
+    layout = ParallelConfig(data=data, expert=ep, tensor=tp, sequence_parallel=False,
+                            data_replicate=replicate)  # fmt: skip
+    built = parallelize_model(model, dims, layout, False, log=lambda _: None, seed=seed)
     optimizer = build_optimizer(model, TRAIN)
     records: list[dict] = []
-    loader = TokenLoader(_tokens(), SEQ, BATCH, seed=0, dp_rank=dims.dp_rank, dp_size=world)
+    loader = TokenLoader(_tokens(), SEQ, BATCH, seed=0, dp_rank=dims.dp_rank, dp_size=dims.dp_size)
     trainer = Trainer(
         built, optimizer, LRSchedule(LR, 0, steps, 1.0, "linear"), loader,
         val_batches(_tokens(), SEQ, BATCH, 1), TRAIN,
-        loop_plan(stop or steps, BATCH, micro or BATCH // world, SEQ, world), dims, log_every=1,
-        hooks=Hooks(log=lambda _: None, write_metrics=records.append),
-        callbacks=[MoEBalance(model)],
+        loop_plan(stop or steps, BATCH, micro or BATCH // dims.dp_size, SEQ, world), dims,
+        log_every=1, hooks=Hooks(log=lambda _: None, write_metrics=records.append),
+        callbacks=[MoEBalance(model, copies=tp)],
     )  # fmt: skip
     if load is not None:
         ckpt.load_checkpoint(ckpt.latest_checkpoint(load), [model], optimizer)
@@ -80,16 +84,22 @@ def train(rank=0, world=1, data="fsdp", ep=1, micro=None, steps=STEPS, stop=None
         meta = {"model_shape": __import__("dataclasses").asdict(SHAPE), "loader":
                 loader.state_dict(), "trainer": trainer.state.state_dict()}  # fmt: skip
         ckpt.save_checkpoint(save, trainer.state.step, [model], optimizer, meta)
+    w1 = model.blocks["0"].mlp.experts.w1
+    local = w1.to_local() if hasattr(w1, "to_local") else w1
     return {
         "loss": [r["loss"] for r in records],
         "norm": [r["grad_norm"] for r in records],
+        "load": [r["moe_load_max.0"] for r in records],
         "params": full_params(model),
+        "experts": {"local": tuple(local.shape), "global": tuple(w1.shape)},
     }
 
 
 def _assert_match(got: dict, want: dict, label: str) -> None:
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5, atol=0, err_msg=label)
     np.testing.assert_allclose(got["norm"], want["norm"], rtol=1e-5, atol=0, err_msg=label)
+    if "load" in got:  # tokens routed per expert per step, as one process counts them
+        np.testing.assert_allclose(got["load"], want["load"], rtol=1e-5, err_msg=label)
     assert got["params"].keys() == want["params"].keys(), label
     for name, value in want["params"].items():
         diff = (got["params"][name] - value).abs().max().item()
@@ -129,12 +139,39 @@ def test_ep2_with_ddp_and_fsdp_matches_one_process_and_resumes_in_one(tmp_path):
                   want, "EP2 checkpoint resumed in one process")  # fmt: skip
 
 
-def _four(rank, world):
-    return train(rank, world, "fsdp", ep=2)
+def _four(rank, world, root):
+    first = train(rank, world, "fsdp", ep=2, stop=STEPS // 2, save=root / "ckpt")
+    layer = first["experts"]
+    resumed = _joined(first, train(rank, world, "fsdp", ep=2, load=root / "ckpt")) | layer
+    hsdp = train(rank, world, "fsdp", ep=2, replicate=2)
+    hsdp |= hsdp["experts"]
+    return {"ep2x2": resumed, "tp2xep2": train(rank, world, "fsdp", ep=2, tp=2), "hsdp": hsdp}
 
 
 @pytest.mark.timeout(600)
-def test_ep2_times_two_replicas_with_fsdp_matches_one_process(tmp_path):
-    """4 processes: dense parameters FSDP2-sharded over 4, experts split over ep 2 and whole on
-    each pair of replicas (their gradients summed over the pair)."""
-    _assert_match(spawn(_four, 4, str(tmp_path / "out.pt")), train(micro=BATCH // 4), "EP2x2")
+def test_four_processes_ep2_with_sharded_expert_replicas_and_with_tensor_parallel(tmp_path):
+    """4 processes, three layouts, each equal to one process:
+
+    - EP2 × 2 replicas: dense parameters FSDP2-sharded over 4, experts split over ep 2 and
+      FSDP2-sharded over each pair of replicas (edp); its step-5 checkpoint resumes under the
+      same layout and in one process;
+    - TP2 × EP2: attention tensor-parallel over 2 ranks, each MoE layer whole on both (sequence
+      parallelism off) with its experts split over the 2 data-parallel ranks of the same tensor
+      coordinate, dense parameters FSDP2-sharded over those 2;
+    - HSDP × EP2 (data_replicate 2): dense parameters sharded over 2 and replicated over 2,
+      experts split over ep 2 (borrowed from the shard ranks) and FSDP2-sharded over the
+      replicas (edp spans the replicate axis)."""
+    import functools
+
+    want = train(micro=BATCH // 4)
+    both = spawn(functools.partial(_four, root=tmp_path), 4, str(tmp_path / "out.pt"))
+    got = both["ep2x2"]
+    assert got["local"][0] * 4 == got["global"][0]  # 1 of 4 experts per rank: ep 2 × edp 2
+    _assert_match(got, want, "EP2 x 2 replicas, experts sharded over them, resumed")
+    half = STEPS // 2
+    one = train(micro=BATCH // 4, load=tmp_path / "ckpt")
+    _assert_match(_joined({"loss": want["loss"][:half], "norm": want["norm"][:half]}, one),
+                  want, "EP2 x 2 checkpoint resumed in one process")  # fmt: skip
+    _assert_match(both["tp2xep2"], train(micro=BATCH // 2), "TP2 x EP2")
+    assert both["hsdp"]["local"][0] * 4 == both["hsdp"]["global"][0]
+    _assert_match(both["hsdp"], want, "HSDP 2x2 x EP2")

@@ -1,5 +1,6 @@
 """TP2 (GPT-3 style: tied embeddings, learned positions, biases) and TP2 + sequence parallel
-(Llama style: RoPE, RMSNorm, SwiGLU, GQA) on 2 gloo processes match one process, with a
+(Llama style: RoPE, RMSNorm, SwiGLU, GQA; and with Qwen3's per-head q/k norms and Qwen2's q/k/v
+biases) on 2 gloo processes match one process, with a
 vocabulary (301) the degree does not divide. Same initial weights (one seed, initialised whole
 and then sharded), same global batch, 10 SGD steps through the real Trainer: losses within 1e-5
 relative and every parameter within 1e-5."""
@@ -56,7 +57,8 @@ LAYOUTS = {
 }
 
 
-CASES = [("gpt3", "tp2"), ("llama", "tp2+sp")]  # the other two pairs cost time, add nothing
+SHAPES = SHAPES | {"qwen3": SHAPES["llama"].replace(qk_norm="head", qkv_bias=True)}
+CASES = [("gpt3", "tp2"), ("llama", "tp2+sp"), ("qwen3", "tp2+sp")]  # other pairs add nothing
 
 
 def _layouts(rank: int, world: int) -> dict:
@@ -81,3 +83,8 @@ def test_tensor_parallel_matches_one_process(tmp_path):
 def test_degree_that_does_not_divide_the_shape_is_refused(change, field):
     with pytest.raises(ConfigError, match=f"parallel.tensor 2 does not divide model.{field}"):
         check_tensor_parallel(SHAPES["llama"].replace(**change), 2)
+
+
+def test_a_qk_norm_across_heads_is_refused():
+    with pytest.raises(ConfigError, match="qk_norm 'full' .* across all heads"):
+        check_tensor_parallel(SHAPES["llama"].replace(qk_norm="full"), 2)

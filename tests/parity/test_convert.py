@@ -232,5 +232,91 @@ def test_mixtral_export_refuses_a_router_kiln_cannot_express(tok, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     tok.save(tmp_path / "hf")
     shape = load_any(tmp_path / "hf").shape
-    with pytest.raises(KilnError, match="MoE other than Mixtral"):
+    with pytest.raises(KilnError, match="moe.router sigmoid"):
         export_arch(shape.replace(moe=MoEConfig(experts=4, top_k=2, router="sigmoid")))
+
+
+MOE_SIZES = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
+                 tie_word_embeddings=False)  # fmt: skip
+
+
+def _moe_model(tok, family: str, **kw):
+    """A small random model of a transformers MoE family."""
+    config, model = {
+        "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    }[family]
+    cfg = config(vocab_size=tok.vocab_size, **(MOE_SIZES | kw))
+    torch.manual_seed(0)
+    return model(cfg).eval()
+
+
+def test_olmoe_round_trip(tok, tmp_path):
+    """OLMoE: q/k RMSNorm over the whole projected widths, top-k not renormalised."""
+    _round_trip(_moe_model(tok, "olmoe", num_hidden_layers=2, intermediate_size=32), tok,
+                tmp_path)  # fmt: skip
+    shape = load_any(tmp_path / "kiln").shape
+    assert shape.qk_norm == "full" and not shape.moe.normalize_top_k
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["model_type"] == "olmoe"
+
+
+def test_qwen3_moe_round_trip_with_a_dense_layer_and_wide_heads(tok, tmp_path):
+    """Qwen3-MoE: per-head q/k RMSNorm, head_dim 24 ≠ 64 / 4, norm_topk_prob, layer 0 dense
+    (mlp_only_layers, width intermediate_size) and experts of width moe_intermediate_size."""
+    hf = _moe_model(tok, "qwen3_moe", num_hidden_layers=3, head_dim=24, intermediate_size=80,
+                    moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[0])  # fmt: skip
+    _round_trip(hf, tok, tmp_path)
+    shape = load_any(tmp_path / "kiln").shape
+    assert (shape.qk_norm, shape.d_head, shape.d_ffn) == ("head", 24, 80)
+    assert (shape.moe.first_dense, shape.moe.d_expert, shape.moe.normalize_top_k) == (1, 32, True)
+
+
+def test_qwen2_moe_round_trip_with_gated_shared_expert_and_qkv_bias(tok, tmp_path):
+    """Qwen2-MoE: q/k/v biases, a sigmoid-gated shared expert twice an expert's width."""
+    hf = _moe_model(tok, "qwen2_moe", num_hidden_layers=2, intermediate_size=80,
+                    moe_intermediate_size=32, shared_expert_intermediate_size=64)  # fmt: skip
+    _round_trip(hf, tok, tmp_path)
+    shape = load_any(tmp_path / "kiln").shape
+    assert shape.qkv_bias and (shape.moe.shared_experts, shape.moe.shared_gate) == (2, True)
+    # transformers >= 5 holds the experts fused in memory ([E, 2f, d] gate_up_proj): read too
+    from kiln.interop.hf import llama_to_kiln, load_hf_state
+
+    fused = llama_to_kiln(hf.state_dict(), shape, "qwen2_moe")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in hf.state_dict()
+    published = load_hf_state(tmp_path / "hf")[1]
+    assert fused.keys() == published.keys()
+    assert all(torch.equal(fused[k], published[k]) for k in fused)
+
+
+@pytest.mark.parametrize(
+    ("family", "fields", "words"),
+    [
+        ("qwen2_moe", dict(shared_expert_intermediate_size=48), "not a multiple"),
+        ("qwen3_moe", dict(decoder_sparse_step=2), r"experts in layers \[1, 3\]"),
+        ("olmoe", dict(clip_qkv=8.0), "clip_qkv"),
+    ],
+)
+def test_moe_families_refuse_what_kiln_cannot_express(tok, tmp_path, family, fields, words):
+    sizes = dict(num_hidden_layers=4, intermediate_size=32)
+    if family != "olmoe":
+        sizes["moe_intermediate_size"] = 32
+    _moe_model(tok, family, **sizes, **fields).save_pretrained(tmp_path / "hf")
+    with pytest.raises(KilnError, match=words):
+        convert(tmp_path / "hf", tmp_path / "kiln", tokenizer=None)
+
+
+def test_moe_export_refuses_ungated_shared_experts():
+    from kiln.config import MoEConfig
+    from kiln.interop.hf import export_arch
+    from kiln.models.gpt import GPTConfig
+
+    shape = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_head=8, d_ffn=64,
+                      vocab_size=50, max_seq_len=16, position="rope", norm="rmsnorm",
+                      activation="swiglu", bias=False,
+                      moe=MoEConfig(experts=4, top_k=2, shared_experts=1))  # fmt: skip
+    with pytest.raises(KilnError, match="shared experts without moe.shared_gate"):
+        export_arch(shape)
+    assert export_arch(shape.replace(moe=MoEConfig(experts=4, top_k=2, shared_experts=1,
+                                                   shared_gate=True))) == "qwen2_moe"  # fmt: skip

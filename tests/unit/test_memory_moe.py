@@ -15,15 +15,19 @@ BASE = GPTConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, d_head=8, d_ff
                  vocab_size=50, max_seq_len=16)  # fmt: skip
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard
+
+
 def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd saves in a forward, leaving out parameters and
     the input (and views of them): what the layer itself adds."""
-    skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    skip = {_local(p).untyped_storage().data_ptr() for p in module.parameters()}
     skip.add(x.untyped_storage().data_ptr())
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
+        storage = _local(t).untyped_storage()
         if storage.data_ptr() not in skip:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
@@ -66,3 +70,62 @@ def test_estimate_counts_every_expert_and_the_moe_activations():
     fsdp = estimate_memory(cfg, micro_batch=2, seq_len=16, world_size=2, data="fsdp")
     moe_block = sum(p.numel() for p in GPT(cfg).blocks["1"].parameters())
     assert fsdp.params == 4 * (-(-n // 2)) + 4 * moe_block  # FSDP gathers the MoE block
+
+
+def test_expert_terms_scale_as_one_over_the_expert_degree():
+    """Under expert parallelism each rank holds E/ep experts: their parameters, gradients and
+    AdamW moments scale as 1/ep (DDP: whole; FSDP2 with dp > ep: also 1/edp), on top of the
+    dense rest, which does not change; the dispatch buffers are k·d per routed token."""
+    from kiln.config import ParallelConfig
+    from kiln.train.memory import estimate_layout_memory
+    from kiln.train.memory_experts import expert_terms, routed_expert_params
+
+    cfg = BASE.replace(n_layers=3, moe=MoEConfig(experts=8, top_k=2, d_expert=48, first_dense=1))
+    model = GPT(cfg)
+    n_e = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    layer = sum(p.numel() for p in model.blocks["1"].mlp.experts.parameters())
+    assert routed_expert_params(cfg) == (n_e, layer)
+    assert expert_terms(cfg, ParallelConfig(), 8, 32, "fp32") == expert_terms(
+        BASE, ParallelConfig(expert=2), 8, 32, "fp32"
+    )  # nothing to add: no expert parallelism, or no experts
+    for data in ("ddp", "fsdp"):
+        terms = {ep: expert_terms(cfg, ParallelConfig(expert=ep, data=data), 8, 32, "fp32", "cuda")
+                 for ep in (2, 4, 8)}  # fmt: skip
+        shards = {ep: 8 // ep if data == "fsdp" else 1 for ep in terms}  # edp
+        for ep, t in terms.items():
+            assert t.optimizer == 8 * n_e // (ep * shards[ep]), (data, ep)
+            gathered = 4 * layer // ep if shards[ep] > 1 else 0  # FSDP2 gathers one layer
+            assert t.params == t.grads == 4 * n_e // (ep * shards[ep]) + gathered, (data, ep)
+            k_rows = 2 * cfg.d_model * 4 + 8 * 2  # k rows and their int64 order
+            assert t.dispatch == 32 * (2 * k_rows + 2 * 2 * cfg.d_model * 4)  # 2 MoE layers
+        est = {ep: estimate_layout_memory(cfg, 16, 2, "fp32", 8, ParallelConfig(expert=ep,
+               data="ddp"), device="cuda")[0] for ep in (2, 4)}  # fmt: skip
+        assert est[2].optimizer - est[4].optimizer == 8 * n_e // 2 - 8 * n_e // 4
+        assert est[2].layout == "ddp×8 ep2"
+
+
+def test_expert_parallel_saves_the_received_rows_in_addition(tmp_path):
+    """The same MoE layer with its experts behind the all-to-all (one gloo rank: the same code
+    path with a group of one) saves k·d elements and an int64 order of k more per token than
+    without; memory_experts counts this per MoE layer."""
+    import torch.distributed as dist
+
+    from kiln.distributed.expert_parallel import apply_expert_parallel
+    from kiln.train.memory_experts import expert_terms
+
+    cfg = BASE.replace(n_layers=1, moe=MoEConfig(experts=4, top_k=2, d_expert=16))
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    x = torch.randn(64, cfg.d_model, requires_grad=True)
+    plain = saved_bytes(model.blocks["0"].mlp, x)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        apply_expert_parallel(model, dist.group.WORLD, log=lambda _: None)
+        sharded = saved_bytes(model.blocks["0"].mlp, x)
+    finally:
+        dist.destroy_process_group()
+    buffers = 64 * 2 * 2 * cfg.d_model * 4  # send and receive, once
+    from kiln.config import ParallelConfig
+
+    terms = expert_terms(cfg, ParallelConfig(expert=2), 2, 64, "fp32")
+    assert sharded - plain == terms.dispatch - buffers == 64 * (2 * cfg.d_model * 4 + 8 * 2)

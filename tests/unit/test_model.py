@@ -23,6 +23,9 @@ VARIANTS = {
     "parallel": dict(parallel_block=True),
     "mqa": dict(LLAMA, n_kv_heads=1),
     "wide-heads": dict(d_head=24, activation="gelu_tanh"),
+    "qk-norm-per-head": dict(LLAMA, qk_norm="head", d_head=24),
+    "qk-norm-full-width-qkv-bias": dict(LLAMA, qk_norm="full", qkv_bias=True),
+    "qk-norm-layernorm": dict(qk_norm="head"),
     "mup-hooks": dict(embedding_multiplier=10.0, output_multiplier=0.25, attn_scale=1 / 16),
 }
 
@@ -252,3 +255,10 @@ def test_attention_uses_sdpa_outside_the_cpu_bf16_causal_case(monkeypatch):
     monkeypatch.setattr(gpt, "MATMUL_ATTENTION_MAX_LEN", 1024)
     gpt.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), None, True, None, False)
     assert len(calls) == 4  # the matmul path
+
+
+def test_unknown_qk_norm_is_one_sentence():
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.qk_norm"):
+        small(qk_norm="rms").validate()

@@ -45,7 +45,10 @@ def reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
             y = y + g * (e.w2[j] @ h + (e.b2[j] if e.b2 is not None else 0))
         out.append(y)
     out = torch.stack(out)
-    return out + moe.shared(x) if moe.shared is not None else out
+    if moe.shared is None:
+        return out
+    gate = torch.sigmoid(x @ moe.shared_gate.weight.t()) if moe.shared_gate is not None else 1
+    return out + gate * moe.shared(x)
 
 
 CASES = {
@@ -53,6 +56,7 @@ CASES = {
     "top1-switch-gelu-bias": dict(top_k=1, activation="gelu"),
     "top2-sigmoid-normalized": dict(router="sigmoid", normalize_top_k=True),
     "shared-expert": dict(shared_experts=1, top_k=1),
+    "gated-shared-experts": dict(shared_experts=2, shared_gate=True),
 }
 
 
@@ -161,7 +165,7 @@ def test_meta_build_then_to_empty_init_is_deterministic_with_the_right_stds():
 def test_shared_expert_is_initialised_after_meta_build():
     """kiln train builds on meta and calls init_weights: the shared MLP must be initialised
     too (it was left as uninitialised memory, and training stopped on a NaN loss)."""
-    cfg = shape(shared_experts=1).replace(d_model=64, d_head=16)
+    cfg = shape(shared_experts=1, shared_gate=True).replace(d_model=64, d_head=16)
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")
@@ -172,6 +176,8 @@ def test_shared_expert_is_initialised_after_meta_build():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     shared = model.blocks["0"].mlp.shared
     assert shared.w1.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.blocks["0"].mlp.shared_gate.weight.std().item() == pytest.approx(0.02, rel=0.3)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
 
 
 def test_layer_placement_every_and_first_dense():
@@ -188,6 +194,7 @@ def test_layer_placement_every_and_first_dense():
         (dict(experts=4, capacity_factor=0.0), "capacity_factor is 0.0"),
         (dict(experts=4, router="topk"), "moe.router is 'topk'"),
         (dict(experts=4, top_k=1, normalize_top_k=True), "normalize_top_k"),
+        (dict(experts=4, shared_gate=True), "shared_gate gates the shared experts but"),
     ],
 )
 def test_bad_moe_config_is_one_sentence(fields, words):
@@ -296,3 +303,23 @@ def test_activation_checkpointing_records_each_micro_batch_once():
     (y.square().sum() + aux).backward()  # backward recomputes the forward
     assert moe.aux_loss is None and int(moe.step_load.sum()) == 12 * 2
     assert moe.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("layout", "words"),
+    [
+        (dict(tensor=2), "add --parallel.sequence_parallel false"),
+        (dict(pipeline=2), "MoE models with parallel.pipeline > 1"),
+    ],
+)
+def test_moe_layouts_that_do_not_compose_are_one_sentence(layout, words):
+    """MoE under TP runs whole on each tensor rank: it needs the whole sequence (no SP)."""
+    from kiln.distributed.parallel_dims import ParallelDims
+    from kiln.distributed.parallelize import check_layout
+
+    cfg = ParallelConfig(**layout)
+    dims = ParallelDims(0, 2, 0, torch.device("cpu"), tp=cfg.tensor, pp=cfg.pipeline)
+    with pytest.raises(ConfigError, match=words):
+        check_layout(shape(), cfg, dims, 8, sparse=False)
+    check_layout(shape(), ParallelConfig(tensor=2, sequence_parallel=False),
+                 ParallelDims(0, 2, 0, torch.device("cpu"), tp=2), 8, sparse=False)  # fmt: skip

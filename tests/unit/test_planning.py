@@ -278,3 +278,28 @@ def test_calibration_size_is_probed_once_per_machine(tmp_path, monkeypatch):
     hardware.measure_cpu_peak("bf16", cache_path=cache)
     hardware.measure_cpu_peak("bf16", cache_path=cache)
     assert probes == [256, 256, 512]
+
+
+def test_start_up_plan_names_the_data_parallel_degree_and_the_layout(monkeypatch):
+    """TP2 × PP2 on 8 ranks is 2 data-parallel ranks, not 8: the batch line says so."""
+    from types import SimpleNamespace
+
+    from kiln.config import JobConfig, TrainConfig
+    from kiln.models.gpt import GPTConfig
+    from kiln.train import plan as train_plan
+
+    monkeypatch.setattr(train_plan, "device_peak", lambda *a: (1e12, "test"))  # no measuring
+    shape = GPTConfig(n_layers=2, d_model=32, n_heads=2, n_kv_heads=2, d_head=16, d_ffn=64,
+                      vocab_size=300, max_seq_len=256)  # fmt: skip
+    job = JobConfig(train=TrainConfig(max_steps=2, batch_size=8))
+    cpu = torch.device("cpu")
+    dims = SimpleNamespace(dp_size=2, world_size=8, tp=2, pp=2, ep=1, device=cpu)
+    text = train_plan.make_training_plan(shape, job, dims).describe()
+    assert "2 data-parallel rank(s) × micro-batch 4 × 1 accumulation step(s) " in text
+    assert "(8 ranks: tp2 × pp2 × dp2)" in text
+    dims = SimpleNamespace(dp_size=4, world_size=4, tp=1, pp=1, ep=2, device=cpu)
+    text = train_plan.make_training_plan(shape, job, dims).describe()
+    assert "× 1 accumulation step(s) (4 ranks: dp4 (ep2))" in text
+    dims = SimpleNamespace(dp_size=1, world_size=1, device=cpu)  # one process: no layout
+    assert train_plan.make_training_plan(shape, job, dims).describe().count("rank(s) ×") == 1
+    assert "ranks:" not in train_plan.make_training_plan(shape, job, dims).describe()

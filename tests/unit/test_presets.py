@@ -94,3 +94,22 @@ def test_bad_rope_scaling_is_a_config_error():
     cfg = PRESETS["llama-tiny"].replace(rope_scaling={"rope_type": "llama3", "factor": 8.0})
     with pytest.raises(ConfigError, match="missing high_freq_factor"):
         cfg.validate()
+
+
+def test_qk_norm_and_qkv_bias_are_model_flags(capsys):
+    """--model.qk_norm / --model.qkv_bias reach the built shape (a from-scratch Qwen3-style or
+    Qwen2-style model); an unknown qk_norm is one sentence at parse time, exit code 2."""
+    from kiln.cli import main, parse_job
+
+    job, _, _ = parse_job(["--model.preset", "tiny", "--model.qk_norm", "head",
+                           "--model.qkv_bias", "true", "--model.bias", "false"])  # fmt: skip
+    shape, _ = resolve_model(job.model)
+    assert (shape.qk_norm, shape.qkv_bias, shape.bias) == ("head", True, False)
+    names = {n for n, _ in GPT(shape).named_parameters()}
+    assert {"blocks.0.attn.q_norm.weight", "blocks.0.attn.wq.bias"} <= names
+    assert "blocks.0.attn.wo.bias" not in names
+    default, _ = resolve_model(parse_job([])[0].model)  # unset: the preset's
+    assert (default.qk_norm, default.qkv_bias) == ("none", False)
+    assert main(["estimate-memory", "--model.qk_norm", "rms"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("model.qk_norm is 'rms' but must be one of none, head, full.")

@@ -114,3 +114,23 @@ def test_two_parts_may_not_share_a_name_or_a_place(tmp_path):
         state.save(tmp_path, 1, keep=1, facts={})
     with pytest.raises(TypeError, match="no state_dict"):
         state.register("plain", object())
+
+
+def test_a_shape_saved_before_a_field_existed_is_the_same_shape():
+    """Checkpoints written before qk_norm, qkv_bias and moe.shared_gate existed still resume;
+    a changed value or an unknown field does not."""
+    import dataclasses
+
+    from kiln.config import MoEConfig
+    from kiln.models.gpt import GPTConfig
+    from kiln.train.state import same_model_shape
+
+    shape = GPTConfig(n_layers=1, d_model=8, n_heads=2, n_kv_heads=2, d_head=4, d_ffn=16,
+                      vocab_size=10, max_seq_len=4, moe=MoEConfig(experts=2, top_k=1))  # fmt: skip
+    now = dataclasses.asdict(shape)
+    old = {k: v for k, v in now.items() if k not in ("qk_norm", "qkv_bias")}
+    old["moe"] = {k: v for k, v in now["moe"].items() if k != "shared_gate"}
+    assert same_model_shape(old, now)
+    assert not same_model_shape(old | {"d_ffn": 32}, now)
+    assert not same_model_shape(now | {"from_the_future": 1}, now)
+    assert not same_model_shape(None, now)

@@ -20,14 +20,18 @@ sends or receives no tokens takes part with zero-length splits instead of hangin
 
 The group is an argument (a ProcessGroup or a 1-D DeviceMesh); ``kiln train`` passes the
 mesh's ``ep`` axis (:class:`kiln.distributed.parallel_dims.ParallelDims`), leaves the experts out
-of FSDP2/DDP and calls :class:`ExpertGrads` after each step's backward.
+of the dense FSDP2/DDP and calls :class:`ExpertGrads` after each step's backward. With FSDP2 and
+more data-parallel ranks than ``ep`` (dp = edp · ep), each layer's experts are FSDP2-sharded
+over ``edp``, the ranks that would otherwise each hold a whole copy of the same experts
+(:func:`shard_experts_over_replicas`, as torchtitan does); under DDP they stay replicated.
 
 Gradients: the ep ranks are data-parallel ranks, each holding a different slice of the global
 batch, so dense parameters are averaged over the data-parallel ranks as usual (DDP/FSDP), while
 an expert's gradient already sums the contributions of all ep ranks' tokens through the reverse
 all-to-all: :func:`finish_expert_grads` divides it by the data-parallel size (and sums over the
-ranks holding the same experts when dp > ep), so both equal the gradient of the mean loss over
-the global batch.
+ranks holding the same experts when dp > ep; FSDP2 over ``edp`` has already averaged over them,
+so that sum becomes a division by ``ep`` alone), so both equal the gradient of the mean loss
+over the global batch.
 """
 
 from __future__ import annotations
@@ -113,7 +117,10 @@ class ShardedExperts(GroupedExperts):
         order = torch.argsort(local_expert, stable=True)
         y = super().forward(rows[order], recv.view(P, n).sum(0))
         back = torch.empty_like(y).index_copy(0, order, y)
-        return _exchange(back, send_splits, recv_splits, self.group)
+        # the autograd all-to-all returns a view of its output buffer; FSDP2 (experts sharded
+        # over edp) warns on a module returning a view, since an in-place op on it would skip
+        # its backward hook: a copy of the rows (cheap next to the expert GEMMs) rules that out
+        return _exchange(back, send_splits, recv_splits, self.group).clone()
 
 
 def apply_expert_parallel(model: nn.Module, group, log=print) -> int:
@@ -153,13 +160,34 @@ def data_parallel_ignores(model: nn.Module) -> tuple[set[nn.Parameter], list[str
     return params, [n for n, p in model.named_parameters() if p in params]
 
 
+def shard_experts_over_replicas(model: nn.Module, mesh, log=print, **fsdp_kwargs) -> None:
+    """FSDP2 on each MoE layer's (already expert-parallel) experts over ``mesh``, the ``edp``
+    ranks holding the same experts: each keeps 1/edp of them (dim 0, then dim 1 when
+    there are fewer local experts than edp ranks) and all-gathers them for its forward and
+    backward; their gradients are reduce-scattered (averaged) over ``edp``. Call before the
+    blocks are sharded (the blocks' FSDP2 then leaves the experts to this one)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    layers = moe_layers(model)
+    for layer in layers:
+        local = layer.experts.n_experts
+        dim = 0 if local % mesh.size() == 0 else 1
+        fully_shard(layer.experts, mesh=mesh, shard_placement_fn=lambda _, d=dim: Shard(d),
+                    **fsdp_kwargs)  # fmt: skip
+    log(f"FSDP2: experts of {len(layers)} MoE layers sharded over {mesh.size()} replicas (edp)")
+
+
 class ExpertGrads:
     """Called once per step after the last backward (before clipping): finishes the expert
-    gradients over the mesh's ``edp`` ranks (those holding the same experts)."""
+    gradients over the mesh's ``edp`` ranks (those holding the same experts); ``sharded``:
+    FSDP2 shards the experts over ``edp`` and has averaged their gradients there already."""
 
-    def __init__(self, model: nn.Module, dims) -> None:
+    def __init__(self, model: nn.Module, dims, sharded: bool = False) -> None:
         self.model, self.dp_size = model, dims.dp_size
-        self.replicas = dims.group("edp") if dims.dp_size > dims.ep else None
+        self.replicas = dims.group("edp") if dims.dp_size > dims.ep and not sharded else None
+        if sharded and dims.dp_size > dims.ep:
+            self.dp_size = dims.ep  # (1/edp)·Σ from FSDP2, then 1/ep: together 1/dp
 
     def __call__(self) -> None:
         finish_expert_grads(self.model, self.dp_size, self.replicas)

@@ -36,14 +36,10 @@ def apply_fsdp(
     """FSDP2 (ZeRO-3 style): shard each block, then the root (embeddings, head); with
     ``offload`` the shards, their gradients and the optimizer state live in host memory. Under
     expert parallelism the experts (already split over ``ep``) are left out and stay whole on
-    the ranks that share them."""
+    the ranks that share them, or sharded over those (``edp``) when there are several."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {}
-    if dims.ep > 1:
-        from kiln.distributed.expert_parallel import data_parallel_ignores
-
-        kwargs["ignored_params"] = data_parallel_ignores(model)[0]
     if dims.device.type == "cpu" or offload:
         # gloo has no reduce-scatter on device buffers; FSDP2 on CPU runs with CPU offload.
         from torch.distributed.fsdp import CPUOffloadPolicy
@@ -52,6 +48,14 @@ def apply_fsdp(
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dims.device.type != "cpu")
     # HSDP when there are replicas: shard within dp_shard, replicate across dp_replicate
     axes = ("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ("dp_shard",)
+    if dims.ep > 1 and dims.dp_size > dims.ep:
+        from kiln.distributed.expert_parallel import shard_experts_over_replicas
+
+        shard_experts_over_replicas(model, dims.submesh("edp"), log, **kwargs)
+    elif dims.ep > 1:
+        from kiln.distributed.expert_parallel import data_parallel_ignores
+
+        kwargs["ignored_params"] = data_parallel_ignores(model)[0]
     kwargs["mesh"] = dims.submesh(*axes)
     for block in model.blocks.values():
         fully_shard(block, **kwargs)
@@ -183,7 +187,7 @@ def parallelize_model(
         if dims.ep > 1:
             from kiln.distributed.expert_parallel import ExpertGrads
 
-            finish = ExpertGrads(model, dims)
+            finish = ExpertGrads(model, dims, sharded=cfg.data == "fsdp")
         return Parallelized(parts, modules[0], None, loss, finish)
     from kiln.distributed.pipeline import make_pipeline
     from kiln.models.loss import head_loss
@@ -206,10 +210,15 @@ def check_layout(shape, cfg: ParallelConfig, dims: ParallelDims, local_batch: in
             "sparsity with parallel.tensor or parallel.pipeline > 1 is not supported yet; "
             "train sparse models with data parallelism only."
         )
-    if getattr(shape, "moe", None) is not None and (dims.tp > 1 or dims.pp > 1):
+    if getattr(shape, "moe", None) is not None and dims.pp > 1:
         raise ConfigError(
-            "MoE models with parallel.tensor or parallel.pipeline > 1 are not supported yet; "
-            "train them with data parallelism only."
+            "MoE models with parallel.pipeline > 1 are not supported yet; train them with "
+            "data, expert or tensor parallelism."
+        )
+    if getattr(shape, "moe", None) is not None and dims.tp > 1 and cfg.sequence_parallel:
+        raise ConfigError(
+            "MoE layers under parallel.tensor run whole on each tensor-parallel rank and need "
+            "the whole sequence there; add --parallel.sequence_parallel false."
         )
     if dims.pp > 1:
         n_micro = cfg.microbatches or dims.pp * stages_per_rank(

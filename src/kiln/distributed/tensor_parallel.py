@@ -10,6 +10,15 @@ Per block (the parameter names are the plan's keys)::
                                                        sequence (TP + SP)
     attn_norm, mlp_norm (SP only)    SequenceParallel  norms and the residual stream hold T / tp
                                                        tokens per rank
+    attn.q_norm / k_norm             SequenceParallel  qk_norm 'head': each rank normalises its
+                      (sequence_dim=2)                 own heads (dim 2 of [B, T, heads, d_head]);
+                                                       the weight's gradient is summed over ranks
+
+An MoE layer (kiln.models.moe) is not split: without sequence parallelism its input is whole on
+every rank of the group, so each runs the same routing and experts on the same tokens (the
+experts split over the ``ep`` ranks instead, each tensor-parallel rank exchanging tokens with
+the ``ep`` ranks of its own tensor coordinate) and gets the same gradients. MoE under sequence
+parallelism is refused (kiln.distributed.parallelize.check_layout).
 
 The token embedding is sharded by vocabulary rows (RowwiseParallel; a vocabulary no degree divides,
 e.g. GPT-2's 50257, is split unevenly), and so is an untied head. The head never gathers its
@@ -44,6 +53,11 @@ def check_tensor_parallel(shape, tp: int) -> None:
     """Refuse, before any work, a degree that cannot shard this shape (whole heads per rank)."""
     if tp == 1:
         return
+    if getattr(shape, "qk_norm", "none") == "full":
+        raise ConfigError(
+            f"model.qk_norm 'full' (OLMoE) normalises q and k across all heads, which "
+            f"parallel.tensor {tp} splits over ranks; use parallel.tensor 1 or qk_norm 'head'."
+        )
     for name in ("n_heads", "n_kv_heads", "d_ffn"):
         value = getattr(shape, name)
         if value % tp:
@@ -63,11 +77,15 @@ def block_plan(block: nn.Module, sequence_parallel: bool) -> dict[str, object]:
         "attn.wk": colwise,
         "attn.wv": colwise,
         "attn.wo": RowwiseParallel(output_layouts=seq),
-        "mlp.w1": colwise,
-        "mlp.w2": RowwiseParallel(output_layouts=seq),
     }
+    if hasattr(block.mlp, "w1"):  # dense; an MoE layer runs whole on every rank (see below)
+        plan["mlp.w1"] = colwise
+        plan["mlp.w2"] = RowwiseParallel(output_layouts=seq)
     if hasattr(block.mlp, "w3"):
         plan["mlp.w3"] = colwise
+    if getattr(block.attn, "q_norm", None) is not None:  # qk_norm 'head' ('full' is refused)
+        heads = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["attn.q_norm"] = plan["attn.k_norm"] = heads
     if sequence_parallel:
         plan["attn_norm"] = SequenceParallel()
         if hasattr(block, "mlp_norm"):

@@ -1,17 +1,13 @@
 """Hugging Face folders ↔ Kiln GPT: GPT-2 family (GPT2LMHeadModel, as Cerebras-GPT ships),
-Llama family (LlamaForCausalLM: GQA, rope scaling, tied or untied head) and Mixtral
-(MixtralForCausalLM: Llama blocks whose MLPs are top-k softmax MoE layers).
+Llama family (LlamaForCausalLM: GQA, rope scaling, tied or untied head) and the MoE families
+built on Llama blocks (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE: kiln.interop.hf_moe).
 
 A folder is ``config.json`` + ``model.safetensors`` (or a sharded ``*.safetensors`` index, or
 ``pytorch_model.bin``) + tokenizer files. Weight names map one-to-one onto kiln.models.gpt's::
 
     GPT-2: transformer.h.{i}.attn.c_attn  [in, 3d] Conv1D (transposed, fused q;k;v) → wq, wk, wv
     Llama: model.layers.{i}.self_attn.q_proj [out, in]                             → attn.wq
-    Mixtral: model.layers.{i}.block_sparse_moe.gate              [E, d]  → mlp.router.weight
-             model.layers.{i}.block_sparse_moe.experts.{j}.w1/w3/w2      → mlp.experts.w1/w3/w2[j]
-             (transformers ≥ 5 in memory: mlp.gate, mlp.experts.gate_up_proj [E, 2f, d] =
-             [w1; w3] and mlp.experts.down_proj [E, d, f]; both layouts are read, the first
-             — the one published checkpoints use — is written)
+    MoE families: the router, experts, shared expert and q/k norms (kiln.interop.hf_moe)
 
 Reading needs only safetensors/torch; writing builds config.json through transformers' config
 classes so the folder matches the installed transformers exactly (transformers is imported
@@ -26,10 +22,10 @@ from typing import Any
 
 import torch
 
-from kiln.config import MoEConfig
 from kiln.errors import KilnError
+from kiln.interop import hf_moe
 from kiln.models.gpt import GPTConfig
-from kiln.planning.moe import expert_width
+from kiln.planning.moe import is_moe_layer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """Weight dtypes ``kiln convert --dtype`` writes."""
@@ -57,20 +53,20 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise KilnError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from e
 
 
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", **hf_moe.FAMILIES}
+"""model_type → the architecture class that converts."""
+
+
 def architecture(hf: dict[str, Any]) -> str:
-    """'gpt2' or 'llama', or a KilnError naming what the config declares."""
+    """A model_type of ARCHITECTURES, or a KilnError naming what the config declares."""
     archs = hf.get("architectures") or []
     kind = hf.get("model_type", "")
-    if "GPT2LMHeadModel" in archs or (not archs and kind == "gpt2"):
-        return "gpt2"
-    if "LlamaForCausalLM" in archs or (not archs and kind == "llama"):
-        return "llama"
-    if "MixtralForCausalLM" in archs or (not archs and kind == "mixtral"):
-        return "mixtral"
+    for model_type, cls in ARCHITECTURES.items():
+        if cls in archs or (not archs and kind == model_type):
+            return model_type
     found = ", ".join(archs) or kind or "nothing"
     raise KilnError(
-        f"config.json declares {found} but only GPT2LMHeadModel, LlamaForCausalLM and "
-        "MixtralForCausalLM convert."
+        f"config.json declares {found} but only {', '.join(ARCHITECTURES.values())} convert."
     )
 
 
@@ -105,8 +101,8 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), activation=GPT2_ACT[act],
             bias=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         ).validate()  # fmt: skip
-    if arch == "mixtral":
-        return _mixtral_config(hf)
+    if arch in hf_moe.FAMILIES:
+        return hf_moe.moe_config_from_hf(arch, hf, _llama_config(hf))
     return _llama_config(hf)
 
 
@@ -129,32 +125,6 @@ def _llama_config(hf: dict[str, Any]) -> GPTConfig:
     ).validate()  # fmt: skip
 
 
-def _mixtral_config(hf: dict[str, Any]) -> GPTConfig:
-    """Llama blocks + Mixtral's router: softmax, top-k renormalised, no shared expert."""
-    if hf.get("sliding_window"):
-        raise KilnError(
-            f"Mixtral sliding_window {hf['sliding_window']} is not supported (full causal "
-            "attention only); set it to null."
-        )
-    moe = MoEConfig(
-        experts=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
-        router="softmax", normalize_top_k=True,
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)),
-    )  # fmt: skip
-    return _llama_config(hf).replace(moe=moe).validate()
-
-
-def _mixtral_moe_ok(moe: MoEConfig | None) -> bool:
-    """Whether a Kiln MoE shape routes exactly as transformers' Mixtral does."""
-    return moe is not None and (
-        moe.router == "softmax"
-        and moe.normalize_top_k
-        and moe.shared_experts == 0
-        and moe.every == 1
-        and moe.first_dense == 0
-    )
-
-
 def export_arch(cfg: GPTConfig) -> str:
     """Which HF architecture can hold this shape, or a KilnError naming the blocker."""
     blockers = []
@@ -173,11 +143,11 @@ def export_arch(cfg: GPTConfig) -> str:
         "swiglu",
         False,
     )
-    if cfg.moe is not None and not (llama and _mixtral_moe_ok(cfg.moe)):
-        blockers.append(
-            "MoE other than Mixtral's (softmax router, normalize_top_k, every layer, no shared "
-            "expert)"
-        )
+    family, why = hf_moe.moe_family(cfg) if cfg.moe is not None and llama else (None, "")
+    if why:
+        blockers.append(why)
+    if cfg.moe is None and (cfg.qk_norm != "none" or cfg.qkv_bias):
+        blockers.append(f"qk_norm {cfg.qk_norm} / qkv_bias {cfg.qkv_bias} without experts")
     if not (gpt2 or llama):
         blockers.append(
             f"position={cfg.position}, norm={cfg.norm}, activation={cfg.activation}, "
@@ -185,12 +155,10 @@ def export_arch(cfg: GPTConfig) -> str:
         )
     if blockers:
         raise KilnError(
-            f"this model cannot be written as GPT2LMHeadModel, LlamaForCausalLM or "
-            f"MixtralForCausalLM ({'; '.join(blockers)})."
+            f"this model cannot be written as {', '.join(ARCHITECTURES.values())} "
+            f"({'; '.join(blockers)})."
         )
-    if cfg.moe is not None:
-        return "mixtral"
-    return "gpt2" if gpt2 else "llama"
+    return family or ("gpt2" if gpt2 else "llama")
 
 
 # -- weights ---------------------------------------------------------------------------------
@@ -259,7 +227,10 @@ def _llama_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
             "mlp.w2": (d, f)}  # fmt: skip
 
 
-def llama_to_kiln(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+def llama_to_kiln(
+    hf_sd: dict[str, torch.Tensor], cfg: GPTConfig, family: str = "llama"
+) -> dict[str, torch.Tensor]:
+    """Llama blocks; an MoE family's layers through kiln.interop.hf_moe."""
     V, d = cfg.vocab_size, cfg.d_model
     sd = {
         "tok_emb.weight": _take(hf_sd, "model.embed_tokens.weight", (V, d)),
@@ -269,64 +240,51 @@ def llama_to_kiln(hf_sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
         sd["head.weight"] = _take(hf_sd, "lm_head.weight", (V, d))
     shapes = _llama_shapes(cfg)
     for i in range(cfg.n_layers):
+        moe = is_moe_layer(cfg.moe, i)
         for ours, theirs in LLAMA_NAMES.items():
-            if cfg.moe is not None and ours.startswith("mlp."):
-                continue
-            key = f"model.layers.{i}.{theirs}.weight"
-            sd[f"blocks.{i}.{ours}.weight"] = _take(hf_sd, key, shapes[ours])
-        if cfg.moe is not None:
-            sd.update(_mixtral_layer_to_kiln(hf_sd, cfg, i))
+            if not (moe and ours.startswith("mlp.")):
+                key = f"model.layers.{i}.{theirs}.weight"
+                sd[f"blocks.{i}.{ours}.weight"] = _take(hf_sd, key, shapes[ours])
+        for ours, theirs, shape in _attention_extras(cfg):
+            sd[f"blocks.{i}.{ours}"] = _take(hf_sd, f"model.layers.{i}.{theirs}", shape)
+        if moe:
+            sd.update(hf_moe.moe_layer_to_kiln(hf_sd, cfg, i, family, _take))
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def _mixtral_layer_to_kiln(hf_sd, cfg: GPTConfig, i: int) -> dict[str, torch.Tensor]:
-    E, d, f = cfg.moe.experts, cfg.d_model, cfg.d_ffn
-    b, fused = f"blocks.{i}.mlp.", f"model.layers.{i}.mlp."
-    if fused + "experts.gate_up_proj" in hf_sd:  # transformers >= 5 in-memory layout
-        gate_up = _take(hf_sd, fused + "experts.gate_up_proj", (E, 2 * f, d))
-        w = {"w1": gate_up[:, :f], "w3": gate_up[:, f:]}
-        w["w2"] = _take(hf_sd, fused + "experts.down_proj", (E, d, f))
-        router = _take(hf_sd, fused + "gate.weight", (E, d))
-    else:
-        h = f"model.layers.{i}.block_sparse_moe."
-        router = _take(hf_sd, h + "gate.weight", (E, d))
-        shapes = {"w1": (f, d), "w3": (f, d), "w2": (d, f)}
-        w = {
-            name: torch.stack([_take(hf_sd, f"{h}experts.{j}.{name}.weight", shape)
-                               for j in range(E)])
-            for name, shape in shapes.items()
-        }  # fmt: skip
-    out = {b + "router.weight": router, b + "router.expert_bias": torch.zeros(E)}
-    out.update({b + "experts." + name: t for name, t in w.items()})
-    return out
-
-
-def _mixtral_layer_to_hf(sd, cfg: GPTConfig, i: int) -> dict[str, torch.Tensor]:
-    b, h = f"blocks.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
-    bias = sd.get(b + "router.expert_bias")
-    if bias is not None and bool(bias.ne(0).any()):
-        raise KilnError(
-            f"layer {i}'s router has a non-zero expert bias (moe.bias_update_rate), which "
-            "Mixtral's router cannot hold; export a model trained without it."
-        )
-    out = {h + "gate.weight": sd[b + "router.weight"]}
-    for name in ("w1", "w2", "w3"):
-        for j, t in enumerate(sd[b + "experts." + name]):
-            out[f"{h}experts.{j}.{name}.weight"] = t
-    return out
+def _attention_extras(cfg: GPTConfig) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(Kiln name, HF name, shape) of the q/k norms and q/k/v biases a shape has."""
+    q, kv = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
+    out = []
+    if cfg.qk_norm != "none":
+        head = cfg.qk_norm == "head"
+        out += [
+            ("attn.q_norm.weight", "self_attn.q_norm.weight", (cfg.d_head if head else q,)),
+            ("attn.k_norm.weight", "self_attn.k_norm.weight", (cfg.d_head if head else kv,)),
+        ]
+    if cfg.qkv_bias:
+        out += [
+            (f"attn.{ours}.bias", f"self_attn.{p}_proj.bias", (n,))
+            for ours, p, n in (("wq", "q", q), ("wk", "k", kv), ("wv", "v", kv))
+        ]
+    return out  # fmt: skip
 
 
 def kiln_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """The inverse maps; the arch comes from export_arch(cfg)."""
-    if export_arch(cfg) in ("llama", "mixtral"):
+    arch = export_arch(cfg)
+    if arch != "gpt2":
         out = {"model.embed_tokens.weight": sd["tok_emb.weight"],
                "model.norm.weight": sd["norm.weight"]}  # fmt: skip
         for i in range(cfg.n_layers):
+            moe = is_moe_layer(cfg.moe, i)
             for ours, theirs in LLAMA_NAMES.items():
-                if cfg.moe is None or not ours.startswith("mlp."):
+                if not (moe and ours.startswith("mlp.")):
                     out[f"model.layers.{i}.{theirs}.weight"] = sd[f"blocks.{i}.{ours}.weight"]
-            if cfg.moe is not None:
-                out.update(_mixtral_layer_to_hf(sd, cfg, i))
+            for ours, theirs, _ in _attention_extras(cfg):
+                out[f"model.layers.{i}.{theirs}"] = sd[f"blocks.{i}.{ours}"]
+            if moe:
+                out.update(hf_moe.moe_layer_to_hf(sd, cfg, i, arch))
     else:
         out = {"transformer.wte.weight": sd["tok_emb.weight"],
                "transformer.wpe.weight": sd["pos_emb.weight"],
@@ -356,7 +314,8 @@ def load_hf_state(folder: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     hf = read_config(folder)
     cfg = config_from_hf(hf)
     raw = read_weights(folder)
-    sd = gpt2_to_kiln(raw, cfg) if architecture(hf) == "gpt2" else llama_to_kiln(raw, cfg)
+    arch = architecture(hf)
+    sd = gpt2_to_kiln(raw, cfg) if arch == "gpt2" else llama_to_kiln(raw, cfg, arch)
     return cfg, sd
 
 
@@ -367,7 +326,8 @@ def hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, dtype: str
 
     common = dict(vocab_size=cfg.vocab_size, bos_token_id=bos_id, eos_token_id=eos_id,
                   tie_word_embeddings=cfg.tie_embeddings)  # fmt: skip
-    if export_arch(cfg) == "gpt2":
+    arch = export_arch(cfg)
+    if arch == "gpt2":
         act = "gelu" if cfg.activation == "gelu" else "gelu_new"
         c = transformers.GPT2Config(
             n_positions=cfg.max_seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layers,
@@ -375,19 +335,8 @@ def hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, dtype: str
             layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             **common,
         )  # fmt: skip
-        c.architectures = ["GPT2LMHeadModel"]
-    elif cfg.moe is not None:  # every MLP is MoE: intermediate_size is the expert width
-        c = transformers.MixtralConfig(
-            hidden_size=cfg.d_model, intermediate_size=expert_width(cfg),
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_head,
-            max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, hidden_act="silu",
-            sliding_window=None, num_local_experts=cfg.moe.experts,
-            num_experts_per_tok=cfg.moe.top_k, router_aux_loss_coef=cfg.moe.aux_loss_coef,
-            **common,
-        )  # fmt: skip
-        c.architectures = ["MixtralForCausalLM"]
+    elif arch in hf_moe.FAMILIES:
+        c = hf_moe.moe_hf_config(cfg, arch, common)
     else:
         c = transformers.LlamaConfig(
             hidden_size=cfg.d_model, intermediate_size=cfg.d_ffn,
@@ -397,7 +346,7 @@ def hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, dtype: str
             rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, attention_bias=False,
             mlp_bias=False, hidden_act="silu", **common,
         )  # fmt: skip
-        c.architectures = ["LlamaForCausalLM"]
+    c.architectures = [ARCHITECTURES[arch]]
     out = c.to_dict()
     out["torch_dtype"] = out["dtype"] = dtype
     return out

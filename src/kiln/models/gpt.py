@@ -7,7 +7,8 @@ conversion, sparsity masks, tensor-parallel plans)::
     tok_emb.weight                      [vocab, d_model]
     pos_emb.weight                      [max_seq_len, d_model]          (position='learned')
     blocks.{i}.attn_norm.{weight,bias}
-    blocks.{i}.attn.{wq,wk,wv,wo}.{weight,bias}
+    blocks.{i}.attn.{wq,wk,wv,wo}.{weight,bias}   (q/k/v biases also with qkv_bias)
+    blocks.{i}.attn.{q_norm,k_norm}.{weight,bias}                      (qk_norm 'head'/'full')
     blocks.{i}.mlp_norm.{weight,bias}                                   (not parallel_block)
     blocks.{i}.mlp.{w1,w2,w3}.{weight,bias}   w1 = up (gate for swiglu), w2 = down, w3 = swiglu up
     blocks.{i}.mlp.{router,experts,shared}.*   MoE layers (cfg.moe; see kiln.models.moe)
@@ -76,6 +77,12 @@ class GPTConfig:
     """'gelu' (exact erf), 'gelu_tanh' (GPT-2's gelu_new) or 'swiglu' (Llama)."""
     bias: bool = True
     """Biases in every linear layer (except the head) and in layernorms."""
+    qkv_bias: bool = False
+    """Biases on the q, k and v projections even when ``bias`` is off (Qwen2)."""
+    qk_norm: str = "none"
+    """Normalise queries and keys (model.norm kind) after their projections, before RoPE:
+    'none', 'head' (over each head's d_head, Qwen3) or 'full' (over the whole projected q and
+    k widths, OLMoE)."""
     tie_embeddings: bool = True
     """Logits use tok_emb.weight; no separate head parameter."""
     parallel_block: bool = False
@@ -123,6 +130,7 @@ class GPTConfig:
         check_choice("model", "position", self.position, ["learned", "rope"])
         check_choice("model", "norm", self.norm, ["layernorm", "rmsnorm"])
         check_choice("model", "activation", self.activation, ["gelu", "gelu_tanh", "swiglu"])
+        check_choice("model", "qk_norm", self.qk_norm, ["none", "head", "full"])
         if self.n_heads % self.n_kv_heads != 0:
             raise ConfigError(
                 f"model.n_kv_heads {self.n_kv_heads} does not divide model.n_heads "
@@ -317,18 +325,39 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.d_head = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-        self.scale = cfg.attn_scale
+        self.scale, self.qk_norm = cfg.attn_scale, cfg.qk_norm
         q_out, kv_out = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
-        self.wq = nn.Linear(cfg.d_model, q_out, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.d_model, kv_out, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.d_model, kv_out, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, q_out, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, kv_out, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, kv_out, bias=qkv_bias)
         self.wo = nn.Linear(q_out, cfg.d_model, bias=cfg.bias)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm != "none":
+            head = cfg.qk_norm == "head"
+            self.q_norm = make_norm(cfg, cfg.d_head if head else q_out)
+            self.k_norm = make_norm(cfg, cfg.d_head if head else kv_out)
 
     @torch.no_grad()
     def init_weights(self, init_std: float, out_std: float) -> None:
-        """q/k/v N(0, init_std), the output projection N(0, out_std), biases 0."""
+        """q/k/v N(0, init_std), the output projection N(0, out_std), biases 0, q/k norms 1."""
         init_linears(self, [self.wq, self.wk, self.wv], init_std)
         init_linears(self, [self.wo], out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+    def _heads(self, x: torch.Tensor, linear: nn.Linear, norm: nn.Module | None) -> torch.Tensor:
+        """linear(x) as [B, heads, T, d_head], through the q/k norm where there is one: over the
+        whole projected width ('full') or over each head ('head')."""
+        B, T, _ = x.shape
+        y = linear(x)
+        if norm is not None and self.qk_norm == "full":
+            y = norm(y)
+        y = y.view(B, T, -1, self.d_head)
+        if norm is not None and self.qk_norm == "head":
+            y = norm(y)
+        return y.transpose(1, 2)
 
     def forward(
         self,
@@ -339,9 +368,8 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, -1, self.d_head).transpose(1, 2)
-        k = self.wk(x).view(B, T, -1, self.d_head).transpose(1, 2)
-        v = self.wv(x).view(B, T, -1, self.d_head).transpose(1, 2)
+        q, k = self._heads(x, self.wq, self.q_norm), self._heads(x, self.wk, self.k_norm)
+        v = self._heads(x, self.wv, None)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, causal = None, T > 1
@@ -404,10 +432,12 @@ def init_linears(_owner: nn.Module, linears: list[nn.Linear], std: float) -> Non
             nn.init.zeros_(linear.bias)
 
 
-def make_norm(cfg: GPTConfig) -> nn.Module:
+def make_norm(cfg: GPTConfig, width: int | None = None) -> nn.Module:
+    """The model's norm over ``width`` features (default d_model)."""
+    width = width or cfg.d_model
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        return nn.RMSNorm(width, eps=cfg.norm_eps)
+    return nn.LayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 def make_mlp(cfg: GPTConfig, layer: int = 0) -> nn.Module:

@@ -10,6 +10,7 @@ An MoE layer replaces a block's dense MLP (``blocks.{i}.mlp``) and keeps the blo
     blocks.{i}.mlp.experts.w3           [E, f, d]   swiglu up
     blocks.{i}.mlp.experts.b1, b2       [E, f], [E, d]   (bias=True shapes)
     blocks.{i}.mlp.shared.{w1,w2,w3}    one dense MLP of width shared_experts · f (optional)
+    blocks.{i}.mlp.shared_gate.weight   [1, d]      sigmoid gate on the shared MLP (optional)
 
 Forward for N tokens x ``[N, d]``:
 
@@ -213,6 +214,9 @@ class MoE(nn.Module):
         )
         self.experts.kernel = m.kernel
         self.shared = shared
+        self.shared_gate = None
+        if shared is not None and m.shared_gate:
+            self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
         self.aux_loss: torch.Tensor | None = None
         """Set by a training forward (balance + z-loss, scaled); taken by pop_aux_loss."""
         self.register_buffer("step_load", torch.empty(m.experts), persistent=False)
@@ -221,12 +225,14 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
-        """The router N(0, std) and bias 0, experts and the shared MLP as the dense MLP, load
-        counters 0."""
+        """The router N(0, std) and bias 0, experts and the shared MLP as the dense MLP, the
+        shared gate N(0, std), load counters 0."""
         self.router.init_weights(std, out_std)
         self.experts.init_weights(std, out_std)
         if self.shared is not None:
             self.shared.init_weights(std, out_std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, 0.0, std)
         self.reset_load()
 
     @torch.no_grad()
@@ -255,7 +261,10 @@ class MoE(nn.Module):
         y = y * gates.t().reshape(-1)[plan.slot, None].to(y.dtype)
         out = y.new_zeros(x.shape[0], shape[-1]).index_add_(0, plan.token, y)
         if self.shared is not None:
-            out = out + self.shared(x)
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
         if self.training and torch.is_grad_enabled():
             self._record(plan, scores, logits)
         return out.reshape(shape)

@@ -100,11 +100,12 @@ PRESETS |= {
         norm_eps=1e-5, activation="swiglu", bias=False, tie_embeddings=False,
         moe=MoEConfig(experts=8, top_k=2, normalize_top_k=True, aux_loss_coef=0.02),
     ),
-    # allenai/OLMoE-1B-7B-0924 shape (its q/k norms are not modelled: 64 Ki fewer parameters).
+    # allenai/OLMoE-1B-7B-0924 shape, with its q/k RMSNorms over the whole projected width.
     "olmoe-1b-7b": GPTConfig(
         n_layers=16, d_model=2048, n_heads=16, n_kv_heads=16, d_head=128, d_ffn=1024,
         vocab_size=50304, max_seq_len=4096, position="rope", rope_theta=10000.0,
         norm="rmsnorm", norm_eps=1e-5, activation="swiglu", bias=False, tie_embeddings=False,
+        qk_norm="full",
         moe=MoEConfig(experts=64, top_k=8, aux_loss_coef=0.01, z_loss_coef=0.001),
     ),
 }  # fmt: skip

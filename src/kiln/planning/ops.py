@@ -142,6 +142,8 @@ def dims(shape: Any) -> dict[str, Any]:
         "q": shape.n_heads * d_head, "kv": kv_heads * d_head, "L": shape.n_layers,
         "V": shape.vocab_size, "S": shape.max_seq_len,
         "bias": bool(getattr(shape, "bias", True)),
+        "qkv_bias": bool(getattr(shape, "qkv_bias", False)),
+        "qk_norm": getattr(shape, "qk_norm", "none"),
         "act": getattr(shape, "activation", "gelu"),
         "norm": getattr(shape, "norm", "layernorm"),
         "learned_pos": getattr(shape, "position", "learned") == "learned",
@@ -262,9 +264,12 @@ def _attention(b: _Builder, x: Tensor) -> Tensor:
     """q, k, v projections, scores → softmax → values, head merge and output projection."""
     z, M, a, T = b.z, b.M, b.a, b.step.seq_len
     sp = b.step.sparse_attn
-    q = b.linear("attn.wq", x, z["d"], z["q"], "q", sp)
-    k = b.linear("attn.wk", x, z["d"], z["kv"], "k", sp)
-    v = b.linear("attn.wv", x, z["d"], z["kv"], "v", sp)
+    qkv_bias = z["bias"] or z["qkv_bias"]
+    q = b.linear("attn.wq", x, z["d"], z["q"], "q", sp, bias=qkv_bias)
+    k = b.linear("attn.wk", x, z["d"], z["kv"], "k", sp, bias=qkv_bias)
+    v = b.linear("attn.wv", x, z["d"], z["kv"], "v", sp, bias=qkv_bias)
+    if z["qk_norm"] != "none":
+        q, k = _qk_norm(b, q, "q"), _qk_norm(b, k, "kv")
     if not z["learned_pos"]:
         q2, k2 = b.t("q_rope", M * z["q"], a), b.t("k_rope", M * z["kv"], a)
         _ew(b, "attn.rope_q", "elementwise", "rope", (q,), q2, M * z["q"])
@@ -293,6 +298,18 @@ def _attention(b: _Builder, x: Tensor) -> Tensor:
     merged = b.t("ctx_merged", M * z["q"], a)
     _ew(b, "attn.merge_heads", "copy", "copy", (ctx,), merged, 0, saves=False)
     return b.linear("attn.wo", merged, z["q"], z["d"], "attn_out", sp)
+
+
+def _qk_norm(b: _Builder, x: Tensor, width: str) -> Tensor:
+    """The q or k norm (GPTConfig.qk_norm): over each head ('head') or the whole width."""
+    z, M = b.z, b.M
+    n = z["dh"] if z["qk_norm"] == "head" else z[width]
+    p = (2 if z["norm"] == "layernorm" and z["bias"] else 1) * n
+    w = b.t(f"{x.name}_norm.w", p, 4, "weight")
+    out = b.t(f"{x.name}_normed", M * z[width], b.a)
+    _ew(b, f"attn.{x.name}_norm", "norm", z["norm"], (x, w), out, M * z[width], params=p,
+        bwd_passes=2)  # fmt: skip
+    return out
 
 
 def _mlp(b: _Builder, x: Tensor, name: str = "mlp", width: int | None = None, rows=None,
@@ -354,6 +371,11 @@ def _moe_mlp(b: _Builder, x: Tensor) -> Tensor:
     if not m.shared_experts:
         return out
     shared = _mlp(b, x, "moe.shared", m.shared_experts * expert_width(b.shape), pre="s_")
+    if getattr(m, "shared_gate", False):  # sigmoid(x·w) [M, 1] scales the shared output
+        g = b.linear("moe.shared_gate", x, z["d"], 1, "s_gate", False, bias=False)
+        gated = b.t("s_gated", M * z["d"], a)
+        _ew(b, "moe.shared_gate.mul", "elementwise", "mul", (shared, g), gated, M * z["d"])
+        shared = gated
     total = b.t("moe_out_total", M * z["d"], a)
     _ew(b, "moe.shared_add", "elementwise", "add", (out, shared), total, M * z["d"],
         saves=False)  # fmt: skip

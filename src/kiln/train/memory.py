@@ -56,6 +56,7 @@ from kiln.models.gpt import GPTConfig, uses_matmul_attention
 from kiln.models.loss import chunk_rows
 from kiln.planning.moe import expert_width, n_moe_layers
 from kiln.planning.ops import block_params
+from kiln.train.memory_experts import expert_terms
 
 
 @dataclass
@@ -337,6 +338,8 @@ def estimate_layout_memory(
     v = stages_per_rank(cfg.pipeline_schedule, cfg.stages_per_rank) if pp > 1 else 1
     stages, m = pp * v, (cfg.microbatches or pp * v) if pp > 1 else 1
     mb = local_batch // m if pp > 1 else micro_batch or local_batch
+    experts = expert_terms(shape, cfg, world_size, mb * seq_len, precision, device)
+    nb -= experts.block_params  # counted apart when split over ep or kept whole under tp
     order = pipeline_order(cfg.pipeline_schedule, pp, v, m) if pp > 1 else {0: []}
     out = []
     for rank in range(pp):
@@ -365,6 +368,7 @@ def estimate_layout_memory(
             activation_checkpointing=ac, build=4 * (local + unit),
             in_flight=held, layout=name + (f" · pp rank {rank}" if pp > 1 else ""),
         ))  # fmt: skip
+        experts.add_to(out[-1])
     return out
 
 

@@ -26,7 +26,10 @@ class MoEBalance(Callback):
 
     name = "moe"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, copies: int = 1):
+        """``copies``: ranks that route the same tokens (the tensor-parallel degree), by which
+        the loads summed over all ranks are divided."""
+        self.copies = copies
         found = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
         self.names = [n.removesuffix(".mlp").split(".")[-1] for n, _ in found]
         self.layers = [m for _, m in found]
@@ -39,6 +42,7 @@ class MoEBalance(Callback):
         both = torch.cat([load, dropped[:, None]], dim=1)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(both)
+        both = both / self.copies
         load, dropped = both[:, :-1], both[:, -1]
         for layer, layer_load in zip(self.layers, load):
             layer.update_expert_bias(layer_load)

@@ -41,6 +41,10 @@ class TrainingPlan:
     device: str
     peak_flops: float
     peak_source: str
+    data_parallel: int = 0
+    """Data-parallel degree (the batches one step sees); 0 in plans stored before it existed."""
+    layout: str = ""
+    """How the ranks split the work when not all data parallel: e.g. 'tp2 × dp2'."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,8 +66,9 @@ class TrainingPlan:
                 f"  compute     {self.flops:.3e} FLOPs ({self.flops_per_token:.3e} per token, "
                 f"6N + 12·L·S·d with {n}; MFU uses the same)",
                 f"  batch       {self.batch_size} sequences × {self.seq_len} tokens; "
-                f"{self.world_size} rank(s) × micro-batch {self.micro_batch_size} × "
-                f"{self.grad_accum} accumulation step(s)",
+                f"{self.data_parallel or self.world_size} data-parallel rank(s) × micro-batch "
+                f"{self.micro_batch_size} × {self.grad_accum} accumulation step(s)"
+                + (f" ({self.world_size} ranks: {self.layout})" if self.layout else ""),
                 f"  lr          peak {self.lr:g}, {self.warmup_steps} warm-up steps, {self.decay} "
                 f"decay to {self.min_lr_ratio:g}× peak",
                 f"  device      {self.device}, {self.precision}; peak {self.peak_flops:.3e} FLOP/s "
@@ -131,4 +136,19 @@ def make_training_plan(shape, job: JobConfig, dims, data=None) -> TrainingPlan:
         device=str(dims.device),
         peak_flops=peak,
         peak_source=source,
+        data_parallel=dims.dp_size,
+        layout=rank_layout(dims),
     )
+
+
+def rank_layout(dims) -> str:
+    """'tp2 × pp2 × dp2 (ep2)': the degrees over 1 that multiply to the world size, the
+    expert-parallel degree (borrowed from the data ranks) in brackets; '' when every rank is
+    a data-parallel rank without expert parallelism."""
+    degrees = [(name, getattr(dims, attr, 1)) for name, attr in
+               (("tp", "tp"), ("pp", "pp"), ("dp", "dp_size"))]  # fmt: skip
+    ep = getattr(dims, "ep", 1)
+    if all(n == 1 for name, n in degrees if name != "dp") and ep == 1:
+        return ""
+    text = " × ".join(f"{name}{n}" for name, n in degrees if n > 1 or name == "dp")
+    return text + (f" (ep{ep})" if ep > 1 else "")

@@ -328,7 +328,7 @@ def build_callbacks(job: JobConfig, model, optimizer, log) -> list[Callback]:
     if model.config.moe is not None:
         from kiln.train.moe import MoEBalance
 
-        callbacks.append(MoEBalance(model))
+        callbacks.append(MoEBalance(model, copies=job.parallel.tensor))
     if job.sparsity.enabled:
         from kiln.sparsity.callback import Runtime, build_sparsity
 

@@ -21,6 +21,7 @@ LR schedule                                                    ``schedule``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,13 +202,24 @@ def restore_run(latest, shape_dict, state: TrainingState, trainer: Trainer, log)
     this model shape)."""
     ckpt.verify_checkpoint(latest)  # a damaged one is named before anything else reads it
     meta = ckpt.read_meta(latest)
-    if meta.get("model_shape") != shape_dict:
+    if not same_model_shape(meta.get("model_shape"), shape_dict):
         raise CheckpointError(
             f"Checkpoint {latest} was saved for a different model shape; resume it with the "
             "config it was trained with."
         )
     state.restore(latest, verified=True)
     log(f"resumed from {latest} (step {trainer.state.step}, {trainer.state.tokens:,} tokens)")
+
+
+def same_model_shape(saved: dict | None, shape_dict: dict) -> bool:
+    """Whether a checkpoint's model_shape is this shape; fields added to GPTConfig since the
+    checkpoint was written (e.g. qk_norm) count with their defaults."""
+    from kiln.models.gpt import GPTConfig
+
+    try:
+        return dataclasses.asdict(GPTConfig(**saved)) == shape_dict
+    except TypeError:  # not a dict, or a field this version does not know
+        return False
 
 
 def _place(tree: dict[str, Any], where: Where, values: dict[str, Any]) -> None:

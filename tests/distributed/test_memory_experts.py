@@ -1,0 +1,31 @@
+"""`kiln estimate-memory` under expert parallelism agrees with the measured peak of real
+training steps: EP2 on 2 gloo ranks, experts whole per rank under FSDP2 (dp = ep) and DDP, each
+rank holding 4 of 8 experts (kiln.train.memory_probe; see tests/distributed/test_memory_estimate.py
+for the dense layouts)."""
+
+import pytest
+
+from kiln.config import MoEConfig, ParallelConfig
+from kiln.models.gpt import GPTConfig
+from kiln.train.memory import estimate_layout_memory
+from kiln.train.memory_probe import Probe, measure_peaks
+
+# the routed experts are most of the model (8.4M of 8.6M parameters), so an estimate that did
+# not split them over the ep ranks would be far off
+SHAPE = GPTConfig(
+    n_layers=2, d_model=128, n_heads=2, n_kv_heads=2, d_head=64, d_ffn=256, vocab_size=512,
+    max_seq_len=64, position="learned", norm="layernorm", activation="gelu", bias=True,
+    tie_embeddings=True, moe=MoEConfig(experts=8, top_k=2, d_expert=2048),
+)  # fmt: skip
+LAYOUTS = {"fsdp2 ep2": ParallelConfig(expert=2), "ddp ep2": ParallelConfig(expert=2, data="ddp")}
+
+
+@pytest.mark.timeout(300)
+def test_expert_parallel_estimates_within_25_percent_of_measured_peaks():
+    batch, seq = 8, 64
+    probes = [Probe(SHAPE, cfg, 2, batch, seq) for cfg in LAYOUTS.values()]
+    for (name, cfg), measured in zip(LAYOUTS.items(), measure_peaks(probes)):
+        (est,) = estimate_layout_memory(SHAPE, seq, batch // 2, "fp32", 2, cfg)
+        assert est.layout.endswith("ep2")
+        ratios = [m / est.peak_with_build for m in measured]
+        assert all(0.75 <= r <= 1.25 for r in ratios), (name, ratios, measured, est.peak)

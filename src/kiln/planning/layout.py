@@ -296,15 +296,16 @@ def layout_memory(
 # -- time ----------------------------------------------------------------------------------
 @lru_cache(maxsize=64)
 def _micro_times(
-    shape: Any, micro: int, seq_len: int, dev: Device, precision: str = "bf16"
+    shape: Any, micro: int, seq_len: int, dev: Device, precision: str = "bf16", fused: bool = True
 ) -> tuple[float, float]:
-    """(whole step, forward) seconds of one micro-batch of the whole model, fused, no
-    optimizer, on one device."""
+    """(whole step, forward) seconds of one micro-batch of the whole model, no optimizer, on
+    one device: fused, or kernel by kernel (an eager CPU step)."""
     from kiln.planning.perf import predict
 
     step = StepShape(batch=micro, seq_len=seq_len, precision=precision, optimizer=False)
     r = predict(shape, step, dev)
-    return r.step_time_fused, sum(c.time_s for c in r.fused if c.phase == "fwd")
+    rows = r.fused if fused else r.kbk
+    return sum(c.time_s for c in rows), sum(c.time_s for c in rows if c.phase == "fwd")
 
 
 @lru_cache(maxsize=64)
@@ -312,9 +313,15 @@ def _flops_per_token(shape: Any, seq_len: int) -> float:
     return opsmod.model_flops_per_token(shape, seq_len)
 
 
-def _group_bw(cluster: Cluster, size: int, stride: int) -> float:
-    """Link a group of ``size`` ranks ``stride`` apart talks over."""
-    return cluster.intra_bw if size * stride <= cluster.devices_per_node else cluster.inter_bw
+def _tp_s(cluster: Cluster, lay: Layout, layers: int, act: float) -> float:
+    """Seconds of tensor-parallel communication per step: per layer and micro-batch, with
+    sequence parallelism (kiln's default without a pipeline) 4 all-gathers and 4
+    reduce-scatters of one b·s·d activation, without it (under PP) 4 all-reduces; checkpointing
+    repeats the forward's half. Not overlapped."""
+    fwd = 2 if lay.pp == 1 else 1  # per layer: SP gathers twice and scatters twice forward
+    calls = lay.microbatches * layers * fwd * (2 + lay.activation_checkpointing)
+    kinds = ("all_gather", "reduce_scatter") if lay.pp == 1 else ("all_reduce",) * 2
+    return sum(cluster.comm_s(k, lay.tp, 1, calls * act, calls) for k in kinds)
 
 
 @dataclass
@@ -351,7 +358,7 @@ def predict_layout(
     dev, z = cluster.device, opsmod.dims(shape)
     prec = cluster.precision
     elt = 2 if prec == "bf16" else 4  # bytes of an activation / gathered weight
-    t_mb, t_fwd = _micro_times(shape, lay.micro_batch, seq_len, dev, prec)
+    t_mb, t_fwd = _micro_times(shape, lay.micro_batch, seq_len, dev, prec, cluster.overlaps)
     m, split = lay.microbatches, lay.tp * lay.pp
     compute = m * t_mb / split
     recompute = m * t_fwd / split if lay.activation_checkpointing else 0.0
@@ -365,15 +372,9 @@ def predict_layout(
     bubble = busy * bubble_f / (1 - bubble_f)
     act = lay.micro_batch * seq_len * z["d"] * elt  # one b·s·d activation
     parts = {"compute": compute, "recompute": recompute, "bubble": bubble, "optimizer": opt}
-    t, alpha = lay.tp, cluster.latency_s
-    n_coll = 8 + (4 if lay.activation_checkpointing else 0)
-    tp_bytes = m * stage_layers * n_coll * (t - 1) / t * act
-    tp_calls = m * stage_layers * n_coll
-    parts["tp"] = tp_bytes / _group_bw(cluster, t, 1) + alpha * tp_calls if t > 1 else 0.0
-    inner = t * lay.dp_shard * lay.dp_replicate
-    sends = 2 * m * lay.stages_per_rank
-    parts["pp"] = (sends * (act / t / _group_bw(cluster, 2, inner) + alpha)
-                   if lay.pp > 1 else 0.0)  # fmt: skip
+    parts["tp"] = _tp_s(cluster, lay, stage_layers, act)
+    inner, sends = lay.tp * lay.dp, 2 * m * lay.stages_per_rank
+    parts["pp"] = cluster.comm_s("send", 2, inner, sends * act / lay.tp, sends) * (lay.pp > 1)
     parts["dp"] = _dp_s(cluster, lay, n_local, busy, stage_layers, t_mb - t_fwd)
     parts["offload"] = 0.0
     if lay.offload:
@@ -409,17 +410,16 @@ def _dp_s(
     dp_s = 0.0
     if lay.data == "fsdp" and lay.dp_shard > 1:
         s = lay.dp_shard
-        comm = (2 * m * elt * n_local + 4 * n_local) * (s - 1) / s / _group_bw(cluster, s, t)
-        comm += cluster.latency_s * (layers + 1) * (2 * m + 1)
+        comm = cluster.comm_s("all_gather", s, t, 2 * m * elt * n_local, (layers + 1) * 2 * m)
+        comm += cluster.comm_s("reduce_scatter", s, t, 4 * n_local, layers + 1)
         dp_s += (max(0.0, comm - busy) + comm / (layers * 2 * m + 1) if cluster.overlaps
                  else comm)  # fmt: skip
     ar_ranks = lay.dp_replicate if lay.data == "fsdp" else lay.dp
     if ar_ranks > 1:
         shard = n_local / (lay.dp_shard if lay.data == "fsdp" else 1)
         stride = t * (lay.dp_shard if lay.data == "fsdp" else 1)
-        ar = 2 * (ar_ranks - 1) / ar_ranks * 4 * shard / _group_bw(cluster, ar_ranks, stride)
         calls = (layers + 1) if lay.data == "fsdp" else math.ceil(4 * shard / 25e6)
-        ar += cluster.latency_s * calls
+        ar = cluster.comm_s("all_reduce", ar_ranks, stride, 4 * shard, calls)
         dp_s += max(0.0, ar - bwd_mb / split) if cluster.overlaps else ar
     return dp_s
 

@@ -213,6 +213,7 @@ def _fake_cpu(monkeypatch, fp32=20e9, bf16=1e9, memory=16e9):
     dev = Device("cpu", bf16, fp32, 10e9, None, None, "fake", 1.0, 5e9, 1e-5)
     monkeypatch.setattr(cluster_mod, "_one_thread_cpu", lambda cache_path: dev)
     monkeypatch.setattr(cluster_mod, "_host_memory", lambda: memory)
+    monkeypatch.setattr(cluster_mod, "measure_collectives", lambda n, cache_path=None: ())
     return dev
 
 

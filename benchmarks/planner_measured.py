@@ -10,12 +10,14 @@ under torchrun (gloo, 2 or 4 processes on this machine's cores). For each layout
   /proc/self/clear_refs just before the model is built) when the final checkpoint starts,
   less the resident set just before the model is built (the process runtime, the one-off
   buffers of a first tiny forward/backward, gloo, the tokenizer and the data are already
-  there), so it counts what kiln.train.memory counts;
+  there), so it counts what kiln.train.memory counts; and the resident set once the model is
+  built and parallelised (what the whole-model build leaves behind);
 
 and asks the planner for the same layout on ``local:N`` (this machine with N processes:
-:func:`kiln.planning.layout.local_cluster`) through :func:`kiln.planning.layout.predict_layout`
-— its memory is ``Prediction.memory['peak']`` (layout_memory → kiln.train.memory) and its step
-time ``Prediction.step_s``. Layouts run interleaved, ``--repeats`` rounds in a rotated order, so
+:func:`kiln.planning.layout.local_cluster`, in fp32 as the runs train, with each gloo
+collective kind measured for N processes at the start: kiln.planning.collectives) through
+:func:`kiln.planning.layout.predict_layout` — its memory is ``Prediction.memory['peak']``
+(layout_memory → kiln.train.memory) and its step time ``Prediction.step_s``. Layouts run interleaved, ``--repeats`` rounds in a rotated order, so
 that the load other work puts on the machine falls on all of them alike.
 
     PYTHONPATH=src python benchmarks/planner_measured.py [--repeats 2] [--steps 8]
@@ -196,6 +198,7 @@ def measure_links() -> dict[str, list]:
 def run_all(args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cache = Path(args.cache)
+    load = [Path("/proc/loadavg").read_text().strip()]
     fits = measure_links()
     results: dict[str, dict] = {lay.name(): {"step_s": [], "mem": []} for lay in LAYOUTS}
     for rnd in range(args.repeats):
@@ -208,14 +211,16 @@ def run_all(args) -> dict:
             res["step_s"] += m["step_s"]
             res["mem"] = m["mem"] if not res["mem"] else [max(a, b) for a, b in
                                                          zip(res["mem"], m["mem"])]  # fmt: skip
+            res["build"] = m["build"]  # per rank: (high-water, resident) once parallelised
             print(
                 f"round {rnd + 1}: {lay.name():<34} median step "
                 f"{statistics.median(m['step_s']):.2f} s, memory MiB "
                 f"{[round(x / 2**20) for x in m['mem']]} ({m['wall_s']:.0f} s)",
                 flush=True,
             )
+    load.append(Path("/proc/loadavg").read_text().strip())
     return {"collectives": fits, "results": results, "steps": args.steps,
-            "repeats": args.repeats}  # fmt: skip
+            "repeats": args.repeats, "loadavg": load}  # fmt: skip
 
 
 def table(data: dict) -> tuple[str, dict]:
@@ -278,7 +283,7 @@ def main() -> None:
         write_section("planner-measured", "## Layout planner: predicted vs measured on this "
                       "machine (gloo, 2–4 processes)\n\nSee docs/planner.md for the method. "
                       f"Measured with --repeats {data['repeats']} --steps {data['steps']}.\n\n"
-                      + text)  # fmt: skip
+                      + text + _stamp(data))  # fmt: skip
         replace_section("planner-measured", text + _stamp(data), HERE.parent.parent /
                         "docs/planner.md")  # fmt: skip
 
@@ -286,8 +291,14 @@ def main() -> None:
 def _stamp(data: dict) -> str:
     from benchmarks.common import machine
 
-    return (f"\n\n`PYTHONPATH=src python benchmarks/planner_measured.py --repeats "
-            f"{data['repeats']} --steps {data['steps']} --write` on {machine()}")  # fmt: skip
+    from kiln.planning.hardware import cpu_matrix_flags
+
+    load = " → ".join(data.get("loadavg", [])) or "not recorded"
+    return (f"\n\nMeasured by `PYTHONPATH=src python benchmarks/planner_measured.py --repeats "
+            f"{data['repeats']} --steps {data['steps']}` (then `--from-json FILE --write`) "
+            f"under `flock /tmp/kiln-bench.lock` on {machine()}; bf16 matrix "
+            f"instructions: {cpu_matrix_flags()}; /proc/loadavg before → after: "
+            f"{load}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -48,9 +48,14 @@ def test_each_kind_is_charged_from_its_own_fit(cpu2):
     assert fsdp.parts["dp"] == pytest.approx(gathers + FITS[2].seconds(4 * n, 5))
     act = 4 * 64 * 64 * 4  # one fp32 b·s·d activation
     sp = predict_layout(TINY, Layout(2, 1, 1, 1, 4, 2), cpu2, 64)
-    calls = 2 * 4 * 4  # per kind: micro-batches × layers × (2 forward + 2 backward)
+    # per kind, as kiln's TP plan issues them: per micro-batch and layer one for each of the
+    # 4 column-parallel (q, k, v, up) and 2 row-parallel linears, and the head's one
+    calls = 2 * (4 * (4 + 2) + 1)
     assert sp.parts["tp"] == pytest.approx(FITS[1].seconds(calls * act, calls)
                                            + FITS[2].seconds(calls * act, calls))  # fmt: skip
+    pp_tp = predict_layout(TINY, Layout(2, 2, 1, 1, 4, 2), cpu2, 64)  # no SP under PP
+    reduces = 2 * 2 * (4 + 2)  # micro-batches × stage layers × linears
+    assert pp_tp.parts["tp"] == pytest.approx(FITS[0].seconds(reduces * act, reduces))
     ddp = predict_layout(TINY, Layout(1, 1, 2, 1, 4, 2, data="ddp"), cpu2, 64)
     assert ddp.parts["dp"] == pytest.approx(FITS[0].seconds(4 * n, 1))
 

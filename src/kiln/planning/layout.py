@@ -313,15 +313,25 @@ def _flops_per_token(shape: Any, seq_len: int) -> float:
     return opsmod.model_flops_per_token(shape, seq_len)
 
 
-def _tp_s(cluster: Cluster, lay: Layout, layers: int, act: float) -> float:
-    """Seconds of tensor-parallel communication per step: per layer and micro-batch, with
-    sequence parallelism (kiln's default without a pipeline) 4 all-gathers and 4
-    reduce-scatters of one b·s·d activation, without it (under PP) 4 all-reduces; checkpointing
-    repeats the forward's half. Not overlapped."""
-    fwd = 2 if lay.pp == 1 else 1  # per layer: SP gathers twice and scatters twice forward
-    calls = lay.microbatches * layers * fwd * (2 + lay.activation_checkpointing)
-    kinds = ("all_gather", "reduce_scatter") if lay.pp == 1 else ("all_reduce",) * 2
-    return sum(cluster.comm_s(k, lay.tp, 1, calls * act, calls) for k in kinds)
+def _tp_s(cluster: Cluster, lay: Layout, z: dict, layers: int, act: float) -> float:
+    """Seconds of tensor-parallel communication per step, as kiln's TP plan
+    (kiln.distributed.tensor_parallel) issues it: each column-parallel linear (q, k, v, the
+    MLP's up projection(s)) converts its own input and each row-parallel one (attention out,
+    MLP down) its output. With sequence parallelism (kiln's default without a pipeline), per
+    layer and micro-batch, a b·s·d all-gather into every column-parallel linear and a
+    reduce-scatter out of every row-parallel one forward, and the converse backward, plus the
+    head's gather of its input (and its reduce-scatter backward); without it (under PP), an
+    all-reduce after every row-parallel linear forward and of every column-parallel input's
+    gradient backward. Checkpointing repeats the forward's. Not overlapped."""
+    cols, rows = 3 + (2 if z["act"] == "swiglu" else 1), 2
+    ac, per = lay.activation_checkpointing, lay.microbatches * layers
+    if lay.pp == 1:
+        gathers = per * (cols + rows + ac * cols) + lay.microbatches
+        scatters = per * (cols + rows + ac * rows) + lay.microbatches
+        gather = cluster.comm_s("all_gather", lay.tp, 1, gathers * act, gathers)
+        return gather + cluster.comm_s("reduce_scatter", lay.tp, 1, scatters * act, scatters)
+    reduces = per * (rows + cols + ac * rows)
+    return cluster.comm_s("all_reduce", lay.tp, 1, reduces * act, reduces)
 
 
 @dataclass
@@ -372,7 +382,7 @@ def predict_layout(
     bubble = busy * bubble_f / (1 - bubble_f)
     act = lay.micro_batch * seq_len * z["d"] * elt  # one b·s·d activation
     parts = {"compute": compute, "recompute": recompute, "bubble": bubble, "optimizer": opt}
-    parts["tp"] = _tp_s(cluster, lay, stage_layers, act)
+    parts["tp"] = _tp_s(cluster, lay, z, stage_layers, act)
     inner, sends = lay.tp * lay.dp, 2 * m * lay.stages_per_rank
     parts["pp"] = cluster.comm_s("send", 2, inner, sends * act / lay.tp, sends) * (lay.pp > 1)
     parts["dp"] = _dp_s(cluster, lay, n_local, busy, stage_layers, t_mb - t_fwd)

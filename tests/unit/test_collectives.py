@@ -51,8 +51,10 @@ def test_each_kind_is_charged_from_its_own_fit(cpu2):
     # per kind, as kiln's TP plan issues them: per micro-batch and layer one for each of the
     # 4 column-parallel (q, k, v, up) and 2 row-parallel linears, and the head's one
     calls = 2 * (4 * (4 + 2) + 1)
+    norms = 4 * 9 * 2  # 4 all-reduces a step of each LayerNorm's (4 × 2 + 1) scale and shift
     assert sp.parts["tp"] == pytest.approx(FITS[1].seconds(calls * act, calls)
-                                           + FITS[2].seconds(calls * act, calls))  # fmt: skip
+                                           + FITS[2].seconds(calls * act, calls)
+                                           + FITS[0].seconds(norms * 4 * 64, norms))  # fmt: skip
     pp_tp = predict_layout(TINY, Layout(2, 2, 1, 1, 4, 2), cpu2, 64)  # no SP under PP
     reduces = 2 * 2 * (4 + 2)  # micro-batches × stage layers × linears
     assert pp_tp.parts["tp"] == pytest.approx(FITS[0].seconds(reduces * act, reduces))

@@ -322,14 +322,19 @@ def _tp_s(cluster: Cluster, lay: Layout, z: dict, layers: int, act: float) -> fl
     reduce-scatter out of every row-parallel one forward, and the converse backward, plus the
     head's gather of its input (and its reduce-scatter backward); without it (under PP), an
     all-reduce after every row-parallel linear forward and of every column-parallel input's
-    gradient backward. Checkpointing repeats the forward's. Not overlapped."""
+    gradient backward. Checkpointing repeats the forward's. Under SP the norms' parameters are
+    replicated DTensors whose gradients stay partial sums, and every read of one sums it again:
+    4 all-reduces of d fp32 values per norm parameter per step (1 in gradient-norm clipping, 3
+    in AdamW's foreach step: counted on a CPU TP2 run). Not overlapped."""
     cols, rows = 3 + (2 if z["act"] == "swiglu" else 1), 2
     ac, per = lay.activation_checkpointing, lay.microbatches * layers
     if lay.pp == 1:
         gathers = per * (cols + rows + ac * cols) + lay.microbatches
         scatters = per * (cols + rows + ac * rows) + lay.microbatches
         gather = cluster.comm_s("all_gather", lay.tp, 1, gathers * act, gathers)
-        return gather + cluster.comm_s("reduce_scatter", lay.tp, 1, scatters * act, scatters)
+        gather += cluster.comm_s("reduce_scatter", lay.tp, 1, scatters * act, scatters)
+        norms = 4 * (2 * layers + 1) * (2 if z["norm"] == "layernorm" and z["bias"] else 1)
+        return gather + cluster.comm_s("all_reduce", lay.tp, 1, norms * 4 * z["d"], norms)
     reduces = per * (rows + cols + ac * rows)
     return cluster.comm_s("all_reduce", lay.tp, 1, reduces * act, reduces)
 

@@ -17,7 +17,8 @@ and asks the planner for the same layout on ``local:N`` (this machine with N pro
 :func:`kiln.planning.layout.local_cluster`, in fp32 as the runs train, with each gloo
 collective kind measured for N processes at the start: kiln.planning.collectives) through
 :func:`kiln.planning.layout.predict_layout` — its memory is ``Prediction.memory['peak']``
-(layout_memory → kiln.train.memory) and its step time ``Prediction.step_s``. Layouts run interleaved, ``--repeats`` rounds in a rotated order, so
+(layout_memory → kiln.train.memory) and its step time ``Prediction.step_s``. Layouts run
+interleaved, ``--repeats`` rounds in a rotated order, so
 that the load other work puts on the machine falls on all of them alike.
 
     PYTHONPATH=src python benchmarks/planner_measured.py [--repeats 2] [--steps 8]

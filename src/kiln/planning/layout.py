@@ -19,13 +19,17 @@ the estimate reports apart as ``build``).
 **Step time** = compute + exposed communication, per device:
 
 * compute: the fused (dataflow: flash attention, fused MLP) step time of one micro-batch of
-  the whole model from :func:`kiln.planning.perf.predict`, × micro-batches per data-parallel
+  the whole model from :func:`kiln.planning.perf.predict` (kernel by kernel on a CPU, where
+  kiln trains eagerly), × micro-batches per data-parallel
   rank / (tp · pp); activation checkpointing adds the forward again; the optimizer step is
   perf's AdamW op over the local parameters. The pipeline stretches compute by the bubble:
   GPipe and 1F1B (p−1)/(m+p−1) of the step, interleaved ((p−1)/v)/(m+(p−1)/v), zero-bubble 0.
-* TP with sequence parallelism: per layer and micro-batch 2 all-gathers + 2 reduce-scatters
-  of b·s·d bf16 values forward and as many backward (2 more with checkpointing), ring cost
-  (t−1)/t of the message; not overlapped.
+* TP with sequence parallelism: the collectives kiln's TP plan issues (:func:`_tp_s`): per
+  layer and micro-batch one b·s·d gather or scatter per column- and row-parallel linear
+  forward and backward, and the norms' partial gradients summed 4 times a step; not
+  overlapped.
+* every collective: :meth:`Cluster.comm_s` — its kind's measured fit on ``local:N``, else the
+  ring cost ((t−1)/t of the message, 2(t−1)/t for an all-reduce) plus the cluster's latency.
 * PP: one b·s·d/t bf16 send forward and one backward per micro-batch and virtual stage.
 * FSDP: gathers the local parameters (bf16) forward and backward per micro-batch and
   reduce-scatters fp32 gradients once per step, overlapped with compute except one block's

@@ -27,6 +27,19 @@ SHAPES = {"gpt3": GPT3, "llama": LLAMA}
 STEPS, BATCH, SEQ, LR = 10, 8, 16, 0.5
 
 
+def initial_model(shape: GPTConfig, dims):
+    """(model, seed) to hand parallelize_model: the one-process reference is built whole the
+    plain way (build_model); a layout gets the meta-device model and the seed, so each rank
+    allocates only its shards (kiln.distributed.materialize). The parity checks then also prove
+    that both give the same initial weights."""
+    from kiln.distributed.materialize import meta_model
+    from kiln.train.run import build_model
+
+    if dims.world_size == 1:
+        return build_model(shape, dims.device, seed=0), None
+    return meta_model(shape), 0
+
+
 def tokens() -> np.ndarray:
     noise = np.random.default_rng(0).integers(0, 3, 4096)
     return ((np.arange(4096) * 5 + noise) % VOCAB).astype(np.uint16)

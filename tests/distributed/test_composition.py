@@ -13,7 +13,6 @@ from kiln.data.loader import TokenLoader, val_batches
 from kiln.distributed.parallel_dims import ParallelDims
 from kiln.distributed.parallelize import parallelize_model
 from kiln.train.optim import LRSchedule
-from kiln.train.run import build_model
 from kiln.train.trainer import Hooks, Trainer
 from tests.distributed.parity import (
     BATCH,
@@ -23,6 +22,7 @@ from tests.distributed.parity import (
     STEPS,
     assert_match,
     full_params,
+    initial_model,
     spawn,
     tokens,
 )
@@ -37,8 +37,8 @@ LAYOUTS = {
 
 def train(cfg: ParallelConfig, rank: int = 0, world: int = 1):
     dims = ParallelDims.from_config(cfg, rank, world, rank, torch.device("cpu"))
-    built = parallelize_model(build_model(SHAPE, dims.device, seed=0), dims, cfg, False,
-                              log=lambda _: None)  # fmt: skip
+    model, seed = initial_model(SHAPE, dims)
+    built = parallelize_model(model, dims, cfg, False, log=lambda _: None, seed=seed)
     params = [p for part in built.model_parts for p in part.parameters()]
     data = tokens()
     records: list[dict] = []

@@ -29,9 +29,8 @@ from kiln.distributed.parallelize import parallelize_model
 from kiln.models.gpt import GPTConfig
 from kiln.train.moe import MoEBalance
 from kiln.train.optim import LRSchedule, build_optimizer
-from kiln.train.run import build_model
 from kiln.train.trainer import Hooks, Trainer
-from tests.distributed.parity import full_params, spawn
+from tests.distributed.parity import full_params, initial_model, spawn
 
 SHAPE = GPTConfig(
     n_layers=2, d_model=32, n_heads=2, n_kv_heads=2, d_head=16, d_ffn=32, vocab_size=64,
@@ -57,9 +56,9 @@ def train(rank=0, world=1, data="fsdp", ep=1, micro=None, steps=STEPS, stop=None
 
     dims = ParallelDims(rank, world, rank, torch.device("cpu"), ep=ep)
     _ = dims.mesh
-    model = build_model(SHAPE, dims.device, seed=0)
+    model, seed = initial_model(SHAPE, dims)  # a layout: built on meta, allocated sharded
     built = parallelize_model(model, dims, ParallelConfig(data=data, expert=ep), False,
-                              log=lambda _: None)  # fmt: skip
+                              log=lambda _: None, seed=seed)  # fmt: skip
     optimizer = build_optimizer(model, TRAIN)
     records: list[dict] = []
     loader = TokenLoader(_tokens(), SEQ, BATCH, seed=0, dp_rank=dims.dp_rank, dp_size=world)

@@ -1,6 +1,7 @@
 """FSDP2 and DDP on 2 and 4 gloo processes match one process with the same global batch.
 
-The real parts run: build_model → parallelize → Trainer.fit with the data-parallel TokenLoader,
+The real parts run: the model built on meta → parallelize_model (each rank allocates its
+shards) → Trainer.fit with the data-parallel TokenLoader,
 gradient clipping over (D)Tensors and full-state-dict gathering. The optimizer is plain SGD
 (STYLE: AdamW amplifies float noise); after 10 steps parameters agree within 1e-5 and every
 step's loss within 1e-4.
@@ -18,12 +19,12 @@ import torch.multiprocessing as mp
 from kiln.config import ParallelConfig, TrainConfig
 from kiln.data.loader import TokenLoader, val_batches
 from kiln.distributed.parallel_dims import ParallelDims
-from kiln.distributed.parallelize import parallelize
+from kiln.distributed.parallelize import parallelize_model
 from kiln.models.gpt import GPTConfig
 from kiln.train.optim import LRSchedule
-from kiln.train.run import build_model
 from kiln.train.trainer import Hooks, Trainer
 from tests.distributed.conftest import free_port
+from tests.distributed.parity import initial_model
 
 SHAPE = GPTConfig(
     n_layers=2, d_model=32, n_heads=2, n_kv_heads=2, d_head=16, d_ffn=64, vocab_size=64,
@@ -40,8 +41,9 @@ def train(mode: str, rank: int = 0, world: int = 1) -> tuple[list[float], dict]:
     noise = np.random.default_rng(0).integers(0, 3, 4096)
     tokens = ((np.arange(4096) * 5 + noise) % SHAPE.vocab_size).astype(np.uint16)
     dims = ParallelDims(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
-    model = build_model(SHAPE, dims.device, seed=0)
-    train_model = parallelize(model, dims, ParallelConfig(data=mode), False, log=lambda _: None)
+    model, seed = initial_model(SHAPE, dims)
+    built = parallelize_model(model, dims, ParallelConfig(data=mode), False, lambda _: None, seed)
+    model, train_model = built.model_parts[0], built.train_model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     records: list[dict] = []
     trainer = Trainer(

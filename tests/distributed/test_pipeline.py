@@ -13,11 +13,10 @@ from torch import nn
 from kiln.config import ParallelConfig, TrainConfig
 from kiln.data.loader import TokenLoader, val_batches
 from kiln.distributed.parallel_dims import ParallelDims
-from kiln.distributed.pipeline import SCHEDULES, build_pipeline, check_pipeline, stage_layers
+from kiln.distributed.parallelize import parallelize_model
+from kiln.distributed.pipeline import SCHEDULES, check_pipeline, stage_layers
 from kiln.errors import ConfigError
-from kiln.models.loss import head_loss
 from kiln.train.optim import LRSchedule
-from kiln.train.run import build_model
 from kiln.train.trainer import Hooks, Trainer
 from tests.distributed.parity import (
     BATCH,
@@ -27,6 +26,7 @@ from tests.distributed.parity import (
     STEPS,
     assert_match,
     full_params,
+    initial_model,
     spawn,
     tokens,
 )
@@ -37,11 +37,11 @@ CLIP = 0.5  # small enough to clip: the norm must be the one over both stages
 
 def train(cfg: ParallelConfig, rank: int = 0, world: int = 1):
     dims = ParallelDims.from_config(cfg, rank, world, rank, torch.device("cpu"))
-    model = build_model(SHAPE, dims.device, seed=0)
-    pipeline = None
-    if dims.pp > 1:
-        pipeline = build_pipeline(model, dims, cfg, head_loss, log=lambda _: None)
-        model = nn.ModuleList(pipeline.parts)
+    model, seed = initial_model(SHAPE, dims)
+    built = parallelize_model(model, dims, cfg, False, log=lambda _: None, seed=seed)
+    pipeline = built.pipeline
+    if pipeline is not None:
+        model = nn.ModuleList(built.model_parts)
     data = tokens()
     records: list[dict] = []
     trainer = Trainer(

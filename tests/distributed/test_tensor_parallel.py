@@ -10,11 +10,10 @@ import torch
 from kiln.config import ParallelConfig, TrainConfig
 from kiln.data.loader import TokenLoader, val_batches
 from kiln.distributed.parallel_dims import ParallelDims
-from kiln.distributed.parallelize import loss_component, parallelize
+from kiln.distributed.parallelize import loss_component, parallelize_model
 from kiln.distributed.tensor_parallel import check_tensor_parallel
 from kiln.errors import ConfigError
 from kiln.train.optim import LRSchedule
-from kiln.train.run import build_model
 from kiln.train.trainer import Hooks, Trainer
 from tests.distributed.parity import (
     BATCH,
@@ -24,6 +23,7 @@ from tests.distributed.parity import (
     STEPS,
     assert_match,
     full_params,
+    initial_model,
     spawn,
     tokens,
 )
@@ -31,8 +31,9 @@ from tests.distributed.parity import (
 
 def train(shape, cfg: ParallelConfig, rank: int = 0, world: int = 1):
     dims = ParallelDims.from_config(cfg, rank, world, rank, torch.device("cpu"))
-    model = build_model(shape, dims.device, seed=0)
-    train_model = parallelize(model, dims, cfg, False, log=lambda _: None)
+    model, seed = initial_model(shape, dims)
+    built = parallelize_model(model, dims, cfg, False, log=lambda _: None, seed=seed)
+    model, train_model = built.model_parts[0], built.train_model
     data = tokens()
     records: list[dict] = []
     trainer = Trainer(

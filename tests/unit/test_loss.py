@@ -112,7 +112,9 @@ def test_optimizer_is_fused_adamw_for_plain_parameters():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tuning is Linux-only")
-@pytest.mark.parametrize("setting, expected", [("1", "True True"), ("0", "False False")])
+@pytest.mark.parametrize(
+    "setting, expected", [("1", "True True"), ("0", "False False"), ("memory", "False False")]
+)
 def test_malloc_tuning_applies_once_and_can_be_turned_off(setting, expected):
     code = "from kiln.train.malloc import keep_freed_memory as k\nprint(k(), k())"
     env = {**os.environ, "KILN_MALLOC_TUNING": setting}
@@ -120,3 +122,29 @@ def test_malloc_tuning_applies_once_and_can_be_turned_off(setting, expected):
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert out.stdout.strip() == expected
+
+
+FREED = """
+import torch
+from kiln.train.malloc import keep_freed_memory
+keep_freed_memory()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+x = torch.ones(16 * 2**20 // 4)  # 16 MiB, pages touched
+for _ in range(4):  # freed, then a different size: a kept heap fragments
+    x, y = None, torch.ones(24 * 2**20 // 4)
+    y, x = None, torch.ones(16 * 2**20 // 4)
+held = rss()
+x = None
+print((held - rss()) // 2**20)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tuning is Linux-only")
+@pytest.mark.parametrize("setting, returned", [("1", False), ("memory", True)])
+def test_malloc_memory_setting_returns_freed_blocks_to_the_kernel(setting, returned):
+    env = {**os.environ, "KILN_MALLOC_TUNING": setting}
+    out = subprocess.run(
+        [sys.executable, "-c", FREED], capture_output=True, text=True, env=env, check=True
+    )
+    freed_mib = int(out.stdout.strip())
+    assert (freed_mib >= 15) is returned, freed_mib

@@ -77,14 +77,15 @@ def apply_ddp(model: nn.Module, dims: ParallelDims, log: Callable[[str], None]) 
     return ddp
 
 
-def parallelize(
+def shard(
     model: nn.Module,
     dims: ParallelDims,
     cfg: ParallelConfig,
     compile: bool,
     log: Callable[[str], None] = print,
-) -> nn.Module:
-    """Return the module to train (the same object, or a DDP wrapper around it)."""
+) -> None:
+    """Apply every in-place step of the layout to ``model`` (initialised or on meta): tensor
+    parallel → expert parallel → activation checkpointing → compile → FSDP2/HSDP."""
     if dims.tp > 1:
         from kiln.distributed.tensor_parallel import apply_tensor_parallel
 
@@ -99,12 +100,29 @@ def parallelize(
         apply_activation_checkpointing(model, log)
     if compile:
         apply_compile(model, log)
-    if dims.dp_size == 1:
-        return model
-    if cfg.data == "ddp":
+    if dims.dp_size > 1 and cfg.data != "ddp":
+        apply_fsdp(model, dims, log, cfg.cpu_offload)
+
+
+def data_parallel(
+    model: nn.Module, dims: ParallelDims, cfg: ParallelConfig, log: Callable[[str], None]
+) -> nn.Module:
+    """The module to train: a DDP wrapper around ``model`` (allocated), or ``model`` itself."""
+    if dims.dp_size > 1 and cfg.data == "ddp":
         return apply_ddp(model, dims, log)
-    apply_fsdp(model, dims, log, cfg.cpu_offload)
     return model
+
+
+def parallelize(
+    model: nn.Module,
+    dims: ParallelDims,
+    cfg: ParallelConfig,
+    compile: bool,
+    log: Callable[[str], None] = print,
+) -> nn.Module:
+    """Return the module to train (the same object, or a DDP wrapper around it)."""
+    shard(model, dims, cfg, compile, log)
+    return data_parallel(model, dims, cfg, log)
 
 
 def loss_component(dims: ParallelDims):
@@ -138,29 +156,40 @@ def parallelize_model(
     cfg: ParallelConfig,
     compile: bool,
     log: Callable[[str], None] = print,
+    seed: int | None = None,
 ) -> Parallelized:
-    """Apply the whole layout to an initialised GPT, in the documented order: pipeline cut →
-    (per stage) tensor parallel → activation checkpointing → compile → FSDP2/HSDP or DDP."""
+    """Apply the whole layout to a GPT, in the documented order: pipeline cut → (per stage)
+    tensor parallel → activation checkpointing → compile → FSDP2/HSDP or DDP.
+
+    ``model`` is either initialised (every rank holds it whole), or — with ``seed`` — on the
+    meta device: then the layout is applied there and each rank allocates only what it holds,
+    initialised to the values ``seed`` gives the whole model (kiln.distributed.materialize)."""
     loss = loss_component(dims)
     if dims.pp == 1:
-        train_model = parallelize(model, dims, cfg, compile, log)
+        parts, ids, n_stages = [model], [0], 1
+    else:
+        from kiln.distributed.pipeline import cut_stages
+
+        parts, ids, n_stages = cut_stages(model, dims, cfg, log)
+    for part in parts:
+        shard(part, dims, cfg, compile, log)
+    if seed is not None:
+        from kiln.distributed.materialize import materialize
+
+        materialize(parts, dims.device, seed)
+    modules = [data_parallel(part, dims, cfg, log) for part in parts]
+    if dims.pp == 1:
         finish = None
         if dims.ep > 1:
             from kiln.distributed.expert_parallel import ExpertGrads
 
             finish = ExpertGrads(model, dims)
-        return Parallelized([model], train_model, None, loss, finish)
-    from kiln.distributed.pipeline import build_pipeline
+        return Parallelized(parts, modules[0], None, loss, finish)
+    from kiln.distributed.pipeline import make_pipeline
     from kiln.models.loss import head_loss
 
-    wrapped: list[nn.Module] = []
-
-    def wrap(part: nn.Module) -> nn.Module:
-        wrapped.append(parallelize(part, dims, cfg, compile, log))
-        return wrapped[-1]
-
-    pipeline = build_pipeline(model, dims, cfg, loss or head_loss, log, wrap=wrap)
-    return Parallelized(pipeline.parts, nn.ModuleList(wrapped), pipeline, loss)
+    pipeline = make_pipeline(parts, modules, ids, n_stages, dims, cfg, loss or head_loss)
+    return Parallelized(parts, nn.ModuleList(modules), pipeline, loss)
 
 
 def check_layout(shape, cfg: ParallelConfig, dims: ParallelDims, local_batch: int,

@@ -3,12 +3,13 @@ its module names, and a schedule (GPipe, 1F1B, interleaved, zero-bubble, DualPip
 micro-batches through them.
 
 Cutting: the embedding and the head each weigh as one layer, so the ``L + 2`` units are split
-into ``S`` contiguous runs of ``⌊s·(L+2)/S⌋ …`` units (an uneven split is fine). Every rank
-builds the whole model from the run's seed and keeps its stages (the same initial weights as one
-process); blocks are a ModuleDict keyed by their global index, so parameter names — and so
-checkpoints — are the same under every layout. A rank holds one stage, or two for the multi-stage
-schedules: looping (stage r and r + pp) for Interleaved1F1B / InterleavedZeroBubble / LoopedBFS,
-a V (stage r and 2·pp − 1 − r) for ZBVZeroBubble and DualPipeV.
+into ``S`` contiguous runs of ``⌊s·(L+2)/S⌋ …`` units (an uneven split is fine). ``kiln train``
+cuts the model on the meta device and each rank allocates only its stages, initialised to the
+values one process gives them (kiln.distributed.materialize); blocks are a ModuleDict keyed by
+their global index, so parameter names — and so checkpoints — are the same under every layout. A
+rank holds one stage, or two for the multi-stage schedules: looping (stage r and r + pp) for
+Interleaved1F1B / InterleavedZeroBubble / LoopedBFS, a V (stage r and 2·pp − 1 − r) for
+ZBVZeroBubble and DualPipeV.
 
 Loss: each micro-batch's loss is its mean cross entropy × (its tokens / this rank's tokens), and
 the schedule sums the micro-batches without rescaling (``scale_grads=False``): the sum over
@@ -177,6 +178,29 @@ class Pipeline:
         return total
 
 
+def cut_stages(model: nn.Module, dims, cfg, log: Callable[[str], None]):
+    """(this rank's stages cut from ``model``, their global indices, the number of stages)."""
+    v = stages_per_rank(cfg.pipeline_schedule, cfg.stages_per_rank)
+    n_stages = dims.pp * v
+    ids = stage_ids(cfg.pipeline_schedule, dims.pp_rank, dims.pp, v)
+    held = "; ".join(
+        f"stage {i}: blocks {','.join(stage_layers(model.config.n_layers, n_stages, i)) or '-'}"
+        for i in ids
+    )
+    log(
+        f"pipeline parallel: {dims.pp} ranks × {v} stage(s), {cfg.pipeline_schedule}, "
+        f"{cfg.microbatches or n_stages} micro-batches (rank {dims.rank} holds {held})"
+    )
+    return [cut_stage(model, i, n_stages) for i in ids], ids, n_stages
+
+
+def make_pipeline(parts: list[nn.Module], modules: list[nn.Module], ids: list[int],
+                  n_stages: int, dims, cfg, loss) -> Pipeline:  # fmt: skip
+    """The schedule over this rank's stages (``modules``: the parts, or wrappers around them)."""
+    return Pipeline(parts, modules, ids, n_stages, cfg.pipeline_schedule,
+                    cfg.microbatches or n_stages, dims.group("pp"), dims.device, loss)  # fmt: skip
+
+
 def build_pipeline(
     model: nn.Module,
     dims,
@@ -187,18 +211,5 @@ def build_pipeline(
 ) -> Pipeline:
     """Cut ``model`` (whole, initialised) into this rank's stages, parallelize each with
     ``wrap`` (TP, FSDP/DDP; it may return a wrapper) and set up the schedule."""
-    v = stages_per_rank(cfg.pipeline_schedule, cfg.stages_per_rank)
-    n_stages = dims.pp * v
-    ids = stage_ids(cfg.pipeline_schedule, dims.pp_rank, dims.pp, v)
-    parts = [cut_stage(model, i, n_stages) for i in ids]
-    microbatches = cfg.microbatches or n_stages
-    held = "; ".join(
-        f"stage {i}: blocks {','.join(stage_layers(model.config.n_layers, n_stages, i)) or '-'}"
-        for i in ids
-    )
-    log(
-        f"pipeline parallel: {dims.pp} ranks × {v} stage(s), {cfg.pipeline_schedule}, "
-        f"{microbatches} micro-batches (rank {dims.rank} holds {held})"
-    )
-    return Pipeline(parts, [wrap(p) for p in parts], ids, n_stages, cfg.pipeline_schedule,
-                    microbatches, dims.group("pp"), dims.device, loss)  # fmt: skip
+    parts, ids, n_stages = cut_stages(model, dims, cfg, log)
+    return make_pipeline(parts, [wrap(p) for p in parts], ids, n_stages, dims, cfg, loss)

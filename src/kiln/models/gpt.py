@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -495,17 +496,32 @@ class GPT(nn.Module):
         Each block initialises itself (a new block class brings its own init_weights), in
         parameter order, so the result is deterministic under torch.manual_seed; a pipeline
         stage skips what it does not hold. Recomputes the RoPE tables."""
+        for _, module, init in self.init_units():
+            init(module)
+        self.init_buffers()
+
+    def init_units(self) -> list[tuple[str, nn.Module, Callable[[nn.Module], None]]]:
+        """(name, module, its initialiser) for each part this model holds, in initialisation
+        order — the order that fixes the RNG stream. kiln.distributed.materialize walks the
+        whole model's units to initialise a sharded one to the same values."""
         cfg = self.config
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for emb in (self.tok_emb, self.pos_emb):
-            if emb is not None:
-                nn.init.normal_(emb.weight, 0.0, cfg.embed_init_std)
-        for block in self.blocks.values():
-            block.init_weights(cfg.init_std, out_std)
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.head is not None:
-            nn.init.normal_(self.head.weight, 0.0, cfg.init_std)
+
+        def normal(std: float) -> Callable[[nn.Module], None]:
+            return lambda m: nn.init.normal_(m.weight, 0.0, std)
+
+        units = [("tok_emb", self.tok_emb, normal(cfg.embed_init_std)),
+                 ("pos_emb", self.pos_emb, normal(cfg.embed_init_std))]  # fmt: skip
+        for key, block in self.blocks.items():
+            units.append((f"blocks.{key}", block, lambda b: b.init_weights(cfg.init_std, out_std)))
+        units.append(("norm", self.norm, lambda m: m.reset_parameters()))
+        units.append(("head", self.head, normal(cfg.init_std)))
+        return [unit for unit in units if unit[1] is not None]
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute the model's own derived buffers (the RoPE tables)."""
+        cfg = self.config
         if cfg.position == "rope":
             inv_freq = rope_inv_freq(cfg).to(self.rope_cos.device)
             t = torch.arange(cfg.max_seq_len, device=inv_freq.device, dtype=torch.float32)

@@ -13,7 +13,7 @@ gradients and optimizer moments split by tp and (FSDP) dp_shard plus one gathere
 the root module, DDP's buckets, and its activations split by tp/SP times the micro-batches the
 schedule keeps in flight (from torch's own schedule order). A layout fits when this is at most
 ``USABLE`` of the device memory (the estimate leaves out the CUDA context and fragmentation,
-and the transient of kiln building the whole model on every rank before sharding it, which
+and the build transient — this rank's shards plus one block or embedding built whole — which
 the estimate reports apart as ``build``).
 
 **Step time** = compute + exposed communication, per device:

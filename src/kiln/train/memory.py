@@ -72,7 +72,7 @@ class MemoryEstimate:
     data: str
     activation_checkpointing: bool
     build: int = 0
-    """Transient while the model is built: every rank builds the whole model (see below)."""
+    """Transient while the model is built: this rank's shards plus one unit built whole."""
     in_flight: float = 1.0
     """Micro-batches of this rank's activations held at its peak (pipeline schedules)."""
     layout: str = ""
@@ -228,9 +228,12 @@ def estimate_memory(
 
 
 FSDP_CPU_EXTRA = 1
-"""FSDP2 on CPU (gloo, CPU offload): the measured peak exceeds the sharded accounting by about
-one more unsharded copy of the rank's parameters, as parameters and as gradients (fit to
-2-rank runs on this CPU; the mechanism inside FSDP2 is not pinned down)."""
+"""FSDP2 on CPU (gloo, CPU offload) with malloc keeping freed memory (kiln.train.malloc, the
+default): the measured peak exceeds the sharded accounting by about one more unsharded copy of
+the rank's parameters, as parameters and as gradients (fit to 2-rank runs on this CPU). It is
+heap fragmentation: FSDP2 frees and re-allocates every block's gathered parameters and gradients
+each step, and the kept heap does not fit the new blocks into the old holes. With
+``KILN_MALLOC_TUNING=memory`` (``heap_kept=False``) the term goes away."""
 
 
 @lru_cache(maxsize=256)
@@ -289,13 +292,16 @@ def estimate_layout_memory(
     parallel=None,
     micro_batch: int | None = None,
     device: str = "cpu",
+    heap_kept: bool = True,
 ) -> list[MemoryEstimate]:
     """Per-rank memory of training ``shape`` under a layout (a ParallelConfig: tensor,
     pipeline, data_replicate, data, schedule, micro-batches, activation checkpointing), one
     estimate per pipeline rank (the tensor and data-parallel ranks of a stage are alike).
     ``local_batch``: sequences each data-parallel rank gets per step; ``micro_batch``: the
-    trainer's micro-batch without a pipeline (None = the local batch). See the module
-    docstring for the formulas; this function splits them by layout:
+    trainer's micro-batch without a pipeline (None = the local batch); ``heap_kept``: malloc
+    keeps freed memory (kiln.train.malloc's default; False for ``KILN_MALLOC_TUNING=memory``,
+    see :data:`FSDP_CPU_EXTRA`). See the module docstring for the formulas; this function
+    splits them by layout:
 
     - stage: a rank holds the blocks of its pipeline stage(s) (kiln.distributed.pipeline's
       split, the embedding and head weighed as layers), N_rank parameters;
@@ -307,8 +313,10 @@ def estimate_layout_memory(
     - activations: each stage's activations for one micro-batch (local_batch / m sequences)
       times the micro-batches the schedule keeps in flight (:func:`pipeline_order`): GPipe
       all m, 1F1B pp − rank, interleaved and zero-bubble what their order says;
-    - build: every rank builds the whole model from the seed (the same initial weights under
-      every layout), 4·N, while it copies out what it keeps (its stages, or its shards).
+    - build: the model is built on the meta device and sharded there; each rank allocates its
+      own parameters and fills them one initialisation unit at a time (an embedding, a block,
+      the head: built whole from the seed, so every layout starts from the same weights), so
+      the build holds 4·(N_local + the largest unit) (kiln.distributed.materialize).
     """
     from kiln.config import ParallelConfig
     from kiln.distributed.pipeline import stage_ids, stage_layers, stages_per_rank
@@ -345,17 +353,16 @@ def estimate_layout_memory(
                 for s, k in layers.items()}  # fmt: skip
         act, held = in_flight_peak(order[rank], acts) if pp > 1 else (acts[0], 1.0)
         act += head_transient_bytes(shape, mb * seq_len, precision, tp) if last else 0
-        if fsdp and device == "cpu":
+        if fsdp and device == "cpu" and heap_kept:
             gathered += FSDP_CPU_EXTRA * 4 * (sum(layers.values()) * nb + root) // tp
-        # every rank builds the whole model; a pipeline stage is a deep copy of it, trimmed
-        kept = 4 * (n + n_rank) if pp > 1 else 4 * local if local < n_rank else 0
+        unit = max(nb, shape.vocab_size * shape.d_model)  # the largest unit built whole
         name = _layout_name(cfg, world_size, shard, m, v)
         out.append(MemoryEstimate(
             params=4 * local + gathered, grads=4 * local + gathered,
             grad_buckets=4 * local if ddp else 0, optimizer=8 * local,
             optimizer_temps=4 * local if fsdp or tp > 1 else 0, activations=act,
             world_size=world_size, data=cfg.data if dp > 1 else "1 process",
-            activation_checkpointing=ac, build=4 * n + kept + (4 * local if ddp else 0),
+            activation_checkpointing=ac, build=4 * (local + unit),
             in_flight=held, layout=name + (f" · pp rank {rank}" if pp > 1 else ""),
         ))  # fmt: skip
     return out

@@ -2,9 +2,10 @@
 hold kiln.train.memory's estimate against.
 
 Each rank runs what ``kiln train`` runs after its data is ready — malloc keeps freed memory
-(kiln.train.malloc), the whole model is built from the seed, :func:`parallelize_model` applies
-the layout, AdamW per model part, and the Trainer's own ``train_step`` (micro-batches or the
-pipeline schedule, clipping, optimizer step, ``zero_grad(set_to_none)``) — on random tokens.
+(kiln.train.malloc), the model is built on meta and :func:`parallelize_model` applies the layout
+and allocates this rank's shards, AdamW per model part, and the Trainer's own ``train_step``
+(micro-batches or the pipeline schedule, clipping, optimizer step, ``zero_grad(set_to_none)``)
+— on random tokens.
 Before that it runs the same layout on a tiny model, so torch's and gloo's one-off buffers land
 in the baseline. The measured value is the increase of the process's peak resident set
 (``ru_maxrss``) from that baseline to the end: what the estimate counts, without the Python /
@@ -48,13 +49,12 @@ class _RandomTokens:
 
 def _steps(shape: GPTConfig, cfg: ParallelConfig, dims, batch: int, seq_len: int,
            micro_batch: int | None, precision: str, steps: int) -> None:  # fmt: skip
+    from kiln.distributed.materialize import meta_model
     from kiln.distributed.parallelize import parallelize_model
     from kiln.train.optim import LRSchedule, Optimizers, build_optimizer
-    from kiln.train.run import build_model
     from kiln.train.trainer import Trainer
 
-    built = parallelize_model(build_model(shape, dims.device, seed=0), dims, cfg, False,
-                              log=lambda _: None)  # fmt: skip
+    built = parallelize_model(meta_model(shape), dims, cfg, False, lambda _: None, seed=0)
     train = TrainConfig(batch_size=batch, micro_batch_size=micro_batch, precision=precision,
                         eval_every=0)  # fmt: skip
     opts = [build_optimizer(part, train) for part in built.model_parts]
@@ -95,6 +95,7 @@ def _worker(rank: int, world: int, port: int, out: str, job: dict) -> None:
     _die_with_parent()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(job["threads"])
+    os.environ["KILN_MALLOC_TUNING"] = job["malloc"]
     keep_freed_memory()  # as kiln train does on CPU
     cfg = ParallelConfig(**job["parallel"])
     shape = GPTConfig(**job["shape"])
@@ -118,8 +119,8 @@ def _worker(rank: int, world: int, port: int, out: str, job: dict) -> None:
 def _launch(jobs: list[dict], out: str) -> None:
     """In a fresh interpreter: import once, then fork each job's ranks from this small process
     (a fork starts in milliseconds; a spawned rank would import torch again)."""
+    import kiln.distributed.materialize  # noqa: F401
     import kiln.distributed.parallelize  # noqa: F401  (imported once, before the forks)
-    import kiln.train.run  # noqa: F401
 
     _die_with_parent()
     results = []
@@ -149,6 +150,9 @@ class Probe:
     steps: int = 3
     threads: int = 1
     timeout_s: float = 600.0
+    malloc: str = "1"
+    """KILN_MALLOC_TUNING for the ranks (kiln.train.malloc): "1" keeps freed memory (kiln
+    train's default on CPU), "memory" returns large blocks to the kernel at once."""
 
 
 def measure_peaks(probes: list[Probe]) -> list[list[int]]:

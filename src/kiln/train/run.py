@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from kiln.config import JobConfig
+from kiln.distributed.materialize import meta_model
 from kiln.distributed.parallel_dims import (
     ParallelDims,
     RankFailure,
@@ -191,7 +192,7 @@ def build_parallel_model(
         )
     local_batch = job.train.batch_size // dims.dp_size
     check_layout(shape, job.parallel, dims, local_batch, job.sparsity.enabled)
-    model = build_model(shape, dims.device, job.train.seed)
+    model = meta_model(shape)  # each rank allocates only its shards (parallelize_model)
     if job.train.fused_mlp != "off" and (job.sparsity.enabled or dims.distributed):
         raise ConfigError(
             f"train.fused_mlp is {job.train.fused_mlp!r} but the fused MLP applies only to dense "
@@ -203,7 +204,7 @@ def build_parallel_model(
     # compile block by block before FSDP/DDP wrap them, as torchtitan does.
     compile_whole = job.train.compile and not dims.distributed
     compile_blocks = job.train.compile and dims.distributed
-    built = parallelize_model(model, dims, job.parallel, compile_blocks, log=log)
+    built = parallelize_model(model, dims, job.parallel, compile_blocks, log, job.train.seed)
     if compile_whole:
         log("torch.compile: model and loss as one graph")
     return built, compile_whole

@@ -125,24 +125,20 @@ def worker(out: str, argv: list[str]) -> int:
     run.build_model(tiny, torch.device("cpu"), 0)(x, targets=y).backward()
 
     marks: dict[str, int] = {}
-    build, checkpoint, parallel = run.build_model, Trainer._checkpoint, run.build_parallel_model
-
-    def build_model(*a, **k):
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        marks["before"] = _status("VmRSS")
-        return build(*a, **k)
+    checkpoint, parallel = Trainer._checkpoint, run.build_parallel_model
 
     def at_checkpoint(self):
         marks.setdefault("peak", _status("VmHWM"))
         return checkpoint(self)
 
     def build_parallel_model(*a, **k):  # the build's own high-water mark, and what it left
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        marks["before"] = _status("VmRSS")
         out = parallel(*a, **k)
         marks["built_hwm"], marks["built_rss"] = _status("VmHWM"), _status("VmRSS")
         return out
 
-    run.build_model, Trainer._checkpoint = build_model, at_checkpoint
-    run.build_parallel_model = build_parallel_model
+    Trainer._checkpoint, run.build_parallel_model = at_checkpoint, build_parallel_model
     rc = main(argv)
     rank = os.environ.get("RANK", "0")
     Path(out, f"rank{rank}.json").write_text(json.dumps({**marks, "rc": rc}))

@@ -9,9 +9,10 @@ import torch
 from kiln.config import ParallelConfig, TrainConfig
 from kiln.data.loader import TokenLoader, val_batches
 from kiln.distributed.parallel_dims import ParallelDims
-from kiln.distributed.parallelize import parallelize
+from kiln.distributed.parallelize import parallelize_model
 from kiln.models.gpt import GPTConfig
 from kiln.train.optim import LRSchedule, build_optimizer
+from kiln.train.plan import loop_plan
 from kiln.train.run import build_model
 from kiln.train.trainer import Hooks, Trainer
 
@@ -48,7 +49,7 @@ def make_trainer(
     dims = ParallelDims(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     model = build_model(SHAPE, dims.device, seed=0)
     parallel = ParallelConfig(data=data, activation_checkpointing=activation_checkpointing)
-    train_model = parallelize(model, dims, parallel, False, log=lambda _: None)
+    built = parallelize_model(model, dims, parallel, False, log=lambda _: None)
     cfg = cfg or TrainConfig(precision="fp32", eval_every=0, lr=lr)
     if adamw:
         optimizer = build_optimizer(model, cfg)
@@ -64,11 +65,10 @@ def make_trainer(
             on_record(record)
 
     trainer = Trainer(
-        train_model, optimizer, LRSchedule(cfg.lr, 0, steps, 1.0, "linear"),
+        built, optimizer, LRSchedule(cfg.lr, 0, steps, 1.0, "linear"),
         TokenLoader(data_tokens, SEQ, BATCH, seed=0, dp_rank=rank, dp_size=world),
         val_batches(data_tokens, SEQ, BATCH, 1), cfg,
-        device=dims.device, total_steps=steps, micro_batch_size=micro or BATCH // world,
-        seq_len=SEQ, global_batch=BATCH, flops_per_token=1.0, peak_flops=1.0, world_size=world,
+        loop_plan(steps, BATCH, micro or BATCH // world, SEQ, world), dims,
         log_every=1, callbacks=callbacks,
         hooks=Hooks(
             log=log["lines"].append, write_metrics=write,

@@ -29,6 +29,7 @@ from kiln.distributed.parallelize import parallelize_model
 from kiln.models.gpt import GPTConfig
 from kiln.train.moe import MoEBalance
 from kiln.train.optim import LRSchedule, build_optimizer
+from kiln.train.plan import loop_plan
 from kiln.train.trainer import Hooks, Trainer
 from tests.distributed.parity import full_params, initial_model, spawn
 
@@ -63,12 +64,11 @@ def train(rank=0, world=1, data="fsdp", ep=1, micro=None, steps=STEPS, stop=None
     records: list[dict] = []
     loader = TokenLoader(_tokens(), SEQ, BATCH, seed=0, dp_rank=dims.dp_rank, dp_size=world)
     trainer = Trainer(
-        built.train_model, optimizer, LRSchedule(LR, 0, steps, 1.0, "linear"), loader,
-        val_batches(_tokens(), SEQ, BATCH, 1), TRAIN, device=dims.device,
-        total_steps=stop or steps, micro_batch_size=micro or BATCH // world, seq_len=SEQ,
-        global_batch=BATCH, flops_per_token=1.0, peak_flops=1.0, world_size=world, log_every=1,
+        built, optimizer, LRSchedule(LR, 0, steps, 1.0, "linear"), loader,
+        val_batches(_tokens(), SEQ, BATCH, 1), TRAIN,
+        loop_plan(stop or steps, BATCH, micro or BATCH // world, SEQ, world), dims, log_every=1,
         hooks=Hooks(log=lambda _: None, write_metrics=records.append),
-        callbacks=[MoEBalance(model)], dims=dims, finish_grads=built.finish_grads,
+        callbacks=[MoEBalance(model)],
     )  # fmt: skip
     if load is not None:
         ckpt.load_checkpoint(ckpt.latest_checkpoint(load), [model], optimizer)

@@ -22,6 +22,7 @@ from kiln.distributed.parallel_dims import ParallelDims
 from kiln.distributed.parallelize import parallelize_model
 from kiln.models.gpt import GPTConfig
 from kiln.train.optim import LRSchedule
+from kiln.train.plan import loop_plan
 from kiln.train.trainer import Hooks, Trainer
 from tests.distributed.conftest import free_port
 from tests.distributed.parity import initial_model
@@ -43,15 +44,14 @@ def train(mode: str, rank: int = 0, world: int = 1) -> tuple[list[float], dict]:
     dims = ParallelDims(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     model, seed = initial_model(SHAPE, dims)
     built = parallelize_model(model, dims, ParallelConfig(data=mode), False, lambda _: None, seed)
-    model, train_model = built.model_parts[0], built.train_model
+    model = built.model_parts[0]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     records: list[dict] = []
     trainer = Trainer(
-        train_model, optimizer, LRSchedule(0.5, 0, STEPS, 1.0, "linear"),
+        built, optimizer, LRSchedule(0.5, 0, STEPS, 1.0, "linear"),
         TokenLoader(tokens, SEQ, BATCH, seed=0, dp_rank=rank, dp_size=world),
         val_batches(tokens, SEQ, BATCH, 1), TrainConfig(precision="fp32", eval_every=0),
-        device=dims.device, total_steps=STEPS, micro_batch_size=BATCH // world, seq_len=SEQ,
-        global_batch=BATCH, flops_per_token=1.0, peak_flops=1.0, world_size=world, log_every=1,
+        loop_plan(STEPS, BATCH, BATCH // world, SEQ, world), dims, log_every=1,
         hooks=Hooks(log=lambda _: None, write_metrics=records.append),
     )  # fmt: skip
     trainer.fit()

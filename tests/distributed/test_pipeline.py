@@ -17,6 +17,7 @@ from kiln.distributed.parallelize import parallelize_model
 from kiln.distributed.pipeline import SCHEDULES, check_pipeline, stage_layers
 from kiln.errors import ConfigError
 from kiln.train.optim import LRSchedule
+from kiln.train.plan import loop_plan
 from kiln.train.trainer import Hooks, Trainer
 from tests.distributed.parity import (
     BATCH,
@@ -45,14 +46,12 @@ def train(cfg: ParallelConfig, rank: int = 0, world: int = 1):
     data = tokens()
     records: list[dict] = []
     trainer = Trainer(
-        model, torch.optim.SGD(model.parameters(), lr=LR), LRSchedule(LR, 0, STEPS, 1.0, "linear"),
+        built, torch.optim.SGD(model.parameters(), lr=LR), LRSchedule(LR, 0, STEPS, 1.0, "linear"),
         TokenLoader(data, SEQ, BATCH, seed=0, dp_rank=dims.dp_rank, dp_size=dims.dp_size),
         val_batches(data, SEQ, BATCH, 1),
         TrainConfig(precision="fp32", eval_every=0, grad_clip=CLIP),
-        device=dims.device, total_steps=STEPS, micro_batch_size=BATCH // dims.dp_size,
-        seq_len=SEQ, global_batch=BATCH, flops_per_token=1.0, peak_flops=1.0, world_size=world,
-        log_every=1, hooks=Hooks(log=lambda _: None, write_metrics=records.append), dims=dims,
-        pipeline=pipeline,
+        loop_plan(STEPS, BATCH, BATCH // dims.dp_size, SEQ, world), dims,
+        log_every=1, hooks=Hooks(log=lambda _: None, write_metrics=records.append),
     )  # fmt: skip
     trainer.fit()
     val = trainer.evaluate()

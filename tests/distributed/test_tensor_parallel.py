@@ -10,10 +10,11 @@ import torch
 from kiln.config import ParallelConfig, TrainConfig
 from kiln.data.loader import TokenLoader, val_batches
 from kiln.distributed.parallel_dims import ParallelDims
-from kiln.distributed.parallelize import loss_component, parallelize_model
+from kiln.distributed.parallelize import parallelize_model
 from kiln.distributed.tensor_parallel import check_tensor_parallel
 from kiln.errors import ConfigError
 from kiln.train.optim import LRSchedule
+from kiln.train.plan import loop_plan
 from kiln.train.trainer import Hooks, Trainer
 from tests.distributed.parity import (
     BATCH,
@@ -33,18 +34,16 @@ def train(shape, cfg: ParallelConfig, rank: int = 0, world: int = 1):
     dims = ParallelDims.from_config(cfg, rank, world, rank, torch.device("cpu"))
     model, seed = initial_model(shape, dims)
     built = parallelize_model(model, dims, cfg, False, log=lambda _: None, seed=seed)
-    model, train_model = built.model_parts[0], built.train_model
+    model = built.model_parts[0]
     data = tokens()
     records: list[dict] = []
     trainer = Trainer(
-        train_model, torch.optim.SGD(model.parameters(), lr=LR),
+        built, torch.optim.SGD(model.parameters(), lr=LR),
         LRSchedule(LR, 0, STEPS, 1.0, "linear"),
         TokenLoader(data, SEQ, BATCH, seed=0, dp_rank=dims.dp_rank, dp_size=dims.dp_size),
         val_batches(data, SEQ, BATCH, 1), TrainConfig(precision="fp32", eval_every=0),
-        device=dims.device, total_steps=STEPS, micro_batch_size=BATCH // dims.dp_size,
-        seq_len=SEQ, global_batch=BATCH, flops_per_token=1.0, peak_flops=1.0, world_size=world,
-        log_every=1, hooks=Hooks(log=lambda _: None, write_metrics=records.append), dims=dims,
-        loss=loss_component(dims),
+        loop_plan(STEPS, BATCH, BATCH // dims.dp_size, SEQ, world), dims,
+        log_every=1, hooks=Hooks(log=lambda _: None, write_metrics=records.append),
     )  # fmt: skip
     trainer.fit()
     val = trainer.evaluate()

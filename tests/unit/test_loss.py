@@ -113,10 +113,14 @@ def test_optimizer_is_fused_adamw_for_plain_parameters():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tuning is Linux-only")
 @pytest.mark.parametrize(
-    "setting, expected", [("1", "True True"), ("0", "False False"), ("memory", "False False")]
+    "setting, expected",
+    [("1", "True True False"), ("0", "False False False"), ("memory", "False False True")],
 )
 def test_malloc_tuning_applies_once_and_can_be_turned_off(setting, expected):
-    code = "from kiln.train.malloc import keep_freed_memory as k\nprint(k(), k())"
+    code = (
+        "from kiln.train.malloc import keep_freed_memory as k, returns_freed_memory as r\n"
+        "print(k(), k(), r())"
+    )
     env = {**os.environ, "KILN_MALLOC_TUNING": setting}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True

@@ -37,11 +37,12 @@ _M_MMAP_MAX = -4
 _M_MMAP_THRESHOLD = -3
 _SMALL = 128 * 1024
 _DONE: bool | None = None
+_RETURNING = False
 
 
 def keep_freed_memory() -> bool:
     """Apply the tuning once per process; True when it is (or already was) in force."""
-    global _DONE
+    global _DONE, _RETURNING
     if _DONE is not None:
         return _DONE
     _DONE = False
@@ -54,10 +55,16 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     if mode == "memory":  # return large blocks at once: freed memory is NOT kept
-        libc.mallopt(_M_MMAP_THRESHOLD, _SMALL)
-        libc.mallopt(_M_TRIM_THRESHOLD, _SMALL)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, _SMALL) == 1
+        _RETURNING = ok and libc.mallopt(_M_TRIM_THRESHOLD, _SMALL) == 1
         return False
     ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
     ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     _DONE = bool(ok)
     return _DONE
+
+
+def returns_freed_memory() -> bool:
+    """True when ``KILN_MALLOC_TUNING=memory`` is in force (:func:`keep_freed_memory` applied
+    it): large blocks go back to the kernel when freed."""
+    return _RETURNING

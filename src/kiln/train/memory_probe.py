@@ -52,6 +52,7 @@ def _steps(shape: GPTConfig, cfg: ParallelConfig, dims, batch: int, seq_len: int
     from kiln.distributed.materialize import meta_model
     from kiln.distributed.parallelize import parallelize_model
     from kiln.train.optim import LRSchedule, Optimizers, build_optimizer
+    from kiln.train.plan import loop_plan
     from kiln.train.trainer import Trainer
 
     built = parallelize_model(meta_model(shape), dims, cfg, False, lambda _: None, seed=0)
@@ -59,13 +60,11 @@ def _steps(shape: GPTConfig, cfg: ParallelConfig, dims, batch: int, seq_len: int
                         eval_every=0)  # fmt: skip
     opts = [build_optimizer(part, train) for part in built.model_parts]
     local = batch // dims.dp_size
+    plan = loop_plan(steps, batch, micro_batch or local, seq_len, dims.world_size)
     trainer = Trainer(
-        built.train_model, opts[0] if len(opts) == 1 else Optimizers(opts),
+        built, opts[0] if len(opts) == 1 else Optimizers(opts),
         LRSchedule(1e-4, 0, steps, 1.0, "linear"),
-        _RandomTokens(shape.vocab_size, local, seq_len, dims.dp_rank), [], train,
-        device=dims.device, total_steps=steps, micro_batch_size=micro_batch or local,
-        seq_len=seq_len, global_batch=batch, flops_per_token=1.0, peak_flops=1.0,
-        world_size=dims.world_size, dims=dims, loss=built.loss, pipeline=built.pipeline,
+        _RandomTokens(shape.vocab_size, local, seq_len, dims.dp_rank), [], train, plan, dims,
     )  # fmt: skip
     for _ in range(steps):
         trainer.train_step()

@@ -72,6 +72,23 @@ class TrainingPlan:
         )
 
 
+def loop_plan(steps: int, batch_size: int, micro_batch_size: int, seq_len: int,
+              world_size: int = 1) -> TrainingPlan:  # fmt: skip
+    """A plan that only sizes the loop — steps, global batch, micro-batch per rank, sequence
+    length, ranks — for code that drives the Trainer without a job (the memory probe, tests).
+    Parameters, FLOPs (1 per token, peak 1 FLOP/s: MFU is then tokens/s ÷ ranks) and the LR
+    fields are placeholders: the LR schedule is its own part."""
+    tokens = steps * batch_size * seq_len
+    return TrainingPlan(
+        params=0, non_embedding_params=0, active_params=0, steps=steps, tokens=tokens,
+        flops=float(tokens), flops_per_token=1.0, length_from="train.max_steps",
+        batch_size=batch_size, micro_batch_size=micro_batch_size,
+        grad_accum=max(1, batch_size // (world_size * micro_batch_size)), seq_len=seq_len,
+        world_size=world_size, lr=0.0, warmup_steps=0, decay="cosine", min_lr_ratio=0.0,
+        precision="fp32", device="cpu", peak_flops=1.0, peak_source="placeholder",
+    )  # fmt: skip
+
+
 def make_training_plan(shape, job: JobConfig, dims, data=None) -> TrainingPlan:
     t = job.train
     seq = job.data.seq_len

@@ -41,7 +41,7 @@ from kiln.models.presets import resolve_model
 from kiln.planning.hardware import measure_cpu_peak, resolve_precision
 from kiln.train import checkpoint as ckpt
 from kiln.train.callbacks import Callback
-from kiln.train.malloc import keep_freed_memory
+from kiln.train.malloc import keep_freed_memory, returns_freed_memory
 from kiln.train.metrics import MetricsWriter, plot_loss, truncate_metrics
 from kiln.train.optim import LRSchedule, Optimizers, build_optimizer
 from kiln.train.plan import TrainingPlan, make_training_plan
@@ -190,6 +190,8 @@ def build_parallel_model(
             "memory: malloc reuses freed blocks instead of page-faulting them in every step "
             "(KILN_MALLOC_TUNING=0 turns this off)"
         )
+    elif dims.device.type == "cpu" and returns_freed_memory():
+        log("memory: malloc returns freed blocks to the kernel (KILN_MALLOC_TUNING=memory)")
     local_batch = job.train.batch_size // dims.dp_size
     check_layout(shape, job.parallel, dims, local_batch, job.sparsity.enabled)
     model = meta_model(shape)  # each rank allocates only its shards (parallelize_model)
@@ -252,29 +254,19 @@ def build_trainer(
     compile_whole: bool,
 ) -> Trainer:
     return Trainer(
-        built.train_model,
+        built,
         optimizer,
         schedule,
         loader,
         vals,
         job.train,
-        device=dims.device,
-        total_steps=plan.steps,
-        micro_batch_size=plan.micro_batch_size,
-        seq_len=job.data.seq_len,
-        global_batch=job.train.batch_size,
-        flops_per_token=plan.flops_per_token,
-        peak_flops=plan.peak_flops,
-        world_size=dims.world_size,
+        plan,
+        dims,
         log_every=job.log.every,
         checkpoint_every=job.checkpoint.every,
         progress=job.log.progress and dims.is_main,
         callbacks=callbacks,
         compile_loss=compile_whole,
-        dims=dims,
-        loss=built.loss,
-        pipeline=built.pipeline,
-        finish_grads=built.finish_grads,
     )
 
 

@@ -1,11 +1,12 @@
 """The training loop: already-built parts in, optimizer steps out.
 
-The trainer receives a (possibly parallelized) model, optimizer, LR schedule, data loader and
-validation batches; it owns only the loop, its counters (``TrainState``) and the guards:
-non-finite loss or gradient norm skips the step, too many in a row stop the run, and
-SIGTERM/SIGINT end it after a final checkpoint. Under torch.distributed the stop request is
-all-reduced (MAX) every step, so a signal that reaches one rank stops all of them at the same
-step instead of leaving the others waiting in a collective.
+The trainer receives the model parts this rank holds (one per pipeline stage, with what runs
+them: kiln.distributed.parallelize.Parallelized), the training plan, the device mesh, the
+optimizer, LR schedule, data loader and validation batches; it owns only the loop, its counters
+(``TrainState``) and the guards: non-finite loss or gradient norm skips the step, too many in a
+row stop the run, and SIGTERM/SIGINT end it after a final checkpoint. Under torch.distributed
+the stop request is all-reduced (MAX) every step, so a signal that reaches one rank stops all of
+them at the same step instead of leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,11 @@ from kiln.models.loss import head_loss, logits_loss
 from kiln.models.moe import pop_aux_loss
 from kiln.train.callbacks import Callback
 from kiln.train.faults import crash_point
+
+if TYPE_CHECKING:
+    from kiln.distributed.parallel_dims import ParallelDims
+    from kiln.distributed.parallelize import Parallelized
+    from kiln.train.plan import TrainingPlan
 
 
 @dataclass
@@ -145,39 +151,40 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        parts: Parallelized,
         optimizer: torch.optim.Optimizer,
         schedule,
         loader,
         val_batches: list[tuple[torch.Tensor, torch.Tensor]],
         cfg: TrainConfig,
+        plan: TrainingPlan,
+        dims: ParallelDims,
         *,
-        device: torch.device,
-        total_steps: int,
-        micro_batch_size: int,
-        seq_len: int,
-        global_batch: int,
-        flops_per_token: float,
-        peak_flops: float,
-        world_size: int = 1,
         log_every: int = 10,
         checkpoint_every: int = 0,
         progress: bool = False,
         hooks: Hooks | None = None,
         callbacks: list[Callback] | None = None,
         compile_loss: bool = False,
-        dims=None,
-        loss=None,
-        pipeline=None,
-        finish_grads: Callable[[], None] | None = None,
     ):
+        """``parts``: the model parts this rank holds (one per pipeline stage) and what runs
+        them (kiln.distributed.parallelize.parallelize_model); ``plan``: the training plan
+        (steps, batch and micro-batch, sequence length, FLOPs per token, peak; a test or probe
+        without a job uses kiln.train.plan.loop_plan); ``dims``: the mesh the reductions take
+        their groups from."""
+        model = parts.train_model
+        self.model_parts = parts.model_parts
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loader, self.val_batches, self.cfg = loader, val_batches, cfg
-        self.device, self.total_steps = device, total_steps
-        self.micro, self.seq_len, self.global_batch = micro_batch_size, seq_len, global_batch
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.device, self.total_steps = dims.device, plan.steps
+        self.micro, self.seq_len, self.global_batch = (
+            plan.micro_batch_size,
+            plan.seq_len,
+            plan.batch_size,
+        )
+        self.flops_per_token, self.peak_flops = plan.flops_per_token, plan.peak_flops
         self.world_size, self.log_every, self.checkpoint_every = (
-            world_size,
+            plan.world_size,
             log_every,
             checkpoint_every,
         )
@@ -185,13 +192,13 @@ class Trainer:
         self.hooks = hooks or Hooks()
         self.callbacks = list(callbacks or [])
         self.dims = dims
-        """kiln.distributed.ParallelDims: the mesh reductions take their groups from (None:
-        one process, or every rank a data-parallel rank)."""
-        self.loss_fn = make_loss_fn(model, device, cfg.precision, compile_loss, loss)
-        self.pipeline = pipeline
+        """kiln.distributed.ParallelDims: the mesh reductions take their groups from."""
+        loss = parts.loss
+        self.loss_fn = make_loss_fn(model, self.device, cfg.precision, compile_loss, loss)
+        self.pipeline = parts.pipeline
         """kiln.distributed.pipeline.Pipeline: runs forward + backward of a batch through this
         rank's stages (``model`` is then a ModuleList of them)."""
-        self.finish_grads = finish_grads
+        self.finish_grads = parts.finish_grads
         """Called once after the step's last backward, before clipping (expert gradients
         under expert parallelism: kiln.distributed.parallelize.Parallelized.finish_grads)."""
         self.loss_context = getattr(loss, "context", contextlib.nullcontext)
@@ -267,11 +274,11 @@ class Trainer:
 
     @property
     def _dp_group(self):
-        return self.dims.group("dp") if self.dims is not None else None
+        return self.dims.group("dp")
 
     @property
     def _pp_group(self):
-        return self.dims.group("pp") if self.dims is not None and self.dims.pp > 1 else None
+        return self.dims.group("pp") if self.dims.pp > 1 else None
 
     # -- the loop --------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:

@@ -11,7 +11,7 @@ under torchrun (gloo, 2 or 4 processes on this machine's cores). For each layout
   less the resident set just before the model is built (the process runtime, the one-off
   buffers of a first tiny forward/backward, gloo, the tokenizer and the data are already
   there), so it counts what kiln.train.memory counts; and the resident set once the model is
-  built and parallelised (what the whole-model build leaves behind);
+  built and parallelised (what the build leaves behind);
 
 and asks the planner for the same layout on ``local:N`` (this machine with N processes:
 :func:`kiln.planning.layout.local_cluster`, in fp32 as the runs train, with each gloo

@@ -10,12 +10,15 @@ under torchrun (gloo, 2 or 4 processes on this machine's cores). For each layout
   /proc/self/clear_refs just before the model is built) when the final checkpoint starts,
   less the resident set just before the model is built (the process runtime, the one-off
   buffers of a first tiny forward/backward, gloo, the tokenizer and the data are already
-  there), so it counts what kiln.train.memory counts;
+  there), so it counts what kiln.train.memory counts; and the resident set once the model is
+  built and parallelised (what the build leaves behind);
 
 and asks the planner for the same layout on ``local:N`` (this machine with N processes:
-:func:`kiln.planning.layout.local_cluster`) through :func:`kiln.planning.layout.predict_layout`
-— its memory is ``Prediction.memory['peak']`` (layout_memory → kiln.train.memory) and its step
-time ``Prediction.step_s``. Layouts run interleaved, ``--repeats`` rounds in a rotated order, so
+:func:`kiln.planning.layout.local_cluster`, in fp32 as the runs train, with each gloo
+collective kind measured for N processes at the start: kiln.planning.collectives) through
+:func:`kiln.planning.layout.predict_layout` — its memory is ``Prediction.memory['peak']``
+(layout_memory → kiln.train.memory) and its step time ``Prediction.step_s``. Layouts run
+interleaved, ``--repeats`` rounds in a rotated order, so
 that the load other work puts on the machine falls on all of them alike.
 
     PYTHONPATH=src python benchmarks/planner_measured.py [--repeats 2] [--steps 8]
@@ -25,6 +28,7 @@ that the load other work puts on the machine falls on all of them alike.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -34,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kiln.planning.cluster import LOCAL_LINK_GBPS
 from kiln.planning.flops import Shape
 from kiln.planning.layout import Layout, local_cluster, predict_layout
 
@@ -120,18 +125,20 @@ def worker(out: str, argv: list[str]) -> int:
     run.build_model(tiny, torch.device("cpu"), 0)(x, targets=y).backward()
 
     marks: dict[str, int] = {}
-    build, checkpoint = run.build_model, Trainer._checkpoint
-
-    def build_model(*a, **k):
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        marks["before"] = _status("VmRSS")
-        return build(*a, **k)
+    checkpoint, parallel = Trainer._checkpoint, run.build_parallel_model
 
     def at_checkpoint(self):
         marks.setdefault("peak", _status("VmHWM"))
         return checkpoint(self)
 
-    run.build_model, Trainer._checkpoint = build_model, at_checkpoint
+    def build_parallel_model(*a, **k):  # the build's own high-water mark, and what it left
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        marks["before"] = _status("VmRSS")
+        out = parallel(*a, **k)
+        marks["built_hwm"], marks["built_rss"] = _status("VmHWM"), _status("VmRSS")
+        return out
+
+    Trainer._checkpoint, run.build_parallel_model = at_checkpoint, build_parallel_model
     rc = main(argv)
     rank = os.environ.get("RANK", "0")
     Path(out, f"rank{rank}.json").write_text(json.dumps({**marks, "rc": rc}))
@@ -155,54 +162,41 @@ def measure(lay: Layout, steps: int, cache: Path, env: dict) -> dict:
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
     return {"step_s": [BATCH * SEQ / x for x in tps],
             "mem": [r["peak"] - r["before"] for r in ranks],
+            "build": [[r["built_hwm"] - r["before"], r["built_rss"] - r["before"]] for r in ranks],
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
 
-def predict(lay: Layout, link_gbps: float | None, latency_s: float | None) -> dict:
-    c = local_cluster(world(lay), link_gbps=link_gbps, latency_s=latency_s)
+def predict(lay: Layout, fits: dict[str, list]) -> dict:
+    """The planner's prediction of ``lay`` on ``local:N``, in fp32 as the runs train, with
+    the collectives measured for N processes at the start of the benchmark."""
+    from kiln.planning.collectives import CollectiveFit
+
+    n = world(lay)
+    c = local_cluster(n, link_gbps=LOCAL_LINK_GBPS, latency_s=0.0, precision="fp32")
+    c = dataclasses.replace(c, collectives=tuple(CollectiveFit(*f) for f in fits.get(str(n), [])))
     p = predict_layout(SHAPE, lay, c, SEQ)
-    return {"mem": p.memory["peak"], "step_s": p.step_s}
+    return {"mem": p.memory["peak"], "step_s": p.step_s, "parts": p.parts}
 
 
-def gloo_link(env: dict) -> tuple[float, float]:
-    """(bytes/s of a 64 MB all-reduce, median seconds of a 4-byte one) between 2 gloo
-    processes on this machine: the β and α of the local cluster's links."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", str(HERE), "--gloo-bw", tmp]  # fmt: skip
-        subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
-        bw, alpha = json.loads(Path(tmp, "link.json").read_text())
-        return bw, alpha
+def measure_links() -> dict[str, list]:
+    """Each gloo collective kind fitted as latency + bytes / bandwidth for every process
+    count the layouts use (kiln.planning.collectives; cached in this benchmark's KILN_CACHE)."""
+    from kiln.planning.collectives import measure_collectives
 
-
-def _gloo_worker(out: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    big, small = torch.ones(16 * 2**20), torch.ones(1)
-    times, lat = [], []
-    for _ in range(4):
-        dist.barrier()
-        t0 = time.perf_counter()
-        dist.all_reduce(big)
-        times.append(time.perf_counter() - t0)
-    for _ in range(50):
-        t0 = time.perf_counter()
-        dist.all_reduce(small)
-        lat.append(time.perf_counter() - t0)
-    if dist.get_rank() == 0:
-        link = [big.numel() * 4 / min(times[1:]), statistics.median(lat)]
-        Path(out, "link.json").write_text(json.dumps(link))
-    dist.destroy_process_group()
+    fits = {}
+    for n in sorted({world(lay) for lay in LAYOUTS}):
+        fits[str(n)] = [dataclasses.astuple(f) for f in measure_collectives(n)]
+        for kind, g, lat, bw in fits[str(n)]:
+            print(f"gloo, {n} processes, groups of {g}: {kind} {lat * 1e3:.2f} ms + "
+                  f"{bw / 1e9:.2f} GB/s", flush=True)  # fmt: skip
+    return fits
 
 
 def run_all(args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cache = Path(args.cache)
-    bw, alpha = gloo_link(env)
-    print(f"gloo between 2 processes: 64 MB all-reduce {bw / 1e9:.2f} GB/s, 4-byte all-reduce "
-          f"{alpha * 1e3:.2f} ms", flush=True)  # fmt: skip
+    load = [Path("/proc/loadavg").read_text().strip()]
+    fits = measure_links()
     results: dict[str, dict] = {lay.name(): {"step_s": [], "mem": []} for lay in LAYOUTS}
     for rnd in range(args.repeats):
         order = LAYOUTS[rnd % len(LAYOUTS) :] + LAYOUTS[: rnd % len(LAYOUTS)]
@@ -214,28 +208,29 @@ def run_all(args) -> dict:
             res["step_s"] += m["step_s"]
             res["mem"] = m["mem"] if not res["mem"] else [max(a, b) for a, b in
                                                          zip(res["mem"], m["mem"])]  # fmt: skip
+            res["build"] = m["build"]  # per rank: (high-water, resident) once parallelised
             print(
                 f"round {rnd + 1}: {lay.name():<34} median step "
                 f"{statistics.median(m['step_s']):.2f} s, memory MiB "
                 f"{[round(x / 2**20) for x in m['mem']]} ({m['wall_s']:.0f} s)",
                 flush=True,
             )
-    return {"gloo_bytes_per_s": bw, "gloo_latency_s": alpha, "results": results,
-            "steps": args.steps, "repeats": args.repeats}  # fmt: skip
+    load.append(Path("/proc/loadavg").read_text().strip())
+    return {"collectives": fits, "results": results, "steps": args.steps,
+            "repeats": args.repeats, "loadavg": load}  # fmt: skip
 
 
 def table(data: dict) -> tuple[str, dict]:
     """Markdown table of predicted vs measured, and the summary numbers."""
     from scipy.stats import spearmanr
 
-    link, alpha = data["gloo_bytes_per_s"] / 1e9, data.get("gloo_latency_s")
     rows, pm, mm, pt, mt = [], [], [], [], []
     head = (
         "| layout | procs | memory predicted MiB | measured MiB (max rank; min) | error "
         "| step predicted s | measured s (median) |\n|---|---|---|---|---|---|---|"
     )
     for lay in LAYOUTS:
-        res, pred = data["results"][lay.name()], predict(lay, link, alpha)
+        res, pred = data["results"][lay.name()], predict(lay, data["collectives"])
         mem, step = max(res["mem"]), statistics.median(res["step_s"])
         err = pred["mem"] / mem - 1
         pm.append(pred["mem"]), mm.append(mem), pt.append(pred["step_s"]), mt.append(step)
@@ -253,8 +248,7 @@ def table(data: dict) -> tuple[str, dict]:
     tail = (f"\nmemory: {summary['memory_within_25']} of {summary['layouts']} layouts within "
             f"25%, MAPE {summary['memory_mape']:.0%}; step time: MAPE "
             f"{summary['time_mape']:.0%}, Spearman rank correlation of predicted and measured "
-            f"step times {summary['spearman']:.2f} (scipy.stats.spearmanr); gloo link measured "
-            f"{link:.2f} GB/s, {alpha * 1e3:.1f} ms per collective")  # fmt: skip
+            f"step times {summary['spearman']:.2f} (scipy.stats.spearmanr)")  # fmt: skip
     return head + "\n" + "\n".join(rows) + "\n" + tail, summary
 
 
@@ -286,7 +280,7 @@ def main() -> None:
         write_section("planner-measured", "## Layout planner: predicted vs measured on this "
                       "machine (gloo, 2–4 processes)\n\nSee docs/planner.md for the method. "
                       f"Measured with --repeats {data['repeats']} --steps {data['steps']}.\n\n"
-                      + text)  # fmt: skip
+                      + text + _stamp(data))  # fmt: skip
         replace_section("planner-measured", text + _stamp(data), HERE.parent.parent /
                         "docs/planner.md")  # fmt: skip
 
@@ -294,14 +288,17 @@ def main() -> None:
 def _stamp(data: dict) -> str:
     from benchmarks.common import machine
 
-    return (f"\n\n`PYTHONPATH=src python benchmarks/planner_measured.py --repeats "
-            f"{data['repeats']} --steps {data['steps']} --write` on {machine()}")  # fmt: skip
+    from kiln.planning.hardware import cpu_matrix_flags
+
+    load = " → ".join(data.get("loadavg", [])) or "not recorded"
+    return (f"\n\nMeasured by `PYTHONPATH=src python benchmarks/planner_measured.py --repeats "
+            f"{data['repeats']} --steps {data['steps']}` (then `--from-json FILE --write`) "
+            f"under `flock /tmp/kiln-bench.lock` on {machine()}; bf16 matrix "
+            f"instructions: {cpu_matrix_flags()}; /proc/loadavg before → after: "
+            f"{load}")  # fmt: skip
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
         sys.exit(worker(sys.argv[2], sys.argv[4:]))
-    if len(sys.argv) > 2 and sys.argv[1] == "--gloo-bw":
-        _gloo_worker(sys.argv[2])
-        sys.exit(0)
     main()

@@ -2,7 +2,8 @@
 Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, DualPipeV): a 5-layer model
 cut unevenly (embedding and head weigh as a layer: 2 + 3 blocks, or 1 + 2 + 2 + 1 over four
 stages), same initial weights, same global batch, 10 SGD steps through the real Trainer with
-gradient clipping across stages: losses within 1e-5 relative and every parameter within 1e-5.
+gradient clipping across stages: losses within 1e-5 relative and every parameter within 1e-5;
+validation matches too, run one micro-batch at a time.
 One process group runs all the schedules. Bad pipeline layouts are refused in one sentence."""
 
 import pytest
@@ -54,6 +55,9 @@ def train(cfg: ParallelConfig, rank: int = 0, world: int = 1):
         log_every=1, hooks=Hooks(log=lambda _: None, write_metrics=records.append),
     )  # fmt: skip
     trainer.fit()
+    seen: list[int] = []  # the batch sizes validation's stage forwards see
+    for m in pipeline.modules if pipeline is not None else []:
+        m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
     val = trainer.evaluate()
     params = {}
     for part in model if pipeline else [model]:
@@ -62,7 +66,7 @@ def train(cfg: ParallelConfig, rank: int = 0, world: int = 1):
         every: list = [None] * world
         dist.all_gather_object(every, params)
         params = {k: v for d in every for k, v in d.items()}
-    return [r["loss"] for r in records], params, val, [r["grad_norm"] for r in records]
+    return [r["loss"] for r in records], params, val, [r["grad_norm"] for r in records], seen
 
 
 def _schedules(rank: int, world: int) -> dict:
@@ -78,6 +82,7 @@ def test_pipeline_matches_one_process_under_every_schedule(tmp_path):
         assert_match(got[:2], want[:2], schedule)
         assert abs(got[2] - want[2]) <= 1e-5 * want[2], (schedule, got[2], want[2])
         assert max(abs(a - b) for a, b in zip(got[3], want[3])) <= 1e-4 * max(want[3]), schedule
+        assert got[4] and max(got[4]) < BATCH, (schedule, got[4])  # validation micro-batched
 
 
 def test_layers_are_split_with_embedding_and_head_weighed_as_layers():

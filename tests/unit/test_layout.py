@@ -213,6 +213,7 @@ def _fake_cpu(monkeypatch, fp32=20e9, bf16=1e9, memory=16e9):
     dev = Device("cpu", bf16, fp32, 10e9, None, None, "fake", 1.0, 5e9, 1e-5)
     monkeypatch.setattr(cluster_mod, "_one_thread_cpu", lambda cache_path: dev)
     monkeypatch.setattr(cluster_mod, "_host_memory", lambda: memory)
+    monkeypatch.setattr(cluster_mod, "measure_collectives", lambda n, cache_path=None: ())
     return dev
 
 
@@ -243,9 +244,11 @@ def test_local_cluster_is_this_machine_with_n_processes(monkeypatch):
     # every TP collective costs the latency; gloo on a CPU overlaps nothing with compute
     slow = cluster_mod.local_cluster(2, cores=2, latency_s=0.01)
     quick = cluster_mod.local_cluster(2, cores=2, latency_s=0.0)
-    tp2 = Layout(2, 1, 1, 1, 8, 2)  # 2 micro-batches × 4 layers × 8 collectives
+    # 2 micro-batches × (4 layers × 12 collectives + the head's 2), and 4 all-reduces a step of
+    # each of the 9 LayerNorms' 2 replicated parameters
+    tp2 = Layout(2, 1, 1, 1, 8, 2)
     tp = lambda c: predict_layout(TINY, tp2, c, 64).parts["tp"]  # noqa: E731
-    assert tp(slow) - tp(quick) == pytest.approx(0.01 * 2 * 4 * 8)
+    assert tp(slow) - tp(quick) == pytest.approx(0.01 * (2 * (4 * 12 + 2) + 4 * 9 * 2))
     n = lay_mod.stage_shape(TINY, 1).stage_params
     comm = (2 * 1 * 4 * n + 4 * n) / 2 / quick.intra_bw  # gathers fwd+bwd, one reduce-scatter
     assert predict_layout(TINY, fsdp, quick, 64).parts["dp"] == pytest.approx(comm)

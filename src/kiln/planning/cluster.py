@@ -11,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from kiln.errors import ConfigError
+from kiln.planning.collectives import CollectiveFit, measure_collectives
 from kiln.planning.hardware import DEVICES, Device
 
 MEMORY_GB = {"A100": 80, "H100": 80, "H200": 141, "MI300X": 192}
@@ -61,11 +62,35 @@ class Cluster:
     latency_s: float = 0.0
     """Seconds every collective or send costs whatever its size (the α of the α-β model);
     measured for local:N, 0 for the datasheet clusters (no published number)."""
+    collectives: tuple[CollectiveFit, ...] = ()
+    """Measured cost of each collective kind per group size (local:N:
+    :func:`kiln.planning.collectives.measure_collectives`); empty = the α-β ring model."""
+
+    def link_bw(self, size: int, stride: int) -> float:
+        """Bytes/s of the link a group of ``size`` ranks ``stride`` apart talks over: the
+        node's if all its ranks sit in one node, else the NIC."""
+        return self.intra_bw if size * stride <= self.devices_per_node else self.inter_bw
+
+    def comm_s(self, kind: str, size: int, stride: int, nbytes: float, calls: float) -> float:
+        """Seconds of ``calls`` collectives of ``kind`` (KINDS of kiln.planning.collectives)
+        in a group of ``size`` ranks ``stride`` apart, moving ``nbytes`` messages in all (the
+        all-reduced or sent tensors, the all-gathers' outputs, the reduce-scatters' inputs).
+        A measured fit for the kind and group size (a send: any group) wins; else each call
+        costs ``latency_s`` and the bytes go over the ring at link_bw: (g−1)/g of the message
+        for a gather or scatter, 2(g−1)/g for an all-reduce, all of it for a send."""
+        if size < 2 or not calls:
+            return 0.0
+        for f in self.collectives:
+            if f.kind == kind and (f.group == size or kind == "send"):
+                return f.seconds(nbytes, calls)
+        ring = {"all_reduce": 2 * (size - 1) / size, "send": 1.0}.get(kind, (size - 1) / size)
+        return ring * nbytes / self.link_bw(size, stride) + self.latency_s * calls
 
     @property
     def overlaps(self) -> bool:
-        """Whether communication can hide behind compute: not on a CPU, where gloo's
-        collectives run on the cores that compute."""
+        """Whether communication can hide behind compute, and kernels are fused (flash
+        attention, fused MLP): not on a CPU, where gloo's collectives run on the cores that
+        compute and kiln trains eagerly, kernel by kernel."""
         return self.memory_device != "cpu"
 
     @property
@@ -133,6 +158,7 @@ def local_cluster(
     memory_gb: float | None = None,
     cache_path: str | Path | None = None,
     latency_s: float | None = None,
+    precision: str | None = None,
 ) -> Cluster:
     """This machine running ``processes`` ranks under torchrun (gloo), as a Cluster.
 
@@ -142,8 +168,11 @@ def local_cluster(
     so a rank gets min(1, cores/processes) of one core: every measured rate is scaled by that
     share and the per-kernel overhead divided by it. Memory per rank is the machine's memory
     / processes; the link between ranks is gloo over loopback (``link_gbps``, default
-    LOCAL_LINK_GBPS) with ``latency_s`` per collective (default LOCAL_LATENCY_S). The
-    precision is the faster of bf16 and fp32 matmuls, as train.precision 'auto' picks on a CPU.
+    LOCAL_LINK_GBPS) with ``latency_s`` per collective (default LOCAL_LATENCY_S); unless
+    either is given, each collective kind is costed from its own measurement on this machine
+    (:func:`kiln.planning.collectives.measure_collectives`, cached). The precision is
+    ``precision`` or else the faster of bf16 and fp32 matmuls, as train.precision 'auto' picks
+    on a CPU.
     """
     import dataclasses
 
@@ -160,9 +189,14 @@ def local_cluster(
     )  # fmt: skip
     mem = memory_gb * 1e9 if memory_gb else _host_memory() / processes
     link = (link_gbps or LOCAL_LINK_GBPS) * 1e9
-    precision = "bf16" if dev.peak_bf16 > dev.vector_flops else "fp32"
+    if precision not in (None, "bf16", "fp32"):
+        raise ConfigError(f"precision {precision!r} for a local cluster; use bf16 or fp32.")
+    precision = precision or ("bf16" if dev.peak_bf16 > dev.vector_flops else "fp32")
     alpha = LOCAL_LATENCY_S if latency_s is None else latency_s
-    return Cluster(1, processes, scaled, mem, link, link, precision, "cpu", latency_s=alpha)
+    measured = link_gbps is None and latency_s is None and processes > 1
+    fits = measure_collectives(processes, cache_path) if measured else ()
+    return Cluster(1, processes, scaled, mem, link, link, precision, "cpu", latency_s=alpha,
+                   collectives=fits)  # fmt: skip
 
 
 @lru_cache(maxsize=4)

@@ -19,13 +19,17 @@ the estimate reports apart as ``build``).
 **Step time** = compute + exposed communication, per device:
 
 * compute: the fused (dataflow: flash attention, fused MLP) step time of one micro-batch of
-  the whole model from :func:`kiln.planning.perf.predict`, × micro-batches per data-parallel
+  the whole model from :func:`kiln.planning.perf.predict` (kernel by kernel on a CPU, where
+  kiln trains eagerly), × micro-batches per data-parallel
   rank / (tp · pp); activation checkpointing adds the forward again; the optimizer step is
   perf's AdamW op over the local parameters. The pipeline stretches compute by the bubble:
   GPipe and 1F1B (p−1)/(m+p−1) of the step, interleaved ((p−1)/v)/(m+(p−1)/v), zero-bubble 0.
-* TP with sequence parallelism: per layer and micro-batch 2 all-gathers + 2 reduce-scatters
-  of b·s·d bf16 values forward and as many backward (2 more with checkpointing), ring cost
-  (t−1)/t of the message; not overlapped.
+* TP with sequence parallelism: the collectives kiln's TP plan issues (:func:`_tp_s`): per
+  layer and micro-batch one b·s·d gather or scatter per column- and row-parallel linear
+  forward and backward, and the norms' partial gradients summed 4 times a step; not
+  overlapped.
+* every collective: :meth:`Cluster.comm_s` — its kind's measured fit on ``local:N``, else the
+  ring cost ((t−1)/t of the message, 2(t−1)/t for an all-reduce) plus the cluster's latency.
 * PP: one b·s·d/t bf16 send forward and one backward per micro-batch and virtual stage.
 * FSDP: gathers the local parameters (bf16) forward and backward per micro-batch and
   reduce-scatters fp32 gradients once per step, overlapped with compute except one block's
@@ -296,15 +300,16 @@ def layout_memory(
 # -- time ----------------------------------------------------------------------------------
 @lru_cache(maxsize=64)
 def _micro_times(
-    shape: Any, micro: int, seq_len: int, dev: Device, precision: str = "bf16"
+    shape: Any, micro: int, seq_len: int, dev: Device, precision: str = "bf16", fused: bool = True
 ) -> tuple[float, float]:
-    """(whole step, forward) seconds of one micro-batch of the whole model, fused, no
-    optimizer, on one device."""
+    """(whole step, forward) seconds of one micro-batch of the whole model, no optimizer, on
+    one device: fused, or kernel by kernel (an eager CPU step)."""
     from kiln.planning.perf import predict
 
     step = StepShape(batch=micro, seq_len=seq_len, precision=precision, optimizer=False)
     r = predict(shape, step, dev)
-    return r.step_time_fused, sum(c.time_s for c in r.fused if c.phase == "fwd")
+    rows = r.fused if fused else r.kbk
+    return sum(c.time_s for c in rows), sum(c.time_s for c in rows if c.phase == "fwd")
 
 
 @lru_cache(maxsize=64)
@@ -312,9 +317,30 @@ def _flops_per_token(shape: Any, seq_len: int) -> float:
     return opsmod.model_flops_per_token(shape, seq_len)
 
 
-def _group_bw(cluster: Cluster, size: int, stride: int) -> float:
-    """Link a group of ``size`` ranks ``stride`` apart talks over."""
-    return cluster.intra_bw if size * stride <= cluster.devices_per_node else cluster.inter_bw
+def _tp_s(cluster: Cluster, lay: Layout, z: dict, layers: int, act: float) -> float:
+    """Seconds of tensor-parallel communication per step, as kiln's TP plan
+    (kiln.distributed.tensor_parallel) issues it: each column-parallel linear (q, k, v, the
+    MLP's up projection(s)) converts its own input and each row-parallel one (attention out,
+    MLP down) its output. With sequence parallelism (kiln's default without a pipeline), per
+    layer and micro-batch, a b·s·d all-gather into every column-parallel linear and a
+    reduce-scatter out of every row-parallel one forward, and the converse backward, plus the
+    head's gather of its input (and its reduce-scatter backward); without it (under PP), an
+    all-reduce after every row-parallel linear forward and of every column-parallel input's
+    gradient backward. Checkpointing repeats the forward's. Under SP the norms' parameters are
+    replicated DTensors whose gradients stay partial sums, and every read of one sums it again:
+    4 all-reduces of d fp32 values per norm parameter per step (1 in gradient-norm clipping, 3
+    in AdamW's foreach step: counted on a CPU TP2 run). Not overlapped."""
+    cols, rows = 3 + (2 if z["act"] == "swiglu" else 1), 2
+    ac, per = lay.activation_checkpointing, lay.microbatches * layers
+    if lay.pp == 1:
+        gathers = per * (cols + rows + ac * cols) + lay.microbatches
+        scatters = per * (cols + rows + ac * rows) + lay.microbatches
+        gather = cluster.comm_s("all_gather", lay.tp, 1, gathers * act, gathers)
+        gather += cluster.comm_s("reduce_scatter", lay.tp, 1, scatters * act, scatters)
+        norms = 4 * (2 * layers + 1) * (2 if z["norm"] == "layernorm" and z["bias"] else 1)
+        return gather + cluster.comm_s("all_reduce", lay.tp, 1, norms * 4 * z["d"], norms)
+    reduces = per * (rows + cols + ac * rows)
+    return cluster.comm_s("all_reduce", lay.tp, 1, reduces * act, reduces)
 
 
 @dataclass
@@ -351,7 +377,7 @@ def predict_layout(
     dev, z = cluster.device, opsmod.dims(shape)
     prec = cluster.precision
     elt = 2 if prec == "bf16" else 4  # bytes of an activation / gathered weight
-    t_mb, t_fwd = _micro_times(shape, lay.micro_batch, seq_len, dev, prec)
+    t_mb, t_fwd = _micro_times(shape, lay.micro_batch, seq_len, dev, prec, cluster.overlaps)
     m, split = lay.microbatches, lay.tp * lay.pp
     compute = m * t_mb / split
     recompute = m * t_fwd / split if lay.activation_checkpointing else 0.0
@@ -365,15 +391,9 @@ def predict_layout(
     bubble = busy * bubble_f / (1 - bubble_f)
     act = lay.micro_batch * seq_len * z["d"] * elt  # one b·s·d activation
     parts = {"compute": compute, "recompute": recompute, "bubble": bubble, "optimizer": opt}
-    t, alpha = lay.tp, cluster.latency_s
-    n_coll = 8 + (4 if lay.activation_checkpointing else 0)
-    tp_bytes = m * stage_layers * n_coll * (t - 1) / t * act
-    tp_calls = m * stage_layers * n_coll
-    parts["tp"] = tp_bytes / _group_bw(cluster, t, 1) + alpha * tp_calls if t > 1 else 0.0
-    inner = t * lay.dp_shard * lay.dp_replicate
-    sends = 2 * m * lay.stages_per_rank
-    parts["pp"] = (sends * (act / t / _group_bw(cluster, 2, inner) + alpha)
-                   if lay.pp > 1 else 0.0)  # fmt: skip
+    parts["tp"] = _tp_s(cluster, lay, z, stage_layers, act)
+    inner, sends = lay.tp * lay.dp, 2 * m * lay.stages_per_rank
+    parts["pp"] = cluster.comm_s("send", 2, inner, sends * act / lay.tp, sends) * (lay.pp > 1)
     parts["dp"] = _dp_s(cluster, lay, n_local, busy, stage_layers, t_mb - t_fwd)
     parts["offload"] = 0.0
     if lay.offload:
@@ -409,17 +429,16 @@ def _dp_s(
     dp_s = 0.0
     if lay.data == "fsdp" and lay.dp_shard > 1:
         s = lay.dp_shard
-        comm = (2 * m * elt * n_local + 4 * n_local) * (s - 1) / s / _group_bw(cluster, s, t)
-        comm += cluster.latency_s * (layers + 1) * (2 * m + 1)
+        comm = cluster.comm_s("all_gather", s, t, 2 * m * elt * n_local, (layers + 1) * 2 * m)
+        comm += cluster.comm_s("reduce_scatter", s, t, 4 * n_local, layers + 1)
         dp_s += (max(0.0, comm - busy) + comm / (layers * 2 * m + 1) if cluster.overlaps
                  else comm)  # fmt: skip
     ar_ranks = lay.dp_replicate if lay.data == "fsdp" else lay.dp
     if ar_ranks > 1:
         shard = n_local / (lay.dp_shard if lay.data == "fsdp" else 1)
         stride = t * (lay.dp_shard if lay.data == "fsdp" else 1)
-        ar = 2 * (ar_ranks - 1) / ar_ranks * 4 * shard / _group_bw(cluster, ar_ranks, stride)
         calls = (layers + 1) if lay.data == "fsdp" else math.ceil(4 * shard / 25e6)
-        ar += cluster.latency_s * calls
+        ar = cluster.comm_s("all_reduce", ar_ranks, stride, 4 * shard, calls)
         dp_s += max(0.0, ar - bwd_mb / split) if cluster.overlaps else ar
     return dp_s
 

@@ -47,6 +47,7 @@ Process overhead (the CUDA context or the CPython/torch runtime) is not included
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -161,6 +162,7 @@ def activation_bytes(
     embedding: bool = True,
     head: bool = True,
     transient: bool = True,
+    recompute: bool = True,
 ) -> int:
     """Bytes autograd keeps for backward on one rank (see the module docstring) for one
     micro-batch through ``shape.n_layers`` blocks, with or without the embedding and the head
@@ -169,7 +171,10 @@ def activation_bytes(
     whole, or with sequence parallelism the inputs are split along the sequence while the
     outputs, all-gathered for the column-wise matmuls that save them, stay whole. The head
     keeps the vocabulary-sharded fp32 logits and their log-softmax (loss_parallel), plus, with
-    ``transient``, what the loss holds only while it runs (:func:`head_transient_bytes`)."""
+    ``transient``, what the loss holds only while it runs (:func:`head_transient_bytes`). With
+    activation checkpointing, ``recompute`` adds the one block's full activations that exist
+    only while that block is recomputed for its backward: once per rank, however many
+    micro-batches a pipeline keeps in flight (their blocks' inputs are what stays)."""
     d, f, L, V = shape.d_model, shape.d_ffn, shape.n_layers, shape.vocab_size
     q, kv = shape.n_heads * shape.d_head, shape.n_kv_heads * shape.d_head
     up = 3 * f if shape.activation == "swiglu" else 2 * f
@@ -192,7 +197,8 @@ def activation_bytes(
     n_moe = n_moe_layers(shape)  # their routed experts keep other tensors than the MLP's
     moe_extra = moe_layer_bytes(shape, size) - up * size if n_moe else 0
     if checkpointing and L:
-        body = tokens * (L * stream * 4 + layer_bytes + max(moe_extra, 0)) + probs
+        body = tokens * L * stream * 4
+        body += tokens * (layer_bytes + max(moe_extra, 0)) + probs if recompute else 0
     else:
         body = L * (tokens * layer_bytes + probs) + n_moe * tokens * moe_extra
     return int(tokens * per_token + body + chunk)
@@ -313,7 +319,10 @@ def estimate_layout_memory(
       parameters and as unsharded gradients; DDP adds its gradient buckets (4·N_rank);
     - activations: each stage's activations for one micro-batch (local_batch / m sequences)
       times the micro-batches the schedule keeps in flight (:func:`pipeline_order`): GPipe
-      all m, 1F1B pp − rank, interleaved and zero-bubble what their order says;
+      all m, 1F1B pp − rank, interleaved and zero-bubble what their order says; with
+      activation checkpointing a micro-batch in flight keeps only its blocks' inputs, and the
+      block being recomputed adds its full activations once per rank (counting them per
+      micro-batch in flight put the 530B and 1T published layouts at 82 and 129 GB);
     - build: the model is built on the meta device and sharded there; each rank allocates its
       own parameters and fills them one initialisation unit at a time (an embedding, a block,
       the head: built whole from the seed, so every layout starts from the same weights), so
@@ -350,12 +359,14 @@ def estimate_layout_memory(
         root = first * ne + last * nh
         local = -(-n_rank // (tp * shard)) if fsdp else -(-n_rank // tp)
         gathered = 4 * (nb + root) // tp if fsdp else 0
-        acts = {s: activation_bytes(shape.replace(n_layers=k), mb, seq_len, precision, ac,
-                                    device, tp=tp, sequence_parallel=sp, embedding=s == 0,
-                                    head=s == stages - 1, transient=False)
-                for s, k in layers.items()}  # fmt: skip
+        stage_acts = {s: functools.partial(
+            activation_bytes, shape.replace(n_layers=k), mb, seq_len, precision, ac, device,
+            tp=tp, sequence_parallel=sp, embedding=s == 0, head=s == stages - 1,
+            transient=False) for s, k in layers.items()}  # fmt: skip
+        acts = {s: f(recompute=False) for s, f in stage_acts.items()}
         act, held = in_flight_peak(order[rank], acts) if pp > 1 else (acts[0], 1.0)
         act += head_transient_bytes(shape, mb * seq_len, precision, tp) if last else 0
+        act += max(f() - acts[s] for s, f in stage_acts.items())  # AC: one block recomputed
         if fsdp and device == "cpu" and heap_kept:
             gathered += FSDP_CPU_EXTRA * 4 * (sum(layers.values()) * nb + root) // tp
         unit = max(nb, shape.vocab_size * shape.d_model)  # the largest unit built whole

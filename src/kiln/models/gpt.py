@@ -35,7 +35,7 @@ from torch import nn
 
 from kiln.config import MoEConfig
 from kiln.errors import ConfigError, check_choice
-from kiln.models.loss import head_loss
+from kiln.models.loss import compute_dtype, head_loss
 from kiln.models.moe import MoE
 from kiln.planning.moe import expert_width, is_moe_layer
 
@@ -266,11 +266,15 @@ MATMUL_ATTENTION_MAX_LEN = 1024
 """Longest sequence for which CPU bf16 attention keeps its [B, H, T, T] probabilities."""
 
 
-def uses_matmul_attention(device_type: str, dtype: torch.dtype, seq_len: int, gqa: bool) -> bool:
+def uses_matmul_attention(
+    device_type: str, dtype: torch.dtype, seq_len: int, gqa: bool, allowed: bool = True
+) -> bool:
     """Whether causal, unmasked self-attention of ``seq_len`` tokens takes :func:`attention`'s
-    matmul path (which keeps its probabilities for backward) rather than SDPA."""
+    matmul path (which keeps its probabilities for backward) rather than SDPA; ``allowed``
+    False (SDPA measured faster on this CPU, kiln.models.cpu_attention) rules it out."""
     return (
-        device_type == "cpu"
+        allowed
+        and device_type == "cpu"
         and dtype == torch.bfloat16
         and not gqa
         and 1 < seq_len <= MATMUL_ATTENTION_MAX_LEN
@@ -285,6 +289,7 @@ def attention(
     causal: bool,
     scale: float | None,
     gqa: bool,
+    matmul_ok: bool = True,
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale + mask) v over [B, H, T, d_head] tensors.
 
@@ -294,13 +299,16 @@ def attention(
     computed in fp32 (its output rounded to bf16, as the flash kernel rounds P before P·V) are
     2.5× faster for forward + backward at B=4, H=12, T=512, d=64 (25 vs 65 ms), with the same
     error against an fp32 reference (benchmarks/cpu_attention.py). The price is memory:
-    backward keeps the bf16 probabilities, 2·H·T² bytes per sequence per layer."""
+    backward keeps the bf16 probabilities, 2·H·T² bytes per sequence per layer. Which one is
+    faster depends on the CPU (with AMX tiles the flash kernel measured 2.3× faster than this
+    path), so ``matmul_ok`` False sends this case to SDPA too: the trainer times both on the
+    run's shape at start (kiln.models.cpu_attention) and sets it on every :class:`Attention`."""
     T = q.shape[-2]
     if (
         causal
         and mask is None
         and k.shape[-2] == T
-        and uses_matmul_attention(q.device.type, q.dtype, T, gqa)
+        and uses_matmul_attention(q.device.type, q.dtype, T, gqa, matmul_ok)
     ):
         future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
         scores = (q * (scale if scale is not None else q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)
@@ -322,6 +330,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, kv_out, bias=cfg.bias)
         self.wv = nn.Linear(cfg.d_model, kv_out, bias=cfg.bias)
         self.wo = nn.Linear(q_out, cfg.d_model, bias=cfg.bias)
+        self.matmul_attention = True
+        """False: causal bf16 CPU attention through SDPA too (see :func:`attention`)."""
 
     @torch.no_grad()
     def init_weights(self, init_std: float, out_std: float) -> None:
@@ -338,6 +348,7 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
+        x = x.to(compute_dtype(x))  # one cast of the (fp32-normed) input for q, k and v
         q = self.wq(x).view(B, T, -1, self.d_head).transpose(1, 2)
         k = self.wk(x).view(B, T, -1, self.d_head).transpose(1, 2)
         v = self.wv(x).view(B, T, -1, self.d_head).transpose(1, 2)
@@ -354,7 +365,8 @@ class Attention(nn.Module):
                 causal = False
         if attn_mask is not None:  # caller-built mask (True = may attend) replaces causality
             mask, causal = attn_mask, False
-        y = attention(q, k, v, mask, causal, self.scale, self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        y = attention(q, k, v, mask, causal, self.scale, gqa, self.matmul_attention)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

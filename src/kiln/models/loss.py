@@ -58,18 +58,14 @@ class LinearCrossEntropyFn(torch.autograd.Function):
                 tgt = safe[start:end, None]
                 if multiplier != 1.0:
                     torch.mul(lg, multiplier, out=pr)
-                    peak = pr.amax(dim=1, keepdim=True)
-                    pr.sub_(peak)
-                    target = pr.gather(1, tgt)
-                else:  # the max of the bf16 logits is exact; the subtraction writes fp32
-                    peak = lg.amax(dim=1, keepdim=True).float()
-                    torch.sub(lg, peak, out=pr)
-                    target = lg.gather(1, tgt).float() - peak
-                total = pr.exp_().sum(dim=1, keepdim=True)  # pr = exp(z - max z)
-                losses[start:end] = (total.log() - target).squeeze(1) * valid[start:end]
+                else:
+                    pr.copy_(lg)
+                # one row-wise kernel (max, sum of exp, subtract) instead of four full passes
+                torch._log_softmax(pr, 1, False, out=pr)
+                losses[start:end] = pr.gather(1, tgt).squeeze(1).neg_() * valid[start:end]
                 if grad is not None:  # (softmax − one-hot) × scale: the chunk's logit gradient
                     row_scale = scale[start:end, None]
-                    pr.mul_(row_scale / total)
+                    pr.exp_().mul_(row_scale)
                     pr.scatter_add_(1, tgt, -row_scale)
                     grad[start:end].copy_(pr)
             loss = losses.sum() / count

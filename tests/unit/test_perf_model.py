@@ -52,6 +52,20 @@ def test_fused_mlp_keeps_the_intermediate_on_chip_and_recomputes_it():
     assert fwd.onchip_bytes == 2 * d * f * 2 + (M * f * 2 * 2) * 16 / M
 
 
+def test_fusing_only_some_groups_leaves_the_other_ops_kernel_by_kernel():
+    """groups={"attn"}: the step as an eager run with a flash attention kernel executes it."""
+    step = ops.StepShape(batch=2, seq_len=32, precision="bf16")
+    o = ops.training_ops(TINY, step)
+    mixed = perf.fused_costs(o, TOY, step.tokens, groups={"attn"})
+    fused_names = {c.name for c in mixed if c.kind == "fused"}
+    assert fused_names == {"attn (fused)"}
+    assert [c.phase for c in mixed if c.kind == "fused"] == ["fwd", "bwd"]
+    rest = [perf.cost(x, TOY) for x in o if x.fuse != "attn"]
+    assert [c.name for c in mixed if c.kind != "fused"] == [c.name for c in rest]
+    every = [c.time_s for c in perf.fused_costs(o, TOY, step.tokens) if c.name == "attn (fused)"]
+    assert [c.time_s for c in mixed if c.kind == "fused"] == every  # same group costs
+
+
 def test_sparsity_makes_the_kbk_mlp_memory_bound_but_not_the_fused_one():
     dev = Device("balanced", 1e12, 1e12, 50e9, 1e9, None, "test", matmul_efficiency=1.0)
     cfg = PRESETS["cerebras-gpt-111m"]

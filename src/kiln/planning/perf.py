@@ -197,12 +197,19 @@ def _fuse(ops: list[Op], first: Op, dev: Device, tokens: int, tile: int, prec: s
 
 
 def fused_costs(
-    ops: list[Op], dev: Device, tokens: int, tile: int = TILE, precision: str = "bf16"
+    ops: list[Op],
+    dev: Device,
+    tokens: int,
+    tile: int = TILE,
+    precision: str = "bf16",
+    groups: set[str] | None = None,
 ) -> list[OpCost]:
-    """Costs with every fusion group run as one op, in the order the groups first appear."""
+    """Costs with every fusion group (or only those in ``groups``: e.g. {"attn"} for an eager
+    step whose attention runs in a flash kernel) run as one op, in the order the groups first
+    appear; the other ops kernel by kernel."""
     out, done = [], set()
     for o in ops:
-        if o.fuse is None:
+        if o.fuse is None or (groups is not None and o.fuse not in groups):
             out.append(cost(o, dev, precision))
             continue
         key = (o.scope, o.fuse, o.phase)

@@ -77,15 +77,19 @@ class LinearCrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         hc, wc, grad = ctx.saved_tensors
+        unit = grad_loss.numel() == 1 and float(grad_loss) == 1.0  # the usual loss.backward()
         with torch.autocast(hc.device.type, enabled=False):
             dh = dw = None
             if ctx.needs_input_grad[0]:
-                dh = torch.mm(grad, wc).to(ctx.dtypes[0]).mul_(grad_loss)
+                dh = torch.mm(grad, wc).to(ctx.dtypes[0])
+                dh = dh if unit else dh.mul_(grad_loss)
             if ctx.needs_input_grad[1]:
                 # (hᵀ G)ᵀ: oneDNN runs it faster than Gᵀ h; the cast to the weight's dtype
-                # transposes it back into a contiguous gradient in the same pass.
+                # transposes it back into a contiguous gradient in the same pass (and a unit
+                # upstream gradient spares a pass over the vocab × d result).
                 dw = torch.mm(hc.t(), grad).t()
-                dw = dw.to(ctx.dtypes[1], memory_format=torch.contiguous_format).mul_(grad_loss)
+                dw = dw.to(ctx.dtypes[1], memory_format=torch.contiguous_format)
+                dw = dw if unit else dw.mul_(grad_loss)
         return dh, dw, None, None, None, None
 
 

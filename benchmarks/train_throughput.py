@@ -103,7 +103,15 @@ def measured_peak() -> tuple[float, str]:
 
 
 def bench_shape(
-    name: str, shape: GPTConfig, batch: int, seq: int, reps: int, compile: bool, hf: bool, attention
+    name: str,
+    shape: GPTConfig,
+    batch: int,
+    seq: int,
+    reps: int,
+    compile: bool,
+    hf: bool,
+    attention: str,
+    model_only: bool = False,
 ):
     x = torch.randint(0, shape.vocab_size, (batch, seq))
     y = torch.randint(0, shape.vocab_size, (batch, seq))
@@ -116,13 +124,20 @@ def bench_shape(
     variants = [(f"kiln GPT, attention {m}", False, m) for m in modes]
     if compile:
         variants.append(("kiln GPT + torch.compile", True, "auto"))
+    if compile and model_only:
+        variants.append(("kiln GPT + torch.compile of the model only", "model", "auto"))
     for label, compiled, mode in variants:
         model = kiln_model(shape)
         said = apply_cpu_attention(model, mode, batch, seq, "bf16", "cpu")
         print(f"{label}: {said}", flush=True)
         if mode == "auto":
             label += f" ({'matmul' if 'matmul path' in said else 'sdpa'} attention, auto)"
-        contenders[label] = make_step(model, make_loss_fn(model, cpu, "bf16", compiled))
+        if compiled == "model":  # the fused head + loss stays eager, outside the graph
+            model.output_hidden = True
+            loss_fn = make_loss_fn(torch.compile(model), cpu, "bf16", False)
+        else:
+            loss_fn = make_loss_fn(model, cpu, "bf16", compiled)
+        contenders[label] = make_step(model, loss_fn)
     for step in contenders.values():  # warm-up (and compile)
         step(x, y)
         step(x, y)
@@ -154,6 +169,9 @@ def main() -> None:
                         help="kiln's causal bf16 CPU attention (train.cpu_attention; both: "
                         "each path forced, side by side)")  # fmt: skip
     parser.add_argument("--section", default="train_throughput", help="BENCHMARKS.md section")
+    parser.add_argument("--compile-model-only", action="store_true",
+                        help="also time torch.compile of the model alone, the fused head + "
+                        "loss eager")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     keep_freed_memory()
@@ -190,8 +208,9 @@ def main() -> None:
     load_before = os.getloadavg()
     for name, shape, batch, seq in shapes:
         rows, peak, source = bench_shape(
-            name, shape, batch, seq, args.reps, not args.no_compile, not args.no_hf, args.attention
-        )
+            name, shape, batch, seq, args.reps, not args.no_compile, not args.no_hf,
+            args.attention, args.compile_model_only,
+        )  # fmt: skip
         all_rows += [(*r, batch, seq) for r in rows]
         for r in rows:
             print(

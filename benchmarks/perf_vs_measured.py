@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_section  # noqa: E402
-from kiln.models.cpu_attention import apply_cpu_attention
+from kiln.models.cpu_attention import apply_cpu_attention, choose_cpu_attention
 from kiln.models.gpt import GPT
 from kiln.models.presets import PRESETS
 from kiln.planning.hardware import (
@@ -162,6 +162,19 @@ def measure(
     return per_group, wall, names, said
 
 
+def attention_rate(cfg, step: StepShape, dev: Device, seconds: float, flash: bool) -> float:
+    """Achieved attention FLOP/s of one layer's causal attention, forward + backward, timed at
+    the step's shape (``seconds``), in the model's FLOP count for the path the step runs: the
+    fused group's (with what the flash kernel recomputes) or the KBK attention matmuls'."""
+    ops = training_ops(cfg, step)
+    if flash:
+        rows = fused_costs(ops, dev, step.tokens, precision=step.precision, groups={"attn"})
+        flops = sum(c.flops for c in rows if c.name == "attn (fused)") / cfg.n_layers
+    else:
+        flops = sum(o.flops for o in ops if o.kind == "attention" and o.scope == "block")
+    return flops / seconds
+
+
 def as_run(report, cfg, flash: bool):
     """``report`` with its KBK costs as the measured step ran them: attention's scores →
     softmax → values as one fused op (kiln.planning.perf.fused_costs) when the step used
@@ -238,10 +251,17 @@ def main() -> None:
         "refined model": predict(cfg, step, refined, args.preset),
     }
     load_before = os.getloadavg()[0]
-    measured, wall, top, said = measure(cfg, args.batch, args.seq_len, precision, args.attention)
+    mode, times = args.attention, {}
+    if precision == "bf16":  # time both paths here: the choice, and the attention calibration
+        matmul, times = choose_cpu_attention(args.batch, cfg.n_heads, args.seq_len, cfg.d_head)
+        mode = ("matmul" if matmul else "sdpa") if mode == "auto" else mode
+    measured, wall, top, said = measure(cfg, args.batch, args.seq_len, precision, mode)
     flash = "matmul path" not in said
     after = refine(first, precision, tokens, cfg.d_model, cfg.d_ffn, largest)
     refined = average(refined, after)
+    if times:  # the refined model charges attention at the rate measured for its path
+        rate = attention_rate(cfg, step, refined, times["sdpa" if flash else "matmul"], flash)
+        refined = dataclasses.replace(refined, attention_flops=rate)
     reports = {name: as_run(r, cfg, flash) for name, r in reports.items()}
     reports["refined model"] = as_run(predict(cfg, step, refined, args.preset), cfg, flash)
     body, summary = errors_table(measured, wall, reports)
@@ -264,7 +284,9 @@ def main() -> None:
         f"{refined.peak_bf16 / 1e9:.1f} GFLOP/s for the MLP GEMM, "
         f"{refined.offchip_bw / 1e9:.2f} GB/s copying 64 MB, element-wise kernels "
         f"{refined.elementwise_bw / 1e9:.2f} GB/s + {refined.kernel_overhead_s * 1e3:.2f} ms "
-        f"per kernel (fitted, V × d included); it also counts the bias gradients as their own "
+        f"per kernel (fitted, V × d included), attention at "
+        f"{(refined.attention_flops or refined.peak_bf16) / 1e9:.0f} GFLOP/s (its path timed "
+        f"at the step's shape, model FLOP count); it also counts the bias gradients as their own "
         f"kernels and the norms' two backward passes ({cpu_matrix_flags()}).\n\n{body}\n\n"
         + "  \n".join(summary)
         + f"\n\nGoal: step within 15%, per-op under 25%.\n\nTop aten ops of the measured "

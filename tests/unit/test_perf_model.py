@@ -66,6 +66,20 @@ def test_fusing_only_some_groups_leaves_the_other_ops_kernel_by_kernel():
     assert [c.time_s for c in mixed if c.kind == "fused"] == every  # same group costs
 
 
+def test_a_measured_attention_rate_applies_to_attention_ops_only():
+    slow_attn = Device("toy", 1e12, 1e11, 1e9, 1e6, None, "test", 1.0, attention_flops=1e10)
+    att = ops.Op("attn.scores", "attention", "fwd", 1e9)
+    mm = ops.Op("mlp.w1", "matmul", "fwd", 1e9)
+    assert perf.cost(att, slow_attn).compute_s == pytest.approx(1e9 / 1e10)
+    assert perf.cost(mm, slow_attn).compute_s == pytest.approx(1e9 / 1e12)
+    assert perf.cost(att, TOY).compute_s == pytest.approx(1e9 / 1e12)  # None: the matmul rate
+    step = ops.StepShape(batch=2, seq_len=32, precision="bf16")
+    o = ops.training_ops(TINY, step)
+    fast = sum(c.compute_s for c in perf.fused_costs(o, TOY, 64) if c.name == "attn (fused)")
+    slow = sum(c.compute_s for c in perf.fused_costs(o, slow_attn, 64) if c.name == "attn (fused)")
+    assert slow > 50 * fast  # the fused group's matmuls run at the measured rate too
+
+
 def test_sparsity_makes_the_kbk_mlp_memory_bound_but_not_the_fused_one():
     dev = Device("balanced", 1e12, 1e12, 50e9, 1e9, None, "test", matmul_efficiency=1.0)
     cfg = PRESETS["cerebras-gpt-111m"]

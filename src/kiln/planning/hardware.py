@@ -229,6 +229,11 @@ class Device:
     """Effective bandwidth of eager element-wise kernels at a step's own tensor sizes, fitted
     together with kernel_overhead_s (:func:`measure_elementwise`); None = charge them at
     offchip_bw / fresh_write_bw like any other op."""
+    attention_flops: float | None = None
+    """Achieved FLOP/s of attention's score and value matmuls (the model's count: the full
+    T × T, plus what a fused kernel recomputes) on the kernel a CPU step uses, measured at the
+    step's shape (benchmarks/perf_vs_measured.py); None = the matmul rate. A CPU's flash kernel
+    runs far below its GEMM rate (~0.1 of it on the AMX Xeon)."""
 
 
 DEVICES: dict[str, Device] = {

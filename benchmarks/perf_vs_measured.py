@@ -46,8 +46,9 @@ from kiln.planning.perf import fused_costs, predict
 
 # model op kinds -> aten op names (substrings) that implement them on CPU
 GROUPS = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
-    "attention + softmax": ("scaled_dot_product", "flash_attention", "aten::_softmax"),
+    "matmul": ("aten::mm", "aten::addmm"),
+    # the GPT's only batched matmuls are attention's (kiln.models.gpt.attention's matmul path)
+    "attention + softmax": ("aten::bmm", "scaled_dot_product", "flash_attention", "aten::_softmax"),
     "norm": ("native_layer_norm",),
     "activation (GELU)": ("aten::gelu",),
     "optimizer": ("adamw", "aten::_foreach"),

@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--section", help="write the lines into this BENCHMARKS.md section")
+    ap.add_argument("--label", default="other", help="what the other checkout is, for the record")
     args = ap.parse_args()
     here = str(Path(__file__).resolve().parent.parent / "src")
     sys.path.insert(0, here)
@@ -102,7 +103,7 @@ def main() -> None:
     for name in ("other", "this"):
         ts = results[name]
         best, med = min(ts), statistics.median(ts)
-        where = args.other if name == "other" else here
+        where = args.label if name == "other" else "this checkout"
         lines.append(f"{name:5s} ({where}): best {best * 1e3:.0f} ms "
               f"({tokens * per_token / best / peak:.1%} MFU), median {med * 1e3:.0f} ms "
               f"({tokens * per_token / med / peak:.1%} MFU), {tokens / med:,.0f} tokens/s; "

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_section  # noqa: E402
 from kiln.models.cpu_attention import apply_cpu_attention, choose_cpu_attention
 from kiln.models.gpt import GPT
+from kiln.models.loss import chunk_rows
 from kiln.models.presets import PRESETS
 from kiln.planning.hardware import (
     Device,
@@ -39,6 +40,7 @@ from kiln.planning.hardware import (
     measure_cpu_bandwidth,
     measure_elementwise,
     measure_fresh_write_bandwidth,
+    measure_gemm_mix,
     measure_kernel_overhead,
 )
 from kiln.planning.ops import StepShape, training_ops
@@ -77,14 +79,15 @@ def _mean_seconds(fn, reps: int) -> float:
 
 
 def calibrate(
-    precision: str, tokens: int, d: int, f: int, largest: int = 0
+    precision: str, tokens: int, d: int, f: int, largest: int = 0, gemms=None
 ) -> tuple[Device, Device]:
     """This CPU now: (the first calibration, the refined one).
 
     First (the numbers published before): best-of-3 1024² matmul of the step's precision (and
     fp32 for element-wise ops), best-of-3 copy of 256 MB, fresh-write bandwidth, median tiny
     add as kernel overhead. Refined, for a step that is measured once on a shared machine: the
-    *mean* of the step's own MLP GEMM (``[tokens, d] @ [d, f]``) as the matmul rate, the mean
+    *mean* of the step's own MLP GEMM (``[tokens, d] @ [d, f]``) as the matmul rate (with
+    ``gemms``: the rate of the step's whole mix of GEMM shapes, :func:`step_gemms`), the mean
     of 64 MB copies as the streaming bandwidth (optimizer, weights), and element-wise
     bandwidth plus per-kernel overhead fitted over adds / GELU / GELU backward at the step's
     own sizes, ``largest`` elements included (the tied embedding's V × d gradient sum:
@@ -98,14 +101,35 @@ def calibrate(
         fresh = measure_fresh_write_bandwidth(Path(tmp) / "hw.json", mbytes=256)
     first = Device("cpu", mm if precision == "bf16" else fp32, fp32, bw, None, None,
                    f"measured in this run on {cpu_model_name()}", 1.0, fresh, overhead)  # fmt: skip
-    return first, refine(first, precision, tokens, d, f, largest)
+    return first, refine(first, precision, tokens, d, f, largest, gemms)
 
 
-def refine(first: Device, precision, tokens: int, d: int, f: int, largest: int) -> Device:
-    """The refined calibration (see :func:`calibrate`), measured now."""
+def step_gemms(cfg, tokens: int) -> list[tuple[int, int, int, bool, int]]:
+    """(m, k, n, A transposed, count) of the GEMMs of one dense GPT training step: per layer
+    q/k/v/o and the MLP forward, their input gradients and (on transposed views, as autograd
+    runs them) their weight gradients; the fused head + loss's chunk GEMMs, input gradient and
+    weight gradient (from a contiguous hᵀ) once."""
+    d, f, L, V = cfg.d_model, cfg.d_ffn, cfg.n_layers, cfg.vocab_size
+    q, kv = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
+    out = []
+    for n_out, n_in in ((q, d), (kv, d), (kv, d), (d, q), (f, d), (d, f)):
+        out += [(tokens, n_in, n_out, False, L), (tokens, n_out, n_in, False, L),
+                (n_out, tokens, n_in, True, L)]  # fmt: skip
+    chunk = min(chunk_rows(V), tokens)
+    out += [(chunk, d, V, False, -(-tokens // chunk)), (tokens, V, d, False, 1),
+            (d, tokens, V, False, 1)]  # fmt: skip
+    return out
+
+
+def refine(first: Device, precision, tokens: int, d: int, f: int, largest: int,
+           gemms=None) -> Device:  # fmt: skip
+    """The refined calibration (see :func:`calibrate`), measured now; with ``gemms``, the
+    matmul rate is that of the step's own mix of GEMM shapes (measure_gemm_mix)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = torch.randn(tokens, d, dtype=dtype), torch.randn(d, f, dtype=dtype)
     mm_mean = 2 * tokens * d * f / _mean_seconds(lambda: a @ b, 10)
+    if gemms:
+        mm_mean = measure_gemm_mix(gemms, precision)
     fp32_mean = mm_mean
     if precision == "bf16":
         a32, b32 = a.float(), b.float()
@@ -236,6 +260,8 @@ def main() -> None:
                     "AMX or AVX512-BF16; without them bf16 matmuls have no fast path)")  # fmt: skip
     ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "matmul"],
                     help="causal bf16 CPU attention (train.cpu_attention)")  # fmt: skip
+    ap.add_argument("--no-gemm-mix", action="store_true", help="refined matmul rate from the "
+                    "MLP GEMM alone, not the step's GEMM shapes (always so in fp32)")  # fmt: skip
     ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     ap.add_argument("--section", default="perf_vs_measured", help="BENCHMARKS.md section")
     args = ap.parse_args()
@@ -245,7 +271,9 @@ def main() -> None:
     cfg = PRESETS[args.preset]
     tokens = args.batch * args.seq_len
     largest = cfg.vocab_size * cfg.d_model  # the tied embedding's gradient, V × d
-    first, refined = calibrate(precision, tokens, cfg.d_model, cfg.d_ffn, largest)
+    # the step's own GEMM mix in bf16 (seconds); in fp32 on a slow CPU it would take minutes
+    gemms = step_gemms(cfg, tokens) if precision == "bf16" and not args.no_gemm_mix else None
+    first, refined = calibrate(precision, tokens, cfg.d_model, cfg.d_ffn, largest, gemms)
     step = StepShape(batch=args.batch, seq_len=args.seq_len, precision=precision)
     reports = {
         "first model": predict(cfg, step, first, args.preset),
@@ -258,7 +286,7 @@ def main() -> None:
         mode = ("matmul" if matmul else "sdpa") if mode == "auto" else mode
     measured, wall, top, said = measure(cfg, args.batch, args.seq_len, precision, mode)
     flash = "matmul path" not in said
-    after = refine(first, precision, tokens, cfg.d_model, cfg.d_ffn, largest)
+    after = refine(first, precision, tokens, cfg.d_model, cfg.d_ffn, largest, gemms)
     refined = average(refined, after)
     if times:  # the refined model charges attention at the rate measured for its path
         rate = attention_rate(cfg, step, refined, times["sdpa" if flash else "matmul"], flash)
@@ -270,6 +298,7 @@ def main() -> None:
     print("\n".join(summary))
     if not args.write:
         return
+    mm_what = "the step's mix of GEMM shapes" if gemms else "the MLP GEMM"
     load = f"loadavg {load_before:.2f} before the step, {os.getloadavg()[0]:.2f} after"
     write_section(
         args.section,
@@ -282,7 +311,7 @@ def main() -> None:
         f"{first.kernel_overhead_s * 1e3:.2f} ms per kernel (median tiny add) for the first "
         f"model. The refined model is calibrated before and after the step (averaged as "
         f"times) with means at the step's own sizes: "
-        f"{refined.peak_bf16 / 1e9:.1f} GFLOP/s for the MLP GEMM, "
+        f"{refined.peak_bf16 / 1e9:.1f} GFLOP/s for {mm_what}, "
         f"{refined.offchip_bw / 1e9:.2f} GB/s copying 64 MB, element-wise kernels "
         f"{refined.elementwise_bw / 1e9:.2f} GB/s + {refined.kernel_overhead_s * 1e3:.2f} ms "
         f"per kernel (fitted, V × d included), attention at "

@@ -80,6 +80,15 @@ def test_a_measured_attention_rate_applies_to_attention_ops_only():
     assert slow > 50 * fast  # the fused group's matmuls run at the measured rate too
 
 
+def test_gemm_mix_rate_is_total_flops_over_total_time(monkeypatch):
+    from kiln.planning import hardware
+
+    clock = iter([0.0, 3.0, 0.0, 6.0])  # 1 s per call of the first GEMM, 2 s of the second
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: next(clock))
+    rate = hardware.measure_gemm_mix([(2, 2, 2, False, 1), (2, 2, 4, True, 2)], "fp32")
+    assert rate == pytest.approx((16 + 2 * 32) / (1 * 1.0 + 2 * 2.0))
+
+
 def test_sparsity_makes_the_kbk_mlp_memory_bound_but_not_the_fused_one():
     dev = Device("balanced", 1e12, 1e12, 50e9, 1e9, None, "test", matmul_efficiency=1.0)
     cfg = PRESETS["cerebras-gpt-111m"]

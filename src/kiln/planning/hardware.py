@@ -394,6 +394,32 @@ def measure_elementwise(elems: list[int], reps: int = 10) -> tuple[float, float]
     return fit_overhead_bandwidth(points)
 
 
+def measure_gemm_mix(
+    gemms: list[tuple[int, int, int, bool, int]], precision: str = "bf16", reps: int = 3
+) -> float:
+    """The rate (FLOP/s) at which a step's mix of GEMMs runs on this CPU: each
+    ``(m, k, n, a_transposed, count)`` is timed (mean of ``reps`` after a warm-up; A given as
+    a transposed view where autograd's weight gradients pass one) and the rates combine as the
+    mix's total FLOPs over its total time (count-weighted harmonic mean). On a CPU with AMX one
+    rate for every shape is wrong by 2–4×: the step's GEMMs run between a third and the whole
+    of the square-GEMM peak, by shape (benchmarks/perf_vs_measured.py). Not cached: it is
+    meant to run next to the step it calibrates."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    flops = seconds = 0.0
+    for m, k, n, a_t, count in gemms:
+        a = torch.randn(k, m, dtype=dtype).t() if a_t else torch.randn(m, k, dtype=dtype)
+        b = torch.randn(n, k, dtype=dtype).t()  # a weight [out, in] used as x Wᵀ
+        torch.mm(a, b)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        flops += 2.0 * m * k * n * count
+        seconds += (time.perf_counter() - t0) / reps * count
+    return flops / seconds
+
+
 def fit_overhead_bandwidth(points: list[tuple[float, float]]) -> tuple[float, float]:
     """(bandwidth, overhead) of the least-squares line ``seconds = overhead + bytes / bw``
     through (bytes, seconds) points; overhead is clamped at 0 (refitting through the origin)."""

@@ -4,6 +4,7 @@ sparsity checks, the hardware table and the CLI's errors."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
@@ -84,7 +85,8 @@ def test_gemm_mix_rate_is_total_flops_over_total_time(monkeypatch):
     from kiln.planning import hardware
 
     clock = iter([0.0, 3.0, 0.0, 6.0])  # 1 s per call of the first GEMM, 2 s of the second
-    monkeypatch.setattr(hardware.time, "perf_counter", lambda: next(clock))
+    fake = types.SimpleNamespace(perf_counter=lambda: next(clock))
+    monkeypatch.setattr(hardware, "time", fake)  # only this module's clock
     rate = hardware.measure_gemm_mix([(2, 2, 2, False, 1), (2, 2, 4, True, 2)], "fp32")
     assert rate == pytest.approx((16 + 2 * 32) / (1 * 1.0 + 2 * 2.0))
 

@@ -5,7 +5,8 @@ CPU: ``scaled_dot_product_attention`` (the flash kernel, which recomputes the pr
 backward) and two bf16 matmuls around an fp32 softmax (which keeps the probabilities). Which is
 faster depends on the CPU, not on the shape alone: at B=4, H=12, T=512, d_head=64 the matmul
 path was 2.5× faster for forward + backward on an AVX2 AMD EPYC, while on an Intel Xeon with
-AMX tiles the flash kernel was 2.3× faster (benchmarks/cpu_attention.py). So it is measured,
+AMX tiles the flash kernel was 2.3× faster in one run and level (±10%) in another on the
+loaded machine (benchmarks/cpu_attention.py). So it is measured,
 never assumed from the CPU's name: :func:`choose_cpu_attention` times both on the run's shape
 and :func:`apply_cpu_attention` sets the answer on every :class:`~kiln.models.gpt.Attention`
 (``train.cpu_attention: auto``, the default), once, before training starts.

@@ -300,9 +300,10 @@ def attention(
     2.5× faster for forward + backward at B=4, H=12, T=512, d=64 (25 vs 65 ms), with the same
     error against an fp32 reference (benchmarks/cpu_attention.py). The price is memory:
     backward keeps the bf16 probabilities, 2·H·T² bytes per sequence per layer. Which one is
-    faster depends on the CPU (with AMX tiles the flash kernel measured 2.3× faster than this
-    path), so ``matmul_ok`` False sends this case to SDPA too: the trainer times both on the
-    run's shape at start (kiln.models.cpu_attention) and sets it on every :class:`Attention`."""
+    faster depends on the CPU and its load (on an AMX Xeon the flash kernel measured 2.3×
+    faster than this path in one run, within 10% of it in another), so ``matmul_ok`` False
+    sends this case to SDPA too: the trainer times both on the run's shape at start
+    (kiln.models.cpu_attention) and sets it on every :class:`Attention`."""
     T = q.shape[-2]
     if (
         causal

@@ -10,6 +10,7 @@ reference value). Alternating rounds, best of each, so machine noise hits both a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,11 +21,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_section  # noqa: E402
 from kiln.models.gpt import attention  # noqa: E402
+from kiln.planning.hardware import cpu_matrix_flags  # noqa: E402
 from kiln.train.malloc import keep_freed_memory  # noqa: E402
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want).abs().max() / want.abs().max())
+    return float((got.detach().float() - want).abs().max() / want.abs().max())
 
 
 def flash(q, k, v):
@@ -43,8 +45,10 @@ def main() -> None:
     parser.add_argument("--d-head", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--section", default="cpu_attention", help="BENCHMARKS.md section")
     args = parser.parse_args()
     keep_freed_memory()
+    load = os.getloadavg()[0]
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch, args.heads, args.seq, args.d_head)
     q32, k32, v32, g32 = (torch.randn(*shape, generator=gen) for _ in range(4))
@@ -93,14 +97,16 @@ def main() -> None:
         f"## Causal attention on CPU, bf16 (B={args.batch}, H={args.heads}, T={args.seq}, "
         f"d_head={args.d_head})\n\n"
         f"Forward + backward, best of {args.rounds} alternating rounds on "
-        f"{torch.get_num_threads()} threads. The matmul path is what `kiln train` uses for "
-        f"causal bf16 attention on CPU up to 1024 tokens: it keeps the bf16 probabilities "
+        f"{torch.get_num_threads()} threads, CPU with {cpu_matrix_flags()}, loadavg "
+        f"{load:.2f} before, {os.getloadavg()[0]:.2f} after. `kiln train` times both at start "
+        f"(`train.cpu_attention: auto`) and takes the faster for causal bf16 attention on CPU "
+        f"up to 1024 tokens. The matmul path keeps the bf16 probabilities "
         f"({2 * args.heads * args.seq**2 / 2**20:.0f} MiB per sequence per layer here) for "
         f"backward, which the flash kernel recomputes.\n\n" + "\n".join(rows)
     )
     print(body)
     if not args.no_write:
-        write_section("cpu_attention", body)
+        write_section(args.section, body)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,21 @@ this CPU (kiln.planning.perf against torch.profiler).
 The CPU is calibrated in the same run, just before the step (matmul peak of the step's
 precision, copy bandwidth), so machine load hits the calibration and the step alike. The
 step is forward + backward (fused loss, kiln.models.loss) + fused AdamW, after one warm-up
-step. Measured: self CPU time of every aten op in the profiled step, grouped into the model's
-op kinds by name (``GROUPS``); predicted: the KBK per-op costs of the same kinds. The mean
-absolute percentage error is over the groups that make up 90% of the measured time.
+step, with causal attention on the path ``kiln train`` measures faster here (``--attention``,
+kiln.models.cpu_attention). Measured: self CPU time of every aten op in the profiled step,
+grouped into the model's op kinds by name (``GROUPS``); predicted: the KBK per-op costs of the
+same kinds. The mean absolute percentage error is over the groups that make up 90% of the
+measured time.
 
     python benchmarks/perf_vs_measured.py [--seq-len 512] [--batch 1] [--precision auto]
+        [--attention auto] [--write --section perf_vs_measured_amx]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import tempfile
 import time
@@ -24,7 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_section  # noqa: E402
+from kiln.models.cpu_attention import apply_cpu_attention, choose_cpu_attention
 from kiln.models.gpt import GPT
+from kiln.models.loss import chunk_rows
 from kiln.models.presets import PRESETS
 from kiln.planning.hardware import (
     Device,
@@ -34,15 +40,17 @@ from kiln.planning.hardware import (
     measure_cpu_bandwidth,
     measure_elementwise,
     measure_fresh_write_bandwidth,
+    measure_gemm_mix,
     measure_kernel_overhead,
 )
-from kiln.planning.ops import StepShape
-from kiln.planning.perf import predict
+from kiln.planning.ops import StepShape, training_ops
+from kiln.planning.perf import fused_costs, predict
 
 # model op kinds -> aten op names (substrings) that implement them on CPU
 GROUPS = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
-    "attention + softmax": ("scaled_dot_product", "flash_attention", "aten::_softmax"),
+    "matmul": ("aten::mm", "aten::addmm"),
+    # the GPT's only batched matmuls are attention's (kiln.models.gpt.attention's matmul path)
+    "attention + softmax": ("aten::bmm", "scaled_dot_product", "flash_attention", "aten::_softmax"),
     "norm": ("native_layer_norm",),
     "activation (GELU)": ("aten::gelu",),
     "optimizer": ("adamw", "aten::_foreach"),
@@ -71,14 +79,15 @@ def _mean_seconds(fn, reps: int) -> float:
 
 
 def calibrate(
-    precision: str, tokens: int, d: int, f: int, largest: int = 0
+    precision: str, tokens: int, d: int, f: int, largest: int = 0, gemms=None
 ) -> tuple[Device, Device]:
     """This CPU now: (the first calibration, the refined one).
 
     First (the numbers published before): best-of-3 1024² matmul of the step's precision (and
     fp32 for element-wise ops), best-of-3 copy of 256 MB, fresh-write bandwidth, median tiny
     add as kernel overhead. Refined, for a step that is measured once on a shared machine: the
-    *mean* of the step's own MLP GEMM (``[tokens, d] @ [d, f]``) as the matmul rate, the mean
+    *mean* of the step's own MLP GEMM (``[tokens, d] @ [d, f]``) as the matmul rate (with
+    ``gemms``: the rate of the step's whole mix of GEMM shapes, :func:`step_gemms`), the mean
     of 64 MB copies as the streaming bandwidth (optimizer, weights), and element-wise
     bandwidth plus per-kernel overhead fitted over adds / GELU / GELU backward at the step's
     own sizes, ``largest`` elements included (the tied embedding's V × d gradient sum:
@@ -92,14 +101,35 @@ def calibrate(
         fresh = measure_fresh_write_bandwidth(Path(tmp) / "hw.json", mbytes=256)
     first = Device("cpu", mm if precision == "bf16" else fp32, fp32, bw, None, None,
                    f"measured in this run on {cpu_model_name()}", 1.0, fresh, overhead)  # fmt: skip
-    return first, refine(first, precision, tokens, d, f, largest)
+    return first, refine(first, precision, tokens, d, f, largest, gemms)
 
 
-def refine(first: Device, precision, tokens: int, d: int, f: int, largest: int) -> Device:
-    """The refined calibration (see :func:`calibrate`), measured now."""
+def step_gemms(cfg, tokens: int) -> list[tuple[int, int, int, bool, int]]:
+    """(m, k, n, A transposed, count) of the GEMMs of one dense GPT training step: per layer
+    q/k/v/o and the MLP forward, their input gradients and (on transposed views, as autograd
+    runs them) their weight gradients; the fused head + loss's chunk GEMMs, input gradient and
+    weight gradient (from a contiguous hᵀ) once."""
+    d, f, L, V = cfg.d_model, cfg.d_ffn, cfg.n_layers, cfg.vocab_size
+    q, kv = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
+    out = []
+    for n_out, n_in in ((q, d), (kv, d), (kv, d), (d, q), (f, d), (d, f)):
+        out += [(tokens, n_in, n_out, False, L), (tokens, n_out, n_in, False, L),
+                (n_out, tokens, n_in, True, L)]  # fmt: skip
+    chunk = min(chunk_rows(V), tokens)
+    out += [(chunk, d, V, False, -(-tokens // chunk)), (tokens, V, d, False, 1),
+            (d, tokens, V, False, 1)]  # fmt: skip
+    return out
+
+
+def refine(first: Device, precision, tokens: int, d: int, f: int, largest: int,
+           gemms=None) -> Device:  # fmt: skip
+    """The refined calibration (see :func:`calibrate`), measured now; with ``gemms``, the
+    matmul rate is that of the step's own mix of GEMM shapes (measure_gemm_mix)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = torch.randn(tokens, d, dtype=dtype), torch.randn(d, f, dtype=dtype)
     mm_mean = 2 * tokens * d * f / _mean_seconds(lambda: a @ b, 10)
+    if gemms:
+        mm_mean = measure_gemm_mix(gemms, precision)
     fp32_mean = mm_mean
     if precision == "bf16":
         a32, b32 = a.float(), b.float()
@@ -121,9 +151,14 @@ def average(before: Device, after: Device) -> Device:
     return dataclasses.replace(before, **{n: rate(n) for n in names}, kernel_overhead_s=overhead)
 
 
-def measure(cfg, batch: int, seq: int, precision: str) -> tuple[dict[str, float], float, str]:
+def measure(
+    cfg, batch: int, seq: int, precision: str, attention: str = "auto"
+) -> tuple[dict[str, float], float, str, str]:
+    """(self seconds per group, wall seconds, top ops, the attention choice) of one step."""
     torch.manual_seed(0)
     model = GPT(cfg)
+    said = apply_cpu_attention(model, attention, batch, seq, precision, "cpu")
+    print(said, flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, cfg.vocab_size, (batch, seq))
 
@@ -149,13 +184,38 @@ def measure(cfg, batch: int, seq: int, precision: str) -> tuple[dict[str, float]
         per_group[g] = per_group.get(g, 0.0) + evt.self_cpu_time_total / 1e6
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
     names = ", ".join(f"{e.key} {e.self_cpu_time_total / 1e6:.2f} ({e.count})" for e in top)
-    return per_group, wall, names
+    return per_group, wall, names, said
+
+
+def attention_rate(cfg, step: StepShape, dev: Device, seconds: float, flash: bool) -> float:
+    """Achieved attention FLOP/s of one layer's causal attention, forward + backward, timed at
+    the step's shape (``seconds``), in the model's FLOP count for the path the step runs: the
+    fused group's (with what the flash kernel recomputes) or the KBK attention matmuls'."""
+    ops = training_ops(cfg, step)
+    if flash:
+        rows = fused_costs(ops, dev, step.tokens, precision=step.precision, groups={"attn"})
+        flops = sum(c.flops for c in rows if c.name == "attn (fused)") / cfg.n_layers
+    else:
+        flops = sum(o.flops for o in ops if o.kind == "attention" and o.scope == "block")
+    return flops / seconds
+
+
+def as_run(report, cfg, flash: bool):
+    """``report`` with its KBK costs as the measured step ran them: attention's scores →
+    softmax → values as one fused op (kiln.planning.perf.fused_costs) when the step used
+    SDPA's flash kernel, every other op kernel by kernel."""
+    if not flash:
+        return report
+    ops = training_ops(cfg, report.step)
+    costs = fused_costs(ops, report.device, report.step.tokens, precision=report.step.precision,
+                        groups={"attn"})  # fmt: skip
+    return dataclasses.replace(report, kbk=costs)
 
 
 def per_group(report) -> dict[str, float]:
     out: dict[str, float] = {}
     for c in report.kbk:
-        g = KIND_GROUP.get(c.kind, OTHER)
+        g = "attention + softmax" if c.name == "attn (fused)" else KIND_GROUP.get(c.kind, OTHER)
         out[g] = out.get(g, 0.0) + c.time_s
     return out
 
@@ -198,7 +258,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--precision", default="auto", help="bf16, fp32, or auto (bf16 only with "
                     "AMX or AVX512-BF16; without them bf16 matmuls have no fast path)")  # fmt: skip
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "matmul"],
+                    help="causal bf16 CPU attention (train.cpu_attention)")  # fmt: skip
+    ap.add_argument("--no-gemm-mix", action="store_true", help="refined matmul rate from the "
+                    "MLP GEMM alone, not the step's GEMM shapes (always so in fp32)")  # fmt: skip
     ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    ap.add_argument("--section", default="perf_vs_measured", help="BENCHMARKS.md section")
     args = ap.parse_args()
     precision = args.precision
     if precision == "auto":
@@ -206,36 +271,52 @@ def main() -> None:
     cfg = PRESETS[args.preset]
     tokens = args.batch * args.seq_len
     largest = cfg.vocab_size * cfg.d_model  # the tied embedding's gradient, V × d
-    first, refined = calibrate(precision, tokens, cfg.d_model, cfg.d_ffn, largest)
+    # the step's own GEMM mix in bf16 (seconds); in fp32 on a slow CPU it would take minutes
+    gemms = step_gemms(cfg, tokens) if precision == "bf16" and not args.no_gemm_mix else None
+    first, refined = calibrate(precision, tokens, cfg.d_model, cfg.d_ffn, largest, gemms)
     step = StepShape(batch=args.batch, seq_len=args.seq_len, precision=precision)
     reports = {
         "first model": predict(cfg, step, first, args.preset),
         "refined model": predict(cfg, step, refined, args.preset),
     }
-    measured, wall, top = measure(cfg, args.batch, args.seq_len, precision)
-    after = refine(first, precision, tokens, cfg.d_model, cfg.d_ffn, largest)
+    load_before = os.getloadavg()[0]
+    mode, times = args.attention, {}
+    if precision == "bf16":  # time both paths here: the choice, and the attention calibration
+        matmul, times = choose_cpu_attention(args.batch, cfg.n_heads, args.seq_len, cfg.d_head)
+        mode = ("matmul" if matmul else "sdpa") if mode == "auto" else mode
+    measured, wall, top, said = measure(cfg, args.batch, args.seq_len, precision, mode)
+    flash = "matmul path" not in said
+    after = refine(first, precision, tokens, cfg.d_model, cfg.d_ffn, largest, gemms)
     refined = average(refined, after)
-    reports["refined model"] = predict(cfg, step, refined, args.preset)
+    if times:  # the refined model charges attention at the rate measured for its path
+        rate = attention_rate(cfg, step, refined, times["sdpa" if flash else "matmul"], flash)
+        refined = dataclasses.replace(refined, attention_flops=rate)
+    reports = {name: as_run(r, cfg, flash) for name, r in reports.items()}
+    reports["refined model"] = as_run(predict(cfg, step, refined, args.preset), cfg, flash)
     body, summary = errors_table(measured, wall, reports)
     print(body)
     print("\n".join(summary))
     if not args.write:
         return
+    mm_what = "the step's mix of GEMM shapes" if gemms else "the MLP GEMM"
+    load = f"loadavg {load_before:.2f} before the step, {os.getloadavg()[0]:.2f} after"
     write_section(
-        "perf_vs_measured",
+        args.section,
         f"## Performance model vs measurement: {args.preset} step on this CPU\n\n"
         f"Micro-batch {args.batch} × {args.seq_len} tokens, {precision}, AdamW (fused), "
-        f"kernel by kernel (eager). Calibrated in the run: "
+        f"kernel by kernel (eager; {said}; {load}). Calibrated in the run: "
         f"{first.peak_bf16 / 1e9:.1f} GFLOP/s {precision} matmul, "
         f"{first.vector_flops / 1e9:.1f} GFLOP/s fp32, {first.offchip_bw / 1e9:.1f} GB/s copy, "
         f"{first.fresh_write_bw / 1e9:.2f} GB/s writing fresh pages, "
         f"{first.kernel_overhead_s * 1e3:.2f} ms per kernel (median tiny add) for the first "
         f"model. The refined model is calibrated before and after the step (averaged as "
         f"times) with means at the step's own sizes: "
-        f"{refined.peak_bf16 / 1e9:.1f} GFLOP/s for the MLP GEMM, "
+        f"{refined.peak_bf16 / 1e9:.1f} GFLOP/s for {mm_what}, "
         f"{refined.offchip_bw / 1e9:.2f} GB/s copying 64 MB, element-wise kernels "
         f"{refined.elementwise_bw / 1e9:.2f} GB/s + {refined.kernel_overhead_s * 1e3:.2f} ms "
-        f"per kernel (fitted, V × d included); it also counts the bias gradients as their own "
+        f"per kernel (fitted, V × d included), attention at "
+        f"{(refined.attention_flops or refined.peak_bf16) / 1e9:.0f} GFLOP/s (its path timed "
+        f"at the step's shape, model FLOP count); it also counts the bias gradients as their own "
         f"kernels and the norms' two backward passes ({cpu_matrix_flags()}).\n\n{body}\n\n"
         + "  \n".join(summary)
         + f"\n\nGoal: step within 15%, per-op under 25%.\n\nTop aten ops of the measured "

@@ -322,6 +322,10 @@ class TrainConfig:
     fused_mlp: str = "off"
     """Dense GELU MLPs through the token-tiled fused kernel (kiln.models.fused_mlp): 'off',
     'auto' (time fused vs unfused on this run's shape at start; fused only if faster), 'on'."""
+    cpu_attention: str = "auto"
+    """Causal bf16 attention on CPU (kiln.models.cpu_attention): 'sdpa' (torch's flash kernel),
+    'matmul' (bf16 matmuls around an fp32 softmax) or 'auto' (time both at start, take the
+    faster: which wins depends on the CPU)."""
     seed: int = 0
     """Seed for initialisation, data order and sampling."""
     eval_every: int = 100
@@ -353,6 +357,7 @@ class TrainConfig:
         check_choice("train", "decay", self.decay, ["cosine", "linear"])
         check_choice("train", "precision", self.precision, ["auto", "bf16", "fp32"])
         check_choice("train", "fused_mlp", self.fused_mlp, ["off", "auto", "on"])
+        check_choice("train", "cpu_attention", self.cpu_attention, ["auto", "sdpa", "matmul"])
 
 
 @dataclass

@@ -4,6 +4,7 @@ sparsity checks, the hardware table and the CLI's errors."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
@@ -50,6 +51,44 @@ def test_fused_mlp_keeps_the_intermediate_on_chip_and_recomputes_it():
     assert bwd.flops == L * (kbk_bwd + w1.flops + gelu.flops)
     # on chip: both weights + the [tile × f] intermediates
     assert fwd.onchip_bytes == 2 * d * f * 2 + (M * f * 2 * 2) * 16 / M
+
+
+def test_fusing_only_some_groups_leaves_the_other_ops_kernel_by_kernel():
+    """groups={"attn"}: the step as an eager run with a flash attention kernel executes it."""
+    step = ops.StepShape(batch=2, seq_len=32, precision="bf16")
+    o = ops.training_ops(TINY, step)
+    mixed = perf.fused_costs(o, TOY, step.tokens, groups={"attn"})
+    fused_names = {c.name for c in mixed if c.kind == "fused"}
+    assert fused_names == {"attn (fused)"}
+    assert [c.phase for c in mixed if c.kind == "fused"] == ["fwd", "bwd"]
+    rest = [perf.cost(x, TOY) for x in o if x.fuse != "attn"]
+    assert [c.name for c in mixed if c.kind != "fused"] == [c.name for c in rest]
+    every = [c.time_s for c in perf.fused_costs(o, TOY, step.tokens) if c.name == "attn (fused)"]
+    assert [c.time_s for c in mixed if c.kind == "fused"] == every  # same group costs
+
+
+def test_a_measured_attention_rate_applies_to_attention_ops_only():
+    slow_attn = Device("toy", 1e12, 1e11, 1e9, 1e6, None, "test", 1.0, attention_flops=1e10)
+    att = ops.Op("attn.scores", "attention", "fwd", 1e9)
+    mm = ops.Op("mlp.w1", "matmul", "fwd", 1e9)
+    assert perf.cost(att, slow_attn).compute_s == pytest.approx(1e9 / 1e10)
+    assert perf.cost(mm, slow_attn).compute_s == pytest.approx(1e9 / 1e12)
+    assert perf.cost(att, TOY).compute_s == pytest.approx(1e9 / 1e12)  # None: the matmul rate
+    step = ops.StepShape(batch=2, seq_len=32, precision="bf16")
+    o = ops.training_ops(TINY, step)
+    fast = sum(c.compute_s for c in perf.fused_costs(o, TOY, 64) if c.name == "attn (fused)")
+    slow = sum(c.compute_s for c in perf.fused_costs(o, slow_attn, 64) if c.name == "attn (fused)")
+    assert slow > 50 * fast  # the fused group's matmuls run at the measured rate too
+
+
+def test_gemm_mix_rate_is_total_flops_over_total_time(monkeypatch):
+    from kiln.planning import hardware
+
+    clock = iter([0.0, 3.0, 0.0, 6.0])  # 1 s per call of the first GEMM, 2 s of the second
+    fake = types.SimpleNamespace(perf_counter=lambda: next(clock))
+    monkeypatch.setattr(hardware, "time", fake)  # only this module's clock
+    rate = hardware.measure_gemm_mix([(2, 2, 2, False, 1), (2, 2, 4, True, 2)], "fp32")
+    assert rate == pytest.approx((16 + 2 * 32) / (1 * 1.0 + 2 * 2.0))
 
 
 def test_sparsity_makes_the_kbk_mlp_memory_bound_but_not_the_fused_one():

@@ -37,7 +37,7 @@ from torch import nn
 
 from kiln.config import MoEConfig
 from kiln.errors import ConfigError, check_choice
-from kiln.models.loss import head_loss
+from kiln.models.loss import compute_dtype, head_loss
 from kiln.models.moe import MoE
 from kiln.planning.moe import expert_width, is_moe_layer
 
@@ -275,11 +275,15 @@ MATMUL_ATTENTION_MAX_LEN = 1024
 """Longest sequence for which CPU bf16 attention keeps its [B, H, T, T] probabilities."""
 
 
-def uses_matmul_attention(device_type: str, dtype: torch.dtype, seq_len: int, gqa: bool) -> bool:
+def uses_matmul_attention(
+    device_type: str, dtype: torch.dtype, seq_len: int, gqa: bool, allowed: bool = True
+) -> bool:
     """Whether causal, unmasked self-attention of ``seq_len`` tokens takes :func:`attention`'s
-    matmul path (which keeps its probabilities for backward) rather than SDPA."""
+    matmul path (which keeps its probabilities for backward) rather than SDPA; ``allowed``
+    False (SDPA measured faster on this CPU, kiln.models.cpu_attention) rules it out."""
     return (
-        device_type == "cpu"
+        allowed
+        and device_type == "cpu"
         and dtype == torch.bfloat16
         and not gqa
         and 1 < seq_len <= MATMUL_ATTENTION_MAX_LEN
@@ -294,6 +298,7 @@ def attention(
     causal: bool,
     scale: float | None,
     gqa: bool,
+    matmul_ok: bool = True,
 ) -> torch.Tensor:
     """softmax(q kᵀ · scale + mask) v over [B, H, T, d_head] tensors.
 
@@ -303,13 +308,17 @@ def attention(
     computed in fp32 (its output rounded to bf16, as the flash kernel rounds P before P·V) are
     2.5× faster for forward + backward at B=4, H=12, T=512, d=64 (25 vs 65 ms), with the same
     error against an fp32 reference (benchmarks/cpu_attention.py). The price is memory:
-    backward keeps the bf16 probabilities, 2·H·T² bytes per sequence per layer."""
+    backward keeps the bf16 probabilities, 2·H·T² bytes per sequence per layer. Which one is
+    faster depends on the CPU and its load (on an AMX Xeon the flash kernel measured 2.3×
+    faster than this path in one run, within 10% of it in another), so ``matmul_ok`` False
+    sends this case to SDPA too: the trainer times both on the run's shape at start
+    (kiln.models.cpu_attention) and sets it on every :class:`Attention`."""
     T = q.shape[-2]
     if (
         causal
         and mask is None
         and k.shape[-2] == T
-        and uses_matmul_attention(q.device.type, q.dtype, T, gqa)
+        and uses_matmul_attention(q.device.type, q.dtype, T, gqa, matmul_ok)
     ):
         future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
         scores = (q * (scale if scale is not None else q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)
@@ -337,6 +346,8 @@ class Attention(nn.Module):
             head = cfg.qk_norm == "head"
             self.q_norm = make_norm(cfg, cfg.d_head if head else q_out)
             self.k_norm = make_norm(cfg, cfg.d_head if head else kv_out)
+        self.matmul_attention = True
+        """False: causal bf16 CPU attention through SDPA too (see :func:`attention`)."""
 
     @torch.no_grad()
     def init_weights(self, init_std: float, out_std: float) -> None:
@@ -368,6 +379,7 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
+        x = x.to(compute_dtype(x))  # one cast of the (fp32-normed) input for q, k and v
         q, k = self._heads(x, self.wq, self.q_norm), self._heads(x, self.wk, self.k_norm)
         v = self._heads(x, self.wv, None)
         if rope is not None:
@@ -383,7 +395,8 @@ class Attention(nn.Module):
                 causal = False
         if attn_mask is not None:  # caller-built mask (True = may attend) replaces causality
             mask, causal = attn_mask, False
-        y = attention(q, k, v, mask, causal, self.scale, self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        y = attention(q, k, v, mask, causal, self.scale, gqa, self.matmul_attention)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -229,6 +229,11 @@ class Device:
     """Effective bandwidth of eager element-wise kernels at a step's own tensor sizes, fitted
     together with kernel_overhead_s (:func:`measure_elementwise`); None = charge them at
     offchip_bw / fresh_write_bw like any other op."""
+    attention_flops: float | None = None
+    """Achieved FLOP/s of attention's score and value matmuls (the model's count: the full
+    T × T, plus what a fused kernel recomputes) on the kernel a CPU step uses, measured at the
+    step's shape (benchmarks/perf_vs_measured.py); None = the matmul rate. A CPU's flash kernel
+    runs far below its GEMM rate (~0.1 of it on the AMX Xeon)."""
 
 
 DEVICES: dict[str, Device] = {
@@ -387,6 +392,32 @@ def measure_elementwise(elems: list[int], reps: int = 10) -> tuple[float, float]
                 fn()
             points.append((passes * n * 4, (time.perf_counter() - t0) / reps_n))
     return fit_overhead_bandwidth(points)
+
+
+def measure_gemm_mix(
+    gemms: list[tuple[int, int, int, bool, int]], precision: str = "bf16", reps: int = 3
+) -> float:
+    """The rate (FLOP/s) at which a step's mix of GEMMs runs on this CPU: each
+    ``(m, k, n, a_transposed, count)`` is timed (mean of ``reps`` after a warm-up; A given as
+    a transposed view where autograd's weight gradients pass one) and the rates combine as the
+    mix's total FLOPs over its total time (count-weighted harmonic mean). On a CPU with AMX one
+    rate for every shape is wrong by 2–4×: the step's GEMMs run between a third and the whole
+    of the square-GEMM peak, by shape (benchmarks/perf_vs_measured.py). Not cached: it is
+    meant to run next to the step it calibrates."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    flops = seconds = 0.0
+    for m, k, n, a_t, count in gemms:
+        a = torch.randn(k, m, dtype=dtype).t() if a_t else torch.randn(m, k, dtype=dtype)
+        b = torch.randn(n, k, dtype=dtype).t()  # a weight [out, in] used as x Wᵀ
+        torch.mm(a, b)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        flops += 2.0 * m * k * n * count
+        seconds += (time.perf_counter() - t0) / reps * count
+    return flops / seconds
 
 
 def fit_overhead_bandwidth(points: list[tuple[float, float]]) -> tuple[float, float]:

@@ -4,7 +4,9 @@ kernel (KBK) and fused (dataflow), from the op description in kiln.planning.ops.
 Every op takes ``time = max(compute, memory) + overhead``::
 
     compute  = flops / rate    rate = peak_bf16 · matmul_efficiency for matmuls and attention
-                                      matmuls (the fp32 rate in fp32), vector_flops otherwise
+                                      matmuls (the fp32 rate in fp32; attention at the device's
+                                      measured attention_flops where it has one),
+                                      vector_flops otherwise
     memory   = bytes / offchip_bw       (new activations and gradients at fresh_write_bw,
                                          measured on a CPU: eager kernels write new pages)
     overhead = kernel_overhead_s per kernel (0 for the datasheet devices; measured on a CPU)
@@ -122,6 +124,8 @@ def matmul_peak(dev: Device, precision: str = "bf16") -> float:
 
 
 def _rate(kind: str, dev: Device, precision: str = "bf16") -> float:
+    if kind == "attention" and dev.attention_flops:
+        return dev.attention_flops
     if kind in MATMUL_KINDS:
         return matmul_peak(dev, precision) * dev.matmul_efficiency
     return dev.vector_flops or dev.peak_bf16
@@ -197,12 +201,19 @@ def _fuse(ops: list[Op], first: Op, dev: Device, tokens: int, tile: int, prec: s
 
 
 def fused_costs(
-    ops: list[Op], dev: Device, tokens: int, tile: int = TILE, precision: str = "bf16"
+    ops: list[Op],
+    dev: Device,
+    tokens: int,
+    tile: int = TILE,
+    precision: str = "bf16",
+    groups: set[str] | None = None,
 ) -> list[OpCost]:
-    """Costs with every fusion group run as one op, in the order the groups first appear."""
+    """Costs with every fusion group (or only those in ``groups``: e.g. {"attn"} for an eager
+    step whose attention runs in a flash kernel) run as one op, in the order the groups first
+    appear; the other ops kernel by kernel."""
     out, done = [], set()
     for o in ops:
-        if o.fuse is None:
+        if o.fuse is None or (groups is not None and o.fuse not in groups):
             out.append(cost(o, dev, precision))
             continue
         key = (o.scope, o.fuse, o.phase)

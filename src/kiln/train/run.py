@@ -35,8 +35,9 @@ from kiln.distributed.parallel_dims import (
 from kiln.distributed.parallelize import Parallelized, check_layout, parallelize_model
 from kiln.errors import ConfigError
 from kiln.fsio import atomic_write
+from kiln.models.cpu_attention import apply_cpu_attention
 from kiln.models.fused_mlp import apply_fused_mlp
-from kiln.models.gpt import GPT, GPTConfig
+from kiln.models.gpt import GPT, Attention, GPTConfig
 from kiln.models.presets import resolve_model
 from kiln.planning.hardware import measure_cpu_peak, resolve_precision
 from kiln.train import checkpoint as ckpt
@@ -181,6 +182,23 @@ def resolve_shape(job: JobConfig, vocab_size: int) -> tuple[GPTConfig, list[str]
     return shape, notes
 
 
+def settle_cpu_attention(model: GPT, job: JobConfig, micro_batch: int, dims: ParallelDims) -> str:
+    """``train.cpu_attention`` applied ('auto' measured); under torchrun every rank takes rank
+    0's choice (one attention kernel for the whole job)."""
+    train = job.train
+    said = apply_cpu_attention(
+        model, train.cpu_attention, micro_batch, job.data.seq_len, train.precision, dims.device.type
+    )
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if dims.distributed and layers:
+        choice = [said, layers[0].matmul_attention]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        said = choice[0]
+        for layer in layers:
+            layer.matmul_attention = choice[1]
+    return said
+
+
 def build_parallel_model(
     job: JobConfig, shape: GPTConfig, dims: ParallelDims, log
 ) -> tuple[Parallelized, bool]:
@@ -200,8 +218,10 @@ def build_parallel_model(
             f"train.fused_mlp is {job.train.fused_mlp!r} but the fused MLP applies only to dense "
             "single-process runs; set it to 'off' with sparsity or torchrun."
         )
-    tokens = (job.train.micro_batch_size or local_batch) * job.data.seq_len
+    micro = job.train.micro_batch_size or local_batch
+    tokens = micro * job.data.seq_len
     log(apply_fused_mlp(model, job.train.fused_mlp, tokens, job.train.precision))
+    log(settle_cpu_attention(model, job, micro, dims))
     # One process: compile model + loss as one graph (the trainer does it). Under torchrun:
     # compile block by block before FSDP/DDP wrap them, as torchtitan does.
     compile_whole = job.train.compile and not dims.distributed

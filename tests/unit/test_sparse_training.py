@@ -373,5 +373,9 @@ def test_fusion_is_reported_after_kernels_are_chosen(kernel):
     report = [line for line in lines if "GELU MLPs run" in line]
     assert report == [
         f"sparsity: {fused} of 2 GELU MLPs run fc1 → GELU → fc2 fused ("
-        + ("both linears chose block-cpp)" if fused else "their linears chose other kernels)")
+        + (
+            "their linears use block-cpp)"
+            if fused
+            else "fusion needs both linears on one of block-amx, block-cpp)"
+        )
     ]

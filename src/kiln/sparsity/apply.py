@@ -15,17 +15,21 @@ Kernels (one per layer, chosen when its mask is built or changes density):
 * ``masked``: :func:`kiln.sparsity.kernels.masked_linear` (dense × mask), any pattern.
 * ``dense`` is also what a sparse layer runs when it is the fastest measured choice: the
   weights outside the mask are exactly zero, and the callback masks the weight gradient.
-* ``block-cpp`` / ``block-torch``: :func:`kiln.sparsity.kernels.block_sparse_linear`, cost ∝
-  kept blocks.
+* ``block-amx`` / ``block-cpp`` / ``block-torch``:
+  :func:`kiln.sparsity.kernels.block_sparse_linear` (AMX tiles, AVX512-BF16, pure torch),
+  cost ∝ kept blocks.
 * ``semi-2:4``: torch's 2:4 semi-structured matmul (CUDA, via choose_kernel).
 
 A GELU MLP whose ``w1`` and ``w2`` are both sparse is swapped (:func:`fuse_mlps`) for a
 :class:`SparseGeluMLP` holding the same two SparseLinear children (names unchanged). While both
-use ``block-cpp`` (so bf16 compute, as the per-linear kernel) and neither runs dense this step,
-it calls the fused fc1 → exact GELU → fc2 kernel :func:`kiln.sparsity.kernels.block_sparse_mlp`
-with the layouts the children rebuild on every mask change; otherwise it is ``w2(gelu(w1 x))``
-through the per-linear kernels. Only exact (erf) GELU is fused: the kernel implements no tanh
-approximation, so ``gelu_tanh`` models keep the per-linear path.
+use the same C++ block kernel (``block-amx`` or ``block-cpp``: bf16 compute, as the per-linear
+kernel), neither runs dense this step and fusion is allowed (``fuse``: with ``kernel: auto`` the
+callback times the fused kernel against the linears' own kernels, :mod:`kiln.sparsity.mlp_choice`,
+and fuses only where it is faster), it calls the fused fc1 → exact GELU → fc2 kernel
+:func:`kiln.sparsity.kernels.block_sparse_mlp` with the layouts the children rebuild on every
+mask change; otherwise it is ``w2(gelu(w1 x))`` through the per-linear kernels. Only exact (erf)
+GELU is fused: the kernel implements no tanh approximation, so ``gelu_tanh`` models keep the
+per-linear path.
 
 ``kernel: auto`` asks :func:`kiln.sparsity.kernels.choose_kernel` (timed once per shape and
 density; every candidate's time is logged). The C++ block kernel computes in bf16, so an fp32
@@ -41,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.gpt import GeluMLP
+from kiln.sparsity import kernels as kernels_mod
 from kiln.sparsity.kernels import (
     BlockLayout,
     block_sparse_linear,
@@ -51,7 +56,9 @@ from kiln.sparsity.kernels import (
     masked_linear,
 )
 
-KERNELS = ("dense", "masked", "block-cpp", "block-torch", "semi-2:4")
+KERNELS = ("dense", "masked", "block-amx", "block-cpp", "block-torch", "semi-2:4")
+FUSED_KERNELS = ("block-amx", "block-cpp")
+"""Block kernels with a fused MLP kernel (the C++ builds)."""
 
 
 class SparseLinear(nn.Module):
@@ -86,7 +93,7 @@ class SparseLinear(nn.Module):
     def grad_is_masked(self) -> bool:
         """True when this step's weight gradient comes out exactly zero outside the mask (the
         masked and block kernels), so masking it again would change nothing."""
-        return not self.dense_now and self.kernel in ("masked", "block-cpp", "block-torch")
+        return not self.dense_now and (self.kernel == "masked" or self.kernel.startswith("block"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_now or self.kernel == "dense":
@@ -129,20 +136,27 @@ class SparseGeluMLP(nn.Module):
     def __init__(self, w1: SparseLinear, w2: SparseLinear) -> None:
         super().__init__()
         self.w1, self.w2 = w1, w2
+        self.fuse = True
+        """False where the chooser timed the linears' own kernels faster than the fused one."""
 
     @property
     def fused(self) -> bool:
-        """True when the next forward runs the fused kernel (both block-cpp, neither dense)."""
-        return all(
-            m.kernel == "block-cpp" and not m.dense_now and m._layout is not None
-            for m in (self.w1, self.w2)
+        """True when the next forward runs the fused kernel: fusion allowed, both linears on the
+        same C++ block kernel (block-amx or block-cpp), neither dense this step."""
+        w1, w2 = self.w1, self.w2
+        return (
+            self.fuse
+            and w1.kernel == w2.kernel
+            and w1.kernel in FUSED_KERNELS
+            and all(not m.dense_now and m._layout is not None for m in (w1, w2))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.w1, self.w2
         if self.fused:
+            backend = w1.kernel.split("-", 1)[1]
             return block_sparse_mlp(
-                x, w1.weight, w1.bias, w2.weight, w2.bias, w1._layout, w2._layout, "cpp"
+                x, w1.weight, w1.bias, w2.weight, w2.bias, w1._layout, w2._layout, backend
             )
         return w2(F.gelu(w1(x)))
 
@@ -164,6 +178,15 @@ def fuse_mlps(model: nn.Module) -> list[str]:
         setattr(parent, child, SparseGeluMLP(module.w1, module.w2))
         swapped.append(path)
     return swapped
+
+
+def block_backend() -> str:
+    """The block kernel ``sparsity.kernel: block`` uses here: the fastest build this machine
+    runs (AMX tiles, else AVX512-BF16, else pure torch)."""
+    amx = getattr(kernels_mod, "amx_extension", None)  # the AMX tile build, where it exists
+    if amx is not None and amx() is not None:
+        return "block-amx"
+    return "block-cpp" if cpp_extension() is not None else "block-torch"
 
 
 def pick_kernel(
@@ -188,7 +211,7 @@ def pick_kernel(
     if requested in ("masked", "dense"):
         return requested, None, f"sparsity.kernel is {requested!r}"
     if requested == "block":
-        backend = "block-cpp" if cpp_extension() is not None else "block-torch"
+        backend = block_backend()
         return backend, None, "sparsity.kernel is 'block'"
     is_block = pattern == "block" and block_size % 32 == 0
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

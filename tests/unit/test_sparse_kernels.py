@@ -26,12 +26,30 @@ def _cpp_skip_reason() -> str:
     return "the C++ block-sparse kernels failed to build here (see the warning logged above)"
 
 
+def _amx_skip_reason() -> str:
+    if os.environ.get("KILN_SPARSE_AMX", "1") == "0" or os.environ.get("KILN_SPARSE_CPP") == "0":
+        return "the AMX block-sparse kernels are off (KILN_SPARSE_AMX=0 or KILN_SPARSE_CPP=0)"
+    if not (kernels._cpu_has_amx() and kernels._cpu_has_avx512_bf16()):
+        return "the AMX block-sparse kernels need a CPU with amx_tile, amx_bf16, avx512_bf16"
+    return "the AMX kernels failed to build or Linux refused AMX tiles (see the warning logged)"
+
+
+NEEDS_AMX = pytest.mark.skipif(kernels.amx_extension() is None, reason=_amx_skip_reason())
 # the C++ cases stay in the list and say why they are skipped where the kernels are missing
 BACKENDS = [
     "torch",
     pytest.param("cpp", marks=pytest.mark.skipif(kernels.cpp_extension() is None,
                                                   reason=_cpp_skip_reason())),
+    pytest.param("amx", marks=NEEDS_AMX),
 ]  # fmt: skip
+
+
+def _no_cpp(monkeypatch) -> None:
+    """As on a CPU without the C++ kernels: neither the AVX512-BF16 nor the AMX build."""
+    for name, value in (("_EXT", None), ("_EXT_TRIED", True), ("_AMX", None), ("_AMX_TRIED", True)):
+        monkeypatch.setattr(kernels, name, value)
+
+
 CASES = [  # out, in, block, density, axis, input shape prefix
     (64, 96, 32, 1 / 3, "rows", (5,)),
     (96, 64, 32, 0.5, "rows", (2, 7)),
@@ -167,8 +185,7 @@ def _inject(monkeypatch, times: dict[str, float]) -> list[str]:
     ],
 )
 def test_chooser_picks_fastest_and_logs_every_candidate(monkeypatch, caplog, times, winner):
-    monkeypatch.setattr(kernels, "_EXT", None)
-    monkeypatch.setattr(kernels, "_EXT_TRIED", True)
+    _no_cpp(monkeypatch)
     times = {k: v / 1e3 for k, v in times.items()}
     seen = _inject(monkeypatch, times)
     with caplog.at_level("INFO", logger="kiln.sparsity.kernels"):
@@ -186,8 +203,7 @@ def test_chooser_picks_fastest_and_logs_every_candidate(monkeypatch, caplog, tim
 def test_pick_kernel_maps_a_dense_choice_to_the_dense_kernel(monkeypatch):
     from kiln.sparsity.apply import pick_kernel
 
-    monkeypatch.setattr(kernels, "_EXT", None)
-    monkeypatch.setattr(kernels, "_EXT_TRIED", True)
+    _no_cpp(monkeypatch)
     _inject(monkeypatch, {"dense": 1e-3, "masked-dense": 2e-3, "block32-torch": 3e-3})
     kernel, fn, reason = pick_kernel("auto", "block", 32, (64, 128), 0.5, 32, "bf16", "cpu")
     assert (kernel, fn) == ("dense", None) and reason.startswith("dense 1.0 ms <")
@@ -237,8 +253,7 @@ def test_choose_kernel_without_sparse_kernel_times_dense_and_masked(pattern):
 
 
 def test_cpp_backend_falls_back(monkeypatch):
-    monkeypatch.setattr(kernels, "_EXT", None)
-    monkeypatch.setattr(kernels, "_EXT_TRIED", True)
+    _no_cpp(monkeypatch)
     mask = block_mask(torch.rand(64, 64), 0.5, 32)
     layout = BlockLayout.from_mask(mask, 32)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
@@ -249,13 +264,19 @@ def test_cpp_backend_falls_back(monkeypatch):
 
 
 def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path):
-    """No working compiler: cpp_extension() is None and 'auto' runs the torch kernels."""
-    monkeypatch.setattr(kernels, "_EXT", None)
-    monkeypatch.setattr(kernels, "_EXT_TRIED", False)
+    """No working compiler: neither C++ build loads and 'auto' runs the torch kernels."""
+    for name, value in (
+        ("_EXT", None),
+        ("_EXT_TRIED", False),
+        ("_AMX", None),
+        ("_AMX_TRIED", False),
+    ):
+        monkeypatch.setattr(kernels, name, value)
+    monkeypatch.setattr(kernels, "_cpu_has_amx", lambda: True)
     monkeypatch.setattr(kernels, "_cpu_has_avx512_bf16", lambda: True)
     monkeypatch.setenv("CXX", "false")
     monkeypatch.setenv("KILN_EXTENSIONS_DIR", str(tmp_path))
-    assert kernels.cpp_extension() is None
+    assert kernels.cpp_extension() is None and kernels.amx_extension() is None
     mask = block_mask(torch.rand(64, 64), 0.5, 32)
     lay = BlockLayout.from_mask(mask, 32)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
@@ -299,7 +320,6 @@ def test_prebuild_says_which_kernels_this_machine_uses(monkeypatch, capsys):
     kernels.prebuild()
     ready = kernels.cpp_extension() is not None
     assert ("C++ kernels ready" in capsys.readouterr().out) == ready
-    monkeypatch.setattr(kernels, "_EXT", None)
-    monkeypatch.setattr(kernels, "_EXT_TRIED", True)  # as on a CPU without avx512_bf16
+    _no_cpp(monkeypatch)  # as on a CPU without avx512_bf16
     kernels.prebuild()
     assert "sparse runs use pure torch" in capsys.readouterr().out

@@ -14,7 +14,11 @@ NEEDS_CPP = pytest.mark.skipif(
     kernels.cpp_extension() is None,
     reason="the C++ block-sparse kernels need a CPU with avx512_bf16 (and a build); none here",
 )
-BACKENDS = ["torch", pytest.param("cpp", marks=NEEDS_CPP)]
+NEEDS_AMX = pytest.mark.skipif(
+    kernels.amx_extension() is None,
+    reason="the AMX block-sparse kernels need a CPU with amx_tile and amx_bf16; none here",
+)
+BACKENDS = ["torch", pytest.param("cpp", marks=NEEDS_CPP), pytest.param("amx", marks=NEEDS_AMX)]
 
 
 def _layout(out_f, in_f, b, density, seed=0):
@@ -43,18 +47,18 @@ def _linear_args(lay, dtype, with_bias, grads, tokens=7, backend="torch"):
     ],
 )
 def test_block_sparse_linear_op_passes_opcheck(backend, dtype, with_bias, grads):
-    if backend == "cpp" and dtype == torch.float32:
+    if backend in ("cpp", "amx") and dtype == torch.float32:
         dtype = torch.bfloat16  # the C++ kernels compute in bf16
     args = _linear_args(_layout(96, 64, 32, 0.5), dtype, with_bias, grads, backend=backend)
     torch.library.opcheck(torch.ops.kiln.block_sparse_linear.default, args)
 
 
-@NEEDS_CPP
-def test_block_sparse_mlp_op_passes_opcheck():
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_block_sparse_mlp_op_passes_opcheck(backend):
     lay1, lay2 = _layout(128, 64, 32, 0.5), _layout(64, 128, 32, 0.5, seed=1)
     x, w1, b1, *_ = _linear_args(lay1, torch.bfloat16, True, (True, True, True), tokens=9)
     _, w2, b2, *_ = _linear_args(lay2, torch.bfloat16, True, (True, True, True))
-    args = (x, w1, b1, lay1.kept, 32, lay1.nnzb, w2, b2, lay2.kept, 32, lay2.nnzb)
+    args = (x, w1, b1, lay1.kept, 32, lay1.nnzb, w2, b2, lay2.kept, 32, lay2.nnzb, backend)
     torch.library.opcheck(torch.ops.kiln.block_sparse_mlp.default, args)
 
 

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.gpt import GeluMLP
-from kiln.sparsity import kernels as kernels_mod
 from kiln.sparsity.kernels import (
     BlockLayout,
+    amx_extension,
     block_sparse_linear,
     block_sparse_mlp,
     choose_kernel,
@@ -183,8 +183,7 @@ def fuse_mlps(model: nn.Module) -> list[str]:
 def block_backend() -> str:
     """The block kernel ``sparsity.kernel: block`` uses here: the fastest build this machine
     runs (AMX tiles, else AVX512-BF16, else pure torch)."""
-    amx = getattr(kernels_mod, "amx_extension", None)  # the AMX tile build, where it exists
-    if amx is not None and amx() is not None:
+    if amx_extension() is not None:
         return "block-amx"
     return "block-cpp" if cpp_extension() is not None else "block-torch"
 

@@ -5,6 +5,11 @@ few seconds (a torch extension with pybind took ~47 s) and does not depend on th
 Tensors are allocated here and passed as pointers. Loaded after torch, the library's
 ``libgomp.so.1`` resolves to the copy torch already loaded, so its OpenMP regions share torch's
 intra-op thread pool. :func:`kiln.sparsity.kernels.cpp_extension` decides whether to use it.
+
+The same source builds twice: the AVX512-BF16 library, and (``amx=True``: ``-DKILN_AMX
+-mamx-tile -mamx-bf16``) a second one whose products run on AMX tiles, loaded only where
+:func:`kiln.sparsity.kernels.amx_extension` finds AMX and Linux grants the tile data
+(:meth:`CppKernels.amx_init`). A compiler without the AMX flags fails only the second build.
 """
 
 from __future__ import annotations
@@ -27,23 +32,26 @@ __all__ = ["CSRC", "CppKernels", "build_library"]
 CSRC = Path(__file__).parent / "csrc" / "block_sparse.cpp"
 _FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl"]
 _FLAGS += ["-mavx512bf16"]
+_AMX_FLAGS = ["-DKILN_AMX", "-mamx-tile", "-mamx-bf16"]
 
 
-def build_library() -> Path:
-    """Compile csrc/block_sparse.cpp (plain C ABI, no torch headers: a few seconds) once.
+def build_library(amx: bool = False) -> Path:
+    """Compile csrc/block_sparse.cpp (plain C ABI, no torch headers: a few seconds) once;
+    ``amx``: the AMX tile build.
 
     The shared object is cached under ``$KILN_EXTENSIONS_DIR`` (default
     ``~/.cache/kiln/torch_extensions``), named by a hash of the source, compiler and flags, and
     written to a temporary name first so concurrent first uses never see a half-written file.
     """
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
-    digest = hashlib.sha1(CSRC.read_bytes() + " ".join([cxx, *_FLAGS]).encode()).hexdigest()
+    flags = _FLAGS + (_AMX_FLAGS if amx else [])
+    digest = hashlib.sha1(CSRC.read_bytes() + " ".join([cxx, *flags]).encode()).hexdigest()
     root = Path(os.environ.get("KILN_EXTENSIONS_DIR", "~/.cache/kiln/torch_extensions"))
-    lib = root.expanduser() / f"kiln_block_sparse_{digest[:12]}.so"
+    lib = root.expanduser() / f"kiln_block_sparse{'_amx' if amx else ''}_{digest[:12]}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([cxx, *_FLAGS, str(CSRC), "-o", str(tmp)], check=True, capture_output=True)
+        subprocess.run([cxx, *flags, str(CSRC), "-o", str(tmp)], check=True, capture_output=True)
         tmp.replace(lib)
     return lib
 
@@ -55,8 +63,10 @@ class CppKernels:
     kernels' OpenMP regions share torch's intra-op thread pool.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, amx: bool = False):
         lib = ctypes.CDLL(str(path))
+        self.amx = amx
+        """True for the AMX tile build (call :meth:`amx_init` before its first use)."""
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         sig = {
             "bs_linear_forward": [p, i64, i64, i64, p, i32, p, p, p, p, p, i64, p, p, p, p, i32],
@@ -72,7 +82,17 @@ class CppKernels:
         }
         for name, args in sig.items():
             getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+        if amx:
+            lib.bs_amx_init.argtypes, lib.bs_amx_init.restype = [], i32
         self.lib = lib
+
+    def amx_init(self) -> str | None:
+        """Ask Linux for AMX tile data (``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``; the
+        first tile instruction faults without it). None when granted, else why not."""
+        code = self.lib.bs_amx_init()
+        if code == 0:
+            return None
+        return "the CPU reports no AMX-TILE/AMX-BF16" if code == 1 else "Linux refused AMX tiles"
 
     def linear_forward(self, x2, w, lay: BlockLayout, bias):
         """(y, W packed for grad-input) in one parallel region: pack W twice, then y."""

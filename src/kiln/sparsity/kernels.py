@@ -24,6 +24,18 @@ Backends (same layout, same numbers up to bf16 rounding):
   CSC lists: no gathers, no scatter-adds, any block placement. A linear is 2 parallel regions
   (pack W and W^T, then forward; token-tiled backward, then dW). Used when the CPU has avx512_bf16
   and compilation succeeds; otherwise (or with ``KILN_SPARSE_CPP=0``) ``torch``.
+* ``amx``: the same source compiled a second time with ``-DKILN_AMX -mamx-tile -mamx-bf16``
+  (:func:`amx_extension`): every product's full 16-row slices run on AMX tiles (2 x 2 tiles of
+  16 x 16 fp32 accumulators, K in steps of 32 bf16; B tiles read the same VNNI-pair panels with a
+  row stride, the weight gradient's A side is packed transposed so tokens are contiguous), the
+  leftover rows (tokens % 16, token pairs % 16) on the AVX512-BF16 micro-kernel. Loaded only
+  where ``/proc/cpuinfo`` lists amx_tile and amx_bf16, cpuid agrees, and Linux grants the tile
+  data (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, asked once before the first tile
+  instruction); a refusal, a compiler without the AMX flags, or ``KILN_SPARSE_AMX=0`` leaves
+  ``cpp`` (logged once). ``auto`` prefers ``amx``, then ``cpp``, then ``torch``; the chooser times
+  ``blockN-amx`` and ``blockN-cpp`` as separate candidates. On the 111M MLP it runs the kept
+  blocks ~3-4x faster than ``cpp`` (BENCHMARKS.md). The pure-torch gather + ``bmm`` design
+  (``torch``, whose bmm oneDNN runs on AMX too) was measured against it side by side there.
 * ``torch``: pure torch, in the dtype ``F.linear`` would compute in (bf16 under autocast,
   fp32 in an fp32 run — the only block kernel for CPUs without bf16 matmul hardware, whose
   bf16 matmuls are an order of magnitude slower than fp32). The layout is padded to the same
@@ -33,7 +45,9 @@ Backends (same layout, same numbers up to bf16 rounding):
 
 :func:`block_sparse_mlp` (``W2 gelu(W1 x + b1) + b2``, both weights block-sparse) fuses the
 exact GELU into the C++ kernels' epilogues and runs fc1 -> fc2 per token tile with the hidden
-activations in L2: 2 parallel regions per fwd+bwd (op ``kiln::block_sparse_mlp``).
+activations in L2: 2 parallel regions per fwd+bwd (op ``kiln::block_sparse_mlp``). Hidden units
+whose fc2 column keeps no block never reach the output and get exactly zero gradients: their
+fc1 products, GELU, packing, dX contributions and dW1 blocks are skipped (zeros written).
 
 Also here: :func:`masked_linear` (dense times mask, the always-valid fallback),
 :func:`dense_linear` (plain ``F.linear`` on the zero-filled weight, the gradient masked by the
@@ -67,6 +81,7 @@ __all__ = [
     "BlockLayout",
     "BlockSparseLinear",
     "block_sparse_linear",
+    "amx_extension",
     "block_sparse_mlp",
     "choose_kernel",
     "cpp_extension",
@@ -156,8 +171,18 @@ def _cpu_has_avx512_bf16() -> bool:
         return False
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_tile" in flags and "amx_bf16" in flags
+
+
 _EXT: CppKernels | None = None
 _EXT_TRIED = False
+_AMX: CppKernels | None = None
+_AMX_TRIED = False
 
 
 def cpp_extension() -> CppKernels | None:
@@ -179,6 +204,37 @@ def cpp_extension() -> CppKernels | None:
         )
         _EXT = None
     return _EXT
+
+
+def amx_extension() -> CppKernels | None:
+    """The AMX tile build of the kernels, or None: the CPU has no AMX (or no avx512_bf16, which
+    its leftover rows use), ``KILN_SPARSE_AMX=0``, the build failed (a compiler without
+    ``-mamx-tile``), or Linux refused the tile data permission. Each failure is logged once;
+    the AVX512-BF16 kernels (:func:`cpp_extension`) and the torch ones stay available."""
+    global _AMX, _AMX_TRIED
+    if _AMX_TRIED:
+        return _AMX
+    _AMX_TRIED = True
+    if os.environ.get("KILN_SPARSE_AMX", "1") == "0" or os.environ.get("KILN_SPARSE_CPP") == "0":
+        return None
+    if not (_cpu_has_amx() and _cpu_has_avx512_bf16()):
+        return None
+    try:
+        ext = CppKernels(build_library(amx=True), amx=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", b"") or b""
+        log.warning(
+            "kiln AMX block-sparse kernels unavailable (build failed), using AVX512-BF16: %s %s",
+            err,
+            detail.decode(errors="replace")[-500:],
+        )
+        return None
+    refused = ext.amx_init()
+    if refused is not None:
+        log.warning("kiln AMX block-sparse kernels unavailable (%s), using AVX512-BF16", refused)
+        return None
+    _AMX = ext
+    return _AMX
 
 
 def _cpp_forward(ext: CppKernels, x2, weight, bias, lay: BlockLayout):
@@ -287,13 +343,24 @@ def _cpp_available() -> bool:
     return cpp_extension() is not None
 
 
+@torch.compiler.assume_constant_result
+def _amx_available() -> bool:
+    """Whether the AMX tile kernels run here (a constant for torch.compile)."""
+    return amx_extension() is not None
+
+
 def _resolve_backend(backend: str) -> str:
-    """'auto' -> 'cpp' where the C++ kernels run, else 'torch'; 'cpp' must be available."""
-    if backend == "torch" or (backend == "auto" and not _cpp_available()):
+    """'auto' -> 'amx' (AMX tiles) where they run, else 'cpp' (AVX512-BF16) where that runs,
+    else 'torch'; an explicitly named 'amx' or 'cpp' must be available."""
+    if backend == "auto":
+        return "amx" if _amx_available() else "cpp" if _cpp_available() else "torch"
+    if backend == "torch":
         return "torch"
-    if not _cpp_available():
-        raise ConfigError("block-sparse backend 'cpp' is unavailable on this machine.")
-    return "cpp"
+    if backend not in ("cpp", "amx"):
+        raise ConfigError(f"unknown block-sparse backend {backend!r} (auto, amx, cpp or torch).")
+    if not (_amx_available() if backend == "amx" else _cpp_available()):
+        raise ConfigError(f"block-sparse backend {backend!r} is unavailable on this machine.")
+    return backend
 
 
 def _check_shapes(x, weight, layout: BlockLayout) -> None:
@@ -317,23 +384,26 @@ def block_sparse_mlp(x, w1, b1, w2, b2, layout1, layout2, backend: str = "auto")
     """
     _check_shapes(x, w1, layout1)
     _check_shapes(x.new_empty(0, layout1.out_features), w2, layout2)
-    if _resolve_backend(backend) == "torch":
+    backend = _resolve_backend(backend)
+    if backend == "torch":
         h = block_sparse_linear(x, w1, b1, layout1, "torch")
         return block_sparse_linear(F.gelu(h), w2, b2, layout2, "torch")
     x2 = x.reshape(-1, layout1.in_features).to(compute_dtype(x))
-    y = _fused_mlp_call(x2, w1, b1, layout1, w2, b2, layout2)
+    y = _fused_mlp_call(x2, w1, b1, layout1, w2, b2, layout2, backend)
     return y.view(*x.shape[:-1], layout2.out_features)
 
 
-def _fused_mlp_call(x2, w1, b1, lay1: BlockLayout, w2, b2, lay2: BlockLayout):
-    """The fused C++ MLP op on 2-D ``x2`` (a seam for tests that count fused calls)."""
+def _fused_mlp_call(x2, w1, b1, lay1: BlockLayout, w2, b2, lay2: BlockLayout, backend="cpp"):
+    """The fused C++ MLP op on 2-D ``x2`` (a seam for tests that count fused calls); backend
+    'cpp' (AVX512-BF16) or 'amx' (tiles)."""
     args = (x2, w1, b1, lay1.kept, lay1.block_size, lay1.nnzb)
-    return torch.ops.kiln.block_sparse_mlp(*args, w2, b2, lay2.kept, lay2.block_size, lay2.nnzb)[0]
+    lay = (lay2.kept, lay2.block_size, lay2.nnzb)
+    return torch.ops.kiln.block_sparse_mlp(*args, w2, b2, *lay, backend)[0]
 
 
 def block_sparse_linear(x, weight, bias, layout: BlockLayout, backend: str = "auto"):
-    """``x @ W^T + b`` over the kept blocks of a dense-shaped W (backend 'auto', 'cpp' or
-    'torch'): op ``kiln::block_sparse_linear``, grads for x, W (kept blocks; zeros elsewhere
+    """``x @ W^T + b`` over the kept blocks of a dense-shaped W (backend 'auto', 'amx', 'cpp'
+    or 'torch'): op ``kiln::block_sparse_linear``, grads for x, W (kept blocks; zeros elsewhere
     written in the same pass) and b. Computes in the dtype ``F.linear`` would (bf16 under
     autocast) with the torch backend, in bf16 with the C++ one; returns that dtype."""
     _check_shapes(x, weight, layout)
@@ -465,6 +535,8 @@ def _candidates(pat, density: float, dtype: torch.dtype, device: torch.device, s
             mask = _try_block_mask(scores, density, b)
             if mask is None:
                 continue
+            if dtype == torch.bfloat16 and amx_extension() is not None:
+                sparse.append((f"block{b}-amx", _block_kernel(b, "amx"), mask))
             if dtype == torch.bfloat16 and cpp_extension() is not None:
                 sparse.append((f"block{b}-cpp", _block_kernel(b, "cpp"), mask))
             sparse.append((f"block{b}-torch", _block_kernel(b, "torch"), mask))
@@ -554,9 +626,11 @@ def _try_block_mask(scores: torch.Tensor, density: float, b: int) -> torch.Tenso
 def prebuild() -> None:
     """Build (or find) the C++ kernels now and say which kernels this machine will use; run by
     ``make`` at install time so the first sparse run does not pay the few-second compile."""
-    ext = cpp_extension()
+    ext, amx = cpp_extension(), amx_extension()
+    if amx is not None:
+        print(f"kiln: block-sparse C++ kernels ready, AMX tiles ({amx.lib._name})")
     if ext is not None:
-        print(f"kiln: block-sparse C++ kernels ready ({ext.lib._name})")
+        print(f"kiln: block-sparse C++ kernels ready, AVX512-BF16 ({ext.lib._name})")
     else:
         print("kiln: no block-sparse C++ kernels on this machine; sparse runs use pure torch")
 

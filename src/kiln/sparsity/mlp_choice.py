@@ -36,8 +36,7 @@ _CHOICES: dict[tuple, tuple[str, str]] = {}
 def fused_backends() -> list[str]:
     """Block backends with a fused MLP kernel on this machine, the preferred one first."""
     found = []
-    amx = getattr(kernels, "amx_extension", None)  # the AMX tile build, where it exists
-    if amx is not None and amx() is not None:
+    if kernels.amx_extension() is not None:
         found.append("amx")
     if kernels.cpp_extension() is not None:
         found.append("cpp")

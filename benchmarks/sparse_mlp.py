@@ -66,7 +66,15 @@ weight gradients; the fused MLP skips that work for hidden units whose fc2 colum
 block (their activations never reach the output, their gradients are exactly zero). With
 independent random masks that is (1 - density)^(768 / b) of them: at 87.5% 45% with 128 blocks
 and 20% with 64, at 75% 18% and 3%, at 50% ~0 — part of the high-sparsity speed-up depends on
-how many hidden units fc2 has fully pruned."""
+how many hidden units fc2 has fully pruned.
+The other design, kept blocks gathered into batched matmuls that oneDNN runs on AMX, is the
+'torch' backend: at ~0.1-0.9x dense (1-thread CPU time) it loses to 'amx' at every density
+(gathers, padding to equal blocks per line, index_add_ and dense-shaped zero grads cost more than
+the skipped FLOPs save). Wall-clock at 2 threads was taken with other sessions' tests keeping
+the load average at 6-11 on these 2 cores (dense took 79-172 ms across two runs): dense itself
+ran no faster on 2 threads than in 1-thread CPU time, and each of the sparse kernels' barriers
+waits for a descheduled thread, so the 1-thread CPU-time columns are the better measure of the
+kernels here."""
 
 
 FP32_NOTES = """fp32 is what a CPU without bf16 matmul hardware (AVX2 only: no AVX512-BF16, no

@@ -82,6 +82,8 @@ def test_refused_tile_permission_falls_back_to_avx512(monkeypatch, caplog):
     once in the log, and 'auto' runs the AVX512-BF16 kernels (or torch) with the same result."""
     if not (kernels._cpu_has_amx() and kernels._cpu_has_avx512_bf16()):
         pytest.skip("the AMX build is only attempted on CPUs with amx_tile, amx_bf16, avx512_bf16")
+    monkeypatch.delenv("KILN_SPARSE_AMX", raising=False)  # the build is attempted even if off
+    monkeypatch.delenv("KILN_SPARSE_CPP", raising=False)
     monkeypatch.setattr(kernels, "_AMX", None)
     monkeypatch.setattr(kernels, "_AMX_TRIED", False)
     monkeypatch.setattr(CppKernels, "amx_init", lambda self: "Linux refused AMX tiles")

@@ -33,9 +33,9 @@ Backends (same layout, same numbers up to bf16 rounding):
   data (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, asked once before the first tile
   instruction); a refusal, a compiler without the AMX flags, or ``KILN_SPARSE_AMX=0`` leaves
   ``cpp`` (logged once). ``auto`` prefers ``amx``, then ``cpp``, then ``torch``; the chooser times
-  ``blockN-amx`` and ``blockN-cpp`` as separate candidates. On the 111M MLP it runs the kept
-  blocks ~3-4x faster than ``cpp`` (BENCHMARKS.md). The pure-torch gather + ``bmm`` design
-  (``torch``, whose bmm oneDNN runs on AMX too) was measured against it side by side there.
+  ``blockN-amx`` and ``blockN-cpp`` as separate candidates. On the 111M MLP fwd+bwd it is
+  3-5x faster than ``cpp`` (1-thread CPU time, BENCHMARKS.md). The pure-torch gather + ``bmm``
+  design (``torch``, whose bmm oneDNN runs on AMX too) was measured against it there and lost.
 * ``torch``: pure torch, in the dtype ``F.linear`` would compute in (bf16 under autocast,
   fp32 in an fp32 run — the only block kernel for CPUs without bf16 matmul hardware, whose
   bf16 matmuls are an order of magnitude slower than fp32). The layout is padded to the same

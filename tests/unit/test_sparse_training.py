@@ -376,8 +376,8 @@ def test_fusion_is_reported_after_kernels_are_chosen(kernel):
     assert report == [
         f"sparsity: {fused} of 2 GELU MLPs run fc1 → GELU → fc2 fused ("
         + (
-            f"both linears chose {mlps[0].w1.kernel})"
+            f"their linears use {mlps[0].w1.kernel})"
             if fused
-            else "their linears chose other kernels)"
+            else "fusion needs both linears on one of block-amx, block-cpp)"
         )
     ]

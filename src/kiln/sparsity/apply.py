@@ -15,18 +15,21 @@ Kernels (one per layer, chosen when its mask is built or changes density):
 * ``masked``: :func:`kiln.sparsity.kernels.masked_linear` (dense × mask), any pattern.
 * ``dense`` is also what a sparse layer runs when it is the fastest measured choice: the
   weights outside the mask are exactly zero, and the callback masks the weight gradient.
-* ``block-amx`` / ``block-cpp`` / ``block-torch``: :func:`kiln.sparsity.kernels.block_sparse_linear`
-  (AMX tiles, AVX512-BF16, pure torch), cost ∝ kept blocks.
+* ``block-amx`` / ``block-cpp`` / ``block-torch``:
+  :func:`kiln.sparsity.kernels.block_sparse_linear` (AMX tiles, AVX512-BF16, pure torch),
+  cost ∝ kept blocks.
 * ``semi-2:4``: torch's 2:4 semi-structured matmul (CUDA, via choose_kernel).
 
 A GELU MLP whose ``w1`` and ``w2`` are both sparse is swapped (:func:`fuse_mlps`) for a
 :class:`SparseGeluMLP` holding the same two SparseLinear children (names unchanged). While both
 use the same C++ block kernel (``block-amx`` or ``block-cpp``: bf16 compute, as the per-linear
-kernel) and neither runs dense this step,
-it calls the fused fc1 → exact GELU → fc2 kernel :func:`kiln.sparsity.kernels.block_sparse_mlp`
-with the layouts the children rebuild on every mask change; otherwise it is ``w2(gelu(w1 x))``
-through the per-linear kernels. Only exact (erf) GELU is fused: the kernel implements no tanh
-approximation, so ``gelu_tanh`` models keep the per-linear path.
+kernel), neither runs dense this step and fusion is allowed (``fuse``: with ``kernel: auto`` the
+callback times the fused kernel against the linears' own kernels, :mod:`kiln.sparsity.mlp_choice`,
+and fuses only where it is faster), it calls the fused fc1 → exact GELU → fc2 kernel
+:func:`kiln.sparsity.kernels.block_sparse_mlp` with the layouts the children rebuild on every
+mask change; otherwise it is ``w2(gelu(w1 x))`` through the per-linear kernels. Only exact (erf)
+GELU is fused: the kernel implements no tanh approximation, so ``gelu_tanh`` models keep the
+per-linear path.
 
 ``kernel: auto`` asks :func:`kiln.sparsity.kernels.choose_kernel` (timed once per shape and
 density; every candidate's time is logged). The C++ block kernel computes in bf16, so an fp32
@@ -54,7 +57,8 @@ from kiln.sparsity.kernels import (
 )
 
 KERNELS = ("dense", "masked", "block-amx", "block-cpp", "block-torch", "semi-2:4")
-_CPP_BLOCK = ("block-amx", "block-cpp")  # the C++ block kernels, which the fused MLP has too
+FUSED_KERNELS = ("block-amx", "block-cpp")
+"""Block kernels with a fused MLP kernel (the C++ builds)."""
 
 
 class SparseLinear(nn.Module):
@@ -132,14 +136,19 @@ class SparseGeluMLP(nn.Module):
     def __init__(self, w1: SparseLinear, w2: SparseLinear) -> None:
         super().__init__()
         self.w1, self.w2 = w1, w2
+        self.fuse = True
+        """False where the chooser timed the linears' own kernels faster than the fused one."""
 
     @property
     def fused(self) -> bool:
-        """True when the next forward runs the fused kernel (both the same C++ block kernel,
-        block-amx or block-cpp, neither dense)."""
-        return self.w1.kernel == self.w2.kernel and all(
-            m.kernel in _CPP_BLOCK and not m.dense_now and m._layout is not None
-            for m in (self.w1, self.w2)
+        """True when the next forward runs the fused kernel: fusion allowed, both linears on the
+        same C++ block kernel (block-amx or block-cpp), neither dense this step."""
+        w1, w2 = self.w1, self.w2
+        return (
+            self.fuse
+            and w1.kernel == w2.kernel
+            and w1.kernel in FUSED_KERNELS
+            and all(not m.dense_now and m._layout is not None for m in (w1, w2))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +180,14 @@ def fuse_mlps(model: nn.Module) -> list[str]:
     return swapped
 
 
+def block_backend() -> str:
+    """The block kernel ``sparsity.kernel: block`` uses here: the fastest build this machine
+    runs (AMX tiles, else AVX512-BF16, else pure torch)."""
+    if amx_extension() is not None:
+        return "block-amx"
+    return "block-cpp" if cpp_extension() is not None else "block-torch"
+
+
 def pick_kernel(
     requested: str,
     pattern: str,
@@ -193,11 +210,7 @@ def pick_kernel(
     if requested in ("masked", "dense"):
         return requested, None, f"sparsity.kernel is {requested!r}"
     if requested == "block":
-        backend = "block-torch"
-        if amx_extension() is not None:
-            backend = "block-amx"
-        elif cpp_extension() is not None:
-            backend = "block-cpp"
+        backend = block_backend()
         return backend, None, "sparsity.kernel is 'block'"
     is_block = pattern == "block" and block_size % 32 == 0
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

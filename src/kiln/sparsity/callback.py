@@ -33,7 +33,14 @@ from torch import nn
 from kiln.config import SparsityConfig
 from kiln.errors import ConfigError
 from kiln.sparsity import algorithms as alg
-from kiln.sparsity.apply import SparseGeluMLP, SparseLinear, fuse_mlps, pick_kernel, swap_in
+from kiln.sparsity.apply import (
+    FUSED_KERNELS,
+    SparseGeluMLP,
+    SparseLinear,
+    fuse_mlps,
+    pick_kernel,
+    swap_in,
+)
 from kiln.sparsity.masks import (
     UnitSpec,
     distribute,
@@ -108,8 +115,11 @@ class SparsityCallback(Callback):
         """A mask changed since weights and moments were last zeroed outside the masks."""
         self._reasons: dict[tuple, str] = {}
         self.mlps: list[SparseGeluMLP] = []
-        """GELU MLPs with both linears sparse (fused while both chose one C++ block kernel)."""
+        """GELU MLPs with both linears sparse (fused where both use one C++ block kernel and,
+        with kernel 'auto', the fused kernel was timed fastest)."""
         self._fused_reported: int | None = None
+        self._timed: set[str] = set()
+        """Layers whose kernel ``auto`` just chose by timing (their MLP is timed next)."""
 
     # -- building and applying masks -------------------------------------------------------
     def build_masks(self) -> None:
@@ -119,6 +129,7 @@ class SparsityCallback(Callback):
                 self.cfg, layer.name, layer.spec, layer.density, layer.param, self.gen
             )
             self._set(layer, layer.spec.to_units(mask))
+        self._choose_mlps()
         self.masked = True
 
     def _set(self, layer: Layer, kept: torch.Tensor, kernel: str | None = None) -> None:
@@ -141,6 +152,8 @@ class SparsityCallback(Callback):
                 self.rt.precision,
                 self.rt.device,
             )
+            if self.cfg.kernel == "auto" and density < 1.0:
+                self._timed.add(layer.name)
             key = (tuple(layer.param.shape), round(density, 6), kernel)
             if key not in self._reasons:
                 self._reasons[key] = reason
@@ -151,14 +164,56 @@ class SparsityCallback(Callback):
         layer.module.set_mask(mask, kernel, fn)
         self.changed = self.stale = True
 
+    def _choose_mlps(self) -> None:
+        """With kernel 'auto': time each GELU MLP whose linears were just chosen as a whole —
+        dense, its linears' own kernels, the fused block kernel — and adopt the fastest
+        (:func:`kiln.sparsity.mlp_choice.choose_mlp`); a fused win moves both linears onto
+        that block kernel, so the fused MLP runs only on linears that use it."""
+        timed, self._timed = self._timed, set()
+        block = self.cfg.block_size
+        if not timed or self.cfg.pattern != "block" or block % 32 or self.rt.precision != "bf16":
+            return  # the fused kernel runs bf16 blocks of a multiple of 32
+        from kiln.sparsity.mlp_choice import PER_LINEAR, choose_mlp, fused_backends
+
+        if not fused_backends():
+            return
+        layers = {id(layer.module): layer for layer in self.layers}
+        for mlp in self.mlps:
+            pair = [layers[id(mlp.w1)], layers[id(mlp.w2)]]
+            if not all(layer.name in timed for layer in pair):
+                continue
+            densities = tuple(round(float(layer.kept.float().mean()), 6) for layer in pair)
+            own = (mlp.w1.kernel, mlp.w2.kernel)
+            hidden, d_model = pair[0].param.shape
+            args = (d_model, hidden, self.rt.tokens, pair[0].spec.block, densities, own)
+            choice, reason = choose_mlp(*args, self.rt.device)
+            mlp.fuse = choice.startswith("fused-")
+            if choice != PER_LINEAR:
+                kernel = "dense" if choice == "dense" else "block-" + choice.split("-", 1)[1]
+                for layer in pair:
+                    layer.module.set_mask(layer.module.mask, kernel)
+            key = ("mlp", *args)
+            if key not in self._reasons:
+                self._reasons[key] = reason
+                self.log(
+                    f"sparsity: GELU MLP {list(pair[0].param.shape)} → "
+                    f"{list(pair[1].param.shape)} at density {densities[0]:.4f}/"
+                    f"{densities[1]:.4f} → {choice} ({reason})"
+                )
+
     def _report_fusion(self) -> None:
         """Say how many GELU MLPs really run fused, after the kernels were chosen (and again
         whenever that number changes)."""
         fused = sum(mlp.fused for mlp in self.mlps)
         if self.mlps and fused != self._fused_reported:
             self._fused_reported = fused
-            kinds = " or ".join(sorted({mlp.w1.kernel for mlp in self.mlps if mlp.fused}))
-            why = f"both linears chose {kinds}" if fused else "their linears chose other kernels"
+            used = sorted({mlp.w1.kernel for mlp in self.mlps if mlp.fused})
+            why = (
+                f"their linears use {' / '.join(used)}"
+                if fused
+                else f"fusion needs both linears on one of {', '.join(FUSED_KERNELS)}"
+                + (" and a timed win" if self.cfg.kernel == "auto" else "")
+            )
             self.log(
                 f"sparsity: {fused} of {len(self.mlps)} GELU MLPs run fc1 → GELU → fc2 fused "
                 f"({why})"
@@ -229,6 +284,7 @@ class SparsityCallback(Callback):
             keep = max(round(layer.density * units), round((1.0 - level) * units))
             scores = layer.spec.scores(layer.param)
             self._set(layer, alg.prune_to(layer.kept, scores, keep))
+        self._choose_mlps()
         self.masked = True
 
     def _drop_and_grow(self, t: int) -> dict[str, torch.Tensor]:
@@ -245,6 +301,7 @@ class SparsityCallback(Callback):
             kept, grown = alg.drop_and_grow(layer.kept, drop, grow, fraction)
             self._set(layer, kept)
             grown_all[layer.name] = grown
+        self._choose_mlps()
         return grown_all
 
     def _go_dense(self, t: int) -> None:
@@ -314,6 +371,7 @@ class SparsityCallback(Callback):
         state["dense"] = self.dense
         state["kernels"] = {layer.name: layer.module.kernel for layer in self.layers}
         state["dense_now"] = bool(self.layers and self.layers[0].module.dense_now)
+        state["mlp_fuse"] = [mlp.fuse for mlp in self.mlps]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -323,6 +381,9 @@ class SparsityCallback(Callback):
             mask = state[f"mask.{layer.name}"].to(torch.bool)
             self._set(layer, layer.spec.to_units(mask), kernel=state["kernels"][layer.name])
             layer.module.dense_now = bool(state["dense_now"])
+        self._timed.clear()  # the saved kernels are kept, not timed again
+        for mlp, fuse in zip(self.mlps, state.get("mlp_fuse", [])):  # older checkpoints: fuse
+            mlp.fuse = bool(fuse)
         if not self.dense:
             self._enforce()
 

@@ -70,11 +70,10 @@ how many hidden units fc2 has fully pruned.
 The other design, kept blocks gathered into batched matmuls that oneDNN runs on AMX, is the
 'torch' backend: at ~0.1-0.9x dense (1-thread CPU time) it loses to 'amx' at every density
 (gathers, padding to equal blocks per line, index_add_ and dense-shaped zero grads cost more than
-the skipped FLOPs save). Wall-clock at 2 threads was taken with other sessions' tests keeping
-the load average at 6-11 on these 2 cores (dense took 79-172 ms across two runs): dense itself
-ran no faster on 2 threads than in 1-thread CPU time, and each of the sparse kernels' barriers
-waits for a descheduled thread, so the 1-thread CPU-time columns are the better measure of the
-kernels here."""
+the skipped FLOPs save). Measured on a quiet machine (load average under 2); on a loaded one
+(load 6-11, two earlier runs) dense took 79-172 ms and ran no faster on 2 threads than on 1, and
+the sparse kernels' barriers wait for descheduled threads: there the 1-thread CPU-time columns
+are the better measure of the kernels."""
 
 
 FP32_NOTES = """fp32 is what a CPU without bf16 matmul hardware (AVX2 only: no AVX512-BF16, no

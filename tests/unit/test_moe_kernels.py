@@ -5,11 +5,10 @@ import logging
 
 import pytest
 import torch
+from tests.unit.test_moe import CASES, layer, reference
 
 from kiln.models import moe_kernels
 from kiln.models.moe_kernels import choose_expert_kernel, pad_positions
-
-from tests.unit.test_moe import CASES, layer, reference
 
 
 def grads(moe, x, fn):

@@ -81,15 +81,11 @@ def _mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, kernel: str) -> 
     return torch.cat([p @ w[e].t() for e, p in enumerate(parts)])
 
 
-def _bias(h: torch.Tensor, b: torch.Tensor | None, counts: torch.Tensor, kernel: str):
+def _bias(h: torch.Tensor, b: torch.Tensor | None, expert: torch.Tensor | None):
+    """h + the bias of each row's expert (``expert`` None: h is padded [E, R, width])."""
     if b is None:
         return h
-    if kernel == "padded":
-        return h + b[:, None, :]
-    expert = torch.repeat_interleave(
-        torch.arange(len(counts), device=h.device), counts, output_size=h.shape[0]
-    )
-    return h + b[expert]
+    return h + (b[:, None, :] if expert is None else b[expert])
 
 
 def expert_mlp(x, counts, t: dict, activation: str, kernel: str) -> torch.Tensor:
@@ -99,12 +95,17 @@ def expert_mlp(x, counts, t: dict, activation: str, kernel: str) -> torch.Tensor
         pos, rows = pad_positions(counts)
         flat = x.new_zeros(len(counts) * rows, x.shape[-1]).index_copy(0, pos, x)
         x = flat.view(len(counts), rows, x.shape[-1])
-    h = _bias(_mm(x, t["w1"], counts, kernel), t["b1"], counts, kernel)
+    expert = None
+    if t["b1"] is not None and kernel != "padded":
+        expert = torch.repeat_interleave(
+            torch.arange(len(counts), device=x.device), counts, output_size=x.shape[0]
+        )
+    h = _bias(_mm(x, t["w1"], counts, kernel), t["b1"], expert)
     if t["w3"] is not None:
         h = F.silu(h) * _mm(x, t["w3"], counts, kernel)
     else:
         h = _activation(activation)(h)
-    y = _bias(_mm(h.contiguous(), t["w2"], counts, kernel), t["b2"], counts, kernel)
+    y = _bias(_mm(h.contiguous(), t["w2"], counts, kernel), t["b2"], expert)
     if pos is not None:
         y = y.reshape(-1, y.shape[-1]).index_select(0, pos)
     return y
@@ -156,7 +157,10 @@ def choose_expert_kernel(
     if torch.compiler.is_compiling() or x.device.type == "meta":
         return kernels[0] if kernels[0] == "grouped" else "loop", "not measured while tracing"
     timer = timer or _time_kernel
-    with torch.inference_mode(False), torch.enable_grad():
+    # identity saved-tensor hooks shadow any outer ones (activation checkpointing, memory
+    # probes), which must not see the timing runs' tensors
+    identity = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    with torch.inference_mode(False), torch.enable_grad(), identity:
         gen = torch.Generator().manual_seed(0)
         rows = torch.randn(x.shape, generator=gen).to(x.device, x.dtype).requires_grad_()
         copies = {k: None if v is None else v.detach().to(x.dtype).clone().requires_grad_()

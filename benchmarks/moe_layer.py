@@ -5,14 +5,17 @@ SwiGLU MLPs, d_model 512; MoE: 8 experts of width 704, top-2 (Mixtral-style rout
 one MLP of width 2 × 704 = 1408, so both do the same expert matmul FLOPs per token
 (3 matrices · 2 · d · 1408 forward, ×3 with backward); the MoE layer adds the router
 (2·d·E per token, 1% of it) and the dispatch: top-k, sort, gather, scatter-add. 4 × 512 = 2048
-tokens. Variants: ``dense``; ``moe-grouped`` (torch._grouped_mm); ``moe-loop`` (one matmul per
-expert); ``experts-grouped`` (only the grouped expert matmuls on pre-sorted rows: what the
+tokens. Variants: ``dense``; ``moe-grouped`` (torch._grouped_mm); ``moe-padded`` (rows
+zero-padded per expert to a multiple of 32, one torch.bmm per matrix); ``moe-loop`` (one matmul
+per expert); ``moe-auto`` (kernel 'auto': whichever of the three timed fastest at first use);
+``experts-grouped`` / ``experts-padded`` (only the expert matmuls on pre-sorted rows: what the
 MoE layer costs without routing, to separate the two). Every variant runs once per round,
 rounds interleaved, median reported, timed as 1-thread CPU time (time.thread_time), which a
 loaded machine distorts far less than wall-clock. Goal (the issue's): moe-grouped within
 1.3× of dense.
 
     python benchmarks/moe_layer.py     # fp32, and bf16 autocast over fp32 weights (as kiln train)
+    python benchmarks/moe_layer.py --section moe-layer-amx   # a separate section per machine
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_section  # noqa: E402
+from common import cpu_name, write_section  # noqa: E402
 from kiln.config import MoEConfig  # noqa: E402
+from kiln.models import moe_kernels  # noqa: E402
 from kiln.models.gpt import GPTConfig, SwiGLUMLP  # noqa: E402
 from kiln.models.moe import MoE  # noqa: E402
 
 D, E, K, F_E, TOKENS = 512, 8, 2, 704, 2048
+KERNELS = ("grouped", "padded", "loop", "auto")
+COLUMNS = ("dense", "moe-grouped", "moe-padded", "moe-loop", "moe-auto", "experts-grouped",
+           "experts-padded")  # fmt: skip
 
 
 def shape(kernel: str) -> GPTConfig:
@@ -49,7 +56,7 @@ def build(autocast: bool) -> dict:
     torch.manual_seed(0)
     dense = SwiGLUMLP(shape("auto")).to(dtype)
     moes = {}
-    for kernel in ("grouped", "loop"):
+    for kernel in KERNELS:
         torch.manual_seed(0)
         m = MoE(shape(kernel))
         m.init_weights(0.02, 0.02)
@@ -58,6 +65,7 @@ def build(autocast: bool) -> dict:
     with torch.no_grad():
         sorted_counts = moes["grouped"].route(x)[1].flatten().bincount(minlength=E)
     rows = torch.randn(TOKENS * K, D, dtype=dtype, requires_grad=True)
+    padded = moes["padded"].experts
     experts = moes["grouped"].experts
 
     def step(fn):
@@ -71,8 +79,11 @@ def build(autocast: bool) -> dict:
     return {
         "dense": step(lambda: dense(x)),
         "moe-grouped": step(lambda: _moe(moes["grouped"], x)),
+        "moe-padded": step(lambda: _moe(moes["padded"], x)),
         "moe-loop": step(lambda: _moe(moes["loop"], x)),
+        "moe-auto": step(lambda: _moe(moes["auto"], x)),
         "experts-grouped": step(lambda: experts(rows, sorted_counts)),
+        "experts-padded": step(lambda: padded(rows, sorted_counts)),
     }
 
 
@@ -80,6 +91,14 @@ def _moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     y = layer(x)
     layer.aux_loss = None  # the balancing loss is not part of the timed layer
     return y
+
+
+def _choice(dtype: torch.dtype) -> str:
+    """The kernel (and timings) kernel 'auto' chose for the expert shape in ``dtype``."""
+    for key, (kernel, reason) in moe_kernels._CHOICES.items():
+        if key[-2] == dtype and key[0] == E:
+            return f"{kernel} ({reason})"
+    return "?"
 
 
 def timed_rounds(runs: dict, reps: int) -> dict[str, float]:
@@ -100,6 +119,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
     parser.add_argument("--note", default="", help="a sentence appended to the section")
+    parser.add_argument(
+        "--section", default="moe-layer", help="BENCHMARKS.md section (one per machine)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     flops = 3 * 2 * 3 * TOKENS * D * K * F_E
@@ -109,23 +131,25 @@ def main() -> None:
         f"backward, median of {args.reps} interleaved rounds of 1-thread CPU time "
         f"({flops / 1e9:.1f} GFLOP of expert matmuls each):",
         "",
-        "| precision | dense | moe-grouped | moe-loop | experts-grouped only | grouped / dense "
-        "| loop / dense |",
-        "|---|---|---|---|---|---|---|",
+        "| precision | " + " | ".join(COLUMNS) + " | grouped / dense | padded / dense "
+        "| loop / dense | auto / dense | auto chose |",
+        "|---" * (len(COLUMNS) + 6) + "|",
     ]
     for autocast in [p.strip() == "bf16" for p in args.precisions.split(",")]:
         t = timed_rounds(build(autocast), args.reps)
         name = "bf16 autocast" if autocast else "fp32"
+        ratios = [t[f"moe-{k}"] / t["dense"] for k in KERNELS]
+        chose = _choice(torch.bfloat16 if autocast else torch.float32)
         lines.append(
-            f"| {name} | {t['dense'] * 1e3:.0f} ms | {t['moe-grouped'] * 1e3:.0f} ms | "
-            f"{t['moe-loop'] * 1e3:.0f} ms | {t['experts-grouped'] * 1e3:.0f} ms | "
-            f"{t['moe-grouped'] / t['dense']:.2f}× | {t['moe-loop'] / t['dense']:.2f}× |"
-        )
+            f"| {name} | " + " | ".join(f"{t[c] * 1e3:.0f} ms" for c in COLUMNS) + " | "
+            + " | ".join(f"{r:.2f}×" for r in ratios) + f" | {chose} |"
+        )  # fmt: skip
         print(lines[-1], flush=True)
     body = "\n".join(lines) + (f"\n\n{args.note}" if args.note else "")
     print(body)
     if not args.no_write:
-        write_section("moe-layer", "### MoE layer vs dense MLP (CPU)\n\n" + body)
+        title = f"### MoE layer vs dense MLP (CPU: {cpu_name()})"
+        write_section(args.section, f"{title}\n\n{body}")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,9 @@ class MoEConfig:
     bias_update_rate: float = 0.0
     """Auxiliary-loss-free balancing (DeepSeek-V3): per-expert routing bias step γ (0 = off)."""
     kernel: str = "auto"
-    """Expert matmuls: 'auto' (grouped GEMM where supported), 'grouped' or 'loop'."""
+    """Expert matmuls: 'auto' (the fastest of the others, timed at first use per shape),
+    'grouped' (torch._grouped_mm), 'padded' (one bmm over rows zero-padded per expert) or
+    'loop'."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -162,7 +164,7 @@ class MoEConfig:
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             check_positive("moe", name, getattr(self, name), allow_zero=True)
         check_choice("moe", "router", self.router, MOE_ROUTERS)
-        check_choice("moe", "kernel", self.kernel, ["auto", "grouped", "loop"])
+        check_choice("moe", "kernel", self.kernel, ["auto", "grouped", "padded", "loop"])
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ConfigError(
                 f"moe.capacity_factor is {self.capacity_factor} but must be > 0 "

@@ -21,9 +21,10 @@ Forward for N tokens x ``[N, d]``:
    ones, tokens in order within each (a stable sort of the k-major list). With a capacity
    factor c, an expert keeps its first C = ceil(c·N·k/E) assignments and the rest are
    dropped (the token then gets nothing from that expert: the residual carries it).
-3. The experts run on their contiguous rows with one grouped GEMM (``torch._grouped_mm``)
-   where the platform has one, else a loop over experts; y = Σ_k g · expert(x) is scattered
-   back with index_add.
+3. The experts run on their contiguous rows (kiln.models.moe_kernels): one grouped GEMM
+   (``torch._grouped_mm``), one batched GEMM over rows zero-padded per expert, or a loop over
+   experts, by default whichever measured fastest at first use for the shape;
+   y = Σ_k g · expert(x) is scattered back with index_add.
 
 Load balancing, each optional: the Switch auxiliary loss α·E·Σᵢ fᵢ·Pᵢ (fᵢ = share of the N·k
 assignments routed to expert i before any drop, Pᵢ = mean router probability of i; equals α
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.loss import compute_dtype
+from kiln.models.moe_kernels import choose_expert_kernel, expert_mlp, grouped_mm_supported
 from kiln.planning.moe import expert_width
 
 
@@ -85,27 +87,6 @@ def capacity(n_tokens: int, top_k: int, n_experts: int, factor: float | None) ->
     return math.ceil(factor * n_tokens * top_k / n_experts)
 
 
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype, widths: list[int]) -> bool:
-    """Whether ``torch._grouped_mm`` runs here: CPU fp32/bf16, CUDA bf16 on sm90+, and row
-    strides (each width × element size) that are multiples of 16 bytes."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    size = torch.tensor([], dtype=dtype).element_size()
-    if any(w * size % 16 for w in widths):
-        return False
-    if device.type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16)
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
-    return False
-
-
-def _activation(name: str):
-    if name == "gelu_tanh":
-        return lambda h: F.gelu(h, approximate="tanh")
-    return F.gelu
-
-
 class GroupedExperts(nn.Module):
     """E expert MLPs as 3-D weights; ``forward(x, counts)`` runs rows sorted by expert."""
 
@@ -133,23 +114,18 @@ class GroupedExperts(nn.Module):
             if b is not None:
                 nn.init.zeros_(b)
 
-    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
-        """The grouped GEMM unless kernel is 'loop' or the platform lacks it for this dtype."""
-        if self.kernel == "loop":
-            return False
-        dims = [self.w1.shape[-1], self.w1.shape[-2]]
-        ok = grouped_mm_supported(x.device, compute_dtype(x), dims)
-        if self.kernel == "grouped" and not ok:
-            raise RuntimeError(f"torch._grouped_mm is not available for {x.device}/{x.dtype}.")
-        return ok
-
-    def _mm(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, grouped: bool):
-        """Row block e of x times w[e]ᵀ, for every expert e."""
-        if grouped:
-            offs = counts.cumsum(0).to(torch.int32)
-            return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-        parts = x.split(counts.tolist())
-        return torch.cat([p @ w[e].t() for e, p in enumerate(parts)])
+    def pick_kernel(self, x: torch.Tensor, counts: torch.Tensor) -> str:
+        """``self.kernel``, or for 'auto' the fastest as measured at first use per shape
+        (``x`` already in the compute dtype)."""
+        if self.kernel != "auto":
+            if self.kernel == "grouped":
+                dims = [self.w1.shape[-1], self.w1.shape[-2]]
+                if not grouped_mm_supported(x.device, x.dtype, dims):
+                    raise RuntimeError(
+                        f"torch._grouped_mm is not available for {x.device}/{x.dtype}."
+                    )
+            return self.kernel
+        return choose_expert_kernel(x, counts, self.local_tensors(), self.activation)[0]
 
     def local_tensors(self) -> dict[str, torch.Tensor | None]:
         """The expert tensors this module computes with (local shards under expert parallel)."""
@@ -157,26 +133,12 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
-        grouped = self.uses_grouped_mm(x)
         t = self.local_tensors()
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
-            expert = None
-            if t["b1"] is not None:
-                expert = torch.repeat_interleave(
-                    torch.arange(len(counts), device=x.device), counts, output_size=x.shape[0]
-                )
-            h = self._mm(x, t["w1"].to(dtype), counts, grouped)
-            if expert is not None:
-                h = h + t["b1"].to(dtype)[expert]
-            if t["w3"] is not None:
-                h = F.silu(h) * self._mm(x, t["w3"].to(dtype), counts, grouped)
-            else:
-                h = _activation(self.activation)(h)
-            y = self._mm(h.contiguous(), t["w2"].to(dtype), counts, grouped)
-            if expert is not None:
-                y = y + t["b2"].to(dtype)[expert]
-        return y
+            kernel = self.pick_kernel(x, counts)
+            t = {k: None if v is None else v.to(dtype) for k, v in t.items()}
+            return expert_mlp(x, counts, t, self.activation, kernel)
 
 
 class Router(nn.Module):

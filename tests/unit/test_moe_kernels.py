@@ -72,7 +72,31 @@ def no_weight_gradients(moe) -> bool:
     return all(p.grad is None for p in moe.parameters())
 
 
-def test_auto_measures_real_kernels_without_touching_the_weights(monkeypatch):
+def test_a_later_process_reuses_the_kernel_measured_on_this_machine(monkeypatch, tmp_path):
+    """A resumed run (a new process) must compute with the kernel the run it continues chose:
+    the measured choice is kept in $KILN_CACHE/hardware.json and read back, not re-timed."""
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    monkeypatch.setattr(moe_kernels, "_CHOICES", {})
+    fake = {"grouped": 3.0e-3, "padded": 1.0e-3, "loop": 2.0e-3}
+    calls = []
+
+    def fake_time(kernel, x, counts, t, activation, reps):
+        calls.append(kernel)
+        return fake[kernel]
+
+    monkeypatch.setattr(moe_kernels, "_time_kernel", fake_time)
+    x, counts = torch.randn(40, 32), torch.tensor([10, 12, 0, 18])
+    t = layer(kernel="auto").experts.local_tensors()
+    assert choose_expert_kernel(x, counts, t, "swiglu")[0] == "padded" and len(calls) == 3
+    moe_kernels._CHOICES.clear()  # as in a new process
+    fake["loop"] = 0.5e-3  # a re-measurement would now pick loop
+    kernel, reason = choose_expert_kernel(x, counts, t, "swiglu")
+    assert kernel == "padded" and "measured earlier" in reason and len(calls) == 3
+    assert (tmp_path / "hardware.json").is_file()
+
+
+def test_auto_measures_real_kernels_without_touching_the_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
     monkeypatch.setattr(moe_kernels, "_CHOICES", {})
     moe = layer(kernel="auto")
     x = torch.randn(20, 32)

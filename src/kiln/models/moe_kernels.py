@@ -16,6 +16,9 @@ contiguous block of rows (``counts[e]`` rows) with the weights ``t`` (w1, w2, w3
 d_model, width, row bucket, activation, bias, dtype, device) every kernel that runs here is
 timed forward + backward on the real row counts and the fastest is kept, the reason (each
 candidate with its time) logged, as kiln.sparsity.kernels.choose_kernel does for sparse layers.
+The choice is also written to ``$KILN_CACHE/hardware.json`` (per CPU model and thread count), and
+later processes on the machine reuse it, so a resumed run keeps its kernel (they round
+differently) and stays bitwise equal to the run it continues.
 """
 
 from __future__ import annotations
@@ -156,7 +159,11 @@ def choose_expert_kernel(
     kernels = available_kernels(x.device, x.dtype, widths)
     if torch.compiler.is_compiling() or x.device.type == "meta":
         return kernels[0] if kernels[0] == "grouped" else "loop", "not measured while tracing"
-    timer = timer or _time_kernel
+    remembered = None if timer else _remembered(key, kernels)
+    if remembered is not None:
+        _CHOICES[key] = remembered
+        return remembered
+    measured_here, timer = timer is None, timer or _time_kernel
     # identity saved-tensor hooks shadow any outer ones (activation checkpointing, memory
     # probes), which must not see the timing runs' tensors
     identity = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
@@ -170,4 +177,40 @@ def choose_expert_kernel(
     choice = rank_candidates(timings)
     _CHOICES[key] = choice
     log.info("choose_expert_kernel %s: %s", key, choice[1])
+    if measured_here:
+        _remember(key, choice)
     return choice
+
+
+def _disk_key(key: tuple) -> str:
+    from kiln.planning.hardware import cpu_model_name
+
+    fields = "|".join(map(str, key))
+    return f"{cpu_model_name()}|threads={torch.get_num_threads()}|moe-kernel|{fields}"
+
+
+def _remembered(key: tuple, kernels: list[str]) -> tuple[str, str] | None:
+    """A choice measured by an earlier process on this machine ($KILN_CACHE/hardware.json).
+
+    Every process on a machine then runs the same kernel for the same shape, so a resumed run
+    computes with the kernel the run it continues used (the kernels differ in rounding)."""
+    from kiln.planning.hardware import _read_cache, cache_file
+
+    entry = _read_cache(cache_file()).get(_disk_key(key))
+    if not isinstance(entry, dict) or entry.get("kernel") not in kernels:
+        return None
+    return entry["kernel"], f"{entry['kernel']} as measured earlier here ({entry.get('reason')})"
+
+
+def _remember(key: tuple, choice: tuple[str, str]) -> None:
+    from kiln.fsio import atomic_write_json
+    from kiln.planning.hardware import _read_cache, cache_file
+
+    path = cache_file()
+    try:
+        cache = _read_cache(path)
+        cache[_disk_key(key)] = {"kernel": choice[0], "reason": choice[1],
+                                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+        atomic_write_json(path, cache)
+    except OSError as err:  # a read-only cache only costs a re-measurement next time
+        log.info("choose_expert_kernel: could not cache the choice in %s: %s", path, err)

@@ -237,6 +237,7 @@ def test_cpu_bf16_matmul_attention_matches_sdpa(scale):
 def test_attention_uses_sdpa_outside_the_cpu_bf16_causal_case(monkeypatch):
     """fp32, masks, GQA and sequences over MATMUL_ATTENTION_MAX_LEN go to
     scaled_dot_product_attention unchanged (so fp32 parity with transformers is untouched)."""
+    from kiln.models import attention as attention_module
     from kiln.models import gpt
 
     calls = []
@@ -249,10 +250,10 @@ def test_attention_uses_sdpa_outside_the_cpu_bf16_causal_case(monkeypatch):
     mask = torch.ones(8, 8, dtype=torch.bool).tril()
     gpt.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), mask, False, None, False)
     assert len(calls) == 3
-    monkeypatch.setattr(gpt, "MATMUL_ATTENTION_MAX_LEN", 4)
+    monkeypatch.setattr(attention_module, "MATMUL_ATTENTION_MAX_LEN", 4)
     gpt.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), None, True, None, False)
     assert len(calls) == 4
-    monkeypatch.setattr(gpt, "MATMUL_ATTENTION_MAX_LEN", 1024)
+    monkeypatch.setattr(attention_module, "MATMUL_ATTENTION_MAX_LEN", 1024)
     gpt.attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), None, True, None, False)
     assert len(calls) == 4  # the matmul path
 

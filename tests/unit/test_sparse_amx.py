@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tests.unit.test_sparse_kernels import NEEDS_AMX, rel_err
 
 from kiln.errors import ConfigError
-from kiln.sparsity import kernels
+from kiln.sparsity import choose, kernels
 from kiln.sparsity.cpp_kernels import CppKernels
 from kiln.sparsity.kernels import BlockLayout, block_sparse_linear, block_sparse_mlp, masked_linear
 from kiln.sparsity.patterns import block_mask
@@ -113,9 +113,9 @@ def test_chooser_times_amx_as_its_own_candidate(monkeypatch):
     times["block32-torch"] = 9e-3
     seen = []
     monkeypatch.setattr(
-        kernels, "_time_candidate", lambda name, *a: seen.append(name) or times[name]
+        choose, "_time_candidate", lambda name, *a: seen.append(name) or times[name]
     )
-    monkeypatch.setattr(kernels, "_CHOICES", {})
+    monkeypatch.setattr(choose, "_CHOICES", {})
     kernel, _, reason = pick_kernel("auto", "block", 32, (64, 128), 0.5, 32, "bf16", "cpu")
     assert sorted(set(seen)) == sorted(times) and kernel == "block-amx"
     assert reason.startswith("block32-amx 1.0 ms < block32-cpp 4.0 ms < dense 6.0 ms")

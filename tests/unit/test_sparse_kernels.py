@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from kiln.errors import ConfigError
-from kiln.sparsity import kernels
+from kiln.sparsity import choose, kernels
+from kiln.sparsity.choose import choose_kernel
 from kiln.sparsity.kernels import (
     BlockLayout,
     BlockSparseLinear,
     block_sparse_linear,
     block_sparse_mlp,
-    choose_kernel,
     masked_linear,
 )
 from kiln.sparsity.patterns import block_mask
@@ -149,13 +149,13 @@ def test_layout_rejects_non_block_mask():
 
 def test_choose_kernel_block_returns_valid_kernel():
     name, fn = choose_kernel(64, 128, 32, "block", 0.5, reps=1)
-    reason = kernels.kernel_choice_reason(64, 128, 32, "block", 0.5, torch.bfloat16, "cpu")
+    reason = choose.kernel_choice_reason(64, 128, 32, "block", 0.5, torch.bfloat16, "cpu")
     timed = [part.rsplit(" ", 2)[0] for part in reason.split(" < ")]
     assert timed[0] == name  # the reason starts with the winner, then every other candidate
     assert {"dense", "masked-dense", "block32-torch", "block64-torch"} <= set(timed)
     assert len(timed) == len(set(timed))  # no candidate named twice
     b = int(name[5:].split("-")[0]) if name.startswith("block") else 32
-    mask = kernels._try_block_mask(torch.rand(64, 128), 0.5, b)  # an axis that fits this b
+    mask = choose._try_block_mask(torch.rand(64, 128), 0.5, b)  # an axis that fits this b
     w = torch.randn(64, 128, dtype=torch.bfloat16) * mask
     x = torch.randn(4, 128, dtype=torch.bfloat16)
     y = fn(x, w, None, mask)
@@ -170,8 +170,8 @@ def _inject(monkeypatch, times: dict[str, float]) -> list[str]:
         seen.append(name)
         return times[name]
 
-    monkeypatch.setattr(kernels, "_time_candidate", fake)
-    monkeypatch.setattr(kernels, "_CHOICES", {})
+    monkeypatch.setattr(choose, "_time_candidate", fake)
+    monkeypatch.setattr(choose, "_CHOICES", {})
     return seen
 
 
@@ -188,11 +188,11 @@ def test_chooser_picks_fastest_and_logs_every_candidate(monkeypatch, caplog, tim
     _no_cpp(monkeypatch)
     times = {k: v / 1e3 for k, v in times.items()}
     seen = _inject(monkeypatch, times)
-    with caplog.at_level("INFO", logger="kiln.sparsity.kernels"):
+    with caplog.at_level("INFO", logger="kiln.sparsity.choose"):
         name, fn = choose_kernel(64, 128, 32, "block32", 0.5)
     assert sorted(set(seen)) == sorted(times) and name == winner
     assert seen == seen[: len(times)] * 5  # 5 rounds, each over every candidate (interleaved)
-    reason = kernels.kernel_choice_reason(64, 128, 32, "block32", 0.5, torch.bfloat16, "cpu")
+    reason = choose.kernel_choice_reason(64, 128, 32, "block32", 0.5, torch.bfloat16, "cpu")
     expected = " < ".join(
         f"{n} {times[n] * 1e3:.1f} ms" for n in sorted(times, key=lambda n: times[n])
     )
@@ -242,7 +242,7 @@ def test_torch_block_kernel_computes_in_fp32_for_fp32_inputs():
 
 def test_rank_candidates_needs_a_candidate():
     with pytest.raises(ValueError):
-        kernels.rank_candidates({})
+        choose.rank_candidates({})
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
@@ -324,3 +324,14 @@ def test_prebuild_says_which_kernels_this_machine_uses(monkeypatch, capsys):
     _no_cpp(monkeypatch)  # as on a CPU without avx512_bf16
     kernels.prebuild()
     assert "sparse runs use pure torch" in capsys.readouterr().out
+
+
+def test_chooser_names_still_import_from_kernels():
+    """The chooser moved to kiln.sparsity.choose; its public names still import from kernels."""
+    from kiln.sparsity.kernels import choose_kernel as old
+    from kiln.sparsity.kernels import kernel_choice_reason, rank_candidates
+
+    assert old is choose.choose_kernel and rank_candidates is choose.rank_candidates
+    assert kernel_choice_reason is choose.kernel_choice_reason
+    with pytest.raises(AttributeError):
+        kernels.no_such_name  # noqa: B018

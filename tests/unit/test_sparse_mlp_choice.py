@@ -8,7 +8,7 @@ import torch
 
 from kiln.config import SparsityConfig, TrainConfig
 from kiln.models.gpt import GPT, GPTConfig, cross_entropy
-from kiln.sparsity import kernels, mlp_choice
+from kiln.sparsity import choose, kernels, mlp_choice
 from kiln.sparsity.apply import SparseGeluMLP
 from kiln.sparsity.callback import Runtime, build_sparsity
 from kiln.train.optim import build_optimizer
@@ -28,7 +28,7 @@ def timed(monkeypatch):
     The C++ kernels are declared present (only the choice is tested, nothing runs them)."""
     monkeypatch.setattr(kernels, "_EXT", object())
     monkeypatch.setattr(kernels, "_EXT_TRIED", True)
-    monkeypatch.setattr(kernels, "_CHOICES", {})
+    monkeypatch.setattr(choose, "_CHOICES", {})
     monkeypatch.setattr(mlp_choice, "_CHOICES", {})
     monkeypatch.setattr(mlp_choice, "fused_backends", lambda: ["cpp"])
     seen: dict[str, int] = {}
@@ -41,7 +41,7 @@ def timed(monkeypatch):
         return mlp_ms[name] / 1e3
 
     mlp_ms: dict[str, float] = {}
-    monkeypatch.setattr(kernels, "_time_candidate", linear)
+    monkeypatch.setattr(choose, "_time_candidate", linear)
     monkeypatch.setattr(mlp_choice, "_time_mlp_candidate", mlp)
     return mlp_ms, seen
 

@@ -1,10 +1,11 @@
-"""Sparse training: masks and patterns (patterns.py) and sparse kernels (kernels.py)."""
+"""Sparse training: masks and patterns (patterns.py), sparse kernels (kernels.py) and the
+per-layer kernel chooser (choose.py)."""
 
+from kiln.sparsity.choose import choose_kernel
 from kiln.sparsity.kernels import (
     BlockLayout,
     BlockSparseLinear,
     block_sparse_linear,
-    choose_kernel,
     masked_linear,
 )
 from kiln.sparsity.patterns import (

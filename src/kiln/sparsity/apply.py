@@ -31,7 +31,7 @@ mask change; otherwise it is ``w2(gelu(w1 x))`` through the per-linear kernels. 
 GELU is fused: the kernel implements no tanh approximation, so ``gelu_tanh`` models keep the
 per-linear path.
 
-``kernel: auto`` asks :func:`kiln.sparsity.kernels.choose_kernel` (timed once per shape and
+``kernel: auto`` asks :func:`kiln.sparsity.choose.choose_kernel` (timed once per shape and
 density; every candidate's time is logged). The C++ block kernel computes in bf16, so an fp32
 run chooses among ``dense``, ``masked`` and ``block-torch`` (which computes in fp32 there).
 """
@@ -45,14 +45,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.gpt import GeluMLP
+from kiln.sparsity.choose import choose_kernel, kernel_choice_reason
 from kiln.sparsity.kernels import (
     BlockLayout,
     amx_extension,
     block_sparse_linear,
     block_sparse_mlp,
-    choose_kernel,
     cpp_extension,
-    kernel_choice_reason,
     masked_linear,
 )
 

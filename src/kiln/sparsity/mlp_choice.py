@@ -1,6 +1,6 @@
 """The GELU MLP as one timed choice: its linears' own kernels, or the fused block-sparse MLP.
 
-:func:`kiln.sparsity.kernels.choose_kernel` picks each linear's kernel alone. The fused
+:func:`kiln.sparsity.choose.choose_kernel` picks each linear's kernel alone. The fused
 fc1 → exact GELU → fc2 kernel (:func:`kiln.sparsity.kernels.block_sparse_mlp`) is a candidate
 for the pair only, so :func:`choose_mlp` times it against the pair as the linears chose (and
 against the plain dense pair) on the real shape, forward + backward, with the weight-gradient
@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import ConfigError
-from kiln.sparsity import kernels
-from kiln.sparsity.kernels import BlockLayout, rank_candidates
+from kiln.sparsity import choose, kernels
+from kiln.sparsity.choose import rank_candidates
+from kiln.sparsity.kernels import BlockLayout
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def fused_backends() -> list[str]:
 def _linear_fn(kernel: str, block: int) -> Callable:
     """fn(x, weight, bias, mask) for a per-linear kernel name (as SparseLinear runs it)."""
     if kernel.startswith("block-"):
-        return kernels._block_kernel(block, kernel.split("-", 1)[1])
+        return choose._block_kernel(block, kernel.split("-", 1)[1])
     return kernels.masked_linear if kernel == "masked" else kernels.dense_linear
 
 
@@ -126,7 +127,7 @@ def choose_mlp(
     for name, (out_f, in_f), density in zip(
         ("fc1", "fc2"), ((hidden, d_model), (d_model, hidden)), densities
     ):
-        mask = kernels._try_block_mask(torch.rand(out_f, in_f, generator=gen), density, block)
+        mask = choose._try_block_mask(torch.rand(out_f, in_f, generator=gen), density, block)
         if mask is None:
             raise ValueError(f"no {block}x{block} block mask of [{out_f}, {in_f}] at {density}")
         weight = (torch.randn(out_f, in_f, generator=gen) * 0.02 * mask).to(device)

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kiln.sparsity.kernels import rank_candidates
+from kiln.sparsity.choose import rank_candidates
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kiln.sparsity.choose import rank_candidates
-
 log = logging.getLogger(__name__)
 
 KERNELS = ("grouped", "padded", "loop")
@@ -174,6 +172,8 @@ def choose_expert_kernel(
                   for k, v in t.items()}  # fmt: skip
         counts = counts.detach().clone()
         timings = {k: timer(k, rows, counts, copies, activation, reps) for k in kernels}
+    from kiln.sparsity.choose import rank_candidates  # here: sparsity imports the models
+
     choice = rank_candidates(timings)
     _CHOICES[key] = choice
     log.info("choose_expert_kernel %s: %s", key, choice[1])

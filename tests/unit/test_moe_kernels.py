@@ -44,15 +44,21 @@ def test_pad_positions_place_each_expert_block_at_a_multiple_of_32_rows():
     assert pos.tolist() == [0, 1, 2, *range(128, 161), 192]
 
 
-def test_auto_picks_the_fastest_kernel_by_timing_once_per_shape(monkeypatch, caplog):
-    monkeypatch.setattr(moe_kernels, "_CHOICES", {})
+def fake_clock():
+    """(timings to edit, kernels timed so far, a timer reading the timings) for the chooser."""
     fake = {"grouped": 3.0e-3, "padded": 1.0e-3, "loop": 2.0e-3}
-    calls = []
+    calls: list[str] = []
 
     def timer(kernel, x, counts, t, activation, reps):
         calls.append(kernel)
         return fake[kernel]
 
+    return fake, calls, timer
+
+
+def test_auto_picks_the_fastest_kernel_by_timing_once_per_shape(monkeypatch, caplog):
+    monkeypatch.setattr(moe_kernels, "_CHOICES", {})
+    fake, calls, timer = fake_clock()
     moe = layer(kernel="auto")
     x, counts = torch.randn(40, 32), torch.tensor([10, 12, 0, 18])
     t = moe.experts.local_tensors()
@@ -77,14 +83,8 @@ def test_a_later_process_reuses_the_kernel_measured_on_this_machine(monkeypatch,
     the measured choice is kept in $KILN_CACHE/hardware.json and read back, not re-timed."""
     monkeypatch.setenv("KILN_CACHE", str(tmp_path))
     monkeypatch.setattr(moe_kernels, "_CHOICES", {})
-    fake = {"grouped": 3.0e-3, "padded": 1.0e-3, "loop": 2.0e-3}
-    calls = []
-
-    def fake_time(kernel, x, counts, t, activation, reps):
-        calls.append(kernel)
-        return fake[kernel]
-
-    monkeypatch.setattr(moe_kernels, "_time_kernel", fake_time)
+    fake, calls, timer = fake_clock()
+    monkeypatch.setattr(moe_kernels, "_time_kernel", timer)
     x, counts = torch.randn(40, 32), torch.tensor([10, 12, 0, 18])
     t = layer(kernel="auto").experts.local_tensors()
     assert choose_expert_kernel(x, counts, t, "swiglu")[0] == "padded" and len(calls) == 3

@@ -199,10 +199,23 @@ def settle_cpu_attention(model: GPT, job: JobConfig, micro_batch: int, dims: Par
     return said
 
 
+def pin_thread_count() -> int:
+    """Fix this process's CPU thread count for the whole run; returns it. torch only turns
+    MKL's dynamic threading off when ``torch.set_num_threads`` is called, and with it on MKL may
+    run a GEMM on fewer threads than asked at run time, which changes its summation order: two
+    runs (or a run and its resume) then differ in the last bit. Intel's reproducibility
+    conditions for MKL ask for a fixed thread count and MKL_DYNAMIC off; this gives both."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
 def build_parallel_model(
     job: JobConfig, shape: GPTConfig, dims: ParallelDims, log
 ) -> tuple[Parallelized, bool]:
     """(the model built and parallelized for this layout, compile model + loss as one graph?)."""
+    if dims.device.type == "cpu":
+        pin_thread_count()
     if dims.device.type == "cpu" and keep_freed_memory():
         log(
             "memory: malloc reuses freed blocks instead of page-faulting them in every step "

@@ -219,8 +219,12 @@ class MoE(nn.Module):
         gates, choice, scores, logits = self.route(x)
         cap = capacity(x.shape[0], self.moe.top_k, self.moe.experts, self.moe.capacity_factor)
         plan = dispatch(choice, self.moe.experts, cap)
-        y = self.experts(x[plan.token], plan.counts)
-        y = y * gates.t().reshape(-1)[plan.slot, None].to(y.dtype)
+        # cast before gathering (under autocast the k copies of each row move in bf16), and
+        # index_select, not x[plan.token]: on CPU advanced indexing (and its backward,
+        # index_put) is several times slower than index_select (and index_add)
+        rows = x.to(compute_dtype(x)).index_select(0, plan.token)
+        y = self.experts(rows, plan.counts)
+        y = y * gates.t().reshape(-1).index_select(0, plan.slot)[:, None].to(y.dtype)
         out = y.new_zeros(x.shape[0], shape[-1]).index_add_(0, plan.token, y)
         if self.shared is not None:
             shared = self.shared(x)

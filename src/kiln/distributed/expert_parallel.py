@@ -115,7 +115,7 @@ class ShardedExperts(GroupedExperts):
             torch.arange(n, device=x.device).repeat(P), recv, output_size=rows.shape[0]
         )
         order = torch.argsort(local_expert, stable=True)
-        y = super().forward(rows[order], recv.view(P, n).sum(0))
+        y = super().forward(rows.index_select(0, order), recv.view(P, n).sum(0))
         back = torch.empty_like(y).index_copy(0, order, y)
         # the autograd all-to-all returns a view of its output buffer; FSDP2 (experts sharded
         # over edp) warns on a module returning a view, since an in-place op on it would skip

@@ -8,8 +8,9 @@ one MLP of width 2 × 704 = 1408, so both do the same expert matmul FLOPs per to
 tokens. Variants: ``dense``; ``moe-grouped`` (torch._grouped_mm); ``moe-padded`` (rows
 zero-padded per expert to a multiple of 32, one torch.bmm per matrix); ``moe-loop`` (one matmul
 per expert); ``moe-auto`` (kernel 'auto': whichever of the three timed fastest at first use);
-``experts-grouped`` / ``experts-padded`` (only the expert matmuls on pre-sorted rows: what the
-MoE layer costs without routing, to separate the two). Every variant runs once per round,
+``experts-grouped`` / ``experts-padded`` (only the expert MLPs on pre-sorted rows, in the
+compute dtype as the layer passes them, weight casts included: what the MoE layer costs without
+routing, to separate the two). Every variant runs once per round,
 rounds interleaved, median reported, timed as 1-thread CPU time (time.thread_time), which a
 loaded machine distorts far less than wall-clock. The process tunes malloc as ``kiln train``
 does on CPU (kiln.train.malloc: freed memory is kept, so a step does not page-fault its
@@ -69,7 +70,9 @@ def build(autocast: bool) -> dict:
     x = torch.randn(TOKENS, D, dtype=dtype, requires_grad=True)
     with torch.no_grad():
         sorted_counts = moes["grouped"].route(x)[1].flatten().bincount(minlength=E)
-    rows = torch.randn(TOKENS * K, D, dtype=dtype, requires_grad=True)
+    # the MoE layer hands the experts its rows already in the compute dtype
+    rows = torch.randn(TOKENS * K, D, dtype=torch.bfloat16 if autocast else dtype)
+    rows.requires_grad_()
     padded = moes["padded"].experts
     experts = moes["grouped"].experts
 

@@ -21,7 +21,8 @@ Forward for N tokens x ``[N, d]``:
    ones, tokens in order within each (a stable sort of the k-major list). With a capacity
    factor c, an expert keeps its first C = ceil(c·N·k/E) assignments and the rest are
    dropped (the token then gets nothing from that expert: the residual carries it).
-3. The experts run on their contiguous rows (kiln.models.moe_kernels): one grouped GEMM
+3. The tokens are cast to the compute dtype (bf16 under autocast) and their rows gathered in
+   that order. The experts run on their contiguous rows (kiln.models.moe_kernels): one grouped GEMM
    (``torch._grouped_mm``), one batched GEMM over rows zero-padded per expert, or a loop over
    experts, by default whichever measured fastest at first use for the shape;
    y = Σ_k g · expert(x) is scattered back with index_add.

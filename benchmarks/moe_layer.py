@@ -8,11 +8,14 @@ one MLP of width 2 × 704 = 1408, so both do the same expert matmul FLOPs per to
 tokens. Variants: ``dense``; ``moe-grouped`` (torch._grouped_mm); ``moe-padded`` (rows
 zero-padded per expert to a multiple of 32, one torch.bmm per matrix); ``moe-loop`` (one matmul
 per expert); ``moe-auto`` (kernel 'auto': whichever of the three timed fastest at first use);
-``experts-grouped`` / ``experts-padded`` (only the expert matmuls on pre-sorted rows: what the
-MoE layer costs without routing, to separate the two). Every variant runs once per round,
+``experts-grouped`` / ``experts-padded`` (only the expert MLPs on pre-sorted rows, in the
+compute dtype as the layer passes them, weight casts included: what the MoE layer costs without
+routing, to separate the two). Every variant runs once per round,
 rounds interleaved, median reported, timed as 1-thread CPU time (time.thread_time), which a
-loaded machine distorts far less than wall-clock. Goal (the issue's): moe-grouped within
-1.3× of dense.
+loaded machine distorts far less than wall-clock. The process tunes malloc as ``kiln train``
+does on CPU (kiln.train.malloc: freed memory is kept, so a step does not page-fault its
+tensors in again; ``--no-malloc-tuning`` leaves glibc's defaults). Goal (the issue's):
+moe-grouped within 1.3× of dense.
 
     python benchmarks/moe_layer.py     # fp32, and bf16 autocast over fp32 weights (as kiln train)
     python benchmarks/moe_layer.py --section moe-layer-amx   # a separate section per machine
@@ -34,8 +37,11 @@ from kiln.config import MoEConfig  # noqa: E402
 from kiln.models import moe_kernels  # noqa: E402
 from kiln.models.gpt import GPTConfig, SwiGLUMLP  # noqa: E402
 from kiln.models.moe import MoE  # noqa: E402
+from kiln.train.malloc import keep_freed_memory  # noqa: E402
 
 D, E, K, F_E, TOKENS = 512, 8, 2, 704, 2048
+MALLOC = {True: "malloc tuned as `kiln train` does (kiln.train.malloc)",
+          False: "glibc malloc defaults (`--no-malloc-tuning`)"}  # fmt: skip
 KERNELS = ("grouped", "padded", "loop", "auto")
 COLUMNS = ("dense", "moe-grouped", "moe-padded", "moe-loop", "moe-auto", "experts-grouped",
            "experts-padded")  # fmt: skip
@@ -64,7 +70,9 @@ def build(autocast: bool) -> dict:
     x = torch.randn(TOKENS, D, dtype=dtype, requires_grad=True)
     with torch.no_grad():
         sorted_counts = moes["grouped"].route(x)[1].flatten().bincount(minlength=E)
-    rows = torch.randn(TOKENS * K, D, dtype=dtype, requires_grad=True)
+    # the MoE layer hands the experts its rows already in the compute dtype
+    rows = torch.randn(TOKENS * K, D, dtype=torch.bfloat16 if autocast else dtype)
+    rows.requires_grad_()
     padded = moes["padded"].experts
     experts = moes["grouped"].experts
 
@@ -122,14 +130,16 @@ def main() -> None:
     parser.add_argument(
         "--section", default="moe-layer", help="BENCHMARKS.md section (one per machine)"
     )
+    parser.add_argument("--no-malloc-tuning", action="store_true", help="glibc malloc defaults")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    tuned = not args.no_malloc_tuning and keep_freed_memory()
     flops = 3 * 2 * 3 * TOKENS * D * K * F_E
     lines = [
         f"One MoE layer vs the dense MLP of equal active FLOPs (d_model {D}, {E} SwiGLU "
         f"experts of width {F_E}, top-{K}; dense width {K * F_E}; {TOKENS} tokens), forward + "
         f"backward, median of {args.reps} interleaved rounds of 1-thread CPU time "
-        f"({flops / 1e9:.1f} GFLOP of expert matmuls each):",
+        f"({flops / 1e9:.1f} GFLOP of expert matmuls each); {MALLOC[tuned]}:",
         "",
         "| precision | " + " | ".join(COLUMNS) + " | grouped / dense | padded / dense "
         "| loop / dense | auto / dense | auto chose |",

@@ -86,6 +86,25 @@ def test_grouped_gemm_and_loop_agree_in_bf16_autocast_and_backward():
         assert torch.allclose(a, b, atol=2e-2, rtol=2e-2)
 
 
+def test_bf16_autocast_output_and_grads_are_within_bf16_error_of_fp32():
+    """The rows are cast before they are gathered, so under autocast the k expert gradients
+    of a token are summed in bf16: they stay within bf16 rounding of the fp32 layer's."""
+    moe = layer(normalize_top_k=True)
+    x = torch.randn(64, 32, requires_grad=True)
+    g = torch.randn(64, 32)
+    out = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = moe(x)
+        y.backward(g)
+        out[name] = [y.detach().float(), x.grad.clone(), moe.experts.w1.grad.clone(),
+                     moe.experts.w2.grad.clone(), moe.router.weight.grad.clone()]  # fmt: skip
+        x.grad = None
+        moe.zero_grad()
+    for a, b in zip(out["bf16"], out["fp32"]):
+        assert (a - b).norm() / b.norm() < 2e-2
+
+
 def test_capacity_drops_are_deterministic_counted_and_first_come():
     moe = layer(top_k=1, capacity_factor=1.0)
     with torch.no_grad():  # every token prefers expert 2

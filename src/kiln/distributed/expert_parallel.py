@@ -10,7 +10,8 @@ sharded experts then
 
 1. exchange the per-expert counts (``all_to_all_single``, E/P numbers to each rank),
 2. send each rank the rows of its experts (``all_to_all_single`` with uneven splits, autograd:
-   its backward is the reverse all-to-all),
+   its backward is the reverse all-to-all; the rows are already in the compute dtype, so bf16
+   under autocast),
 3. regroup the received rows by local expert (source ranks in order within each), run the
    local grouped GEMM, undo the regrouping, and
 4. send every row back to the rank it came from (the reverse all-to-all).
@@ -115,7 +116,7 @@ class ShardedExperts(GroupedExperts):
             torch.arange(n, device=x.device).repeat(P), recv, output_size=rows.shape[0]
         )
         order = torch.argsort(local_expert, stable=True)
-        y = super().forward(rows[order], recv.view(P, n).sum(0))
+        y = super().forward(rows.index_select(0, order), recv.view(P, n).sum(0))
         back = torch.empty_like(y).index_copy(0, order, y)
         # the autograd all-to-all returns a view of its output buffer; FSDP2 (experts sharded
         # over edp) warns on a module returning a view, since an in-place op on it would skip

@@ -21,7 +21,8 @@ Forward for N tokens x ``[N, d]``:
    ones, tokens in order within each (a stable sort of the k-major list). With a capacity
    factor c, an expert keeps its first C = ceil(c·N·k/E) assignments and the rest are
    dropped (the token then gets nothing from that expert: the residual carries it).
-3. The experts run on their contiguous rows (kiln.models.moe_kernels): one grouped GEMM
+3. The tokens are cast to the compute dtype (bf16 under autocast) and their rows gathered in
+   that order. The experts run on their contiguous rows (kiln.models.moe_kernels): one grouped GEMM
    (``torch._grouped_mm``), one batched GEMM over rows zero-padded per expert, or a loop over
    experts, by default whichever measured fastest at first use for the shape;
    y = Σ_k g · expert(x) is scattered back with index_add.
@@ -219,8 +220,12 @@ class MoE(nn.Module):
         gates, choice, scores, logits = self.route(x)
         cap = capacity(x.shape[0], self.moe.top_k, self.moe.experts, self.moe.capacity_factor)
         plan = dispatch(choice, self.moe.experts, cap)
-        y = self.experts(x[plan.token], plan.counts)
-        y = y * gates.t().reshape(-1)[plan.slot, None].to(y.dtype)
+        # cast before gathering (under autocast the k copies of each row move in bf16), and
+        # index_select, not x[plan.token]: on CPU advanced indexing (and its backward,
+        # index_put) is several times slower than index_select (and index_add)
+        rows = x.to(compute_dtype(x)).index_select(0, plan.token)
+        y = self.experts(rows, plan.counts)
+        y = y * gates.t().reshape(-1).index_select(0, plan.slot)[:, None].to(y.dtype)
         out = y.new_zeros(x.shape[0], shape[-1]).index_add_(0, plan.token, y)
         if self.shared is not None:
             shared = self.shared(x)

@@ -86,7 +86,7 @@ def _bias(h: torch.Tensor, b: torch.Tensor | None, expert: torch.Tensor | None):
     """h + the bias of each row's expert (``expert`` None: h is padded [E, R, width])."""
     if b is None:
         return h
-    return h + (b[:, None, :] if expert is None else b[expert])
+    return h + (b[:, None, :] if expert is None else b.index_select(0, expert))
 
 
 def expert_mlp(x, counts, t: dict, activation: str, kernel: str) -> torch.Tensor:

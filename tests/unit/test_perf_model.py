@@ -82,12 +82,12 @@ def test_a_measured_attention_rate_applies_to_attention_ops_only():
 
 
 def test_gemm_mix_rate_is_total_flops_over_total_time(monkeypatch):
-    from kiln.planning import hardware
+    from kiln.planning import cpu_calibration
 
     clock = iter([0.0, 3.0, 0.0, 6.0])  # 1 s per call of the first GEMM, 2 s of the second
     fake = types.SimpleNamespace(perf_counter=lambda: next(clock))
-    monkeypatch.setattr(hardware, "time", fake)  # only this module's clock
-    rate = hardware.measure_gemm_mix([(2, 2, 2, False, 1), (2, 2, 4, True, 2)], "fp32")
+    monkeypatch.setattr(cpu_calibration, "time", fake)  # only this module's clock
+    rate = cpu_calibration.measure_gemm_mix([(2, 2, 2, False, 1), (2, 2, 4, True, 2)], "fp32")
     assert rate == pytest.approx((16 + 2 * 32) / (1 * 1.0 + 2 * 2.0))
 
 

@@ -194,9 +194,9 @@ def _remembered(key: tuple, kernels: list[str]) -> tuple[str, str] | None:
 
     Every process on a machine then runs the same kernel for the same shape, so a resumed run
     computes with the kernel the run it continues used (the kernels differ in rounding)."""
-    from kiln.planning.hardware import _read_cache, cache_file
+    from kiln.planning.cpu_calibration import cache_file, read_cache
 
-    entry = _read_cache(cache_file()).get(_disk_key(key))
+    entry = read_cache(cache_file()).get(_disk_key(key))
     if not isinstance(entry, dict) or entry.get("kernel") not in kernels:
         return None
     return entry["kernel"], f"{entry['kernel']} as measured earlier here ({entry.get('reason')})"
@@ -204,11 +204,11 @@ def _remembered(key: tuple, kernels: list[str]) -> tuple[str, str] | None:
 
 def _remember(key: tuple, choice: tuple[str, str]) -> None:
     from kiln.fsio import atomic_write_json
-    from kiln.planning.hardware import _read_cache, cache_file
+    from kiln.planning.cpu_calibration import cache_file, read_cache
 
     path = cache_file()
     try:
-        cache = _read_cache(path)
+        cache = read_cache(path)
         cache[_disk_key(key)] = {"kernel": choice[0], "reason": choice[1],
                                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
         atomic_write_json(path, cache)

@@ -55,17 +55,17 @@ def measure_collectives(
     torchrun starts them), cached per CPU model and process count; measured (a few seconds,
     ``processes`` processes) when not cached."""
     from kiln.fsio import atomic_write_json
-    from kiln.planning.hardware import _read_cache, cache_file, cpu_model_name
+    from kiln.planning.cpu_calibration import cache_file, cpu_model_name, read_cache
 
     path = Path(cache_path) if cache_path else cache_file()
     prefix = f"{cpu_model_name()}|gloo|processes={processes}"
-    cache = _read_cache(path)
+    cache = read_cache(path)
     keys = {(k, g): f"{prefix}|group={g}|{k}" for g in group_sizes(processes) for k in KINDS}
     if all(isinstance(cache.get(v), dict) for v in keys.values()):
         return tuple(CollectiveFit(k, g, cache[v]["latency_s"], cache[v]["bytes_per_s"])
                      for (k, g), v in keys.items())  # fmt: skip
     fits = _spawn(processes, sizes)
-    cache = _read_cache(path)  # re-read: another process may have written meanwhile
+    cache = read_cache(path)  # re-read: another process may have written meanwhile
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for f in fits:
         cache[keys[f.kind, f.group]] = {"latency_s": f.latency_s, "bytes_per_s": f.bytes_per_s,

@@ -267,9 +267,10 @@ re-allocates its transient tensors in another order, around blocks that outlive 
 optimizer state created at the first step, gloo's and autograd's small buffers), so part of
 the holes are in the wrong place for the next step's blocks and the heap grows past the live
 peak. Measured against the same runs with ``KILN_MALLOC_TUNING=memory`` (the resident set
-follows the live tensors): the excess is 0.1-1.0x the transient bytes after 8 steps, depending
-on the order of allocations (GPipe, stack-like, least; 1F1B and TP most); 0.4 is fitted on DDP×2,
-TP2 and PP2 1F1B (benchmarks/planner_measured.py, docs/planner.md) and held against the other
+follows the live tensors): without FSDP2 the excess is 0.1-1.2x the transient bytes, settled
+by step 8, depending on how far from stack order the step frees (GPipe least; 1F1B, TP most);
+FSDP2's further excess is :data:`FSDP_CPU_EXTRA`. 0.4 is fitted on DDP×2, TP2 and PP2 1F1B
+(0.22, 0.61, 0.96; benchmarks/planner_measured.py, docs/planner.md) and held against the other
 seven layouts there. Not on a GPU (the caching allocator) and not with
 ``KILN_MALLOC_TUNING=memory`` (``heap_kept=False``)."""
 

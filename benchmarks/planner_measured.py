@@ -11,7 +11,8 @@ under torchrun (gloo, 2 or 4 processes on this machine's cores). For each layout
   less the resident set just before the model is built (the process runtime, the one-off
   buffers of a first tiny forward/backward, gloo, the tokenizer and the data are already
   there), so it counts what kiln.train.memory counts; and the resident set once the model is
-  built and parallelised (what the build leaves behind);
+  built and parallelised (what the build leaves behind); and, in the raw results, glibc's own
+  account when training ends (in use, free but kept in the heap, arenas: :func:`malloc_stats`);
 
 and asks the planner for the same layout on ``local:N`` (this machine with N processes:
 :func:`kiln.planning.layout.local_cluster`, in fp32 as the runs train, with each gloo
@@ -128,7 +129,9 @@ def worker(out: str, argv: list[str]) -> int:
     checkpoint, parallel = Trainer._checkpoint, run.build_parallel_model
 
     def at_checkpoint(self):
-        marks.setdefault("peak", _status("VmHWM"))
+        if "peak" not in marks:
+            marks["peak"], marks["rss"] = _status("VmHWM"), _status("VmRSS")
+            marks["malloc"] = malloc_stats()
         return checkpoint(self)
 
     def build_parallel_model(*a, **k):  # the build's own high-water mark, and what it left
@@ -143,6 +146,31 @@ def worker(out: str, argv: list[str]) -> int:
     rank = os.environ.get("RANK", "0")
     Path(out, f"rank{rank}.json").write_text(json.dumps({**marks, "rc": rc}))
     return rc
+
+
+def malloc_stats() -> dict:
+    """glibc's account when training ends (``mallinfo2``, ``malloc_info``; Linux): bytes of
+    the heaps, mmapped, in use, free but kept, and the number of arenas (one per thread that
+    allocated, up to 8 per core)."""
+    import ctypes
+
+    class Info(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks",
+                    "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                    "keepcost")]  # fmt: skip
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Info
+    i = libc.mallinfo2()
+    libc.open_memstream.restype = ctypes.c_void_p
+    buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+    f = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+    libc.malloc_info(0, ctypes.c_void_p(f))
+    libc.fclose(ctypes.c_void_p(f))
+    xml = ctypes.string_at(buf, size.value).decode()
+    libc.free(buf)
+    return {"heap": i.arena, "mmap": i.hblkhd, "used": i.uordblks, "free": i.fordblks,
+            "arenas": xml.count("<heap nr=")}  # fmt: skip
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -162,6 +190,7 @@ def measure(lay: Layout, steps: int, cache: Path, env: dict) -> dict:
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
     return {"step_s": [BATCH * SEQ / x for x in tps],
             "mem": [r["peak"] - r["before"] for r in ranks],
+            "malloc": [{"rss": r["rss"] - r["before"], **r["malloc"]} for r in ranks],
             "build": [[r["built_hwm"] - r["before"], r["built_rss"] - r["before"]] for r in ranks],
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
@@ -209,6 +238,7 @@ def run_all(args) -> dict:
             res["mem"] = m["mem"] if not res["mem"] else [max(a, b) for a, b in
                                                          zip(res["mem"], m["mem"])]  # fmt: skip
             res["build"] = m["build"]  # per rank: (high-water, resident) once parallelised
+            res["malloc"] = m["malloc"]  # per rank: glibc's account when training ends
             print(
                 f"round {rnd + 1}: {lay.name():<34} median step "
                 f"{statistics.median(m['step_s']):.2f} s, memory MiB "

@@ -11,8 +11,10 @@ all sit in one node talks over the node's links (NVLink), any other over the per
 on the pipeline rank that needs the most: the stages kiln's pipeline gives it, its parameters,
 gradients and optimizer moments split by tp and (FSDP) dp_shard plus one gathered block and
 the root module, DDP's buckets, and its activations split by tp/SP times the micro-batches the
-schedule keeps in flight (from torch's own schedule order). A layout fits when this is at most
-``USABLE`` of the device memory (the estimate leaves out the CUDA context and fragmentation,
+schedule keeps in flight (from torch's own schedule order); on a CPU with kiln's default malloc
+tuning, plus what the kept heap holds beyond the live tensors (HEAP_KEPT_TRANSIENT, FSDP_CPU_EXTRA).
+A layout fits when this is at most ``USABLE`` of the device memory (the estimate leaves out the
+CUDA context and the GPU allocator's fragmentation,
 and the build transient — this rank's shards plus one block or embedding built whole — which
 the estimate reports apart as ``build``).
 
@@ -114,10 +116,12 @@ def stage_shape(shape: Any, pp: int) -> _StageShape:
 
 @lru_cache(maxsize=4096)
 def _layout_estimates(
-    shape: Any, lay: Layout, seq_len: int, precision: str = "bf16", device: str = "cuda"
-) -> tuple:
+    shape: Any, lay: Layout, seq_len: int, precision: str = "bf16", device: str = "cuda",
+    heap_kept: bool = True,
+) -> tuple:  # fmt: skip
     """kiln.train.memory.estimate_layout_memory of the layout, one per pipeline rank (the same
-    function `kiln estimate-memory` prints), memoised: layouts repeat."""
+    function `kiln estimate-memory` prints), memoised: layouts repeat. ``heap_kept``: the
+    malloc tuning in force (kiln.train.malloc.heap_is_kept), part of the memo's key."""
     from kiln.config import ParallelConfig
     from kiln.train.memory import estimate_layout_memory
 
@@ -129,7 +133,7 @@ def _layout_estimates(
     world = lay.tp * lay.pp * lay.dp
     return tuple(estimate_layout_memory(shape, seq_len, lay.micro_batch * lay.microbatches,
                                         precision, world, cfg, lay.micro_batch,
-                                        device))  # fmt: skip
+                                        device, heap_kept))  # fmt: skip
 
 
 def layout_memory(
@@ -137,8 +141,19 @@ def layout_memory(
 ) -> dict[str, float]:
     """Bytes per device by component on the pipeline rank with the highest peak, and 'peak'
     (see the module docstring)."""
-    worst = max(_layout_estimates(shape, lay, seq_len, precision, device), key=lambda e: e.peak)
-    keys = ("params", "grads", "grad_buckets", "optimizer", "optimizer_temps", "activations")
+    from kiln.train.malloc import heap_is_kept
+
+    estimates = _layout_estimates(shape, lay, seq_len, precision, device, heap_is_kept())
+    worst = max(estimates, key=lambda e: e.peak)
+    keys = (
+        "params",
+        "grads",
+        "grad_buckets",
+        "optimizer",
+        "optimizer_temps",
+        "activations",
+        "heap",
+    )
     parts = {k: float(getattr(worst, k)) for k in keys}
     parts["host"] = 0.0
     if lay.offload:  # the shards live on the host; the device holds one gathered block
@@ -148,6 +163,7 @@ def layout_memory(
         parts |= {"params": block, "grads": block, "optimizer": 0.0, "optimizer_temps": 0.0}
         resident = parts["params"] + parts["grad_buckets"] + parts["optimizer"] + parts["grads"]
         parts["peak"] = resident + max(parts["activations"], parts["optimizer_temps"])
+        parts["peak"] += parts["heap"]
     else:
         parts["peak"] = float(worst.peak)
     return parts

@@ -68,3 +68,11 @@ def returns_freed_memory() -> bool:
     """True when ``KILN_MALLOC_TUNING=memory`` is in force (:func:`keep_freed_memory` applied
     it): large blocks go back to the kernel when freed."""
     return _RETURNING
+
+
+def heap_is_kept() -> bool:
+    """Whether ``kiln train`` on a CPU in this environment keeps freed memory in the heap (the
+    memory estimate adds what such a heap holds beyond the live tensors): Linux, and
+    ``KILN_MALLOC_TUNING`` other than ``memory`` (``0`` leaves glibc's defaults, whose heap
+    also keeps its holes for blocks under the mmap threshold)."""
+    return sys.platform == "linux" and os.environ.get("KILN_MALLOC_TUNING", "1") != "memory"

@@ -42,6 +42,9 @@ optimizer state + temporaries. In backward, activations are freed about as fast 
 appear, but the freed blocks rarely have the gradients' shapes: measured on this CPU (glibc
 malloc), the peak resident set reaches activations + gradients by the second or third step
 (tests/distributed/test_memory_estimate.py), so the estimate counts both.
+On a CPU with kiln's default malloc tuning (freed memory kept in the heap, kiln.train.malloc)
+:func:`estimate_layout_memory` adds what that heap holds beyond the live tensors
+(:data:`HEAP_KEPT_TRANSIENT` of the step's transient bytes, and :data:`FSDP_CPU_EXTRA`).
 Process overhead (the CUDA context or the CPython/torch runtime) is not included.
 """
 
@@ -79,12 +82,22 @@ class MemoryEstimate:
     """Micro-batches of this rank's activations held at its peak (pipeline schedules)."""
     layout: str = ""
     """What the column is: e.g. 'fsdp×4', 'tp2 pp2 1F1B m4 fsdp×1 · pp rank 0'."""
+    heap: int = 0
+    """CPU, malloc keeping freed memory: what the kept heap holds beyond the live peak
+    (:data:`HEAP_KEPT_TRANSIENT` × the step's transient bytes)."""
+
+    @property
+    def transient(self) -> int:
+        """Bytes a step allocates and frees again: gradients plus the larger of activations
+        and optimizer temporaries (parameters, optimizer state and DDP buckets stay)."""
+        return self.grads + max(self.activations, self.optimizer_temps)
 
     @property
     def peak(self) -> int:
-        """max(backward peak, optimizer-step peak) — see the module docstring."""
+        """max(backward peak, optimizer-step peak) — see the module docstring — plus what a
+        kept CPU heap holds beyond it."""
         resident = self.params + self.grad_buckets + self.optimizer
-        return resident + self.grads + max(self.activations, self.optimizer_temps)
+        return resident + self.transient + self.heap
 
     @property
     def peak_with_build(self) -> int:
@@ -99,8 +112,10 @@ class MemoryEstimate:
             ("optimizer state (AdamW)", self.optimizer),
             ("optimizer step temporaries", self.optimizer_temps),
             ("activations", self.activations),
-            ("peak", self.peak),
         ]
+        if self.heap:
+            rows.append(("kept heap (CPU malloc)", self.heap))
+        rows.append(("peak", self.peak))
         if self.build:
             rows += [("model build (transient)", self.build),
                      ("peak incl. build", self.peak_with_build)]  # fmt: skip
@@ -243,6 +258,23 @@ each step, and the kept heap does not fit the new blocks into the old holes. Wit
 ``KILN_MALLOC_TUNING=memory`` (``heap_kept=False``) the term goes away."""
 
 
+HEAP_KEPT_TRANSIENT = 0.4
+"""CPU with malloc keeping freed memory (kiln.train.malloc's default: no mmap, heap never
+trimmed): the resident set exceeds the live peak by about this fraction of the step's transient
+bytes (:attr:`MemoryEstimate.transient`: gradients, activations or optimizer temporaries). A
+kept heap reuses a freed block only for a request that fits in it; every step frees and
+re-allocates its transient tensors in another order, around blocks that outlive them (the
+optimizer state created at the first step, gloo's and autograd's small buffers), so part of
+the holes are in the wrong place for the next step's blocks and the heap grows past the live
+peak. Measured against the same runs with ``KILN_MALLOC_TUNING=memory`` (the resident set
+follows the live tensors): without FSDP2 the excess is 0.1-1.2x the transient bytes, settled
+by step 8, depending on how far from stack order the step frees (GPipe least; 1F1B, TP most);
+FSDP2's further excess is :data:`FSDP_CPU_EXTRA`. 0.4 is fitted on DDP×2, TP2 and PP2 1F1B
+(0.22, 0.61, 0.96; benchmarks/planner_measured.py, docs/planner.md) and held against the other
+seven layouts there. Not on a GPU (the caching allocator) and not with
+``KILN_MALLOC_TUNING=memory`` (``heap_kept=False``)."""
+
+
 @lru_cache(maxsize=256)
 def pipeline_order(schedule: str, pp: int, per_rank: int, microbatches: int) -> dict:
     """pp rank → its compute actions in order, as ``(kind, stage, micro-batch)`` with kind F
@@ -299,16 +331,17 @@ def estimate_layout_memory(
     parallel=None,
     micro_batch: int | None = None,
     device: str = "cpu",
-    heap_kept: bool = True,
+    heap_kept: bool | None = None,
 ) -> list[MemoryEstimate]:
     """Per-rank memory of training ``shape`` under a layout (a ParallelConfig: tensor,
     pipeline, data_replicate, data, schedule, micro-batches, activation checkpointing), one
     estimate per pipeline rank (the tensor and data-parallel ranks of a stage are alike).
     ``local_batch``: sequences each data-parallel rank gets per step; ``micro_batch``: the
     trainer's micro-batch without a pipeline (None = the local batch); ``heap_kept``: malloc
-    keeps freed memory (kiln.train.malloc's default; False for ``KILN_MALLOC_TUNING=memory``,
-    see :data:`FSDP_CPU_EXTRA`). See the module docstring for the formulas; this function
-    splits them by layout:
+    keeps freed memory (kiln.train.malloc's default; False for ``KILN_MALLOC_TUNING=memory``;
+    None: what this process's KILN_MALLOC_TUNING says, :func:`kiln.train.malloc.heap_is_kept`),
+    which on a CPU adds :data:`FSDP_CPU_EXTRA` and :data:`HEAP_KEPT_TRANSIENT`. See the module
+    docstring for the formulas; this function splits them by layout:
 
     - stage: a rank holds the blocks of its pipeline stage(s) (kiln.distributed.pipeline's
       split, the embedding and head weighed as layers), N_rank parameters;
@@ -331,9 +364,11 @@ def estimate_layout_memory(
     from kiln.config import ParallelConfig
     from kiln.distributed.pipeline import stage_ids, stage_layers, stages_per_rank
     from kiln.planning.ops import StepShape, embedding_ops
+    from kiln.train.malloc import heap_is_kept
 
     shape = _as_gpt_config(shape)
     cfg = parallel or ParallelConfig()
+    kept = device == "cpu" and (heap_is_kept() if heap_kept is None else heap_kept)
     tp, pp, rep = cfg.tensor, cfg.pipeline, cfg.data_replicate
     shard = world_size // (tp * pp * rep)
     dp = rep * shard
@@ -367,8 +402,8 @@ def estimate_layout_memory(
         act, held = in_flight_peak(order[rank], acts) if pp > 1 else (acts[0], 1.0)
         act += head_transient_bytes(shape, mb * seq_len, precision, tp) if last else 0
         act += max(f() - acts[s] for s, f in stage_acts.items())  # AC: one block recomputed
-        if fsdp and device == "cpu" and heap_kept:
-            gathered += FSDP_CPU_EXTRA * 4 * (sum(layers.values()) * nb + root) // tp
+        extra = FSDP_CPU_EXTRA * 4 * (sum(layers.values()) * nb + root) // tp if fsdp else 0
+        gathered += extra if kept else 0
         unit = max(nb, shape.vocab_size * shape.d_model)  # the largest unit built whole
         name = _layout_name(cfg, world_size, shard, m, v)
         out.append(MemoryEstimate(
@@ -380,6 +415,8 @@ def estimate_layout_memory(
             in_flight=held, layout=name + (f" · pp rank {rank}" if pp > 1 else ""),
         ))  # fmt: skip
         experts.add_to(out[-1])
+        if kept:  # the live transient, without FSDP's fragmentation term
+            out[-1].heap = int(HEAP_KEPT_TRANSIENT * (out[-1].transient - extra))
     return out
 
 

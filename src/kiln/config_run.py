@@ -148,11 +148,14 @@ class TrainConfig:
     """Compile the model with torch.compile."""
     fused_mlp: str = "off"
     """Dense GELU MLPs through the token-tiled fused kernel (kiln.models.fused_mlp): 'off',
-    'auto' (time fused vs unfused on this run's shape at start; fused only if faster), 'on'."""
+    'auto' (time fused vs unfused on this run's shape; fused only if faster; the choice is kept
+    per machine and shape in $KILN_CACHE/hardware.json, so a resumed run computes the same),
+    'on'."""
     cpu_attention: str = "auto"
     """Causal bf16 attention on CPU (kiln.models.cpu_attention): 'sdpa' (torch's flash kernel),
-    'matmul' (bf16 matmuls around an fp32 softmax) or 'auto' (time both at start, take the
-    faster: which wins depends on the CPU)."""
+    'matmul' (bf16 matmuls around an fp32 softmax) or 'auto' (time both on the run's shape, take
+    the faster: which wins depends on the CPU; kept per machine and shape in
+    $KILN_CACHE/hardware.json, so every run there, a resumed one included, computes the same)."""
     seed: int = 0
     """Seed for initialisation, data order and sampling."""
     eval_every: int = 100

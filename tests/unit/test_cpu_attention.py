@@ -22,7 +22,8 @@ def _paths(model):
 
 
 @pytest.mark.parametrize("sdpa_s,matmul_s,want", [(0.02, 0.05, False), (0.05, 0.02, True)])
-def test_auto_takes_the_faster_path_on_every_layer(monkeypatch, sdpa_s, matmul_s, want):
+def test_auto_takes_the_faster_path_on_every_layer(monkeypatch, tmp_path, sdpa_s, matmul_s, want):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
     seconds = iter([sdpa_s, matmul_s, sdpa_s, matmul_s])  # alternating rounds: sdpa, matmul
     monkeypatch.setattr(cpu_attention, "_fwd_bwd_seconds", lambda *a, **k: next(seconds))
     model = GPT(SHAPE)
@@ -30,6 +31,22 @@ def test_auto_takes_the_faster_path_on_every_layer(monkeypatch, sdpa_s, matmul_s
     assert _paths(model) == {want}
     assert ("matmul path" if want else "SDPA flash kernel") in said, said
     assert "measured now" in said
+
+
+def test_auto_choice_is_remembered_per_machine_and_shape(monkeypatch, tmp_path):
+    """A second process (here: call) on the machine takes the choice the first one measured,
+    without timing again, so a resumed run computes attention as the run it continues did;
+    another shape is measured afresh."""
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    seconds = iter([0.05, 0.02, 0.05, 0.02])  # matmul faster
+    monkeypatch.setattr(cpu_attention, "_fwd_bwd_seconds", lambda *a, **k: next(seconds))
+    apply_cpu_attention(GPT(SHAPE), "auto", 2, 16, "bf16", "cpu")
+    model = GPT(SHAPE)
+    said = apply_cpu_attention(model, "auto", 2, 16, "bf16", "cpu")  # no timings left
+    assert _paths(model) == {True} and "as measured earlier on this machine" in said, said
+    seconds = iter([0.02, 0.05, 0.02, 0.05])  # sdpa faster at another batch
+    assert "measured now" in apply_cpu_attention(model, "auto", 4, 16, "bf16", "cpu")
+    assert _paths(model) == {False}
 
 
 def test_forced_modes_and_cases_without_a_choice():

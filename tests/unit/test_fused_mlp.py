@@ -52,7 +52,11 @@ def test_only_some_grads_requested():
 
 
 def _fake_times(monkeypatch, times: dict[str, float]) -> None:
-    """choose_fused_mlp sees these fwd+bwd times in the order it times the candidates."""
+    """choose_fused_mlp sees these fwd+bwd times in the order it times the candidates (and
+    apply_fused_mlp an empty $KILN_CACHE, so it does not take an earlier test's choice)."""
+    import tempfile
+
+    monkeypatch.setenv("KILN_CACHE", tempfile.mkdtemp(prefix="kiln-cache-"))
     order = iter(times.values())
     monkeypatch.setattr(fused_mlp, "_fwd_bwd_seconds", lambda *a, **k: next(order))
 

@@ -61,6 +61,23 @@ def choose_cpu_attention(
     return times["matmul"] < times["sdpa"], times
 
 
+def _auto_choice(batch: int, heads: int, seq: int, d_head: int) -> tuple[bool, str]:
+    """(use the matmul path?, why): the choice an earlier process measured on this machine for
+    this shape, else measured now and remembered ($KILN_CACHE/hardware.json), so every run
+    here — a resumed one included — computes attention the same way."""
+    from kiln.planning.cpu_calibration import recall_choice, remember_choice
+
+    shape = (batch, heads, seq, d_head)
+    entry = recall_choice("cpu-attention", shape)
+    if entry is not None and entry.get("path") in ("sdpa", "matmul"):
+        return entry["path"] == "matmul", f"as measured earlier on this machine: {entry.get('why')}"
+    matmul, times = choose_cpu_attention(*shape)
+    why = " < ".join(f"{k} {times[k] * 1e3:.1f} ms" for k in sorted(times, key=times.get))
+    why += " per layer fwd+bwd"
+    remember_choice("cpu-attention", shape, {"path": "matmul" if matmul else "sdpa", "why": why})
+    return matmul, why + ", measured now"
+
+
 def apply_cpu_attention(
     model: nn.Module, mode: str, batch: int, seq: int, precision: str, device: str
 ) -> str:
@@ -75,10 +92,7 @@ def apply_cpu_attention(
     why = f"train.cpu_attention is {mode!r}"
     matmul = mode == "matmul"
     if mode == "auto":
-        first = layers[0]
-        matmul, times = choose_cpu_attention(batch, first.n_heads, seq, first.d_head)
-        why = " < ".join(f"{k} {times[k] * 1e3:.1f} ms" for k in sorted(times, key=times.get))
-        why += " per layer fwd+bwd, measured now"
+        matmul, why = _auto_choice(batch, layers[0].n_heads, seq, layers[0].d_head)
     for layer in layers:
         layer.matmul_attention = matmul
     chosen = "matmul path (bf16 matmuls, fp32 softmax)" if matmul else "SDPA flash kernel"

@@ -206,6 +206,22 @@ def _ranked(times: dict[str, float]) -> str:
     return " < ".join(f"{k} {times[k] * 1e3:.1f} ms" for k in sorted(times, key=times.get))
 
 
+def _auto_tile(d: int, f: int, tokens: int, approximate: str) -> tuple[int | None, str]:
+    """(tile or None for unfused, why): an earlier process's measurement on this machine for
+    this shape, else measured now and remembered ($KILN_CACHE/hardware.json), so a resumed run
+    computes its MLPs as the run it continues did (the paths round differently)."""
+    from kiln.planning.cpu_calibration import recall_choice, remember_choice
+
+    shape = (d, f, tokens, approximate)
+    entry = recall_choice("fused-mlp", shape)
+    if entry is not None and "tile" in entry:
+        return entry["tile"], f"as measured earlier on this machine: {entry.get('why')}"
+    tile, times = choose_fused_mlp(d, f, tokens, approximate)
+    why = _ranked(times)
+    remember_choice("fused-mlp", shape, {"tile": tile, "why": why})
+    return tile, why
+
+
 def apply_fused_mlp(model: nn.Module, mode: str, tokens: int, precision: str) -> str:
     """Apply ``train.fused_mlp`` (``off`` / ``auto`` / ``on``) to ``model``; returns what was done.
 
@@ -222,8 +238,7 @@ def apply_fused_mlp(model: nn.Module, mode: str, tokens: int, precision: str) ->
     if mode == "auto":
         first = mlps[0]
         d, f = first.w1.in_features, first.w1.out_features
-        tile, times = choose_fused_mlp(d, f, tokens, first.approximate)
-        why = _ranked(times)
+        tile, why = _auto_tile(d, f, tokens, first.approximate)
         if tile is None:
             return f"fused MLP: unfused is faster here ({why})"
     paths = fuse_gelu_mlps(model, tile)

@@ -182,35 +182,19 @@ def choose_expert_kernel(
     return choice
 
 
-def _disk_key(key: tuple) -> str:
-    from kiln.planning.hardware import cpu_model_name
-
-    fields = "|".join(map(str, key))
-    return f"{cpu_model_name()}|threads={torch.get_num_threads()}|moe-kernel|{fields}"
-
-
 def _remembered(key: tuple, kernels: list[str]) -> tuple[str, str] | None:
-    """A choice measured by an earlier process on this machine ($KILN_CACHE/hardware.json).
-
-    Every process on a machine then runs the same kernel for the same shape, so a resumed run
+    """A choice measured by an earlier process on this machine ($KILN_CACHE/hardware.json):
+    every process on a machine then runs the same kernel for the same shape, so a resumed run
     computes with the kernel the run it continues used (the kernels differ in rounding)."""
-    from kiln.planning.cpu_calibration import cache_file, read_cache
+    from kiln.planning.cpu_calibration import recall_choice
 
-    entry = read_cache(cache_file()).get(_disk_key(key))
-    if not isinstance(entry, dict) or entry.get("kernel") not in kernels:
+    entry = recall_choice("moe-kernel", key)
+    if entry is None or entry.get("kernel") not in kernels:
         return None
     return entry["kernel"], f"{entry['kernel']} as measured earlier here ({entry.get('reason')})"
 
 
 def _remember(key: tuple, choice: tuple[str, str]) -> None:
-    from kiln.fsio import atomic_write_json
-    from kiln.planning.cpu_calibration import cache_file, read_cache
+    from kiln.planning.cpu_calibration import remember_choice
 
-    path = cache_file()
-    try:
-        cache = read_cache(path)
-        cache[_disk_key(key)] = {"kernel": choice[0], "reason": choice[1],
-                                 "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-        atomic_write_json(path, cache)
-    except OSError as err:  # a read-only cache only costs a re-measurement next time
-        log.info("choose_expert_kernel: could not cache the choice in %s: %s", path, err)
+    remember_choice("moe-kernel", key, {"kernel": choice[0], "reason": choice[1]})

@@ -208,3 +208,32 @@ def cpu_matrix_flags() -> str:
     if "amx_bf16" in flags:
         return "AMX"
     return "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 instructions"
+
+
+def _choice_key(kind: str, fields) -> str:
+    import torch
+
+    shape = "|".join(map(str, fields))
+    return f"{cpu_model_name()}|threads={torch.get_num_threads()}|{kind}|{shape}"
+
+
+def recall_choice(kind: str, fields) -> dict | None:
+    """A kernel choice of ``kind`` (e.g. 'cpu-attention') that an earlier process measured on
+    this machine for ``fields`` (the shape), or None. Choices made by timing are kept here so
+    every process on a machine computes the same way for the same shape: the candidates round
+    differently, and a resumed run must repeat the run it continues bit for bit."""
+    entry = read_cache(cache_file()).get(_choice_key(kind, fields))
+    return entry if isinstance(entry, dict) else None
+
+
+def remember_choice(kind: str, fields, entry: dict) -> None:
+    """Keep ``entry`` (the choice and why) for :func:`recall_choice`; a cache that cannot be
+    written only costs a measurement next time."""
+    path = cache_file()
+    try:
+        cache = read_cache(path)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        cache[_choice_key(kind, fields)] = {**entry, "measured_at": stamp}
+        atomic_write_json(path, cache)
+    except OSError:
+        pass

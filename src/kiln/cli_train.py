@@ -46,7 +46,7 @@ def cmd_estimate_memory(argv: list[str]) -> int:
     job, resume, given = parse_job(argv)
     if resume:
         raise ConfigError("estimate-memory takes a config, not --resume.")
-    from kiln.train.memory import estimate_for_job, format_table
+    from kiln.train.memory_report import estimate_for_job, format_table
 
     layout = any(g.startswith("parallel.") and g != "parallel.timeout_s" for g in given)
     text, estimates = estimate_for_job(job, world, layout=layout)

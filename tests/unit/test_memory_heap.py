@@ -11,12 +11,8 @@ from kiln.config import ParallelConfig
 from kiln.models.gpt import GPTConfig
 from kiln.planning.flops import Shape
 from kiln.planning.layout import Layout, layout_memory
-from kiln.train.memory import (
-    FSDP_CPU_EXTRA,
-    HEAP_KEPT_TRANSIENT,
-    estimate_layout_memory,
-    format_table,
-)
+from kiln.train.memory import FSDP_CPU_EXTRA, HEAP_KEPT_TRANSIENT, estimate_layout_memory
+from kiln.train.memory_report import format_table
 
 SHAPE = GPTConfig(n_layers=4, d_model=64, n_heads=4, n_kv_heads=4, d_head=16, d_ffn=256,
                   vocab_size=512, max_seq_len=32, tie_embeddings=False)  # fmt: skip

@@ -15,11 +15,13 @@ from kiln.train.memory_probe import Probe, measure_peaks
 SHAPE = GPTConfig(
     n_layers=2, d_model=128, n_heads=2, n_kv_heads=2, d_head=64, d_ffn=256, vocab_size=512,
     max_seq_len=64, position="learned", norm="layernorm", activation="gelu", bias=True,
-    tie_embeddings=True, moe=MoEConfig(experts=8, top_k=2, d_expert=2048),
+    tie_embeddings=True, moe=MoEConfig(experts=8, top_k=2, d_expert=2048, kernel="grouped"),
 )  # fmt: skip
+# kernel "grouped", the kernel the estimate models: with "auto" the peak also held whatever the
+# kernel chooser's timing run left behind, or not when an earlier run had cached the choice
 # DDP + EP2 only: with FSDP2 + EP2 (dp = ep) the measured peak under kiln's default kept heap
 # moved from run to run by about one copy of a rank's experts (0.70-1.08 of the estimate on the
-# Intel Xeon of stop 21), so no fixed tolerance holds it; DDP + EP2 measured 0.94-1.01.
+# Intel Xeon of stop 21), so no fixed tolerance holds it.
 LAYOUTS = {"ddp ep2": ParallelConfig(expert=2, data="ddp")}
 
 
@@ -30,5 +32,7 @@ def test_expert_parallel_estimates_within_25_percent_of_measured_peaks():
     for (name, cfg), measured in zip(LAYOUTS.items(), measure_peaks(probes)):
         (est,) = estimate_layout_memory(SHAPE, seq, batch // 2, "fp32", 2, cfg)
         assert est.layout.endswith("ep2")
+        # the estimate is the busiest rank's: routing sends the ranks' experts uneven numbers
+        # of rows (here rank 1 measured 0.68-0.76 of it while rank 0 measured 0.82-0.89)
         ratios = [m / est.peak_with_build for m in measured]
-        assert all(0.75 <= r <= 1.25 for r in ratios), (name, ratios, measured, est.peak)
+        assert 0.75 <= max(ratios) <= 1.25 and min(ratios) > 0.5, (name, ratios, measured)

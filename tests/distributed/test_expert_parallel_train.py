@@ -52,7 +52,7 @@ def _tokens() -> np.ndarray:
 
 
 def train(rank=0, world=1, data="fsdp", ep=1, micro=None, steps=STEPS, stop=None,
-          save=None, load=None, tp=1, replicate=1) -> dict:  # fmt: skip
+          save=None, load=None, tp=1, replicate=1, sp=False) -> dict:  # fmt: skip
     """Losses, gradient norms and full parameters after ``steps`` (or ``stop``) steps; ``save``
     / ``load``: a checkpoint directory written at the end / read before training."""
     from kiln.train import checkpoint as ckpt
@@ -61,7 +61,7 @@ def train(rank=0, world=1, data="fsdp", ep=1, micro=None, steps=STEPS, stop=None
                         ep=ep)  # fmt: skip
     _ = dims.mesh
     model, seed = initial_model(SHAPE, dims)  # a layout: built on meta, allocated sharded
-    layout = ParallelConfig(data=data, expert=ep, tensor=tp, sequence_parallel=False,
+    layout = ParallelConfig(data=data, expert=ep, tensor=tp, sequence_parallel=sp,
                             data_replicate=replicate)  # fmt: skip
     built = parallelize_model(model, dims, layout, False, log=lambda _: None, seed=seed)
     optimizer = build_optimizer(model, TRAIN)
@@ -145,7 +145,8 @@ def _four(rank, world, root):
     resumed = _joined(first, train(rank, world, "fsdp", ep=2, load=root / "ckpt")) | layer
     hsdp = train(rank, world, "fsdp", ep=2, replicate=2)
     hsdp |= hsdp["experts"]
-    return {"ep2x2": resumed, "tp2xep2": train(rank, world, "fsdp", ep=2, tp=2), "hsdp": hsdp}
+    tp = {f"tp2xep2{' sp' * sp}": train(rank, world, "fsdp", ep=2, tp=2, sp=sp) for sp in (0, 1)}
+    return {"ep2x2": resumed, **tp, "hsdp": hsdp}
 
 
 @pytest.mark.timeout(600)
@@ -155,9 +156,10 @@ def test_four_processes_ep2_with_sharded_expert_replicas_and_with_tensor_paralle
     - EP2 × 2 replicas: dense parameters FSDP2-sharded over 4, experts split over ep 2 and
       FSDP2-sharded over each pair of replicas (edp); its step-5 checkpoint resumes under the
       same layout and in one process;
-    - TP2 × EP2: attention tensor-parallel over 2 ranks, each MoE layer whole on both (sequence
-      parallelism off) with its experts split over the 2 data-parallel ranks of the same tensor
-      coordinate, dense parameters FSDP2-sharded over those 2;
+    - TP2 × EP2, without and with sequence parallelism: attention tensor-parallel over 2 ranks,
+      each MoE layer whole on both (under SP its input gathered along the sequence, each rank
+      keeping its half of the output) with its experts split over the 2 data-parallel ranks of
+      the same tensor coordinate, dense parameters FSDP2-sharded over those 2;
     - HSDP × EP2 (data_replicate 2): dense parameters sharded over 2 and replicated over 2,
       experts split over ep 2 (borrowed from the shard ranks) and FSDP2-sharded over the
       replicas (edp spans the replicate axis)."""
@@ -172,6 +174,8 @@ def test_four_processes_ep2_with_sharded_expert_replicas_and_with_tensor_paralle
     one = train(micro=BATCH // 4, load=tmp_path / "ckpt")
     _assert_match(_joined({"loss": want["loss"][:half], "norm": want["norm"][:half]}, one),
                   want, "EP2 x 2 checkpoint resumed in one process")  # fmt: skip
-    _assert_match(both["tp2xep2"], train(micro=BATCH // 2), "TP2 x EP2")
+    tp_want = train(micro=BATCH // 2)
+    _assert_match(both["tp2xep2"], tp_want, "TP2 x EP2")
+    _assert_match(both["tp2xep2 sp"], tp_want, "TP2 (sequence parallel) x EP2")
     assert both["hsdp"]["local"][0] * 4 == both["hsdp"]["global"][0]
     _assert_match(both["hsdp"], want, "HSDP 2x2 x EP2")

@@ -132,3 +132,16 @@ def test_expert_parallel_saves_the_received_rows_in_addition(tmp_path):
 
     terms = expert_terms(cfg, ParallelConfig(expert=2), 2, 64, "fp32")
     assert sharded - plain == terms.dispatch - buffers == 64 * (2 * cfg.d_model * 4 + 8 * 2)
+
+
+def test_tensor_parallel_shrinks_the_attention_of_an_moe_model_but_not_its_moe_layers():
+    """Under TP an MoE layer runs whole on every tensor rank: going from tp 1 to tp 2 saves
+    only the attention's split activations (q, k, v, output and its copy), not the layer's."""
+    import dataclasses
+
+    shape = dataclasses.replace(BASE, moe=MoEConfig(experts=4, top_k=2))
+    q = kv = shape.n_heads * shape.d_head
+    b, t = 2, 16
+    one, two = (activation_bytes(shape, b, t, "fp32", False, tp=tp, embedding=False,
+                                 head=False) for tp in (1, 2))  # fmt: skip
+    assert one - two == b * t * shape.n_layers * (q + 2 * kv + 2 * q) // 2 * 4

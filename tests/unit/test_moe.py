@@ -324,21 +324,15 @@ def test_activation_checkpointing_records_each_micro_batch_once():
     assert moe.router.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize(
-    ("layout", "words"),
-    [
-        (dict(tensor=2), "add --parallel.sequence_parallel false"),
-        (dict(pipeline=2), "MoE models with parallel.pipeline > 1"),
-    ],
-)
-def test_moe_layouts_that_do_not_compose_are_one_sentence(layout, words):
-    """MoE under TP runs whole on each tensor rank: it needs the whole sequence (no SP)."""
+def test_moe_layouts_that_do_not_compose_are_one_sentence():
+    """MoE under PP is refused; under TP, with or without SP, it is accepted."""
     from kiln.distributed.parallel_dims import ParallelDims
     from kiln.distributed.parallelize import check_layout
 
-    cfg = ParallelConfig(**layout)
-    dims = ParallelDims(0, 2, 0, torch.device("cpu"), tp=cfg.tensor, pp=cfg.pipeline)
-    with pytest.raises(ConfigError, match=words):
+    cfg = ParallelConfig(pipeline=2)
+    dims = ParallelDims(0, 2, 0, torch.device("cpu"), pp=2)
+    with pytest.raises(ConfigError, match="MoE models with parallel.pipeline > 1"):
         check_layout(shape(), cfg, dims, 8, sparse=False)
-    check_layout(shape(), ParallelConfig(tensor=2, sequence_parallel=False),
-                 ParallelDims(0, 2, 0, torch.device("cpu"), tp=2), 8, sparse=False)  # fmt: skip
+    for sp in (True, False):
+        check_layout(shape(), ParallelConfig(tensor=2, sequence_parallel=sp),
+                     ParallelDims(0, 2, 0, torch.device("cpu"), tp=2), 8, sparse=False)  # fmt: skip

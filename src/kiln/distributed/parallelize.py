@@ -215,11 +215,6 @@ def check_layout(shape, cfg: ParallelConfig, dims: ParallelDims, local_batch: in
             "MoE models with parallel.pipeline > 1 are not supported yet; train them with "
             "data, expert or tensor parallelism."
         )
-    if getattr(shape, "moe", None) is not None and dims.tp > 1 and cfg.sequence_parallel:
-        raise ConfigError(
-            "MoE layers under parallel.tensor run whole on each tensor-parallel rank and need "
-            "the whole sequence there; add --parallel.sequence_parallel false."
-        )
     if dims.pp > 1:
         n_micro = cfg.microbatches or dims.pp * stages_per_rank(
             cfg.pipeline_schedule, cfg.stages_per_rank

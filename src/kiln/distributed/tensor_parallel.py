@@ -14,11 +14,12 @@ Per block (the parameter names are the plan's keys)::
                       (sequence_dim=2)                 own heads (dim 2 of [B, T, heads, d_head]);
                                                        the weight's gradient is summed over ranks
 
-An MoE layer (kiln.models.moe) is not split: without sequence parallelism its input is whole on
-every rank of the group, so each runs the same routing and experts on the same tokens (the
-experts split over the ``ep`` ranks instead, each tensor-parallel rank exchanging tokens with
-the ``ep`` ranks of its own tensor coordinate) and gets the same gradients. MoE under sequence
-parallelism is refused (kiln.distributed.parallelize.check_layout).
+An MoE layer (kiln.models.moe) is not split: its input is whole on every rank of the group, so
+each runs the same routing and experts on the same tokens (the experts split over the ``ep``
+ranks instead, each tensor-parallel rank exchanging tokens with the ``ep`` ranks of its own
+tensor coordinate) and gets the same gradients. Under sequence parallelism the layer's input is
+all-gathered along the sequence first (as the dense MLP's column-wise input is) and each rank
+keeps its own T / tp tokens of the output (a slice: no reduce-scatter, the outputs are equal).
 
 The token embedding is sharded by vocabulary rows (RowwiseParallel; a vocabulary no degree divides,
 e.g. GPT-2's 50257, is split unevenly), and so is an untied head. The head never gathers its
@@ -40,6 +41,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     loss_parallel,
@@ -81,6 +83,11 @@ def block_plan(block: nn.Module, sequence_parallel: bool) -> dict[str, object]:
     if hasattr(block.mlp, "w1"):  # dense; an MoE layer runs whole on every rank (see below)
         plan["mlp.w1"] = colwise
         plan["mlp.w2"] = RowwiseParallel(output_layouts=seq)
+    elif sequence_parallel:  # MoE under SP: gather the sequence in, keep this rank's part out
+        plan["mlp"] = PrepareModuleInputOutput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),),
+        )  # fmt: skip
     if hasattr(block.mlp, "w3"):
         plan["mlp.w3"] = colwise
     if getattr(block.attn, "q_norm", None) is not None:  # qk_norm 'head' ('full' is refused)

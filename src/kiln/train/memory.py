@@ -210,7 +210,7 @@ def activation_bytes(
     if uses_matmul_attention(device, dtype, seq_len, gqa=shape.n_kv_heads != shape.n_heads):
         probs = micro_batch * shape.n_heads // tp * seq_len**2 * 2
     n_moe = n_moe_layers(shape)  # their routed experts keep other tensors than the MLP's
-    moe_extra = moe_layer_bytes(shape, size) - up * size if n_moe else 0
+    moe_extra = moe_layer_bytes(shape, size) - up / tp * size if n_moe else 0  # MoE: whole
     if checkpointing and L:
         body = tokens * L * stream * 4
         body += tokens * (layer_bytes + max(moe_extra, 0)) + probs if recompute else 0

@@ -74,6 +74,7 @@ def _worker(rank: int, world: int, port: int, out: str, fn) -> None:
         results = fn(rank, world)
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # leave together: a rank tearing gloo down early can abort its peer
     finally:
         dist.destroy_process_group()
 

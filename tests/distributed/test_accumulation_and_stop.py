@@ -67,6 +67,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         results["bf16"] = _bf16_adamw(rank, WORLD)
         results["stop"] = _stop_on_signal(rank)
         torch.save(results, f"{out}.{rank}")
+        dist.barrier()  # leave together: a rank tearing gloo down early can abort its peer
     finally:
         dist.destroy_process_group()
 

@@ -104,6 +104,7 @@ def _worker(rank, port, out):
         zero = _zero_token_rank(rank)
         if rank == 0:
             torch.save({"losses": losses, "state": state, "zero": zero}, out)
+        dist.barrier()  # leave together: a rank tearing gloo down early can abort its peer
     finally:
         dist.destroy_process_group()
 
@@ -174,6 +175,7 @@ def _reshard_worker(rank, port, root, phase):
         state = {"params": _full_state(model, rank, WORLD), "adam": _adam_state(model, opt)}
         if rank == 0:
             torch.save(state, root / f"{phase}.pt")
+        dist.barrier()  # leave together: a rank tearing gloo down early can abort its peer
     finally:
         dist.destroy_process_group()
 

@@ -68,6 +68,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         results = {mode: train(mode, rank, world) for mode in ("ddp", "fsdp")}
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # leave together: a rank tearing gloo down early can abort its peer
     finally:
         dist.destroy_process_group()
 

@@ -237,8 +237,10 @@ def looks_like_rank_failure(exc: BaseException) -> bool:
 
 
 def shutdown(abort: bool = False) -> None:
-    """Leave the process group. After a failure a collective shutdown could wait on the dead
-    rank, so the group is only destroyed locally (gloo) or aborted (NCCL)."""
+    """Leave the process group: together after a barrier when the run ended normally (a rank
+    that tears its gloo pairs down while a peer still uses them can abort that peer). After a
+    failure a collective shutdown could wait on the dead rank, so the group is only destroyed
+    locally (gloo) or aborted (NCCL)."""
     if not dist.is_initialized():
         return
     if abort:
@@ -248,4 +250,5 @@ def shutdown(abort: bool = False) -> None:
             else:
                 dist.destroy_process_group()
         return
+    dist.barrier()
     dist.destroy_process_group()

@@ -51,12 +51,14 @@ def test_only_some_grads_requested():
     torch.testing.assert_close(dw1, want, rtol=1e-5, atol=1e-5)
 
 
-def _fake_times(monkeypatch, times: dict[str, float]) -> None:
-    """choose_fused_mlp sees these fwd+bwd times in the order it times the candidates (and
-    apply_fused_mlp an empty $KILN_CACHE, so it does not take an earlier test's choice)."""
-    import tempfile
+@pytest.fixture(autouse=True)
+def _own_cache(monkeypatch, tmp_path):
+    """An empty $KILN_CACHE per test: apply_fused_mlp must not take an earlier test's choice."""
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "kiln-cache"))
 
-    monkeypatch.setenv("KILN_CACHE", tempfile.mkdtemp(prefix="kiln-cache-"))
+
+def _fake_times(monkeypatch, times: dict[str, float]) -> None:
+    """choose_fused_mlp sees these fwd+bwd times in the order it times the candidates."""
     order = iter(times.values())
     monkeypatch.setattr(fused_mlp, "_fwd_bwd_seconds", lambda *a, **k: next(order))
 

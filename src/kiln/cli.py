@@ -17,7 +17,6 @@ from collections.abc import Callable
 from kiln.cli_args import (  # noqa: F401  (re-exported: ``from kiln.cli import parse_job``)
     FRACTION,
     NON_NEGATIVE,
-    PERF_FLAGS,
     POSITIVE,
     RESUME_HELP,
     SEED,
@@ -31,7 +30,6 @@ from kiln.cli_args import (  # noqa: F401  (re-exported: ``from kiln.cli import 
     _numbers,
     _parse,
     _parser,
-    _pop_flags,
     parse_job,
 )
 from kiln.cli_plan import (  # noqa: F401  (re-exported)

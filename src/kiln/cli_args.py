@@ -1,12 +1,13 @@
 """Argument parsing shared by the ``kiln`` verbs: numeric ranges checked before a verb runs,
 jsonargparse parsers that fail with one sentence, and ``parse_job`` (``kiln train``'s flags and
-``--config`` files → a ``JobConfig``)."""
+``--config`` files → a ``JobConfig``, plus the own ``Option``s of a verb that takes them too)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+import typing
 from pathlib import Path
 
 from kiln.config import JobConfig
@@ -131,6 +132,14 @@ def _argument_error(exc: Exception, flags: dict[str, str] | None = None) -> Conf
         flag = (flags or {}).get(m.group(1), "--" + m.group(1))
         kinds = "a finite float" if kinds == "float" else kinds
         return ConfigError(f"{flag} must be {kinds}, got {m.group(2).strip()!r}.")
+    missing_or_extra = r"argument ([^:]+): (?:expected one argument|ignored explicit argument (.*))"
+    m = re.match(missing_or_extra, text)
+    if m:  # argparse names every alias (--world-size/--nproc); name the one typed if known
+        names = m.group(1).split("/")
+        flag = next((f for f in (flags or {}).values() if f in names), names[0])
+        if m.group(2) is None:
+            return ConfigError(f"{flag} needs a value.")
+        return ConfigError(f"{flag} is a switch and takes no value, got {m.group(2)}.")
     first = " ".join(text.split())[:200]
     return ConfigError(f"{first[0].upper()}{first[1:]}." if first else "Invalid arguments.")
 
@@ -143,59 +152,101 @@ RESUME_HELP = (
 )
 
 
-def parse_job(argv: list[str]) -> tuple[JobConfig, str | None, set[str]]:
-    """``kiln train`` arguments → (JobConfig, --resume's value or None, the ``section.field``
-    names set explicitly by flags or --config files)."""
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One of a verb's own flags, parsed by ``parse_job`` next to ``kiln train``'s flags and
+    listed under the verb's name in its --help."""
+
+    flag: str
+    help: str
+    aliases: tuple[str, ...] = ()
+    kind: type = str  # bool: a bare switch (``--json``), False unless given
+    default: object = None
+    metavar: str | None = None
+    accepted: Range | None = None  # a number: checked when given, naming the flag as typed
+    sets: str | None = None  # shorthand for a train flag (``model.preset``): given, it wins
+
+
+class ParsedJob(typing.NamedTuple):
+    """What ``parse_job`` returns."""
+
+    job: JobConfig
+    resume: str | None  # --resume's value, None when not given
+    given: set[str]  # ``section.field`` names set explicitly by flags or --config files
+    options: dict[str, object]  # the verb's own options by name (``world_size``), else empty
+
+
+def _typed(argv: list[str], option: Option) -> str | None:
+    """The name argv last gave ``option`` by (``--world-size`` or ``--nproc``), None if unset."""
+    names = (option.flag, *option.aliases)
+    used = [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in names]
+    return used[-1] if used else None
+
+
+def parse_job(
+    argv: list[str],
+    prog: str = "kiln train",
+    description: str | None = None,
+    options: tuple[Option, ...] = (),
+    resume: bool = True,
+) -> ParsedJob:
+    """``kiln train``'s arguments (flags and ``--config`` files) → a ``JobConfig``; the verbs
+    that also take a training config pass their ``prog``, one-line ``description`` and own
+    ``options`` (shown in --help, parsed here), and ``resume=False`` to refuse --resume."""
     from jsonargparse import ActionConfigFile
 
-    _check_flag_names(argv, {"config", "resume"})
+    verb = prog.split()[-1]
+    if not resume and any(a.split("=", 1)[0] == "--resume" for a in argv):
+        raise ConfigError(f"{verb} takes a config, not --resume.")
+    own = {o.flag[2:].replace("-", "_"): o for o in options}
+    names = {n[2:] for o in options for n in (o.flag, *o.aliases)}
+    _check_flag_names(argv, {"config"} | ({"resume"} if resume else set()) | names)
     given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             given |= _check_yaml(argv[i + 1])
         elif arg.startswith("--config="):
             given |= _check_yaml(arg.split("=", 1)[1])
-    parser = _parser("kiln train")
+    parser = _parser(prog)
+    parser.description = description
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of sections")
-    parser.add_argument(
-        "--resume", nargs="?", const="latest", default=None, metavar="auto|CHECKPOINT",
-        help=RESUME_HELP,
-    )  # fmt: skip
+    if resume:
+        parser.add_argument(
+            "--resume", nargs="?", const="latest", default=None, metavar="auto|CHECKPOINT",
+            help=RESUME_HELP,
+        )  # fmt: skip
+    group = parser.add_argument_group(f"{verb} options") if options else None
+    for o in options:
+        help = f"{o.help}; {o.accepted.describe()}" if o.accepted else o.help
+        if o.kind is bool:
+            group.add_argument(o.flag, *o.aliases, action="store_true", help=help)
+        else:
+            group.add_argument(
+                o.flag, *o.aliases, type=o.kind, default=o.default, metavar=o.metavar, help=help
+            )
     parser.add_class_arguments(JobConfig, nested_key=None, fail_untyped=True)
+    typed = {dest: _typed(argv, o) for dest, o in own.items()}
     try:
         ns = parser.parse_args(argv)
+        for dest, o in own.items():
+            if o.accepted and typed[dest]:  # defaults are ours; only a typed value is checked
+                o.accepted.check(typed[dest], ns[dest])
+            if o.sets and ns[dest] is not None:
+                ns[o.sets] = ns[dest]
+                given.add(o.sets)
         init = parser.instantiate(ns)
     except KilnError:
         raise
     except Exception as exc:  # jsonargparse.ArgumentError and friends
-        raise _argument_error(exc) from exc
+        flags = {dest: typed[dest] or o.flag for dest, o in own.items()}
+        raise _argument_error(exc, flags) from exc
     sections = {f.name: init[f.name] for f in dataclasses.fields(JobConfig)}
-    return JobConfig(**sections), ns.resume, {n for n in given if "." in n}
-
-
-PERF_FLAGS = {"device": "cpu", "preset": None, "figure": None, "json": False}
-
-
-def _pop_flags(argv: list[str], flags: dict) -> dict:
-    """Remove ``--name VALUE`` / ``--name=VALUE`` (or bare boolean ``--name``) from argv."""
-    found = dict(flags)
-    i = 0
-    while i < len(argv):
-        name = argv[i][2:].split("=", 1)[0] if argv[i].startswith("--") else ""
-        if name not in flags:
-            i += 1
-            continue
-        if isinstance(flags[name], bool):
-            found[name] = True
-            del argv[i]
-        elif "=" in argv[i]:
-            found[name] = argv.pop(i).split("=", 1)[1]
-        elif i + 1 < len(argv):
-            found[name] = argv[i + 1]
-            del argv[i : i + 2]
-        else:
-            raise ConfigError(f"--{name} needs a value.")
-    return found
+    return ParsedJob(
+        JobConfig(**sections),
+        ns.resume if resume else None,
+        {n for n in given if "." in n},
+        {dest: ns[dest] for dest in own},
+    )
 
 
 _NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf(inity)?|-nan", re.I)

@@ -112,7 +112,7 @@ def _data_prepare(argv: list[str]) -> int:
             "Prepares the token shards that `kiln train` with the same data settings reuses."
         )
         return 0
-    job, _, _ = parse_job(argv)
+    job = parse_job(argv).job
     from kiln.data import prepare_data
 
     data = prepare_data(job.data, progress=True)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from kiln.cli_args import PERF_FLAGS, _pop_flags, parse_job
-from kiln.errors import ConfigError
+from kiln.cli_args import POSITIVE, Option, parse_job
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -16,7 +15,7 @@ def cmd_train(argv: list[str]) -> int:
     from kiln.train.checkpoint import StorageError
     from kiln.train.run import run_training
 
-    job, resume, given = parse_job(argv)
+    job, resume, given, _ = parse_job(argv)
     try:
         run_training(job, resume=resume, given=given)
     except RankFailure as exc:  # not a user error (exit 1), but no traceback either
@@ -28,42 +27,52 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+ESTIMATE_MEMORY = (
+    "Estimate each rank's training memory: for the --parallel.* layout given, else DDP and FSDP2."
+)
+
+
 def cmd_estimate_memory(argv: list[str]) -> int:
     """``kiln estimate-memory [train flags] [--world-size N | --nproc N]``: print the per-rank
     table (the layout the ``parallel.*`` flags give, else DDP and FSDP2 with and without AC)."""
-    argv = list(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    for i, arg in enumerate(argv):
-        if arg.split("=", 1)[0] in ("--world-size", "--nproc"):
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1 : i + 2] or [""])[0]
-            if not value.isdigit() or int(value) < 1:
-                raise ConfigError(
-                    f"{arg.split('=', 1)[0]} must be a positive integer, got {value!r}."
-                )
-            world = int(value)
-            del argv[i : i + (1 if "=" in arg else 2)]
-            break
-    job, resume, given = parse_job(argv)
-    if resume:
-        raise ConfigError("estimate-memory takes a config, not --resume.")
+    world = Option(
+        "--world-size", aliases=("--nproc",), kind=int, metavar="N",
+        default=int(os.environ.get("WORLD_SIZE", "1")), accepted=POSITIVE,
+        help="ranks (processes) to estimate for; the default is $WORLD_SIZE where it is set",
+    )  # fmt: skip
+    job, _, given, opts = parse_job(
+        argv, "kiln estimate-memory", ESTIMATE_MEMORY, (world,), resume=False
+    )
     from kiln.train.memory_report import estimate_for_job, format_table
 
     layout = any(g.startswith("parallel.") and g != "parallel.timeout_s" for g in given)
-    text, estimates = estimate_for_job(job, world, layout=layout)
+    text, estimates = estimate_for_job(job, opts["world_size"], layout=layout)
     print(text)
     print(format_table(estimates))
     return 0
 
 
+PERF = "Predict the time, bytes and MFU of each operator of a training step on a device."
+
+
+def _perf_options() -> tuple[Option, ...]:
+    from kiln.planning.hardware import DEVICES
+
+    devices = ", ".join(["cpu (measured here)", *DEVICES])
+    return (
+        Option("--preset", "a named model shape; shorthand for --model.preset, and wins over it",
+               metavar="NAME", sets="model.preset"),
+        Option("--device", f"the device to predict for: {devices} (any case)", default="cpu",
+               metavar="D"),
+        Option("--json", "print the report as one JSON object instead of tables", kind=bool),
+        Option("--figure", "also draw the per-operator times into this PNG file",
+               metavar="PNG"),
+    )  # fmt: skip
+
+
 def cmd_perf(argv: list[str]) -> int:
     """``kiln perf [train flags] [--preset NAME] [--device D] [--json] [--figure PNG]``."""
-    argv = list(argv)
-    opts = _pop_flags(argv, PERF_FLAGS)
-    if opts["preset"]:
-        argv += ["--model.preset", opts["preset"]]
-    job, resume, given = parse_job(argv)
-    if resume:
-        raise ConfigError("perf takes a config, not --resume.")
+    job, _, given, opts = parse_job(argv, "kiln perf", PERF, _perf_options(), resume=False)
     from kiln.models.presets import resolve_model
     from kiln.planning.hardware import perf_device, resolve_precision
     from kiln.planning.ops import StepShape

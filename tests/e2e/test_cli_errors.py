@@ -117,3 +117,77 @@ def test_bad_yaml_exits_2_from_the_real_process(world):
     assert result.returncode == 2 and "does not parse as YAML" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert _snapshot(root) == before
+
+
+HELP = {  # verb: (its own flags, a phrase of its one-line description)
+    "perf": (["--preset", "--device", "--json", "--figure"], "MFU of each operator"),
+    "estimate-memory": (["--world-size", "--nproc"], "each rank's training memory"),
+}
+
+
+@pytest.mark.parametrize("verb", HELP)
+def test_help_of_a_verb_taking_train_flags_is_its_own(verb, capsys):
+    """perf and estimate-memory printed train's usage and none of their own flags before."""
+    flags, description = HELP[verb]
+    assert main([verb, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: kiln {verb} "), out[:200]
+    assert description in " ".join(out.split())
+    own = out.split(f"\n{verb} options:\n", 1)[1].split("\n\n", 1)[0]  # the verb's group
+    for flag in flags:
+        assert flag in own, (flag, own)
+    assert "--model.preset" in out and "--parallel.tensor" in out  # train's flags still follow
+    assert "--resume" not in out  # refused by these verbs, so not offered
+
+
+def test_perf_help_lists_the_devices_and_defaults(capsys):
+    from kiln.planning.hardware import DEVICES
+
+    assert main(["perf", "--help"]) == 0
+    own = " ".join(capsys.readouterr().out.split("\nperf options:\n", 1)[1].split())
+    assert all(name in own for name in DEVICES) and "default: cpu" in own
+
+
+def test_train_help_is_unchanged_by_the_other_verbs_flags(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kiln train [--config CONFIG] [--resume [auto|CHECKPOINT]]")
+    assert "options:\n" in out and "--nproc" not in out and "--figure" not in out
+
+
+VERB_CASES = {
+    "unknown device": (["perf", "--device", "nosuch"], "device 'nosuch' is not in the hardware"),
+    "device without a value": (["perf", "--device"], "--device needs a value."),
+    "json is a switch": (["perf", "--json=false"], "--json is a switch and takes no value"),
+    "misspelt perf flag": (["perf", "--devic", "H100"], "did you mean '--device'"),
+    "unknown preset": (["perf", "--preset", "nosuch"], "model.preset is 'nosuch'"),
+    "perf resume": (["perf", "--resume"], "perf takes a config, not --resume."),
+    "zero ranks": (["estimate-memory", "--nproc", "0"], "--nproc is 0 but must be > 0."),
+    "ranks not a number": (["estimate-memory", "--nproc", "x"], "--nproc must be int, got 'x'."),
+    "ranks without a value": (["estimate-memory", "--world-size"], "--world-size needs a value."),
+    "perf flag on estimate-memory": (["estimate-memory", "--device", "H100"], "Unknown option"),
+    "estimate-memory resume": (["estimate-memory", "--resume"], "takes a config, not --resume."),
+}
+
+
+@pytest.mark.parametrize("case", VERB_CASES)
+def test_bad_input_to_perf_and_estimate_memory(case, capsys):
+    argv, needle = VERB_CASES[case]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert needle in lines[0], lines[0]
+    assert captured.out == ""
+
+
+def test_own_flags_of_perf_and_estimate_memory_reach_the_verb(capsys):
+    """--preset wins over --model.preset (it did as a popped flag), a bare --json is JSON, and
+    the last of --world-size / --nproc gives the number of ranks."""
+    import json
+
+    assert main(["perf", "--model.preset", "llama-tiny", "--preset", "tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "tiny"
+    assert main(["estimate-memory", "--world-size=3", "--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 rank(s)" in out and "ddp×2" in out

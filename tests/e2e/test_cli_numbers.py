@@ -63,7 +63,7 @@ CASES = [
     (["mup", "coord-check", "--steps", "0", "--out", "{root}/c.png"], "--steps is 0"),
     (["mup", "coord-check", "--widths", "64,-1", "--out", "{root}/c.png"], "--widths value is -1"),
     (["convert", "{run}", "{root}/hf", "--dtype", "float8"], "--dtype is 'float8'"),
-    (["estimate-memory", "--world-size", "0"], "--world-size must be a positive integer"),
+    (["estimate-memory", "--world-size", "0"], "--world-size is 0 but must be > 0"),
     (["estimate-memory", "--train.batch_size", "0"], "train.batch_size is 0"),
 ]
 

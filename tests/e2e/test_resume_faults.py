@@ -105,7 +105,7 @@ def test_same_values_from_a_yaml_file_are_accepted(base, capsys, monkeypatch):
     from kiln.cli import parse_job
     from kiln.train.run_dir import config_conflicts, load_run_config
 
-    job, resume, given = parse_job(["--config", str(good), "--resume"])
+    job, resume, given, _ = parse_job(["--config", str(good), "--resume"])
     assert resume == "latest" and {"checkpoint.every", "train.lr"} <= given
     assert config_conflicts(load_run_config(root / "run"), job, given) == []
 

@@ -101,8 +101,8 @@ def test_qk_norm_and_qkv_bias_are_model_flags(capsys):
     Qwen2-style model); an unknown qk_norm is one sentence at parse time, exit code 2."""
     from kiln.cli import main, parse_job
 
-    job, _, _ = parse_job(["--model.preset", "tiny", "--model.qk_norm", "head",
-                           "--model.qkv_bias", "true", "--model.bias", "false"])  # fmt: skip
+    job = parse_job(["--model.preset", "tiny", "--model.qk_norm", "head",
+                     "--model.qkv_bias", "true", "--model.bias", "false"]).job  # fmt: skip
     shape, _ = resolve_model(job.model)
     assert (shape.qk_norm, shape.qkv_bias, shape.bias) == ("head", True, False)
     names = {n for n, _ in GPT(shape).named_parameters()}

@@ -3,15 +3,19 @@ this CPU (kiln.planning.perf against torch.profiler).
 
 The CPU is calibrated in the same run, just before the step (matmul peak of the step's
 precision, copy bandwidth), so machine load hits the calibration and the step alike. The
-step is forward + backward (fused loss, kiln.models.loss) + fused AdamW, after one warm-up
-step, with causal attention on the path ``kiln train`` measures faster here (``--attention``,
+step is forward + backward (fused loss, kiln.models.loss) + fused AdamW in the steady state
+``kiln train`` runs in: malloc keeps freed memory (kiln.train.malloc), the thread count is
+pinned, and three warm-up steps come before the profiled one (``--cold`` for the protocol of
+the records before 2026-12-02 15:40: one warm-up step under glibc's default malloc, whose
+profiled step page-faults in its large tensors), with causal attention on the path
+``kiln train`` measures faster here (``--attention``,
 kiln.models.cpu_attention). Measured: self CPU time of every aten op in the profiled step,
 grouped into the model's op kinds by name (``GROUPS``); predicted: the KBK per-op costs of the
 same kinds. The mean absolute percentage error is over the groups that make up 90% of the
 measured time.
 
     python benchmarks/perf_vs_measured.py [--seq-len 512] [--batch 1] [--precision auto]
-        [--attention auto] [--write --section perf_vs_measured_amx]
+        [--attention auto] [--cold] [--write --section perf_vs_measured_amx]
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from kiln.planning.hardware import (
 )
 from kiln.planning.ops import StepShape, training_ops
 from kiln.planning.perf import fused_costs, predict
+from kiln.train.malloc import keep_freed_memory
 
 # model op kinds -> aten op names (substrings) that implement them on CPU
 GROUPS = {
@@ -62,11 +67,16 @@ KIND_GROUP = {"matmul": "matmul", "attention": "attention + softmax",
 OTHER = "other (adds, casts, copies, loss)"
 
 
-def group_of(aten_name: str) -> str:
+def group_of(aten_name: str, shapes=(), heads: tuple[int, int, int] = (0, 0, 0)) -> str:
+    """The model's op kind an aten op belongs to: by name (``GROUPS``); an element-wise op on
+    a ``[batch, heads, seq, ·]`` tensor (attention's scores or heads, copies aside: those are
+    the model's head split and merge) is attention's, as the attention path is timed whole."""
     low = aten_name.lower()
     for group, keys in GROUPS.items():
         if any(k.lower() in low for k in keys):
             return group
+    if "copy" not in low and any(list(s[:3]) == list(heads) for s in shapes if len(s) == 4):
+        return "attention + softmax"  # the causal mask's add, q's scaling: on [B, H, T, ·]
     return OTHER
 
 
@@ -152,9 +162,10 @@ def average(before: Device, after: Device) -> Device:
 
 
 def measure(
-    cfg, batch: int, seq: int, precision: str, attention: str = "auto"
+    cfg, batch: int, seq: int, precision: str, attention: str = "auto", warmups: int = 3
 ) -> tuple[dict[str, float], float, str, str]:
-    """(self seconds per group, wall seconds, top ops, the attention choice) of one step."""
+    """(self seconds per group, wall seconds, top ops, the attention choice) of one step
+    after ``warmups`` steps."""
     torch.manual_seed(0)
     model = GPT(cfg)
     said = apply_cpu_attention(model, attention, batch, seq, precision, "cpu")
@@ -169,18 +180,20 @@ def measure(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up
+    for _ in range(warmups):
+        step()
     from torch.profiler import ProfilerActivity, profile
 
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
     wall = time.perf_counter() - t0
     per_group: dict[str, float] = {}
-    for evt in prof.key_averages():
+    heads = (batch, cfg.n_heads, seq)
+    for evt in prof.key_averages(group_by_input_shape=True):
         if not evt.key.startswith("aten::") and "adamw" not in evt.key.lower():
             continue
-        g = group_of(evt.key)
+        g = group_of(evt.key, evt.input_shapes, heads)
         per_group[g] = per_group.get(g, 0.0) + evt.self_cpu_time_total / 1e6
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
     names = ", ".join(f"{e.key} {e.self_cpu_time_total / 1e6:.2f} ({e.count})" for e in top)
@@ -262,9 +275,20 @@ def main() -> None:
                     help="causal bf16 CPU attention (train.cpu_attention)")  # fmt: skip
     ap.add_argument("--no-gemm-mix", action="store_true", help="refined matmul rate from the "
                     "MLP GEMM alone, not the step's GEMM shapes (always so in fp32)")  # fmt: skip
+    ap.add_argument("--cold", action="store_true", help="one warm-up step under glibc's "
+                    "default malloc (the earlier records' protocol), not kiln train's steady "
+                    "state")  # fmt: skip
     ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
     ap.add_argument("--section", default="perf_vs_measured", help="BENCHMARKS.md section")
     args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())  # as kiln train pins it
+    kept = not args.cold and keep_freed_memory()
+    state = (
+        "one warm-up step, glibc's default malloc"
+        if args.cold
+        else f"three warm-up steps, {'malloc keeping freed memory' if kept else 'default malloc'}"
+        " (kiln train's steady state)"
+    )
     precision = args.precision
     if precision == "auto":
         precision = "bf16" if cpu_matrix_flags() in ("AMX", "AVX512-BF16") else "fp32"
@@ -284,7 +308,9 @@ def main() -> None:
     if precision == "bf16":  # time both paths here: the choice, and the attention calibration
         matmul, times = choose_cpu_attention(args.batch, cfg.n_heads, args.seq_len, cfg.d_head)
         mode = ("matmul" if matmul else "sdpa") if mode == "auto" else mode
-    measured, wall, top, said = measure(cfg, args.batch, args.seq_len, precision, mode)
+    measured, wall, top, said = measure(
+        cfg, args.batch, args.seq_len, precision, mode, 1 if args.cold else 3
+    )
     flash = "matmul path" not in said
     after = refine(first, precision, tokens, cfg.d_model, cfg.d_ffn, largest, gemms)
     refined = average(refined, after)
@@ -304,7 +330,7 @@ def main() -> None:
         args.section,
         f"## Performance model vs measurement: {args.preset} step on this CPU\n\n"
         f"Micro-batch {args.batch} × {args.seq_len} tokens, {precision}, AdamW (fused), "
-        f"kernel by kernel (eager; {said}; {load}). Calibrated in the run: "
+        f"kernel by kernel (eager; {said}; {state}; {load}). Calibrated in the run: "
         f"{first.peak_bf16 / 1e9:.1f} GFLOP/s {precision} matmul, "
         f"{first.vector_flops / 1e9:.1f} GFLOP/s fp32, {first.offchip_bw / 1e9:.1f} GB/s copy, "
         f"{first.fresh_write_bw / 1e9:.2f} GB/s writing fresh pages, "

@@ -74,6 +74,10 @@ def test_a_measured_attention_rate_applies_to_attention_ops_only():
     assert perf.cost(att, slow_attn).compute_s == pytest.approx(1e9 / 1e10)
     assert perf.cost(mm, slow_attn).compute_s == pytest.approx(1e9 / 1e12)
     assert perf.cost(att, TOY).compute_s == pytest.approx(1e9 / 1e12)  # None: the matmul rate
+    soft = ops.Op("attn.softmax", "softmax", "fwd", 1e7, reads=(ops.Tensor("s", 1e8, "act"),))
+    assert perf.cost(soft, TOY).time_s > 0
+    inside = perf.cost(soft, slow_attn)  # timed inside the attention path: no time of its own
+    assert inside.time_s == 0 and inside.flops == 1e7 and inside.bytes == 1e8
     step = ops.StepShape(batch=2, seq_len=32, precision="bf16")
     o = ops.training_ops(TINY, step)
     fast = sum(c.compute_s for c in perf.fused_costs(o, TOY, 64) if c.name == "attn (fused)")

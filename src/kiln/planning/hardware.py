@@ -224,7 +224,9 @@ class Device:
     """Achieved FLOP/s of attention's score and value matmuls (the model's count: the full
     T × T, plus what a fused kernel recomputes) on the kernel a CPU step uses, measured at the
     step's shape (benchmarks/perf_vs_measured.py); None = the matmul rate. A CPU's flash kernel
-    runs far below its GEMM rate (~0.1 of it on the AMX Xeon)."""
+    runs far below its GEMM rate (~0.1 of it on the AMX Xeon). The timing covers the whole
+    path (scores, mask, softmax, values, forward and backward), so with a rate set the model
+    charges the softmax no time of its own (kiln.planning.perf.cost)."""
 
 
 DEVICES: dict[str, Device] = {

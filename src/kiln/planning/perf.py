@@ -154,7 +154,12 @@ def memory_seconds(reads, writes, dev: Device, kind: str = "matmul") -> float:
 
 
 def cost(op: Op, dev: Device, precision: str = "bf16") -> OpCost:
-    """One op, KBK: compute at its kind's rate, memory as :func:`memory_seconds`."""
+    """One op, KBK: compute at its kind's rate, memory as :func:`memory_seconds`. With a
+    measured ``attention_flops`` a softmax costs no time of its own: that rate was timed over
+    the whole attention path, its softmax included (Device.attention_flops)."""
+    if op.kind == "softmax" and dev.attention_flops:
+        return OpCost(op.name, op.kind, op.phase, op.count, op.flops * op.count,
+                      op.bytes * op.count, 0.0, 0.0)  # fmt: skip
     return OpCost(op.name, op.kind, op.phase, op.count, op.flops * op.count,
                   op.bytes * op.count, op.flops * op.count / _rate(op.kind, dev, precision),
                   memory_seconds(op.reads, op.writes, dev, op.kind) * op.count, 0.0,

@@ -5,13 +5,15 @@
 The cerebras-gpt-111m MLP shape (d 768, d_ffn 3072) on 2048 tokens, fp32. The candidates run
 interleaved, round after round, and each keeps its fastest round (load only adds time), so the
 ratios are side by side. Also prints what the performance model (``kiln.planning.perf``, this
-machine's calibration) predicts for the unfused and the fused MLP. Writes the
-``fused_mlp`` section of BENCHMARKS.md with ``--write``.
+machine's calibration) predicts for the unfused and the fused MLP. The process sets malloc and
+its thread count as ``kiln train`` does (kiln.train.malloc). Writes the ``fused_mlp`` section
+of BENCHMARKS.md with ``--write`` (another with ``--section``, e.g. one per CPU kind).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -19,6 +21,8 @@ import torch.nn.functional as F
 
 from common import write_section
 from kiln.models.fused_mlp import tiled_mlp
+from kiln.planning.hardware import cpu_matrix_flags
+from kiln.train.malloc import keep_freed_memory
 
 
 def _timer(fn, x, params):
@@ -75,7 +79,11 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--write", action="store_true", help="write the BENCHMARKS.md section")
+    ap.add_argument("--section", default="fused_mlp", help="BENCHMARKS.md section")
     args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())  # as kiln train pins it
+    kept = keep_freed_memory()
+    load_before = os.getloadavg()[0]
     best = measure(args.tokens, args.d, args.ffn, args.tiles, args.rounds)
     base = best["unfused eager"]
     flops = 6 * 2 * args.tokens * args.d * args.ffn  # fwd+bwd of two GEMMs, no recompute
@@ -103,9 +111,12 @@ def main() -> None:
             f"## Fused dense MLP (token-tiled GEMM → GELU → GEMM, recomputing backward), fp32\n\n"
             f"cerebras-gpt-111m MLP shape: d {args.d}, d_ffn {args.ffn}, {args.tokens} tokens, "
             f"fwd+bwd (grads of x, W1, b1, W2, b2), fastest of {args.rounds} interleaved "
-            f"rounds.\n\n{table}{model_line}"
+            f"rounds; CPU matrix instructions: {cpu_matrix_flags()}; malloc "
+            f"{'keeping freed memory as kiln train does' if kept else 'at glibc defaults'}; "
+            f"loadavg {load_before:.2f} before, {os.getloadavg()[0]:.2f} after."
+            f"\n\n{table}{model_line}"
         )
-        write_section("fused_mlp", body)
+        write_section(args.section, body)
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def parse_job(
     ``options`` (shown in --help, parsed here), and ``resume=False`` to refuse --resume."""
     from jsonargparse import ActionConfigFile
 
-    verb = prog.split()[-1]
+    verb = prog.removeprefix("kiln ")
     if not resume and any(a.split("=", 1)[0] == "--resume" for a in argv):
         raise ConfigError(f"{verb} takes a config, not --resume.")
     own = {o.flag[2:].replace("-", "_"): o for o in options}

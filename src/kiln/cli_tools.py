@@ -103,16 +103,16 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
+DATA_PREPARE = (
+    "Tokenise the corpus of a training config into the token shards that `kiln train` with the "
+    "same data settings reuses (only the data section is used)."
+)
+
+
 def _data_prepare(argv: list[str]) -> int:
     """``kiln data prepare``: tokenise the corpus of a training config (``--config`` and
     ``--data.*`` flags, as ``kiln train`` takes them) into the shard cache, with a progress bar."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(
-            "usage: kiln data prepare [--config FILE.yaml] [--data.FIELD VALUE ...]\n"
-            "Prepares the token shards that `kiln train` with the same data settings reuses."
-        )
-        return 0
-    job = parse_job(argv).job
+    job = parse_job(argv, "kiln data prepare", DATA_PREPARE, resume=False).job
     from kiln.data import prepare_data
 
     data = prepare_data(job.data, progress=True)

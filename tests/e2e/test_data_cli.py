@@ -55,3 +55,15 @@ def test_bad_input_exits_2(inputs, tmp_path, capsys, flags, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_help_and_resume(capsys):
+    """Its help is its own (it printed a two-line text of its own before, without the flags);
+    --resume, which it ignored before, is refused in one sentence."""
+    assert main(["data", "prepare", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kiln data prepare ") and "--data.corpus" in out
+    assert "--resume" not in out and "token shards" in " ".join(out.split())
+    assert main(["data", "prepare", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: data prepare takes a config, not --resume."], err

@@ -19,10 +19,11 @@ SHAPE = GPTConfig(
 )  # fmt: skip
 # kernel "grouped", the kernel the estimate models: with "auto" the peak also held whatever the
 # kernel chooser's timing run left behind, or not when an earlier run had cached the choice
-# DDP + EP2 only: with FSDP2 + EP2 (dp = ep) the measured peak under kiln's default kept heap
-# moved from run to run by about one copy of a rank's experts (0.70-1.08 of the estimate on the
-# Intel Xeon of stop 21), so no fixed tolerance holds it.
-LAYOUTS = {"ddp ep2": ParallelConfig(expert=2, data="ddp")}
+# FSDP2 with dp = ep leaves the experts whole, as DDP does. Under kiln's default kept heap the
+# busier rank measured 0.97-1.14 (DDP) and 0.89-1.05 (FSDP2) of the estimate in 5 runs on an AMD
+# EPYC; the estimate had counted the kept heap twice before (0.70-0.90)
+LAYOUTS = {"ddp ep2": ParallelConfig(expert=2, data="ddp"),
+           "fsdp ep2": ParallelConfig(expert=2, data="fsdp")}  # fmt: skip
 
 
 @pytest.mark.timeout(300)
@@ -33,6 +34,6 @@ def test_expert_parallel_estimates_within_25_percent_of_measured_peaks():
         (est,) = estimate_layout_memory(SHAPE, seq, batch // 2, "fp32", 2, cfg)
         assert est.layout.endswith("ep2")
         # the estimate is the busiest rank's: routing sends the ranks' experts uneven numbers
-        # of rows (here rank 1 measured 0.68-0.76 of it while rank 0 measured 0.82-0.89)
+        # of rows (the other rank measured 0.1-0.2 lower)
         ratios = [m / est.peak_with_build for m in measured]
         assert 0.75 <= max(ratios) <= 1.25 and min(ratios) > 0.5, (name, ratios, measured)

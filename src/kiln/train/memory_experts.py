@@ -13,8 +13,10 @@ same experts:
                FSDP2 with dp > ep shards them over edp: 4·N_e / ep / edp, plus one gathered
                layer 4·N_e,layer / ep and, on CPU (gloo, CPU offload), the extra unsharded copy
                FSDP2 holds there (kiln.train.memory.FSDP_CPU_EXTRA); DDP and FSDP2 with dp = ep
-               leave them whole (no DDP gradient bucket: DDP ignores them), plus on CPU
-               :data:`EP_CPU_EXTRA` copies of them (a measured excess)
+               leave them whole (no DDP gradient bucket: DDP ignores them). What a kept heap
+               holds beyond this is kiln.train.memory's HEAP_KEPT_TRANSIENT term, as for every
+               layout (an earlier fitted excess of 0.75 local expert copies, from before that
+               term, counted it twice: 2-rank EP2 runs measured 0.70–0.90 of that estimate)
   gradients    as the parameters
   optimizer    AdamW moments 8·N_e / ep / edp (or 8·N_e / ep when whole)
   opt. temps   the expert parameters are DTensors (sharded over ep), so AdamW takes its foreach
@@ -38,14 +40,6 @@ from dataclasses import dataclass
 
 from kiln.models.gpt import GPTConfig
 from kiln.planning.moe import expert_width, n_moe_layers
-
-EP_CPU_EXTRA = 0.75
-"""Expert-parallel experts left whole by data parallelism (DDP, or FSDP2 with dp = ep) on CPU
-(gloo): the measured peak exceeds the accounting above by about one more copy of the rank's
-experts, as parameters and as gradients (fit to 2-rank EP2 runs on this CPU,
-tests/distributed/test_memory_estimate.py, the mechanism not pinned down; one process with
-every expert is within 1% without it); the counterpart of kiln.train.memory.FSDP_CPU_EXTRA,
-which covers experts FSDP2 shards."""
 
 
 def routed_expert_params(shape: GPTConfig) -> tuple[int, int]:
@@ -111,8 +105,6 @@ def expert_terms(shape: GPTConfig, cfg, world_size: int, tokens: int, precision:
         from kiln.train.memory import FSDP_CPU_EXTRA
 
         gathered = 4 * layer // ep + (FSDP_CPU_EXTRA * 4 * total // ep if device == "cpu" else 0)
-    elif ep > 1 and device == "cpu":  # the measured excess of whole expert-parallel experts
-        gathered = int(EP_CPU_EXTRA * 4 * local)
     size = 2 if precision == "bf16" else 4
     k, d, n_moe = shape.moe.top_k, shape.d_model, n_moe_layers(shape)
     kept = n_moe * (k * d * size + 8 * k) + 2 * k * d * size  # + one layer's buffers

@@ -11,7 +11,7 @@ same experts:
 
   parameters   4·N_e / ep, whole on every tensor rank (an MoE layer is not tensor-split);
                FSDP2 with dp > ep shards them over edp: 4·N_e / ep / edp, plus one gathered
-               layer 4·N_e,layer / ep and, on CPU (gloo, CPU offload), the extra unsharded copy
+               layer 4·N_e,layer / ep and, on CPU with the heap kept, the extra unsharded copy
                FSDP2 holds there (kiln.train.memory.FSDP_CPU_EXTRA); DDP and FSDP2 with dp = ep
                leave them whole (no DDP gradient bucket: DDP ignores them). What a kept heap
                holds beyond this is kiln.train.memory's HEAP_KEPT_TRANSIENT term, as for every
@@ -85,10 +85,14 @@ class ExpertTerms:
 
 
 def expert_terms(shape: GPTConfig, cfg, world_size: int, tokens: int, precision: str,
-                 device: str = "cpu") -> ExpertTerms:  # fmt: skip
+                 device: str = "cpu", heap_kept: bool | None = None) -> ExpertTerms:  # fmt: skip
     """The experts' share of one rank's memory under the layout ``cfg`` (a ParallelConfig),
     ``tokens`` the tokens of one micro-batch; zero when memory.py's block accounting is right
-    already (no experts, or neither expert nor tensor parallelism)."""
+    already (no experts, or neither expert nor tensor parallelism). ``heap_kept``: malloc keeps
+    freed memory (None = as ``kiln train`` would here), which on a CPU adds FSDP2's extra copy
+    of the experts it shards, as kiln.train.memory does for the other parameters."""
+    from kiln.train.malloc import heap_is_kept
+
     total, layer = routed_expert_params(shape)
     ep, tp = cfg.expert, cfg.tensor
     if not total or (ep == 1 and tp == 1):
@@ -104,7 +108,8 @@ def expert_terms(shape: GPTConfig, cfg, world_size: int, tokens: int, precision:
     if shards > 1:
         from kiln.train.memory import FSDP_CPU_EXTRA
 
-        gathered = 4 * layer // ep + (FSDP_CPU_EXTRA * 4 * total // ep if device == "cpu" else 0)
+        kept = device == "cpu" and (heap_is_kept() if heap_kept is None else heap_kept)
+        gathered = 4 * layer // ep + (FSDP_CPU_EXTRA * 4 * total // ep if kept else 0)
     size = 2 if precision == "bf16" else 4
     k, d, n_moe = shape.moe.top_k, shape.d_model, n_moe_layers(shape)
     kept = n_moe * (k * d * size + 8 * k) + 2 * k * d * size  # + one layer's buffers

@@ -20,7 +20,7 @@ SHAPE = GPTConfig(
 # kernel "grouped", the kernel the estimate models: with "auto" the peak also held whatever the
 # kernel chooser's timing run left behind, or not when an earlier run had cached the choice
 # FSDP2 with dp = ep leaves the experts whole, as DDP does. Under kiln's default kept heap the
-# busier rank measured 0.97-1.14 (DDP) and 0.89-1.05 (FSDP2) of the estimate in 5 runs on an AMD
+# busier rank measured 0.97-1.14 (DDP) and 0.86-1.05 (FSDP2) of the estimate in 8 runs on an AMD
 # EPYC; the estimate had counted the kept heap twice before (0.70-0.90)
 LAYOUTS = {"ddp ep2": ParallelConfig(expert=2, data="ddp"),
            "fsdp ep2": ParallelConfig(expert=2, data="fsdp")}  # fmt: skip

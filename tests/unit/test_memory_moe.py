@@ -92,7 +92,7 @@ def test_expert_terms_scale_as_one_over_the_expert_degree():
         BASE, ParallelConfig(expert=2), 8, 32, "fp32"
     )  # nothing to add: no expert parallelism, or no experts
     for data in ("ddp", "fsdp"):
-        terms = {ep: expert_terms(cfg, ParallelConfig(expert=ep, data=data), 8, 32, "fp32", "cuda")
+        terms = {ep: expert_terms(cfg, ParallelConfig(expert=ep, data=data), 8, 32, "fp32")
                  for ep in (2, 4, 8)}  # fmt: skip
         shards = {ep: 8 // ep if data == "fsdp" else 1 for ep in terms}  # edp
         for ep, t in terms.items():
@@ -111,13 +111,12 @@ def test_expert_terms_scale_as_one_over_the_expert_degree():
     from kiln.train.memory import FSDP_CPU_EXTRA
 
     fsdp = ParallelConfig(expert=2, data="fsdp")
-    kept = expert_terms(cfg, fsdp, 8, 32, "fp32", "cpu", heap_kept=True)
-    returned = expert_terms(cfg, fsdp, 8, 32, "fp32", "cpu", heap_kept=False)
-    assert returned == expert_terms(cfg, fsdp, 8, 32, "fp32", "cuda")
+    kept = expert_terms(cfg, fsdp, 8, 32, "fp32", heap_kept=True)
+    returned = expert_terms(cfg, fsdp, 8, 32, "fp32", heap_kept=False)
     assert kept.params - returned.params == FSDP_CPU_EXTRA * 4 * n_e // 2
     ddp = ParallelConfig(expert=2, data="ddp")
-    assert expert_terms(cfg, ddp, 8, 32, "fp32", "cpu", heap_kept=True) == expert_terms(
-        cfg, ddp, 8, 32, "fp32", "cpu", heap_kept=False
+    assert expert_terms(cfg, ddp, 8, 32, "fp32", heap_kept=True) == expert_terms(
+        cfg, ddp, 8, 32, "fp32", heap_kept=False
     )
 
 

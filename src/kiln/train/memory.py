@@ -382,7 +382,7 @@ def estimate_layout_memory(
     v = stages_per_rank(cfg.pipeline_schedule, cfg.stages_per_rank) if pp > 1 else 1
     stages, m = pp * v, (cfg.microbatches or pp * v) if pp > 1 else 1
     mb = local_batch // m if pp > 1 else micro_batch or local_batch
-    experts = expert_terms(shape, cfg, world_size, mb * seq_len, precision, device, kept)
+    experts = expert_terms(shape, cfg, world_size, mb * seq_len, precision, kept)
     nb -= experts.block_params  # counted apart when split over ep or kept whole under tp
     order = pipeline_order(cfg.pipeline_schedule, pp, v, m) if pp > 1 else {0: []}
     out = []

@@ -85,14 +85,12 @@ class ExpertTerms:
 
 
 def expert_terms(shape: GPTConfig, cfg, world_size: int, tokens: int, precision: str,
-                 device: str = "cpu", heap_kept: bool | None = None) -> ExpertTerms:  # fmt: skip
+                 heap_kept: bool = False) -> ExpertTerms:  # fmt: skip
     """The experts' share of one rank's memory under the layout ``cfg`` (a ParallelConfig),
     ``tokens`` the tokens of one micro-batch; zero when memory.py's block accounting is right
-    already (no experts, or neither expert nor tensor parallelism). ``heap_kept``: malloc keeps
-    freed memory (None = as ``kiln train`` would here), which on a CPU adds FSDP2's extra copy
-    of the experts it shards, as kiln.train.memory does for the other parameters."""
-    from kiln.train.malloc import heap_is_kept
-
+    already (no experts, or neither expert nor tensor parallelism). ``heap_kept``: a CPU whose
+    malloc keeps freed memory (kiln.train.memory decides it), which adds FSDP2's extra copy of
+    the experts it shards, as kiln.train.memory does for the other parameters."""
     total, layer = routed_expert_params(shape)
     ep, tp = cfg.expert, cfg.tensor
     if not total or (ep == 1 and tp == 1):
@@ -108,8 +106,7 @@ def expert_terms(shape: GPTConfig, cfg, world_size: int, tokens: int, precision:
     if shards > 1:
         from kiln.train.memory import FSDP_CPU_EXTRA
 
-        kept = device == "cpu" and (heap_is_kept() if heap_kept is None else heap_kept)
-        gathered = 4 * layer // ep + (FSDP_CPU_EXTRA * 4 * total // ep if kept else 0)
+        gathered = 4 * layer // ep + (FSDP_CPU_EXTRA * 4 * total // ep if heap_kept else 0)
     size = 2 if precision == "bf16" else 4
     k, d, n_moe = shape.moe.top_k, shape.d_model, n_moe_layers(shape)
     kept = n_moe * (k * d * size + 8 * k) + 2 * k * d * size  # + one layer's buffers
